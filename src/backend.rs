@@ -1,0 +1,206 @@
+//! The real PKCS#11 module: opened once with RTLD_NOW|RTLD_LOCAL and never unloaded (SoftHSM2 and others
+//! must never be dlclose'd). We keep a copy of its 2.40 function table (exactly the 68 entries of 2.40,
+//! whatever version it claims) and, when it really offers one, of its 3.x interface.
+//!
+//! This module and `ffi` are the only places with raw pointers; the functions here that the shim calls for
+//! itself have safe signatures.
+
+use crate::config::Config;
+use crate::error::{rv_ok, Error, Result};
+use cryptoki_sys::*;
+use std::ffi::c_void;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicPtr, Ordering};
+use std::sync::Mutex;
+
+pub struct Backend {
+    pub path: PathBuf,
+    /// The backend's 2.40 table (68 functions).
+    pub f: CK_FUNCTION_LIST,
+    /// The backend's 3.0 table, when it offers a "PKCS 11" interface of version 3.x through a
+    /// C_GetInterface that is its own.
+    pub f3: Option<CK_FUNCTION_LIST_3_0>,
+}
+
+// SAFETY: the tables hold only function pointers into the backend, which stays loaded for the life of the
+// process; PKCS#11 functions may be called from any thread once the library is initialized for it.
+unsafe impl Sync for Backend {}
+unsafe impl Send for Backend {}
+
+/// The backend once loaded (leaked: it lives as long as the process).
+static LOADED: AtomicPtr<Backend> = AtomicPtr::new(std::ptr::null_mut());
+static LOADING: Mutex<()> = Mutex::new(());
+
+/// The backend, if one has been loaded.
+pub fn loaded() -> Option<&'static Backend> {
+    // SAFETY: LOADED is null or a pointer leaked from a Box, never freed.
+    unsafe { LOADED.load(Ordering::Acquire).as_ref() }
+}
+
+/// Loads the module the config names, once per process. A later call with another module is refused: the
+/// first one cannot be unloaded.
+pub fn load(config: &Config) -> Result<&'static Backend> {
+    let _guard = LOADING.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(b) = loaded() {
+        if b.path != config.module {
+            return Err(Error::Backend {
+                path: config.module.clone(),
+                cause: format!(
+                    "this process already loaded {} as its backend, which cannot be unloaded; restart the process to use another module",
+                    b.path.display()
+                ),
+            });
+        }
+        return Ok(b);
+    }
+    let backend = Box::leak(Box::new(open(&config.module)?));
+    LOADED.store(backend, Ordering::Release);
+    Ok(backend)
+}
+
+fn open(path: &Path) -> Result<Backend> {
+    let fail = |cause: String| Error::Backend { path: path.to_path_buf(), cause };
+    use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
+    // SAFETY: loading a library runs its initializers; a PKCS#11 module is made to be loaded this way.
+    let lib = unsafe { Library::open(Some(path), RTLD_NOW | RTLD_LOCAL) }
+        .map_err(|e| fail(format!("cannot load it: {e}")))?;
+    // SAFETY: C_GetFunctionList has this signature in every PKCS#11 module.
+    let get_list =
+        unsafe { lib.get::<unsafe extern "C" fn(*mut *mut CK_FUNCTION_LIST) -> CK_RV>(b"C_GetFunctionList\0") }
+            .map_err(|_| fail("it is not a PKCS#11 module: it has no C_GetFunctionList".into()))?;
+    let get_list = *get_list;
+    let mut list: *mut CK_FUNCTION_LIST = std::ptr::null_mut();
+    // SAFETY: valid out pointer.
+    let rv = unsafe { get_list(&mut list) };
+    if rv != CKR_OK || list.is_null() {
+        return Err(fail(format!("its C_GetFunctionList failed: {}", crate::error::rv_name(rv))));
+    }
+    // SAFETY: the module returned a valid table; copying CK_FUNCTION_LIST reads the version and exactly the
+    // 68 entries of 2.40, which every module has whatever version it claims.
+    let f = unsafe { *list };
+    let f3 = interface_3x(&lib, get_list as *const c_void);
+    // The module must never be unloaded (SoftHSM2 and others crash at exit if they are).
+    std::mem::forget(lib);
+    Ok(Backend { path: path.to_path_buf(), f, f3 })
+}
+
+/// The backend's 3.x table, if its C_GetInterface is its own (dlsym also searches the module's dependencies,
+/// which may export a C_GetInterface of their own) and it offers "PKCS 11" with major version 3.
+fn interface_3x(lib: &libloading::os::unix::Library, own_symbol: *const c_void) -> Option<CK_FUNCTION_LIST_3_0> {
+    type GetInterfaceList = unsafe extern "C" fn(*mut CK_INTERFACE, *mut CK_ULONG) -> CK_RV;
+    // SAFETY: C_GetInterfaceList has this signature in PKCS#11 3.x.
+    let get = *unsafe { lib.get::<GetInterfaceList>(b"C_GetInterfaceList\0") }.ok()?;
+    if object_base(get as *const c_void)? != object_base(own_symbol)? {
+        return None;
+    }
+    let mut count: CK_ULONG = 0;
+    // SAFETY: a NULL list asks for the count.
+    if unsafe { get(std::ptr::null_mut(), &mut count) } != CKR_OK || count == 0 || count > 64 {
+        return None;
+    }
+    let mut list =
+        vec![
+            CK_INTERFACE { pInterfaceName: std::ptr::null_mut(), pFunctionList: std::ptr::null_mut(), flags: 0 };
+            count as usize
+        ];
+    // SAFETY: list has room for `count` entries.
+    if unsafe { get(list.as_mut_ptr(), &mut count) } != CKR_OK {
+        return None;
+    }
+    list.truncate(count as usize);
+    let mut best: Option<CK_FUNCTION_LIST_3_0> = None;
+    for iface in &list {
+        if iface.pInterfaceName.is_null() || iface.pFunctionList.is_null() {
+            continue;
+        }
+        // SAFETY: the module returned a NUL-terminated name.
+        let name = unsafe { std::ffi::CStr::from_ptr(iface.pInterfaceName as *const std::ffi::c_char) };
+        if name.to_bytes() != b"PKCS 11" {
+            continue;
+        }
+        // SAFETY: every function list starts with its CK_VERSION.
+        let version = unsafe { *(iface.pFunctionList as *const CK_VERSION) };
+        if version.major != 3 {
+            continue;
+        }
+        // SAFETY: a "PKCS 11" list of version 3.x starts with the 3.0 layout (3.1 and 3.2 only append).
+        let table = unsafe { *(iface.pFunctionList as *const CK_FUNCTION_LIST_3_0) };
+        if best.is_none_or(|b| (b.version.minor) < version.minor) {
+            best = Some(table);
+        }
+    }
+    best
+}
+
+/// The load address of the shared object that holds `symbol`.
+fn object_base(symbol: *const c_void) -> Option<usize> {
+    let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
+    // SAFETY: dladdr only reads the address and fills `info`.
+    if unsafe { libc::dladdr(symbol, &mut info) } == 0 {
+        return None;
+    }
+    Some(info.dli_fbase as usize)
+}
+
+// The calls the shim makes for itself, with safe signatures.
+impl Backend {
+    /// C_Initialize with OS locking (the shim may call the backend from several threads) and the
+    /// application's CKF_LIBRARY_CANT_CREATE_OS_THREADS, if it set it.
+    pub fn initialize(&self, extra_flags: CK_FLAGS) -> CK_RV {
+        let mut args = CK_C_INITIALIZE_ARGS {
+            CreateMutex: None,
+            DestroyMutex: None,
+            LockMutex: None,
+            UnlockMutex: None,
+            flags: CKF_OS_LOCKING_OK | extra_flags,
+            pReserved: std::ptr::null_mut(),
+        };
+        match self.f.C_Initialize {
+            // SAFETY: args is a valid CK_C_INITIALIZE_ARGS for the duration of the call.
+            Some(f) => unsafe { f(&mut args as *mut _ as *mut c_void) },
+            None => CKR_GENERAL_ERROR,
+        }
+    }
+
+    pub fn finalize(&self) -> CK_RV {
+        match self.f.C_Finalize {
+            // SAFETY: NULL is the only valid argument.
+            Some(f) => unsafe { f(std::ptr::null_mut()) },
+            None => CKR_GENERAL_ERROR,
+        }
+    }
+
+    pub fn info(&self) -> Result<CK_INFO> {
+        let f = self.f.C_GetInfo.ok_or(Error::Rv(CKR_FUNCTION_NOT_SUPPORTED))?;
+        // SAFETY: CK_INFO is plain data; all zeroes is a valid value.
+        let mut info: CK_INFO = unsafe { std::mem::zeroed() };
+        // SAFETY: valid out pointer.
+        rv_ok(unsafe { f(&mut info) })?;
+        Ok(info)
+    }
+
+    pub fn close_session(&self, session: CK_SESSION_HANDLE) -> CK_RV {
+        match self.f.C_CloseSession {
+            // SAFETY: no pointers.
+            Some(f) => unsafe { f(session) },
+            None => CKR_FUNCTION_NOT_SUPPORTED,
+        }
+    }
+
+    pub fn close_all_sessions(&self, slot: CK_SLOT_ID) -> CK_RV {
+        match self.f.C_CloseAllSessions {
+            // SAFETY: no pointers.
+            Some(f) => unsafe { f(slot) },
+            None => CKR_FUNCTION_NOT_SUPPORTED,
+        }
+    }
+
+    /// Opens a session of the shim's own (issue B uses these for stored keys).
+    pub fn open_session(&self, slot: CK_SLOT_ID, flags: CK_FLAGS) -> Result<CK_SESSION_HANDLE> {
+        let f = self.f.C_OpenSession.ok_or(Error::Rv(CKR_FUNCTION_NOT_SUPPORTED))?;
+        let mut handle: CK_SESSION_HANDLE = 0;
+        // SAFETY: no application pointer and no callback; valid out pointer.
+        rv_ok(unsafe { f(slot, flags, std::ptr::null_mut(), None, &mut handle) })?;
+        Ok(handle)
+    }
+}

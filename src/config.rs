@@ -1,0 +1,152 @@
+//! p11shim.toml → [`Config`]. Env `P11SHIM_CONFIG` names the file (default `/etc/p11shim/p11shim.toml`);
+//! env `P11SHIM_MODULE` names the backend module and overrides `module`, and is enough on its own.
+
+use crate::error::{Error, Result};
+use crate::log::Level;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+pub const DEFAULT_CONFIG: &str = "/etc/p11shim/p11shim.toml";
+pub const ENV_CONFIG: &str = "P11SHIM_CONFIG";
+pub const ENV_MODULE: &str = "P11SHIM_MODULE";
+
+/// The settings as written in the file; every key is optional here and unknown keys are refused.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    module: Option<PathBuf>,
+    log_file: Option<PathBuf>,
+    log_level: Option<Level>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Where the settings came from: the file, or the environment alone.
+    pub source: PathBuf,
+    /// The real PKCS#11 module.
+    pub module: PathBuf,
+    pub log_file: Option<PathBuf>,
+    pub log_level: Level,
+}
+
+impl Config {
+    /// Reads the configuration the environment points at.
+    pub fn from_env() -> Result<Config> {
+        let named = std::env::var_os(ENV_CONFIG).filter(|v| !v.is_empty());
+        let module = std::env::var_os(ENV_MODULE).filter(|v| !v.is_empty()).map(PathBuf::from);
+        let path = named.clone().map(PathBuf::from).unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
+        // Without P11SHIM_CONFIG, P11SHIM_MODULE alone is enough: the default file is optional then.
+        if named.is_none() && module.is_some() && !path.exists() {
+            return Config::resolve(ConfigFile::default(), module, PathBuf::from(format!("${ENV_MODULE}")));
+        }
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::Config {
+            path: path.clone(),
+            cause: if e.kind() == std::io::ErrorKind::NotFound {
+                format!("cannot read it: {e} (set {ENV_CONFIG} to a config file, or {ENV_MODULE} to the PKCS#11 module to load)")
+            } else {
+                format!("cannot read it: {e}")
+            },
+        })?;
+        Config::parse(&text, &path, module)
+    }
+
+    /// Parses `text` read from `path`; `module_override` is `P11SHIM_MODULE`.
+    pub fn parse(text: &str, path: &Path, module_override: Option<PathBuf>) -> Result<Config> {
+        let file: ConfigFile = toml::from_str(text)
+            .map_err(|e| Error::Config { path: path.to_path_buf(), cause: one_line(&e.to_string()) })?;
+        Config::resolve(file, module_override, path.to_path_buf())
+    }
+
+    fn resolve(file: ConfigFile, module_override: Option<PathBuf>, source: PathBuf) -> Result<Config> {
+        let base = source.parent().map(Path::to_path_buf).unwrap_or_default();
+        let relative_to_file =
+            |p: PathBuf| if p.is_relative() && !base.as_os_str().is_empty() { base.join(p) } else { p };
+        let module = match module_override {
+            Some(m) => m,
+            None => relative_to_file(file.module.ok_or_else(|| Error::Config {
+                path: source.clone(),
+                cause: format!("no `module` set: name the real PKCS#11 module, e.g. module = \"/usr/lib/softhsm/libsofthsm2.so\" (or set {ENV_MODULE})"),
+            })?),
+        };
+        let log_file = file.log_file.map(relative_to_file);
+        let log_level = match (&log_file, file.log_level) {
+            (Some(_), Some(level)) => level,
+            (Some(_), None) => Level::Info,
+            (None, _) => Level::Off,
+        };
+        Ok(Config { source, module, log_file, log_level })
+    }
+}
+
+/// toml's messages span several lines (a snippet of the file); the log wants one.
+fn one_line(message: &str) -> String {
+    message
+        .split('\n')
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('|') && !l.chars().all(|c| c == '^' || c == ' '))
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config> {
+        Config::parse(text, Path::new("/etc/p11shim/p11shim.toml"), None)
+    }
+
+    #[test]
+    fn minimal_file_names_the_module() {
+        let c = parse("module = \"/usr/lib/softhsm/libsofthsm2.so\"").unwrap();
+        assert_eq!(c.module, PathBuf::from("/usr/lib/softhsm/libsofthsm2.so"));
+        assert_eq!(c.log_level, Level::Off);
+        assert_eq!(c.log_file, None);
+    }
+
+    #[test]
+    fn unknown_key_is_refused_and_named() {
+        let e = parse("module = \"/x.so\"\nmodul = 3").unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains("/etc/p11shim/p11shim.toml"), "{text}");
+        assert!(text.contains("modul"), "{text}");
+        assert!(!text.contains('\n'), "one line: {text}");
+    }
+
+    #[test]
+    fn invalid_toml_is_refused() {
+        let e = parse("module = ").unwrap_err();
+        assert!(e.to_string().contains("p11shim.toml"));
+        assert_eq!(e.rv(), cryptoki_sys::CKR_GENERAL_ERROR);
+    }
+
+    #[test]
+    fn missing_module_says_how_to_fix() {
+        let e = parse("log_level = \"debug\"").unwrap_err();
+        assert!(e.to_string().contains("no `module` set"), "{e}");
+    }
+
+    #[test]
+    fn env_module_overrides_file() {
+        let c = Config::parse("module = \"/a.so\"", Path::new("/c.toml"), Some("/b.so".into())).unwrap();
+        assert_eq!(c.module, PathBuf::from("/b.so"));
+    }
+
+    #[test]
+    fn relative_paths_are_relative_to_the_file() {
+        let c = Config::parse(
+            "module = \"lib/m.so\"\nlog_file = \"shim.log\"\nlog_level = \"debug\"",
+            Path::new("/srv/p/p11shim.toml"),
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.module, PathBuf::from("/srv/p/lib/m.so"));
+        assert_eq!(c.log_file, Some(PathBuf::from("/srv/p/shim.log")));
+        assert_eq!(c.log_level, Level::Debug);
+    }
+
+    #[test]
+    fn bad_log_level_is_refused() {
+        assert!(parse("module = \"/a.so\"\nlog_level = \"loud\"").is_err());
+    }
+}

@@ -1,0 +1,82 @@
+//! One error type that carries the CK_RV the application sees and the cause the log sees.
+
+use cryptoki_sys::{CKR_GENERAL_ERROR, CK_RV};
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A PKCS#11 return value to hand back as it is (from the backend or from the shim's own checks).
+    #[error("{}", rv_name(*.0))]
+    Rv(CK_RV),
+
+    #[error("configuration file {path}: {cause}")]
+    Config { path: PathBuf, cause: String },
+
+    #[error("backend module {path}: {cause}")]
+    Backend { path: PathBuf, cause: String },
+}
+
+impl Error {
+    /// The CK_RV this error becomes at the C boundary.
+    pub fn rv(&self) -> CK_RV {
+        match self {
+            Error::Rv(rv) => *rv,
+            Error::Config { .. } | Error::Backend { .. } => CKR_GENERAL_ERROR,
+        }
+    }
+}
+
+impl From<CK_RV> for Error {
+    fn from(rv: CK_RV) -> Self {
+        Error::Rv(rv)
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Turns a CK_RV into `Result`, so a backend call reads `rv_ok(f(...))?`.
+#[inline]
+pub fn rv_ok(rv: CK_RV) -> Result<()> {
+    if rv == cryptoki_sys::CKR_OK {
+        Ok(())
+    } else {
+        Err(Error::Rv(rv))
+    }
+}
+
+/// The spec's name of a return value, for log lines and messages.
+pub fn rv_name(rv: CK_RV) -> String {
+    use cryptoki_sys::*;
+    let name = match rv {
+        CKR_OK => "CKR_OK",
+        CKR_CANCEL => "CKR_CANCEL",
+        CKR_HOST_MEMORY => "CKR_HOST_MEMORY",
+        CKR_SLOT_ID_INVALID => "CKR_SLOT_ID_INVALID",
+        CKR_GENERAL_ERROR => "CKR_GENERAL_ERROR",
+        CKR_FUNCTION_FAILED => "CKR_FUNCTION_FAILED",
+        CKR_ARGUMENTS_BAD => "CKR_ARGUMENTS_BAD",
+        CKR_CANT_LOCK => "CKR_CANT_LOCK",
+        CKR_ATTRIBUTE_READ_ONLY => "CKR_ATTRIBUTE_READ_ONLY",
+        CKR_ATTRIBUTE_SENSITIVE => "CKR_ATTRIBUTE_SENSITIVE",
+        CKR_ATTRIBUTE_TYPE_INVALID => "CKR_ATTRIBUTE_TYPE_INVALID",
+        CKR_ATTRIBUTE_VALUE_INVALID => "CKR_ATTRIBUTE_VALUE_INVALID",
+        CKR_DEVICE_ERROR => "CKR_DEVICE_ERROR",
+        CKR_DEVICE_REMOVED => "CKR_DEVICE_REMOVED",
+        CKR_FUNCTION_NOT_SUPPORTED => "CKR_FUNCTION_NOT_SUPPORTED",
+        CKR_KEY_HANDLE_INVALID => "CKR_KEY_HANDLE_INVALID",
+        CKR_MECHANISM_INVALID => "CKR_MECHANISM_INVALID",
+        CKR_OBJECT_HANDLE_INVALID => "CKR_OBJECT_HANDLE_INVALID",
+        CKR_OPERATION_NOT_INITIALIZED => "CKR_OPERATION_NOT_INITIALIZED",
+        CKR_PIN_INCORRECT => "CKR_PIN_INCORRECT",
+        CKR_SESSION_HANDLE_INVALID => "CKR_SESSION_HANDLE_INVALID",
+        CKR_TEMPLATE_INCOMPLETE => "CKR_TEMPLATE_INCOMPLETE",
+        CKR_TEMPLATE_INCONSISTENT => "CKR_TEMPLATE_INCONSISTENT",
+        CKR_TOKEN_NOT_PRESENT => "CKR_TOKEN_NOT_PRESENT",
+        CKR_USER_NOT_LOGGED_IN => "CKR_USER_NOT_LOGGED_IN",
+        CKR_BUFFER_TOO_SMALL => "CKR_BUFFER_TOO_SMALL",
+        CKR_CRYPTOKI_NOT_INITIALIZED => "CKR_CRYPTOKI_NOT_INITIALIZED",
+        CKR_CRYPTOKI_ALREADY_INITIALIZED => "CKR_CRYPTOKI_ALREADY_INITIALIZED",
+        _ => return format!("CK_RV 0x{rv:08X}"),
+    };
+    name.to_string()
+}

@@ -1,0 +1,194 @@
+//! C_Initialize, C_Finalize and C_GetInfo (PKCS#11 2.40 §5.4 "General-purpose functions").
+//!
+//! While the library is initialized, [`ACTIVE`] points at the backend: the only thing a forwarded call reads
+//! before calling the backend (one atomic load, no lock).
+
+use super::{args, guard};
+use crate::backend::{self, Backend};
+use crate::config::Config;
+use crate::{log, objects, sessions};
+use cryptoki_sys::*;
+use std::ffi::c_void;
+use std::sync::atomic::{AtomicPtr, Ordering};
+use std::sync::Mutex;
+
+static ACTIVE: AtomicPtr<Backend> = AtomicPtr::new(std::ptr::null_mut());
+
+/// What C_Initialize established, for C_Finalize and for fork detection.
+struct Initialized {
+    pid: u32,
+    /// False when the backend was already initialized by someone else in this process (it answered
+    /// CKR_CRYPTOKI_ALREADY_INITIALIZED): then C_Finalize leaves it initialized.
+    owns_backend: bool,
+}
+
+/// Serializes C_Initialize and C_Finalize only; never taken on any other call.
+static LIFECYCLE: Mutex<Option<Initialized>> = Mutex::new(None);
+
+/// The backend, or CKR_CRYPTOKI_NOT_INITIALIZED.
+#[inline(always)]
+pub(crate) fn active() -> Result<&'static Backend, CK_RV> {
+    // SAFETY: ACTIVE is NULL or points at the leaked backend, which is never freed.
+    unsafe { ACTIVE.load(Ordering::Acquire).as_ref() }.ok_or(CKR_CRYPTOKI_NOT_INITIALIZED)
+}
+
+/// Which locking the application asks for, checked as PKCS#11 2.40 §5.4 says. Returns the flags to pass on.
+fn check_init_args(args: Option<CK_C_INITIALIZE_ARGS>) -> Result<CK_FLAGS, CK_RV> {
+    let Some(a) = args else { return Ok(0) };
+    if !a.pReserved.is_null() {
+        return Err(CKR_ARGUMENTS_BAD);
+    }
+    let given = [a.CreateMutex.is_some(), a.DestroyMutex.is_some(), a.LockMutex.is_some(), a.UnlockMutex.is_some()];
+    let callbacks = given.iter().filter(|g| **g).count();
+    if callbacks != 0 && callbacks != 4 {
+        return Err(CKR_ARGUMENTS_BAD);
+    }
+    // Mutex callbacks without CKF_OS_LOCKING_OK mean "use only these": the shim's own state is guarded by
+    // OS locks, so it cannot honour that request.
+    if callbacks == 4 && a.flags & CKF_OS_LOCKING_OK == 0 {
+        crate::warn!("C_Initialize: the application supplies mutex callbacks without CKF_OS_LOCKING_OK; p11shim uses OS locks only (CKR_CANT_LOCK)");
+        return Err(CKR_CANT_LOCK);
+    }
+    Ok(a.flags & CKF_LIBRARY_CANT_CREATE_OS_THREADS)
+}
+
+/// C_Initialize (§5.4): reads the configuration, loads the backend once and initializes it.
+pub(crate) unsafe extern "C" fn C_Initialize(p_init_args: *mut c_void) -> CK_RV {
+    guard("C_Initialize", || {
+        // SAFETY: the application passes NULL or a CK_C_INITIALIZE_ARGS.
+        let flags = check_init_args(unsafe { args::init_args(p_init_args) })?;
+        initialize(flags)
+    })
+}
+
+fn initialize(flags: CK_FLAGS) -> Result<CK_RV, CK_RV> {
+    let mut state = LIFECYCLE.lock().unwrap_or_else(|e| e.into_inner());
+    let pid = std::process::id();
+    match state.as_ref() {
+        Some(s) if s.pid == pid => return Err(CKR_CRYPTOKI_ALREADY_INITIALIZED),
+        // A forked child: what the parent set up is not ours. Start afresh (no work was done at fork time).
+        Some(_) => forget_state(&mut state),
+        None => {}
+    }
+    let config = Config::from_env().map_err(|e| setup_failed(&e))?;
+    if let Err(e) = log::configure(config.log_file.as_deref(), config.log_level) {
+        let file = config.log_file.as_deref().unwrap_or(std::path::Path::new("")).display().to_string();
+        log::fatal(format_args!("configuration file {}: cannot open log_file {file}: {e}", config.source.display()));
+        return Err(CKR_GENERAL_ERROR);
+    }
+    let backend = backend::load(&config).map_err(|e| setup_failed(&e))?;
+    // The lifecycle lock is held across the backend's C_Initialize on purpose: two racing C_Initialize calls
+    // must not both initialize it. No other call takes this lock.
+    let owns_backend = match backend.initialize(flags) {
+        CKR_OK => true,
+        CKR_CRYPTOKI_ALREADY_INITIALIZED => {
+            crate::info!(
+                "backend {} was already initialized in this process; p11shim will not finalize it",
+                backend.path.display()
+            );
+            false
+        }
+        rv => {
+            crate::error!("backend {}: C_Initialize returned {}", backend.path.display(), crate::error::rv_name(rv));
+            return Err(rv);
+        }
+    };
+    crate::info!("initialized over {} (config {})", backend.path.display(), config.source.display());
+    *state = Some(Initialized { pid, owns_backend });
+    ACTIVE.store(backend as *const Backend as *mut Backend, Ordering::Release);
+    Ok(CKR_OK)
+}
+
+fn setup_failed(error: &crate::error::Error) -> CK_RV {
+    log::fatal(format_args!("C_Initialize failed: {error}"));
+    error.rv()
+}
+
+fn forget_state(state: &mut Option<Initialized>) {
+    ACTIVE.store(std::ptr::null_mut(), Ordering::Release);
+    sessions::clear();
+    objects::clear();
+    *state = None;
+}
+
+/// C_Finalize (§5.4).
+pub(crate) unsafe extern "C" fn C_Finalize(p_reserved: *mut c_void) -> CK_RV {
+    guard("C_Finalize", || {
+        if !p_reserved.is_null() {
+            return Err(CKR_ARGUMENTS_BAD);
+        }
+        let mut state = LIFECYCLE.lock().unwrap_or_else(|e| e.into_inner());
+        let backend = active()?;
+        let owns = match state.as_ref() {
+            Some(s) if s.pid == std::process::id() => s.owns_backend,
+            _ => return Err(CKR_CRYPTOKI_NOT_INITIALIZED),
+        };
+        if owns {
+            let rv = backend.finalize();
+            if rv != CKR_OK {
+                return Ok(rv);
+            }
+        }
+        forget_state(&mut state);
+        crate::info!("finalized");
+        Ok(CKR_OK)
+    })
+}
+
+/// C_GetInfo (§5.4): the shim's identity and version, naming the backend; the rest is the backend's.
+pub(crate) unsafe extern "C" fn C_GetInfo(p_info: *mut CK_INFO) -> CK_RV {
+    guard("C_GetInfo", || {
+        let backend = active()?;
+        if p_info.is_null() {
+            return Err(CKR_ARGUMENTS_BAD);
+        }
+        let mut info = backend.info().map_err(|e| e.rv())?;
+        let backend_name = args::unpad(&info.manufacturerID);
+        args::pad_into(&mut info.manufacturerID, "p11shim");
+        args::pad_into(&mut info.libraryDescription, &format!("p11shim/{backend_name}"));
+        info.libraryVersion = CK_VERSION { major: crate::VERSION_MAJOR, minor: crate::VERSION_MINOR };
+        // SAFETY: checked non-NULL above; the application passes room for a CK_INFO.
+        unsafe { args::write_out(p_info, info) }?;
+        Ok(CKR_OK)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    unsafe extern "C" fn create(_: *mut *mut c_void) -> CK_RV {
+        CKR_OK
+    }
+    unsafe extern "C" fn other(_: *mut c_void) -> CK_RV {
+        CKR_OK
+    }
+
+    fn args(callbacks: usize, flags: CK_FLAGS) -> CK_C_INITIALIZE_ARGS {
+        CK_C_INITIALIZE_ARGS {
+            CreateMutex: (callbacks > 0).then_some(create as _),
+            DestroyMutex: (callbacks > 1).then_some(other as _),
+            LockMutex: (callbacks > 2).then_some(other as _),
+            UnlockMutex: (callbacks > 3).then_some(other as _),
+            flags,
+            pReserved: std::ptr::null_mut(),
+        }
+    }
+
+    #[test]
+    fn locking_requests_follow_the_spec() {
+        assert_eq!(check_init_args(None), Ok(0));
+        assert_eq!(check_init_args(Some(args(0, 0))), Ok(0));
+        assert_eq!(check_init_args(Some(args(0, CKF_OS_LOCKING_OK))), Ok(0));
+        assert_eq!(check_init_args(Some(args(2, CKF_OS_LOCKING_OK))), Err(CKR_ARGUMENTS_BAD));
+        assert_eq!(check_init_args(Some(args(4, 0))), Err(CKR_CANT_LOCK));
+        assert_eq!(check_init_args(Some(args(4, CKF_OS_LOCKING_OK))), Ok(0));
+        assert_eq!(
+            check_init_args(Some(args(0, CKF_LIBRARY_CANT_CREATE_OS_THREADS))),
+            Ok(CKF_LIBRARY_CANT_CREATE_OS_THREADS)
+        );
+        let mut reserved = args(0, 0);
+        reserved.pReserved = 1 as *mut c_void;
+        assert_eq!(check_init_args(Some(reserved)), Err(CKR_ARGUMENTS_BAD));
+    }
+}

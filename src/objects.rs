@@ -1,0 +1,131 @@
+//! The object handle space. Backend handles pass through unchanged; handles with the top bit set belong to
+//! the shim (issue B puts stored keys there). A backend that itself hands out a handle with the top bit set
+//! gets an alias in the shim's range, so the two spaces never collide whatever values the backend uses.
+//! The lookup costs one branch for ordinary handles: no lock, no allocation.
+
+use cryptoki_sys::{CK_OBJECT_HANDLE, CK_RV, CK_ULONG};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::RwLock;
+
+/// Handles with this bit set are the shim's.
+pub const SHIM_HANDLE_BIT: CK_OBJECT_HANDLE = 1 << (CK_ULONG::BITS - 1);
+
+/// What a shim handle stands for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ShimObject {
+    /// A backend object whose own handle has the top bit set.
+    Alias(CK_OBJECT_HANDLE),
+}
+
+#[derive(Default)]
+struct Table {
+    objects: HashMap<CK_OBJECT_HANDLE, ShimObject>,
+    alias_of: HashMap<CK_OBJECT_HANDLE, CK_OBJECT_HANDLE>,
+}
+
+static TABLE: RwLock<Option<Table>> = RwLock::new(None);
+static NEXT: AtomicU64 = AtomicU64::new(1);
+
+#[inline]
+pub fn is_shim_handle(handle: CK_OBJECT_HANDLE) -> bool {
+    handle & SHIM_HANDLE_BIT != 0
+}
+
+/// The backend handle for an application's handle; `invalid` is the CK_RV for an unknown shim handle
+/// (CKR_KEY_HANDLE_INVALID, CKR_OBJECT_HANDLE_INVALID, … depending on the argument).
+#[inline]
+pub fn to_backend(handle: CK_OBJECT_HANDLE, invalid: CK_RV) -> Result<CK_OBJECT_HANDLE, CK_RV> {
+    if !is_shim_handle(handle) {
+        return Ok(handle);
+    }
+    resolve(handle).ok_or(invalid)
+}
+
+#[cold]
+fn resolve(handle: CK_OBJECT_HANDLE) -> Option<CK_OBJECT_HANDLE> {
+    let table = TABLE.read().unwrap_or_else(|e| e.into_inner());
+    match table.as_ref()?.objects.get(&handle)? {
+        ShimObject::Alias(backend) => Some(*backend),
+    }
+}
+
+/// The handle the application sees for a handle the backend returned.
+#[inline]
+pub fn from_backend(handle: CK_OBJECT_HANDLE) -> CK_OBJECT_HANDLE {
+    if !is_shim_handle(handle) {
+        return handle;
+    }
+    alias(handle)
+}
+
+#[cold]
+fn alias(backend: CK_OBJECT_HANDLE) -> CK_OBJECT_HANDLE {
+    let mut guard = TABLE.write().unwrap_or_else(|e| e.into_inner());
+    let table = guard.get_or_insert_with(Table::default);
+    if let Some(shim) = table.alias_of.get(&backend) {
+        return *shim;
+    }
+    let shim = allocate_in(table, ShimObject::Alias(backend));
+    table.alias_of.insert(backend, shim);
+    shim
+}
+
+/// Gives `object` a new handle in the shim's range.
+pub fn allocate(object: ShimObject) -> CK_OBJECT_HANDLE {
+    let mut guard = TABLE.write().unwrap_or_else(|e| e.into_inner());
+    allocate_in(guard.get_or_insert_with(Table::default), object)
+}
+
+fn allocate_in(table: &mut Table, object: ShimObject) -> CK_OBJECT_HANDLE {
+    let handle = SHIM_HANDLE_BIT | (NEXT.fetch_add(1, Ordering::Relaxed) as CK_OBJECT_HANDLE & !SHIM_HANDLE_BIT);
+    table.objects.insert(handle, object);
+    handle
+}
+
+/// Forgets a handle whose object was destroyed.
+pub fn forget(handle: CK_OBJECT_HANDLE) {
+    if !is_shim_handle(handle) {
+        return;
+    }
+    let mut guard = TABLE.write().unwrap_or_else(|e| e.into_inner());
+    if let Some(table) = guard.as_mut() {
+        if let Some(ShimObject::Alias(backend)) = table.objects.remove(&handle) {
+            table.alias_of.remove(&backend);
+        }
+    }
+}
+
+/// Drops every shim handle (C_Finalize, or C_Initialize in a forked child).
+pub fn clear() {
+    *TABLE.write().unwrap_or_else(|e| e.into_inner()) = None;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cryptoki_sys::{CKR_KEY_HANDLE_INVALID, CKR_OBJECT_HANDLE_INVALID};
+
+    #[test]
+    fn ordinary_handles_pass_unchanged() {
+        assert_eq!(from_backend(42), 42);
+        assert_eq!(to_backend(42, CKR_KEY_HANDLE_INVALID), Ok(42));
+    }
+
+    #[test]
+    fn backend_handles_in_the_shim_range_get_a_stable_alias() {
+        let backend = SHIM_HANDLE_BIT | 5;
+        let a = from_backend(backend);
+        assert!(is_shim_handle(a));
+        assert_ne!(a, backend, "the alias must not be the backend's own value");
+        assert_eq!(from_backend(backend), a, "same backend object, same alias");
+        assert_eq!(to_backend(a, CKR_KEY_HANDLE_INVALID), Ok(backend));
+        forget(a);
+        assert_eq!(to_backend(a, CKR_OBJECT_HANDLE_INVALID), Err(CKR_OBJECT_HANDLE_INVALID));
+    }
+
+    #[test]
+    fn unknown_shim_handle_is_invalid() {
+        assert_eq!(to_backend(SHIM_HANDLE_BIT | 0xdead_beef_0000, CKR_KEY_HANDLE_INVALID), Err(CKR_KEY_HANDLE_INVALID));
+    }
+}
