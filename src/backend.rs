@@ -63,7 +63,7 @@ fn open(path: &Path) -> Result<Backend> {
     use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
     // SAFETY: loading a library runs its initializers; a PKCS#11 module is made to be loaded this way.
     let lib = unsafe { Library::open(Some(path), RTLD_NOW | RTLD_LOCAL) }
-        .map_err(|e| fail(format!("cannot load it: {e}")))?;
+        .map_err(|e| fail(format!("cannot load it: {}", error_chain(&e))))?;
     // SAFETY: C_GetFunctionList has this signature in every PKCS#11 module.
     let get_list =
         unsafe { lib.get::<unsafe extern "C" fn(*mut *mut CK_FUNCTION_LIST) -> CK_RV>(b"C_GetFunctionList\0") }
@@ -130,6 +130,18 @@ fn interface_3x(lib: &libloading::os::unix::Library, own_symbol: *const c_void) 
         }
     }
     best
+}
+
+/// An error and its causes on one line (libloading keeps dlerror's text in the source).
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
 }
 
 /// The load address of the shared object that holds `symbol`.

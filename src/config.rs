@@ -83,9 +83,14 @@ fn one_line(message: &str) -> String {
     message
         .split('\n')
         .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('|') && !l.chars().all(|c| c == '^' || c == ' '))
+        .filter(|l| !l.is_empty() && !l.starts_with('|') && !is_snippet(l) && !l.chars().all(|c| c == '^' || c == ' '))
         .collect::<Vec<_>>()
         .join(": ")
+}
+
+/// A quoted line of the file in toml's message: "12 | text".
+fn is_snippet(line: &str) -> bool {
+    line.split_once(" |").is_some_and(|(n, _)| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()))
 }
 
 #[cfg(test)]

@@ -188,7 +188,7 @@ mod tests {
             Ok(CKF_LIBRARY_CANT_CREATE_OS_THREADS)
         );
         let mut reserved = args(0, 0);
-        reserved.pReserved = 1 as *mut c_void;
+        reserved.pReserved = std::ptr::dangling_mut::<c_void>();
         assert_eq!(check_init_args(Some(reserved)), Err(CKR_ARGUMENTS_BAD));
     }
 }
