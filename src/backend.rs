@@ -156,17 +156,8 @@ fn object_base(symbol: *const c_void) -> Option<usize> {
 
 // The calls the shim makes for itself, with safe signatures.
 impl Backend {
-    /// C_Initialize with OS locking (the shim may call the backend from several threads) and the
-    /// application's CKF_LIBRARY_CANT_CREATE_OS_THREADS, if it set it.
-    pub fn initialize(&self, extra_flags: CK_FLAGS) -> CK_RV {
-        let mut args = CK_C_INITIALIZE_ARGS {
-            CreateMutex: None,
-            DestroyMutex: None,
-            LockMutex: None,
-            UnlockMutex: None,
-            flags: CKF_OS_LOCKING_OK | extra_flags,
-            pReserved: std::ptr::null_mut(),
-        };
+    /// C_Initialize with the arguments the shim chose (see `ffi::lifecycle`).
+    pub fn initialize(&self, mut args: CK_C_INITIALIZE_ARGS) -> CK_RV {
         match self.f.C_Initialize {
             // SAFETY: args is a valid CK_C_INITIALIZE_ARGS for the duration of the call.
             Some(f) => unsafe { f(&mut args as *mut _ as *mut c_void) },

@@ -25,7 +25,9 @@ struct Table {
 }
 
 static TABLE: RwLock<Option<Table>> = RwLock::new(None);
-static NEXT: AtomicU64 = AtomicU64::new(1);
+/// Shim handles count up from a distinctive base ("SH" below the top bit), far from the small numbers
+/// backends usually hand out, so that a shim handle is recognisable in a log.
+static NEXT: AtomicU64 = AtomicU64::new(0x0053_4800_0000_0001);
 
 #[inline]
 pub fn is_shim_handle(handle: CK_OBJECT_HANDLE) -> bool {
@@ -66,7 +68,13 @@ fn alias(backend: CK_OBJECT_HANDLE) -> CK_OBJECT_HANDLE {
     if let Some(shim) = table.alias_of.get(&backend) {
         return *shim;
     }
-    let shim = allocate_in(table, ShimObject::Alias(backend));
+    // Interpretation goes through the table, so equal values would be harmless; distinct ones keep logs and
+    // debugging unambiguous.
+    let mut shim = allocate_in(table, ShimObject::Alias(backend));
+    while shim == backend || table.alias_of.contains_key(&shim) {
+        table.objects.remove(&shim);
+        shim = allocate_in(table, ShimObject::Alias(backend));
+    }
     table.alias_of.insert(backend, shim);
     shim
 }

@@ -174,7 +174,16 @@ fn initialize_arguments_follow_the_spec() {
             UnlockMutex: Some(mutex_op),
             ..Default::default()
         };
-        assert_eq!(call(&mut all.clone()), CKR_CANT_LOCK, "callbacks only: the shim locks with OS primitives");
+        assert_eq!(call(&mut all.clone()), CKR_OK, "callbacks only: passed on to the backend, which accepts them");
+        assert_eq!(call(&mut all.clone()), CKR_CRYPTOKI_ALREADY_INITIALIZED);
+        assert_eq!(call(&mut some.clone()), CKR_CRYPTOKI_ALREADY_INITIALIZED, "initialized is checked first");
+        assert_eq!(unsafe { f.C_Finalize.unwrap()(std::ptr::dangling_mut()) }, CKR_ARGUMENTS_BAD);
+        assert_eq!(unsafe { f.C_Finalize.unwrap()(null_mut()) }, CKR_OK);
+        assert_eq!(
+            unsafe { f.C_Finalize.unwrap()(std::ptr::dangling_mut()) },
+            CKR_CRYPTOKI_NOT_INITIALIZED,
+            "not initialized is checked first"
+        );
         let reserved = CK_C_INITIALIZE_ARGS { pReserved: 8 as *mut c_void, ..Default::default() };
         assert_eq!(call(&mut reserved.clone()), CKR_ARGUMENTS_BAD, "pReserved must be NULL");
         let mut both = CK_C_INITIALIZE_ARGS { flags: CKF_OS_LOCKING_OK, ..all };

@@ -32,36 +32,41 @@ pub(crate) fn active() -> Result<&'static Backend, CK_RV> {
     unsafe { ACTIVE.load(Ordering::Acquire).as_ref() }.ok_or(CKR_CRYPTOKI_NOT_INITIALIZED)
 }
 
-/// Which locking the application asks for, checked as PKCS#11 2.40 §5.4 says. Returns the flags to pass on.
-fn check_init_args(args: Option<CK_C_INITIALIZE_ARGS>) -> Result<CK_FLAGS, CK_RV> {
-    let Some(a) = args else { return Ok(0) };
+/// The arguments the backend gets, from the application's, checked as PKCS#11 2.40 §5.4 says. The
+/// application's mutex callbacks and CKF_LIBRARY_CANT_CREATE_OS_THREADS are passed on; CKF_OS_LOCKING_OK is
+/// always added, because the shim may call the backend from several threads (SoftHSM2 turns its locking
+/// off without it). A backend that cannot lock as asked answers CKR_CANT_LOCK, which the application gets.
+/// The shim's own locks guard a few instructions each, never across a backend call or a callback.
+fn backend_init_args(args: Option<CK_C_INITIALIZE_ARGS>) -> Result<CK_C_INITIALIZE_ARGS, CK_RV> {
+    let mut passed = CK_C_INITIALIZE_ARGS { flags: CKF_OS_LOCKING_OK, ..Default::default() };
+    let Some(a) = args else { return Ok(passed) };
     if !a.pReserved.is_null() {
         return Err(CKR_ARGUMENTS_BAD);
     }
     let given = [a.CreateMutex.is_some(), a.DestroyMutex.is_some(), a.LockMutex.is_some(), a.UnlockMutex.is_some()];
-    let callbacks = given.iter().filter(|g| **g).count();
-    if callbacks != 0 && callbacks != 4 {
-        return Err(CKR_ARGUMENTS_BAD);
+    match given.iter().filter(|g| **g).count() {
+        0 => {}
+        4 => {
+            passed.CreateMutex = a.CreateMutex;
+            passed.DestroyMutex = a.DestroyMutex;
+            passed.LockMutex = a.LockMutex;
+            passed.UnlockMutex = a.UnlockMutex;
+        }
+        _ => return Err(CKR_ARGUMENTS_BAD),
     }
-    // Mutex callbacks without CKF_OS_LOCKING_OK mean "use only these": the shim's own state is guarded by
-    // OS locks, so it cannot honour that request.
-    if callbacks == 4 && a.flags & CKF_OS_LOCKING_OK == 0 {
-        crate::warn!("C_Initialize: the application supplies mutex callbacks without CKF_OS_LOCKING_OK; p11shim uses OS locks only (CKR_CANT_LOCK)");
-        return Err(CKR_CANT_LOCK);
-    }
-    Ok(a.flags & CKF_LIBRARY_CANT_CREATE_OS_THREADS)
+    passed.flags |= a.flags & CKF_LIBRARY_CANT_CREATE_OS_THREADS;
+    Ok(passed)
 }
 
 /// C_Initialize (§5.4): reads the configuration, loads the backend once and initializes it.
 pub(crate) unsafe extern "C" fn C_Initialize(p_init_args: *mut c_void) -> CK_RV {
     guard("C_Initialize", || {
         // SAFETY: the application passes NULL or a CK_C_INITIALIZE_ARGS.
-        let flags = check_init_args(unsafe { args::init_args(p_init_args) })?;
-        initialize(flags)
+        initialize(unsafe { args::init_args(p_init_args) })
     })
 }
 
-fn initialize(flags: CK_FLAGS) -> Result<CK_RV, CK_RV> {
+fn initialize(app_args: Option<CK_C_INITIALIZE_ARGS>) -> Result<CK_RV, CK_RV> {
     let mut state = LIFECYCLE.lock().unwrap_or_else(|e| e.into_inner());
     let pid = std::process::id();
     match state.as_ref() {
@@ -70,6 +75,7 @@ fn initialize(flags: CK_FLAGS) -> Result<CK_RV, CK_RV> {
         Some(_) => forget_state(&mut state),
         None => {}
     }
+    let backend_args = backend_init_args(app_args)?;
     let config = Config::from_env().map_err(|e| setup_failed(&e))?;
     if let Err(e) = log::configure(config.log_file.as_deref(), config.log_level) {
         let file = config.log_file.as_deref().unwrap_or(std::path::Path::new("")).display().to_string();
@@ -79,7 +85,7 @@ fn initialize(flags: CK_FLAGS) -> Result<CK_RV, CK_RV> {
     let backend = backend::load(&config).map_err(|e| setup_failed(&e))?;
     // The lifecycle lock is held across the backend's C_Initialize on purpose: two racing C_Initialize calls
     // must not both initialize it. No other call takes this lock.
-    let owns_backend = match backend.initialize(flags) {
+    let owns_backend = match backend.initialize(backend_args) {
         CKR_OK => true,
         CKR_CRYPTOKI_ALREADY_INITIALIZED => {
             crate::info!(
@@ -114,11 +120,11 @@ fn forget_state(state: &mut Option<Initialized>) {
 /// C_Finalize (§5.4).
 pub(crate) unsafe extern "C" fn C_Finalize(p_reserved: *mut c_void) -> CK_RV {
     guard("C_Finalize", || {
+        let mut state = LIFECYCLE.lock().unwrap_or_else(|e| e.into_inner());
+        let backend = active()?;
         if !p_reserved.is_null() {
             return Err(CKR_ARGUMENTS_BAD);
         }
-        let mut state = LIFECYCLE.lock().unwrap_or_else(|e| e.into_inner());
-        let backend = active()?;
         let owns = match state.as_ref() {
             Some(s) if s.pid == std::process::id() => s.owns_backend,
             _ => return Err(CKR_CRYPTOKI_NOT_INITIALIZED),
@@ -175,20 +181,26 @@ mod tests {
         }
     }
 
+    fn flags(args: Option<CK_C_INITIALIZE_ARGS>) -> Result<CK_FLAGS, CK_RV> {
+        backend_init_args(args).map(|a| a.flags)
+    }
+
     #[test]
     fn locking_requests_follow_the_spec() {
-        assert_eq!(check_init_args(None), Ok(0));
-        assert_eq!(check_init_args(Some(args(0, 0))), Ok(0));
-        assert_eq!(check_init_args(Some(args(0, CKF_OS_LOCKING_OK))), Ok(0));
-        assert_eq!(check_init_args(Some(args(2, CKF_OS_LOCKING_OK))), Err(CKR_ARGUMENTS_BAD));
-        assert_eq!(check_init_args(Some(args(4, 0))), Err(CKR_CANT_LOCK));
-        assert_eq!(check_init_args(Some(args(4, CKF_OS_LOCKING_OK))), Ok(0));
+        assert_eq!(flags(None), Ok(CKF_OS_LOCKING_OK));
+        assert_eq!(flags(Some(args(0, 0))), Ok(CKF_OS_LOCKING_OK));
+        assert_eq!(flags(Some(args(0, CKF_OS_LOCKING_OK))), Ok(CKF_OS_LOCKING_OK));
+        assert_eq!(flags(Some(args(2, CKF_OS_LOCKING_OK))), Err(CKR_ARGUMENTS_BAD));
+        assert_eq!(flags(Some(args(1, 0))), Err(CKR_ARGUMENTS_BAD));
+        let callbacks_only = backend_init_args(Some(args(4, 0))).unwrap();
+        assert!(callbacks_only.CreateMutex.is_some() && callbacks_only.UnlockMutex.is_some(), "passed on");
+        assert_eq!(callbacks_only.flags, CKF_OS_LOCKING_OK);
         assert_eq!(
-            check_init_args(Some(args(0, CKF_LIBRARY_CANT_CREATE_OS_THREADS))),
-            Ok(CKF_LIBRARY_CANT_CREATE_OS_THREADS)
+            flags(Some(args(0, CKF_LIBRARY_CANT_CREATE_OS_THREADS))),
+            Ok(CKF_OS_LOCKING_OK | CKF_LIBRARY_CANT_CREATE_OS_THREADS)
         );
         let mut reserved = args(0, 0);
         reserved.pReserved = std::ptr::dangling_mut::<c_void>();
-        assert_eq!(check_init_args(Some(reserved)), Err(CKR_ARGUMENTS_BAD));
+        assert_eq!(flags(Some(reserved)), Err(CKR_ARGUMENTS_BAD));
     }
 }

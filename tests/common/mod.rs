@@ -1,0 +1,215 @@
+//! Shared support for the integration tests: where the shim and SoftHSM2 are, a fresh SoftHSM2 token
+//! directory per test binary, the process-wide cryptoki context for the shim, and fresh tokens.
+//!
+//! Every test binary gets `<target>/test-tokens/<binary>/` (wiped at first use) with its own
+//! `softhsm2.conf`, so binaries never see each other's tokens. The environment is set once, before any
+//! module is loaded: `P11SHIM_MODULE` names SoftHSM2, `SOFTHSM2_CONF` the file above, `P11SHIM_CONFIG`
+//! is removed.
+//!
+//! SoftHSM2 loaded directly and through the shim in one process is one instance (one dlopen handle):
+//! both see the same tokens, sessions and object handles, and it can be initialized only once.
+#![allow(dead_code)] // each test binary uses its own part of this module
+
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::session::{Session, UserType};
+use cryptoki::slot::Slot;
+use cryptoki::types::AuthPin;
+use cryptoki_sys::{CK_FUNCTION_LIST, CK_RV};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, Once, OnceLock};
+
+/// The SO PIN of every token made by [`new_token`].
+pub const SO_PIN: &str = "so-pin-1234";
+/// The user PIN of every token made by [`new_token`].
+pub const USER_PIN: &str = "user-pin-1234";
+/// The backend the shim forwards to.
+pub const SOFTHSM: &str = "/usr/lib/softhsm/libsofthsm2.so";
+
+/// `<target>/debug` (the profile directory): the test binary is `<target>/debug/deps/<name>-<hash>`.
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    exe.parent()
+        .and_then(Path::parent)
+        .unwrap_or_else(|| panic!("test binary {} is not in <target>/<profile>/deps", exe.display()))
+        .to_path_buf()
+}
+
+/// The name of this test binary without cargo's hash (`operations`, `differential`, …).
+pub fn binary_name() -> String {
+    let exe = std::env::current_exe().expect("current_exe");
+    let stem = exe.file_stem().expect("binary name").to_string_lossy().into_owned();
+    match stem.rsplit_once('-') {
+        Some((name, hash)) if hash.chars().all(|c| c.is_ascii_hexdigit()) => name.to_string(),
+        _ => stem,
+    }
+}
+
+/// The shim under test: `<target>/debug/libp11shim.so`, built by `cargo test` (the lib is a cdylib).
+pub fn shim_path() -> PathBuf {
+    let path = profile_dir().join("libp11shim.so");
+    assert!(path.exists(), "{} does not exist: build the crate (cargo build / cargo test) first", path.display());
+    assert_fresh(&path);
+    path
+}
+
+/// Fails when a source file is newer than the built library: `cargo test` builds the crate as an rlib for
+/// the tests, not the cdylib they load, so testing would silently use an old shim.
+pub fn assert_fresh(library: &Path) {
+    let built = std::fs::metadata(library).and_then(|m| m.modified()).expect("library mtime");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut stack = vec![src];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).expect("read src").flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if entry.metadata().and_then(|m| m.modified()).is_ok_and(|t| t > built) {
+                panic!(
+                    "{} is newer than {}: run `cargo build --lib --examples` before `cargo test` (scripts/test.sh does)",
+                    path.display(),
+                    library.display()
+                );
+            }
+        }
+    }
+}
+
+/// SoftHSM2, the real module behind the shim.
+pub fn softhsm_path() -> PathBuf {
+    let path = PathBuf::from(SOFTHSM);
+    assert!(path.exists(), "{SOFTHSM} is missing: apt-get install softhsm2");
+    path
+}
+
+/// `<target>/test-tokens/<binary>`: this binary's SoftHSM2 token directory and config.
+pub fn test_dir() -> PathBuf {
+    profile_dir().parent().expect("target dir").join("test-tokens").join(binary_name())
+}
+
+/// Writes `<dir>/softhsm2.conf` with its token directory `<dir>/tokens`, empty (wiped if it existed),
+/// and returns the config file's path.
+pub fn fresh_softhsm_dir(dir: &Path) -> PathBuf {
+    let tokens = dir.join("tokens");
+    if tokens.exists() {
+        std::fs::remove_dir_all(&tokens).expect("wipe token dir");
+    }
+    std::fs::create_dir_all(&tokens).expect("create token dir");
+    let conf = dir.join("softhsm2.conf");
+    std::fs::write(
+        &conf,
+        format!("directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n", tokens.display()),
+    )
+    .expect("write softhsm2.conf");
+    conf
+}
+
+/// Prepares this binary's token directory and the environment, once. Call it before loading any module
+/// ([`pkcs11`] and [`functions`] call it themselves).
+pub fn setup() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let conf = fresh_softhsm_dir(&test_dir());
+        // Set once, before any module is loaded and before any test thread reads the environment.
+        std::env::set_var("SOFTHSM2_CONF", &conf);
+        std::env::set_var("P11SHIM_MODULE", softhsm_path());
+        std::env::remove_var("P11SHIM_CONFIG");
+    });
+}
+
+/// The process-wide cryptoki context for the shim, initialized with OS locking. It is never finalized
+/// or dropped: cryptoki cannot initialize one library twice in a process.
+pub fn pkcs11() -> &'static Pkcs11 {
+    static CONTEXT: OnceLock<Pkcs11> = OnceLock::new();
+    CONTEXT.get_or_init(|| {
+        setup();
+        let path = shim_path();
+        let p = Pkcs11::new(&path).unwrap_or_else(|e| panic!("loading {} with cryptoki: {e}", path.display()));
+        p.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+            .unwrap_or_else(|e| panic!("C_Initialize through the shim: {e}"));
+        p
+    })
+}
+
+/// The 2.40 function list of the module at `path` (the shim or SoftHSM2), for raw calls, after
+/// [`setup`]. The library stays loaded for the life of the process. Loading SoftHSM2 here and through
+/// the shim gives the same instance.
+pub fn functions(path: &Path) -> &'static CK_FUNCTION_LIST {
+    setup();
+    raw_functions(path)
+}
+
+/// [`functions`] without [`setup`]: for a process that prepared its environment itself.
+pub fn raw_functions(path: &Path) -> &'static CK_FUNCTION_LIST {
+    type GetFunctionList = unsafe extern "C" fn(*mut *mut CK_FUNCTION_LIST) -> CK_RV;
+    // SAFETY: loading a PKCS#11 module runs its initializers, which is how such modules are meant to be used.
+    let lib = unsafe { libloading::Library::new(path) }.unwrap_or_else(|e| panic!("dlopen {}: {e}", path.display()));
+    let mut list: *mut CK_FUNCTION_LIST = std::ptr::null_mut();
+    // SAFETY: every PKCS#11 module exports C_GetFunctionList with this signature; `list` is a valid out pointer.
+    let rv = unsafe {
+        let get = lib
+            .get::<GetFunctionList>(b"C_GetFunctionList\0")
+            .unwrap_or_else(|e| panic!("{} has no C_GetFunctionList: {e}", path.display()));
+        get(&mut list)
+    };
+    assert_eq!(rv, cryptoki_sys::CKR_OK, "C_GetFunctionList of {}", path.display());
+    assert!(!list.is_null(), "C_GetFunctionList of {} gave NULL", path.display());
+    // Never unload: the table lives in the library (and SoftHSM2 must never be dlclose'd).
+    std::mem::forget(lib);
+    // SAFETY: the table is static data of a library that is never unloaded.
+    unsafe { &*list }
+}
+
+/// The name of a CK_RV, for messages (`CKR_PIN_INCORRECT`, …).
+pub fn rv_name(rv: CK_RV) -> String {
+    format!("{:?} (0x{rv:x})", cryptoki::error::Rv::from(rv))
+}
+
+/// Initializes a fresh token labelled `label` (unique in this binary) through the shim, sets its user
+/// PIN to [`USER_PIN`] (SO PIN [`SO_PIN`]) and returns its slot.
+///
+/// SoftHSM2 keeps one slot with an uninitialized token and renumbers after C_InitToken, so the token is
+/// initialized on that slot and then found again by its label. Serialized by a mutex.
+pub fn new_token(label: &str) -> Slot {
+    static LOCK: Mutex<()> = Mutex::new(());
+    assert!(label.len() <= 32, "token label {label:?} is longer than 32 bytes");
+    let p = pkcs11();
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let mut empty = None;
+    for slot in p.get_slots_with_token().expect("C_GetSlotList") {
+        let info = p.get_token_info(slot).expect("C_GetTokenInfo");
+        if !info.token_initialized() {
+            empty = Some(slot);
+        } else {
+            assert_ne!(info.label(), label, "a token labelled {label:?} already exists");
+        }
+    }
+    let empty = empty.expect("SoftHSM2 offers no slot with an uninitialized token");
+    p.init_token(empty, &AuthPin::new(SO_PIN.into()), label).unwrap_or_else(|e| panic!("C_InitToken({label}): {e}"));
+    let slot = find_token(label).unwrap_or_else(|| panic!("token {label:?} not found after C_InitToken"));
+    let session = p.open_rw_session(slot).expect("C_OpenSession");
+    session.login(UserType::So, Some(&AuthPin::new(SO_PIN.into()))).expect("C_Login(SO)");
+    session.init_pin(&AuthPin::new(USER_PIN.into())).expect("C_InitPIN");
+    session.logout().expect("C_Logout");
+    slot
+}
+
+/// The slot of the initialized token labelled `label`.
+pub fn find_token(label: &str) -> Option<Slot> {
+    let p = pkcs11();
+    p.get_slots_with_initialized_token()
+        .expect("C_GetSlotList")
+        .into_iter()
+        .find(|&s| p.get_token_info(s).map(|i| i.label() == label).unwrap_or(false))
+}
+
+/// A R/W session on `slot` logged in as the user. If the token is already logged in (another session of
+/// this process did it), the session shares that state.
+pub fn user_session(slot: Slot) -> Session {
+    let session = pkcs11().open_rw_session(slot).expect("C_OpenSession");
+    match session.login(UserType::User, Some(&AuthPin::new(USER_PIN.into()))) {
+        Ok(()) => {}
+        Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::UserAlreadyLoggedIn, _)) => {}
+        Err(e) => panic!("C_Login(user): {e}"),
+    }
+    session
+}
