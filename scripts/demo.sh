@@ -1,0 +1,219 @@
+#!/usr/bin/env bash
+# p11shim demo: builds the shim, sets up a SoftHSM2 token in ./demo-work and uses it *through the shim* with
+# pkcs11-tool and the OpenSSL pkcs11 engine; every signature is verified with plain openssl (no HSM).
+#
+# Usage (from anywhere; as root on Debian 12, or with the packages of scripts/install-deps.sh installed):
+#   bash scripts/demo.sh
+# Every step prints a heading and ends with "OK"; the script stops with a non-zero status at the first failure.
+set -Eeuo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+
+work=$root/demo-work
+label=p11shim-demo
+so_pin=demo-so-pin-4711
+user_pin=demo-user-pin-0815
+backend=/usr/lib/softhsm/libsofthsm2.so
+# cargo builds into $CARGO_TARGET_DIR when set (relative to the repository root, where cargo runs).
+target_dir=${CARGO_TARGET_DIR:-target}
+[[ $target_dir == /* ]] || target_dir=$root/$target_dir
+shim=$target_dir/release/libp11shim.so
+
+# --- output helpers ----------------------------------------------------------------------------------------
+steps_done=()
+current=""
+started=$SECONDS
+begin() {
+    current=$1
+    step_started=$SECONDS
+    printf '\n==> %s\n' "$1"
+}
+ok() {
+    local took=$((SECONDS - step_started))
+    printf '    OK (%ss)\n' "$took"
+    steps_done+=("$current (${took}s)")
+}
+indent() { sed 's/^/    /'; }
+fail() {
+    echo "    $*" >&2
+    return 1
+}
+on_error() {
+    local rc=$?
+    # Subshells (pipelines, $(...)) inherit the trap: let only the main shell report.
+    [[ $BASHPID == "$$" ]] || exit "$rc"
+    echo >&2
+    echo "FAILED: ${current:-before the first step} (exit status $rc)" >&2
+    if [[ -s $work/p11shim.log ]]; then
+        echo "last lines of $work/p11shim.log:" >&2
+        tail -n 20 "$work/p11shim.log" | indent >&2
+    fi
+    exit "$rc"
+}
+trap on_error ERR
+
+# pkcs11-tool through the shim, on the demo token.
+p11() { pkcs11-tool --module "$shim" --token-label "$label" "$@"; }
+p11_user() { p11 --login --pin "$user_pin" "$@"; }
+# openssl with the pkcs11 engine loaded from our openssl.cnf (module = the shim).
+openssl_engine() { OPENSSL_CONF=$work/openssl.cnf PKCS11_MODULE_PATH=$shim openssl "$@"; }
+# A PKCS#11 URI for a private key on the demo token.
+key_uri() { echo "pkcs11:token=$label;object=$1;type=private?pin-value=$user_pin"; }
+
+# --- steps -------------------------------------------------------------------------------------------------
+begin "Install missing system packages (scripts/install-deps.sh)"
+bash "$root/scripts/install-deps.sh" | indent
+ok
+
+begin "Build the shim (cargo build --release)"
+if ! command -v cargo >/dev/null && [[ -f $HOME/.cargo/env ]]; then
+    # shellcheck disable=SC1091
+    source "$HOME/.cargo/env"
+fi
+command -v cargo >/dev/null || fail "cargo not found: install Rust (https://rustup.rs) first"
+build_log=$(mktemp)
+if ! cargo build --release >"$build_log" 2>&1; then
+    tail -n 40 "$build_log" | indent
+    rm -f "$build_log"
+    fail "cargo build --release failed"
+fi
+tail -n 1 "$build_log" | indent
+rm -f "$build_log"
+[[ -f $shim ]] || fail "$shim was not built"
+ok
+
+begin "Create $work with a SoftHSM2 token '$label'"
+rm -rf "$work"
+mkdir -p "$work"
+echo '*' >"$work/.gitignore" # keys, PINs in configs: never to be committed
+exports=$(bash "$root/softhsm-config/setup-token.sh" "$work/softhsm" "$label" "$so_pin" "$user_pin" 2>"$work/setup-token.log") ||
+    { indent <"$work/setup-token.log"; fail "softhsm-config/setup-token.sh failed"; }
+indent <"$work/setup-token.log"
+eval "$exports"
+echo "SOFTHSM2_CONF=$SOFTHSM2_CONF" | indent
+ok
+
+begin "Write $work/p11shim.toml (backend: SoftHSM2, log: $work/p11shim.log)"
+cat >"$work/p11shim.toml" <<EOF
+# p11shim configuration for the demo; see README.md, "Configuration".
+module = "$backend"
+# Relative paths are relative to this file.
+log_file = "p11shim.log"
+log_level = "debug"
+EOF
+indent <"$work/p11shim.toml"
+export P11SHIM_CONFIG=$work/p11shim.toml
+unset P11SHIM_MODULE # would override `module`
+ok
+
+begin "pkcs11-tool --show-info through the shim: manufacturer is p11shim"
+p11 --show-info >"$work/show-info.txt"
+indent <"$work/show-info.txt"
+grep -Eq 'Manufacturer +p11shim' "$work/show-info.txt" || fail "manufacturer is not p11shim"
+grep -Eq 'Library +p11shim/SoftHSM' "$work/show-info.txt" || fail "library description is not p11shim/SoftHSM..."
+ok
+
+begin "List slots and mechanisms through the shim (identical to the backend's)"
+pkcs11-tool --module "$shim" --list-slots >"$work/slots.txt"
+indent <"$work/slots.txt"
+grep -q "token label *: *$label\$" "$work/slots.txt" || fail "token '$label' not listed"
+pkcs11-tool --module "$backend" --list-slots >"$work/slots-direct.txt"
+diff -u "$work/slots-direct.txt" "$work/slots.txt" | indent || fail "slot list differs from the backend's"
+p11 --list-mechanisms >"$work/mechanisms.txt"
+pkcs11-tool --module "$backend" --token-label "$label" --list-mechanisms >"$work/mechanisms-direct.txt"
+diff -u "$work/mechanisms-direct.txt" "$work/mechanisms.txt" | indent || fail "mechanism list differs from the backend's"
+echo "$(grep -c . "$work/mechanisms.txt") lines of mechanisms, identical to the backend's" | indent
+ok
+
+begin "Generate an EC P-256 key pair (label demo-ec, id 01)"
+p11_user --keypairgen --key-type EC:prime256v1 --id 01 --label demo-ec | indent
+ok
+
+begin "Generate an RSA-2048 key pair (label demo-rsa, id 02)"
+p11_user --keypairgen --key-type rsa:2048 --id 02 --label demo-rsa | indent
+ok
+
+begin "List the objects on the token"
+p11_user --list-objects | indent
+ok
+
+begin "Export both public keys (pkcs11-tool --read-object --type pubkey) and convert them to PEM"
+for key in ec rsa; do
+    id=$([[ $key == ec ]] && echo 01 || echo 02)
+    p11 --read-object --type pubkey --id "$id" --output-file "$work/$key-pub.der"
+    openssl pkey -pubin -inform DER -in "$work/$key-pub.der" -out "$work/$key-pub.pem"
+    openssl pkey -pubin -in "$work/$key-pub.pem" -noout -text | head -n 1 | indent
+done
+ok
+
+begin "ECDSA: sign with pkcs11-tool, verify with plain openssl"
+head -c 4096 /dev/urandom >"$work/data.bin"
+# SoftHSM2 2.6.1 offers plain CKM_ECDSA (no ECDSA-SHA256): hash here, sign the digest in the token.
+openssl dgst -sha256 -binary -out "$work/data.sha256" "$work/data.bin"
+p11_user --sign --mechanism ECDSA --id 01 --signature-format openssl \
+    --input-file "$work/data.sha256" --output-file "$work/data.ecdsa.sig" 2>&1 | indent
+openssl dgst -sha256 -verify "$work/ec-pub.pem" -signature "$work/data.ecdsa.sig" "$work/data.bin" | indent
+ok
+
+begin "Write $work/openssl.cnf: OpenSSL engine pkcs11 with MODULE_PATH = the shim"
+engines_dir=$(openssl version -e | sed -n 's/^ENGINESDIR: "\(.*\)"$/\1/p')
+engine_so=${engines_dir:-/usr/lib/x86_64-linux-gnu/engines-3}/pkcs11.so
+[[ -f $engine_so ]] || fail "$engine_so not found (package libengine-pkcs11-openssl)"
+cat >"$work/openssl.cnf" <<EOF
+openssl_conf = openssl_init
+
+[openssl_init]
+engines = engine_section
+
+[engine_section]
+pkcs11 = pkcs11_section
+
+[pkcs11_section]
+engine_id = pkcs11
+dynamic_path = $engine_so
+MODULE_PATH = $shim
+init = 0
+
+[req]
+distinguished_name = req_dn
+
+[req_dn]
+EOF
+indent <"$work/openssl.cnf"
+ok
+
+begin "RSA: sign with the OpenSSL engine (SHA-256, PKCS#1 v1.5), verify with plain openssl"
+openssl_engine dgst -engine pkcs11 -keyform engine -sign "$(key_uri demo-rsa)" -sha256 \
+    -out "$work/data.rsa.sig" "$work/data.bin" 2>&1 | indent
+openssl dgst -sha256 -verify "$work/rsa-pub.pem" -signature "$work/data.rsa.sig" "$work/data.bin" | indent
+ok
+
+begin "Self-signed certificate with the OpenSSL engine (RSA key), checked by openssl verify"
+openssl_engine req -new -x509 -engine pkcs11 -keyform engine -key "$(key_uri demo-rsa)" \
+    -subj "/CN=p11shim demo" -days 30 -sha256 -out "$work/demo-cert.pem" 2>&1 | indent
+openssl x509 -in "$work/demo-cert.pem" -noout -subject -enddate | indent
+openssl verify -CAfile "$work/demo-cert.pem" "$work/demo-cert.pem" | indent
+# The certificate carries the token's public key.
+cmp -s <(openssl x509 -in "$work/demo-cert.pem" -noout -pubkey) "$work/rsa-pub.pem" ||
+    fail "certificate public key differs from the token's"
+ok
+
+begin "The shim's log ($work/p11shim.log) contains no PIN"
+if [[ -f $work/p11shim.log ]]; then
+    echo "$(wc -l <"$work/p11shim.log") lines" | indent
+    if grep -qF -e "$user_pin" -e "$so_pin" "$work/p11shim.log"; then
+        fail "a PIN appears in $work/p11shim.log"
+    fi
+else
+    echo "(no log file written)" | indent
+fi
+ok
+
+trap - ERR
+printf '\nSummary: all %d steps OK in %ss\n' "${#steps_done[@]}" "$((SECONDS - started))"
+for s in "${steps_done[@]}"; do
+    echo "  OK  $s"
+done
+echo "Files: $work (token in softhsm/, p11shim.toml, p11shim.log, openssl.cnf, keys, signatures, demo-cert.pem)"
+echo "Try:   P11SHIM_CONFIG=$work/p11shim.toml SOFTHSM2_CONF=$SOFTHSM2_CONF pkcs11-tool --module $shim -L"

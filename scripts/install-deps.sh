@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Installs the system packages p11shim's demo and tests need, only those that are missing.
+# Debian 12 (apt-get); run as root (or with sudo available). Rust/cargo must already be installed.
+set -euo pipefail
+
+# One package a line; later issues add theirs here (e.g. postgresql).
+packages=(
+    softhsm2                  # the test backend: /usr/lib/softhsm/libsofthsm2.so, softhsm2-util
+    opensc                    # pkcs11-tool
+    libengine-pkcs11-openssl  # OpenSSL engine "pkcs11" (libp11)
+    openssl
+)
+# A C toolchain only when there is none (some crates build C code).
+if ! command -v cc >/dev/null; then
+    packages+=(build-essential pkg-config)
+fi
+
+installed() {
+    dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'
+}
+
+missing=()
+for p in "${packages[@]}"; do
+    installed "$p" || missing+=("$p")
+done
+if [[ ${#missing[@]} -eq 0 ]]; then
+    echo "install-deps: all present (${packages[*]})"
+    exit 0
+fi
+
+if ! command -v apt-get >/dev/null; then
+    echo "install-deps: missing ${missing[*]} and apt-get is not available; install them by hand" >&2
+    exit 1
+fi
+sudo=()
+if [[ $(id -u) -ne 0 ]]; then
+    if command -v sudo >/dev/null; then
+        sudo=(sudo)
+    else
+        echo "install-deps: missing ${missing[*]}; run as root to install them" >&2
+        exit 1
+    fi
+fi
+
+echo "install-deps: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt_install() {
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y -q --no-install-recommends "${missing[@]}"
+}
+# A fresh machine has no package lists yet: update once, only if the first attempt fails.
+if ! apt_install; then
+    "${sudo[@]}" apt-get update -q
+    apt_install
+fi
+
+for p in "${missing[@]}"; do
+    if ! installed "$p"; then
+        echo "install-deps: $p is still not installed" >&2
+        exit 1
+    fi
+done
+echo "install-deps: done"
