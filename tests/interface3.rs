@@ -6,6 +6,8 @@
 //! (`--exact NAME` with INTERFACE3_CHILD=NAME set) with the backend it needs in P11SHIM_MODULE.
 #![deny(unsafe_op_in_unsafe_fn)]
 
+mod common;
+
 use cryptoki_sys::*;
 use libloading::Library;
 use std::ffi::{c_void, CStr};
@@ -28,9 +30,7 @@ fn profile_dir() -> PathBuf {
 }
 
 fn shim_path() -> PathBuf {
-    let p = profile_dir().join("libp11shim.so");
-    assert!(p.exists(), "{} is missing: run through `cargo test`, which builds it", p.display());
-    p
+    common::shim_path()
 }
 
 /// The fixture module. `cargo test` builds it with the other examples; `cargo test --test interface3` does
@@ -57,31 +57,12 @@ fn fixture_path() -> PathBuf {
 }
 
 fn softhsm_path() -> PathBuf {
-    let candidates = [
-        std::env::var_os("SOFTHSM2_MODULE").map(PathBuf::from),
-        Some("/usr/lib/softhsm/libsofthsm2.so".into()),
-        Some("/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so".into()),
-        Some("/usr/local/lib/softhsm/libsofthsm2.so".into()),
-    ];
-    candidates
-        .into_iter()
-        .flatten()
-        .find(|p| p.exists())
-        .expect("libsofthsm2.so not found (apt-get install softhsm2, or set SOFTHSM2_MODULE)")
+    common::softhsm_path()
 }
 
 /// A SoftHSM2 configuration with an empty token directory under <target>/test-tokens/interface3/.
 fn softhsm_conf(name: &str) -> PathBuf {
-    let dir = profile_dir().parent().unwrap().join("test-tokens").join("interface3").join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(dir.join("tokens")).unwrap();
-    let conf = dir.join("softhsm2.conf");
-    let text = format!(
-        "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n",
-        dir.join("tokens").display()
-    );
-    std::fs::write(&conf, text).unwrap();
-    conf
+    common::fresh_softhsm_dir(&common::test_dir().join(name))
 }
 
 /// In the parent: runs test `name` in a child process with `envs` set and checks it passed; returns false.
