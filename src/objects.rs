@@ -68,13 +68,7 @@ fn alias(backend: CK_OBJECT_HANDLE) -> CK_OBJECT_HANDLE {
     if let Some(shim) = table.alias_of.get(&backend) {
         return *shim;
     }
-    // Interpretation goes through the table, so equal values would be harmless; distinct ones keep logs and
-    // debugging unambiguous.
-    let mut shim = allocate_in(table, ShimObject::Alias(backend));
-    while shim == backend || table.alias_of.contains_key(&shim) {
-        table.objects.remove(&shim);
-        shim = allocate_in(table, ShimObject::Alias(backend));
-    }
+    let shim = allocate_in(table, ShimObject::Alias(backend));
     table.alias_of.insert(backend, shim);
     shim
 }
@@ -85,8 +79,19 @@ pub fn allocate(object: ShimObject) -> CK_OBJECT_HANDLE {
     allocate_in(guard.get_or_insert_with(Table::default), object)
 }
 
+/// Never hands out a value the backend itself uses in the shim's range (the handle being aliased, or one
+/// aliased before): handles are interpreted through the table, so equal values would be harmless, but
+/// distinct ones keep logs and debugging unambiguous.
 fn allocate_in(table: &mut Table, object: ShimObject) -> CK_OBJECT_HANDLE {
-    let handle = SHIM_HANDLE_BIT | (NEXT.fetch_add(1, Ordering::Relaxed) as CK_OBJECT_HANDLE & !SHIM_HANDLE_BIT);
+    let stands_for = match &object {
+        ShimObject::Alias(backend) => Some(*backend),
+    };
+    let handle = loop {
+        let candidate = SHIM_HANDLE_BIT | (NEXT.fetch_add(1, Ordering::Relaxed) as CK_OBJECT_HANDLE & !SHIM_HANDLE_BIT);
+        if Some(candidate) != stands_for && !table.alias_of.contains_key(&candidate) {
+            break candidate;
+        }
+    };
     table.objects.insert(handle, object);
     handle
 }
