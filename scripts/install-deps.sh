@@ -9,6 +9,7 @@ packages=(
     opensc                    # pkcs11-tool
     libengine-pkcs11-openssl  # OpenSSL engine "pkcs11" (libp11)
     openssl
+    postgresql                # server binaries for the throwaway test cluster (scripts/pg-cluster.sh)
 )
 # A C toolchain only when there is none (some crates build C code).
 if ! command -v cc >/dev/null; then

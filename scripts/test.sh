@@ -49,6 +49,15 @@ run "lint (cargo clippy)" cargo clippy --all-targets -- -D warnings
 run "release build" cargo build --release
 # cargo test builds the library only as an rlib for the tests; the tests load the cdylib, so build it first.
 run "debug build (the .so the tests load)" cargo build --lib --examples
+# One throwaway PostgreSQL cluster shared by the test binaries (tests/common/pg.rs starts its own without it).
+pg_dir=$(mktemp -d)
+trap 'bash scripts/pg-cluster.sh stop "$pg_dir"' EXIT
+pg_start() {
+    P11SHIM_TEST_PG_URL=$(bash scripts/pg-cluster.sh start "$pg_dir")
+    export P11SHIM_TEST_PG_URL
+    echo "$P11SHIM_TEST_PG_URL"
+}
+run "PostgreSQL test cluster (scripts/pg-cluster.sh)" pg_start
 run "tests (cargo test --all-targets)" cargo test --all-targets
 run "doc tests (cargo test --doc)" cargo test --doc
 run "demo (scripts/demo.sh)" bash scripts/demo.sh

@@ -17,6 +17,44 @@ struct ConfigFile {
     module: Option<PathBuf>,
     log_file: Option<PathBuf>,
     log_level: Option<Level>,
+    store: Option<StoreFile>,
+    #[serde(default)]
+    slot: Vec<SlotFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoreFile {
+    url: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SlotFile {
+    token: String,
+    #[serde(default)]
+    storage: Storage,
+    default_group: Option<String>,
+}
+
+/// Where a slot keeps the token objects the application creates.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Storage {
+    /// In the HSM, as the backend does (pass-through).
+    #[default]
+    Hsm,
+    /// In the key store, wrapped under the MBK (issue B).
+    Database,
+}
+
+/// A backend token the config says something about, named by its label.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotConfig {
+    pub token: String,
+    pub storage: Storage,
+    /// The group of keys created without CKA_P11SHIM_GROUP (default: the token label).
+    pub default_group: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,6 +65,9 @@ pub struct Config {
     pub module: PathBuf,
     pub log_file: Option<PathBuf>,
     pub log_level: Level,
+    /// The key store url: `sqlite:PATH` (absolute after resolution) or `postgres://…`.
+    pub store_url: String,
+    pub slots: Vec<SlotConfig>,
 }
 
 impl Config {
@@ -74,7 +115,43 @@ impl Config {
             (Some(_), None) => Level::Info,
             (None, _) => Level::Off,
         };
-        Ok(Config { source, module, log_file, log_level })
+        let store_url = match file.store.and_then(|s| s.url) {
+            Some(url) => match url.strip_prefix("sqlite:") {
+                Some(path) => format!("sqlite:{}", relative_to_file(PathBuf::from(path)).display()),
+                None if url.starts_with("postgres://") || url.starts_with("postgresql://") => url,
+                None => {
+                    return Err(Error::Config {
+                        path: source,
+                        cause: format!(
+                            "[store] url {:?}: use \"sqlite:PATH\" or \"postgres://USER@HOST:PORT/DB\"",
+                            crate::store::redact(&url)
+                        ),
+                    })
+                }
+            },
+            None => format!("sqlite:{}", relative_to_file(PathBuf::from("keys.db")).display()),
+        };
+        let mut slots: Vec<SlotConfig> = Vec::new();
+        for s in file.slot {
+            if s.token.is_empty() || slots.iter().any(|o| o.token == s.token) {
+                return Err(Error::Config {
+                    path: source,
+                    cause: format!(
+                        "[[slot]] token {:?}: each [[slot]] names a different, non-empty token label",
+                        s.token
+                    ),
+                });
+            }
+            let default_group = s.default_group.unwrap_or_else(|| s.token.clone());
+            if default_group.is_empty() {
+                return Err(Error::Config {
+                    path: source,
+                    cause: format!("[[slot]] token {:?}: default_group is empty", s.token),
+                });
+            }
+            slots.push(SlotConfig { token: s.token, storage: s.storage, default_group });
+        }
+        Ok(Config { source, module, log_file, log_level, store_url, slots })
     }
 }
 
@@ -148,6 +225,33 @@ mod tests {
         assert_eq!(c.module, PathBuf::from("/srv/p/lib/m.so"));
         assert_eq!(c.log_file, Some(PathBuf::from("/srv/p/shim.log")));
         assert_eq!(c.log_level, Level::Debug);
+    }
+
+    #[test]
+    fn store_and_slots() {
+        let c = Config::parse(
+            "module = \"/m.so\"\n[store]\nurl = \"sqlite:db/keys.db\"\n[[slot]]\ntoken = \"t1\"\nstorage = \"database\"\ndefault_group = \"Prod\"\n[[slot]]\ntoken = \"t2\"",
+            Path::new("/srv/p/p11shim.toml"),
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.store_url, "sqlite:/srv/p/db/keys.db");
+        assert_eq!(
+            c.slots[0],
+            SlotConfig { token: "t1".into(), storage: Storage::Database, default_group: "Prod".into() }
+        );
+        assert_eq!(c.slots[1], SlotConfig { token: "t2".into(), storage: Storage::Hsm, default_group: "t2".into() });
+    }
+
+    #[test]
+    fn default_store_is_beside_the_file_and_bad_urls_are_refused() {
+        let c = Config::parse("module = \"/m.so\"", Path::new("/srv/p/p11shim.toml"), None).unwrap();
+        assert_eq!(c.store_url, "sqlite:/srv/p/keys.db");
+        let e = parse("module = \"/m.so\"\n[store]\nurl = \"mysql://u:secret@h/db\"").unwrap_err().to_string();
+        assert!(e.contains("mysql://u:***@h/db") && !e.contains("secret"), "{e}");
+        let e = parse("module = \"/m.so\"\n[[slot]]\ntoken = \"a\"\n[[slot]]\ntoken = \"a\"").unwrap_err().to_string();
+        assert!(e.contains("\"a\""), "{e}");
+        assert!(parse("module = \"/m.so\"\n[[slot]]\ntoken = \"a\"\nstorage = \"cloud\"").is_err());
     }
 
     #[test]

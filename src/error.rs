@@ -14,6 +14,13 @@ pub enum Error {
 
     #[error("backend module {path}: {cause}")]
     Backend { path: PathBuf, cause: String },
+
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+
+    /// Anything else the shim refuses or fails at, with a message for the log or the operator.
+    #[error("{0}")]
+    Other(String),
 }
 
 impl Error {
@@ -21,7 +28,9 @@ impl Error {
     pub fn rv(&self) -> CK_RV {
         match self {
             Error::Rv(rv) => *rv,
-            Error::Config { .. } | Error::Backend { .. } => CKR_GENERAL_ERROR,
+            Error::Config { .. } | Error::Backend { .. } | Error::Other(_) => CKR_GENERAL_ERROR,
+            Error::Store(crate::store::StoreError::Unavailable { .. }) => cryptoki_sys::CKR_DEVICE_ERROR,
+            Error::Store(_) => CKR_GENERAL_ERROR,
         }
     }
 }
@@ -29,6 +38,13 @@ impl Error {
 impl From<CK_RV> for Error {
     fn from(rv: CK_RV) -> Self {
         Error::Rv(rv)
+    }
+}
+
+// Lets `?` turn an Error into the CK_RV at the C boundary.
+impl From<Error> for CK_RV {
+    fn from(e: Error) -> CK_RV {
+        e.rv()
     }
 }
 

@@ -5,13 +5,19 @@
 //! what the shim adds, to its own modules), which talk to [`backend`].
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod admin;
+pub mod attrs;
 pub mod backend;
+pub mod backup;
 pub mod config;
 pub mod error;
 pub mod ffi;
+pub mod hsm;
 pub mod log;
 pub mod objects;
 pub mod sessions;
+pub mod store;
+pub mod vault;
 
 /// The shim's version, reported as the library version by C_GetInfo.
 pub const VERSION_MAJOR: u8 = 0;

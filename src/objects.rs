@@ -6,16 +6,18 @@
 use cryptoki_sys::{CK_OBJECT_HANDLE, CK_RV, CK_ULONG};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
 /// Handles with this bit set are the shim's.
 pub const SHIM_HANDLE_BIT: CK_OBJECT_HANDLE = 1 << (CK_ULONG::BITS - 1);
 
 /// What a shim handle stands for.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum ShimObject {
     /// A backend object whose own handle has the top bit set.
     Alias(CK_OBJECT_HANDLE),
+    /// A key kept in the key store (issue B); loaded into the HSM on first use.
+    Stored(Arc<crate::vault::StoredKey>),
 }
 
 #[derive(Default)]
@@ -41,15 +43,47 @@ pub fn to_backend(handle: CK_OBJECT_HANDLE, invalid: CK_RV) -> Result<CK_OBJECT_
     if !is_shim_handle(handle) {
         return Ok(handle);
     }
-    resolve(handle).ok_or(invalid)
+    resolve(handle, invalid)
 }
 
 #[cold]
-fn resolve(handle: CK_OBJECT_HANDLE) -> Option<CK_OBJECT_HANDLE> {
-    let table = TABLE.read().unwrap_or_else(|e| e.into_inner());
-    match table.as_ref()?.objects.get(&handle)? {
-        ShimObject::Alias(backend) => Some(*backend),
+fn resolve(handle: CK_OBJECT_HANDLE, invalid: CK_RV) -> Result<CK_OBJECT_HANDLE, CK_RV> {
+    match lookup(handle).ok_or(invalid)? {
+        ShimObject::Alias(backend) => Ok(backend),
+        // Outside the table's lock: loading may call the store and the backend.
+        ShimObject::Stored(key) => crate::vault::resolve(&key, invalid),
     }
+}
+
+/// What a shim handle stands for, if it is one the shim gave out.
+pub fn lookup(handle: CK_OBJECT_HANDLE) -> Option<ShimObject> {
+    let table = TABLE.read().unwrap_or_else(|e| e.into_inner());
+    table.as_ref()?.objects.get(&handle).cloned()
+}
+
+/// The stored key a handle stands for, if it is one.
+pub fn stored_key(handle: CK_OBJECT_HANDLE) -> Option<Arc<crate::vault::StoredKey>> {
+    if !is_shim_handle(handle) {
+        return None;
+    }
+    match lookup(handle)? {
+        ShimObject::Stored(key) => Some(key),
+        ShimObject::Alias(_) => None,
+    }
+}
+
+/// Every stored key this process has a handle for.
+pub fn stored_keys() -> Vec<Arc<crate::vault::StoredKey>> {
+    let table = TABLE.read().unwrap_or_else(|e| e.into_inner());
+    let Some(table) = table.as_ref() else { return Vec::new() };
+    table
+        .objects
+        .values()
+        .filter_map(|o| match o {
+            ShimObject::Stored(k) => Some(k.clone()),
+            ShimObject::Alias(_) => None,
+        })
+        .collect()
 }
 
 /// The handle the application sees for a handle the backend returned.
@@ -85,6 +119,7 @@ pub fn allocate(object: ShimObject) -> CK_OBJECT_HANDLE {
 fn allocate_in(table: &mut Table, object: ShimObject) -> CK_OBJECT_HANDLE {
     let stands_for = match &object {
         ShimObject::Alias(backend) => Some(*backend),
+        ShimObject::Stored(_) => None,
     };
     let handle = loop {
         let candidate = SHIM_HANDLE_BIT | (NEXT.fetch_add(1, Ordering::Relaxed) as CK_OBJECT_HANDLE & !SHIM_HANDLE_BIT);

@@ -40,6 +40,11 @@ pub fn take_app_sessions(slot: CK_SLOT_ID) -> Vec<CK_SESSION_HANDLE> {
     })
 }
 
+/// The slot of an application's session.
+pub fn slot_of(session: CK_SESSION_HANDLE) -> Option<CK_SLOT_ID> {
+    with(|t| t.app.get(&session).copied())
+}
+
 pub fn opened_internal(session: CK_SESSION_HANDLE, slot: CK_SLOT_ID) {
     with(|t| t.internal.insert(session, slot));
 }

@@ -1,6 +1,7 @@
 //! Safe adapters for the pointers the shim itself reads or writes. Every function checks for NULL and
 //! answers CKR_ARGUMENTS_BAD, as the spec asks for pointers it forbids to be NULL.
 
+use crate::attrs::{is_array_type, Attr, Template};
 use cryptoki_sys::*;
 
 /// Writes `value` through an out pointer.
@@ -35,6 +36,71 @@ pub unsafe fn slice_mut<'a, T>(ptr: *mut T, len: CK_ULONG) -> Option<&'a mut [T]
     }
     // SAFETY: non-NULL, and the caller promises `len` valid elements.
     Some(unsafe { std::slice::from_raw_parts_mut(ptr, len as usize) })
+}
+
+/// Values longer than this in a template are refused (no real attribute comes near it).
+const MAX_VALUE: CK_ULONG = 1 << 24;
+
+/// An application's template as a safe value (nested templates included).
+///
+/// # Safety
+/// `ptr` is NULL or valid for `count` attributes, each value valid for its length.
+pub unsafe fn template(ptr: *const CK_ATTRIBUTE, count: CK_ULONG) -> Result<Template, CK_RV> {
+    if count == 0 {
+        return Ok(Template::default());
+    }
+    if ptr.is_null() {
+        return Err(CKR_ARGUMENTS_BAD);
+    }
+    // SAFETY: non-NULL, `count` attributes (the caller's promise).
+    let raw = unsafe { std::slice::from_raw_parts(ptr, count as usize) };
+    let mut attrs = Vec::with_capacity(raw.len());
+    for a in raw {
+        if a.ulValueLen == CK_UNAVAILABLE_INFORMATION
+            || a.ulValueLen > MAX_VALUE
+            || (a.pValue.is_null() && a.ulValueLen > 0)
+        {
+            return Err(CKR_ATTRIBUTE_VALUE_INVALID);
+        }
+        if is_array_type(a.type_) {
+            let n = a.ulValueLen as usize / std::mem::size_of::<CK_ATTRIBUTE>();
+            // SAFETY: an array attribute's value is an array of CK_ATTRIBUTE of that byte length.
+            let inner = unsafe { template(a.pValue as *const CK_ATTRIBUTE, n as CK_ULONG) }?;
+            attrs.push(Attr::array(a.type_, inner.0));
+        } else if a.ulValueLen == 0 {
+            attrs.push(Attr::bytes(a.type_, &[]));
+        } else {
+            // SAFETY: non-NULL and valid for its length (the caller's promise).
+            let value = unsafe { std::slice::from_raw_parts(a.pValue as *const u8, a.ulValueLen as usize) };
+            attrs.push(Attr::bytes(a.type_, value));
+        }
+    }
+    Ok(Template(attrs))
+}
+
+/// Whether an application's template names an attribute type (no copy made).
+///
+/// # Safety
+/// As for [`template`].
+pub unsafe fn names(ptr: *const CK_ATTRIBUTE, count: CK_ULONG, ty: CK_ATTRIBUTE_TYPE) -> bool {
+    if ptr.is_null() || count == 0 {
+        return false;
+    }
+    // SAFETY: non-NULL, `count` attributes.
+    unsafe { std::slice::from_raw_parts(ptr, count as usize) }.iter().any(|a| a.type_ == ty)
+}
+
+/// The bytes an application passed, if the pointer is not NULL (an empty slice for a zero length).
+///
+/// # Safety
+/// `ptr` is NULL or valid for `len` bytes.
+pub unsafe fn bytes<'a>(ptr: *const u8, len: CK_ULONG) -> Result<&'a [u8], CK_RV> {
+    match (ptr.is_null(), len) {
+        (_, 0) => Ok(&[]),
+        (true, _) => Err(CKR_ARGUMENTS_BAD),
+        // SAFETY: non-NULL, `len` bytes (the caller's promise).
+        (false, _) => Ok(unsafe { std::slice::from_raw_parts(ptr, len as usize) }),
+    }
 }
 
 /// Copies `text` into a blank-padded, not NUL-terminated PKCS#11 string field.

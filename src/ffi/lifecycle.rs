@@ -72,7 +72,7 @@ fn initialize(app_args: Option<CK_C_INITIALIZE_ARGS>) -> Result<CK_RV, CK_RV> {
     match state.as_ref() {
         Some(s) if s.pid == pid => return Err(CKR_CRYPTOKI_ALREADY_INITIALIZED),
         // A forked child: what the parent set up is not ours. Start afresh (no work was done at fork time).
-        Some(_) => forget_state(&mut state),
+        Some(_) => forget_state(&mut state, true),
         None => {}
     }
     let backend_args = backend_init_args(app_args)?;
@@ -99,6 +99,7 @@ fn initialize(app_args: Option<CK_C_INITIALIZE_ARGS>) -> Result<CK_RV, CK_RV> {
             return Err(rv);
         }
     };
+    crate::vault::start(backend, &config);
     crate::info!("initialized over {} (config {})", backend.path.display(), config.source.display());
     *state = Some(Initialized { pid, owns_backend });
     ACTIVE.store(backend as *const Backend as *mut Backend, Ordering::Release);
@@ -110,8 +111,10 @@ fn setup_failed(error: &crate::error::Error) -> CK_RV {
     error.rv()
 }
 
-fn forget_state(state: &mut Option<Initialized>) {
+/// `forked`: in a child after fork, whose inherited connections and handles are the parent's.
+fn forget_state(state: &mut Option<Initialized>, forked: bool) {
     ACTIVE.store(std::ptr::null_mut(), Ordering::Release);
+    crate::vault::stop(forked);
     sessions::clear();
     objects::clear();
     *state = None;
@@ -135,7 +138,7 @@ pub(crate) unsafe extern "C" fn C_Finalize(p_reserved: *mut c_void) -> CK_RV {
                 return Ok(rv);
             }
         }
-        forget_state(&mut state);
+        forget_state(&mut state, false);
         crate::info!("finalized");
         Ok(CKR_OK)
     })

@@ -5,6 +5,7 @@
 pub mod args;
 pub mod exports;
 pub mod lifecycle;
+pub mod objects;
 pub mod sessions;
 pub mod table;
 

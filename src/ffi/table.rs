@@ -1,8 +1,11 @@
 //! Every PKCS#11 function, in one list. Functions listed under `forward!` go to the backend unchanged (with
 //! object handles translated where marked); the short list of functions written by hand — the map of what
 //! the shim changes — is in `FUNCTION_LIST_2_40` below: C_Initialize, C_Finalize, C_GetInfo,
-//! C_GetFunctionList, C_OpenSession, C_CloseSession, C_CloseAllSessions, C_DestroyObject, C_FindObjects,
-//! and for 3.0 C_GetInterfaceList, C_GetInterface.
+//! C_GetFunctionList, C_OpenSession, C_CloseSession, C_CloseAllSessions, and for 3.0 C_GetInterfaceList,
+//! C_GetInterface; and in `objects`, where stored keys (issue B) and the group attribute are handled:
+//! C_Logout, C_CreateObject, C_CopyObject, C_DestroyObject, C_GetObjectSize, C_GetAttributeValue,
+//! C_SetAttributeValue, C_FindObjectsInit, C_FindObjects, C_FindObjectsFinal, C_GenerateKey,
+//! C_GenerateKeyPair, C_WrapKey, C_UnwrapKey, C_DeriveKey.
 //!
 //! Argument marks: `#[handle(CKR_X)]` an object handle going in (a shim handle is turned into the backend's;
 //! an unknown one fails with CKR_X); `#[out]` a pointer to an object handle coming out (a backend handle in
@@ -12,7 +15,12 @@
 use super::exports::{C_GetFunctionList, C_GetInterface, C_GetInterfaceList};
 use super::guard;
 use super::lifecycle::{active, C_Finalize, C_GetInfo, C_Initialize};
-use super::sessions::{C_CloseAllSessions, C_CloseSession, C_DestroyObject, C_FindObjects, C_OpenSession};
+use super::objects::{
+    C_CopyObject, C_CreateObject, C_DeriveKey, C_DestroyObject, C_FindObjects, C_FindObjectsFinal, C_FindObjectsInit,
+    C_GenerateKey, C_GenerateKeyPair, C_GetAttributeValue, C_GetObjectSize, C_Logout, C_SetAttributeValue, C_UnwrapKey,
+    C_WrapKey,
+};
+use super::sessions::{C_CloseAllSessions, C_CloseSession, C_OpenSession};
 use crate::objects;
 use cryptoki_sys::*;
 use std::ffi::c_void;
@@ -81,17 +89,6 @@ forward! { f;
     C_SetOperationState(s: CK_SESSION_HANDLE, state: *mut CK_BYTE, len: CK_ULONG,
         #[handle(CKR_KEY_HANDLE_INVALID)] enc_key: CK_OBJECT_HANDLE, #[handle(CKR_KEY_HANDLE_INVALID)] auth_key: CK_OBJECT_HANDLE);
     C_Login(s: CK_SESSION_HANDLE, user: CK_USER_TYPE, pin: *mut CK_UTF8CHAR, pin_len: CK_ULONG);
-    C_Logout(s: CK_SESSION_HANDLE);
-    C_CreateObject(s: CK_SESSION_HANDLE, template: *mut CK_ATTRIBUTE, count: CK_ULONG, #[out] object: *mut CK_OBJECT_HANDLE);
-    C_CopyObject(s: CK_SESSION_HANDLE, #[handle(CKR_OBJECT_HANDLE_INVALID)] object: CK_OBJECT_HANDLE,
-        template: *mut CK_ATTRIBUTE, count: CK_ULONG, #[out] new_object: *mut CK_OBJECT_HANDLE);
-    C_GetObjectSize(s: CK_SESSION_HANDLE, #[handle(CKR_OBJECT_HANDLE_INVALID)] object: CK_OBJECT_HANDLE, size: *mut CK_ULONG);
-    C_GetAttributeValue(s: CK_SESSION_HANDLE, #[handle(CKR_OBJECT_HANDLE_INVALID)] object: CK_OBJECT_HANDLE,
-        template: *mut CK_ATTRIBUTE, count: CK_ULONG);
-    C_SetAttributeValue(s: CK_SESSION_HANDLE, #[handle(CKR_OBJECT_HANDLE_INVALID)] object: CK_OBJECT_HANDLE,
-        template: *mut CK_ATTRIBUTE, count: CK_ULONG);
-    C_FindObjectsInit(s: CK_SESSION_HANDLE, template: *mut CK_ATTRIBUTE, count: CK_ULONG);
-    C_FindObjectsFinal(s: CK_SESSION_HANDLE);
     C_EncryptInit(s: CK_SESSION_HANDLE, mechanism: *mut CK_MECHANISM, #[handle(CKR_KEY_HANDLE_INVALID)] key: CK_OBJECT_HANDLE);
     C_Encrypt(s: CK_SESSION_HANDLE, data: *mut CK_BYTE, data_len: CK_ULONG, out: *mut CK_BYTE, out_len: *mut CK_ULONG);
     C_EncryptUpdate(s: CK_SESSION_HANDLE, part: *mut CK_BYTE, part_len: CK_ULONG, out: *mut CK_BYTE, out_len: *mut CK_ULONG);
@@ -121,19 +118,6 @@ forward! { f;
     C_DecryptDigestUpdate(s: CK_SESSION_HANDLE, part: *mut CK_BYTE, part_len: CK_ULONG, out: *mut CK_BYTE, out_len: *mut CK_ULONG);
     C_SignEncryptUpdate(s: CK_SESSION_HANDLE, part: *mut CK_BYTE, part_len: CK_ULONG, out: *mut CK_BYTE, out_len: *mut CK_ULONG);
     C_DecryptVerifyUpdate(s: CK_SESSION_HANDLE, part: *mut CK_BYTE, part_len: CK_ULONG, out: *mut CK_BYTE, out_len: *mut CK_ULONG);
-    C_GenerateKey(s: CK_SESSION_HANDLE, mechanism: *mut CK_MECHANISM, template: *mut CK_ATTRIBUTE, count: CK_ULONG,
-        #[out] key: *mut CK_OBJECT_HANDLE);
-    C_GenerateKeyPair(s: CK_SESSION_HANDLE, mechanism: *mut CK_MECHANISM, public_template: *mut CK_ATTRIBUTE,
-        public_count: CK_ULONG, private_template: *mut CK_ATTRIBUTE, private_count: CK_ULONG,
-        #[out] public_key: *mut CK_OBJECT_HANDLE, #[out] private_key: *mut CK_OBJECT_HANDLE);
-    C_WrapKey(s: CK_SESSION_HANDLE, mechanism: *mut CK_MECHANISM,
-        #[handle(CKR_WRAPPING_KEY_HANDLE_INVALID)] wrapping_key: CK_OBJECT_HANDLE,
-        #[handle(CKR_KEY_HANDLE_INVALID)] key: CK_OBJECT_HANDLE, wrapped: *mut CK_BYTE, wrapped_len: *mut CK_ULONG);
-    C_UnwrapKey(s: CK_SESSION_HANDLE, mechanism: *mut CK_MECHANISM,
-        #[handle(CKR_UNWRAPPING_KEY_HANDLE_INVALID)] unwrapping_key: CK_OBJECT_HANDLE, wrapped: *mut CK_BYTE,
-        wrapped_len: CK_ULONG, template: *mut CK_ATTRIBUTE, count: CK_ULONG, #[out] key: *mut CK_OBJECT_HANDLE);
-    C_DeriveKey(s: CK_SESSION_HANDLE, mechanism: *mut CK_MECHANISM, #[handle(CKR_KEY_HANDLE_INVALID)] base_key: CK_OBJECT_HANDLE,
-        template: *mut CK_ATTRIBUTE, count: CK_ULONG, #[out] key: *mut CK_OBJECT_HANDLE);
     C_SeedRandom(s: CK_SESSION_HANDLE, seed: *mut CK_BYTE, seed_len: CK_ULONG);
     C_GenerateRandom(s: CK_SESSION_HANDLE, out: *mut CK_BYTE, out_len: CK_ULONG);
     C_GetFunctionStatus(s: CK_SESSION_HANDLE);

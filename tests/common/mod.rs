@@ -18,6 +18,8 @@ use cryptoki_sys::{CK_FUNCTION_LIST, CK_RV};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, Once, OnceLock};
 
+pub mod pg;
+
 /// The SO PIN of every token made by [`new_token`].
 pub const SO_PIN: &str = "so-pin-1234";
 /// The user PIN of every token made by [`new_token`].

@@ -1,0 +1,329 @@
+//! Attribute templates as safe values: what the shim reads from an application's template, sends to the
+//! backend, and keeps in a key store row. Values are zeroized on drop (a template may carry a CKA_VALUE).
+
+use cryptoki_sys::*;
+use zeroize::Zeroizing;
+
+/// The vendor attribute holding a stored key's group (include/p11shim.h); never forwarded to the backend.
+/// Its value keeps bit 30 clear: that bit is CKF_ARRAY_ATTRIBUTE, which would make it a template attribute.
+pub const CKA_P11SHIM_GROUP: CK_ATTRIBUTE_TYPE = CKA_VENDOR_DEFINED | 0x0053_4801;
+
+#[derive(Clone, PartialEq, Eq)]
+pub enum Value {
+    Bytes(Zeroizing<Vec<u8>>),
+    /// CKF_ARRAY_ATTRIBUTE types (CKA_WRAP_TEMPLATE, CKA_UNWRAP_TEMPLATE, CKA_DERIVE_TEMPLATE).
+    Array(Vec<Attr>),
+}
+
+#[derive(Clone, PartialEq, Eq)]
+pub struct Attr {
+    pub ty: CK_ATTRIBUTE_TYPE,
+    pub value: Value,
+}
+
+impl std::fmt::Debug for Attr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Values are not printed: a template may hold a secret.
+        write!(f, "Attr({:#x})", self.ty)
+    }
+}
+
+impl Attr {
+    pub fn bytes(ty: CK_ATTRIBUTE_TYPE, value: &[u8]) -> Attr {
+        Attr { ty, value: Value::Bytes(Zeroizing::new(value.to_vec())) }
+    }
+    pub fn bool(ty: CK_ATTRIBUTE_TYPE, value: bool) -> Attr {
+        Attr::bytes(ty, &[value as u8])
+    }
+    pub fn ulong(ty: CK_ATTRIBUTE_TYPE, value: CK_ULONG) -> Attr {
+        Attr::bytes(ty, &value.to_ne_bytes())
+    }
+    pub fn array(ty: CK_ATTRIBUTE_TYPE, attrs: Vec<Attr>) -> Attr {
+        Attr { ty, value: Value::Array(attrs) }
+    }
+    pub fn as_bytes(&self) -> Option<&[u8]> {
+        match &self.value {
+            Value::Bytes(b) => Some(b),
+            Value::Array(_) => None,
+        }
+    }
+    pub fn as_bool(&self) -> Option<bool> {
+        match self.as_bytes()? {
+            [b] => Some(*b != 0),
+            _ => None,
+        }
+    }
+    pub fn as_ulong(&self) -> Option<CK_ULONG> {
+        Some(CK_ULONG::from_ne_bytes(self.as_bytes()?.try_into().ok()?))
+    }
+}
+
+/// Whether an attribute type's value is an array of attributes.
+pub fn is_array_type(ty: CK_ATTRIBUTE_TYPE) -> bool {
+    ty & CKF_ARRAY_ATTRIBUTE != 0
+}
+
+/// A template: attributes in the order given.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Template(pub Vec<Attr>);
+
+impl Template {
+    pub fn get(&self, ty: CK_ATTRIBUTE_TYPE) -> Option<&Attr> {
+        self.0.iter().find(|a| a.ty == ty)
+    }
+    pub fn bytes(&self, ty: CK_ATTRIBUTE_TYPE) -> Option<&[u8]> {
+        self.get(ty)?.as_bytes()
+    }
+    pub fn bool(&self, ty: CK_ATTRIBUTE_TYPE) -> Option<bool> {
+        self.get(ty)?.as_bool()
+    }
+    pub fn ulong(&self, ty: CK_ATTRIBUTE_TYPE) -> Option<CK_ULONG> {
+        self.get(ty)?.as_ulong()
+    }
+    /// Sets `attr`, replacing any attribute of the same type.
+    pub fn set(&mut self, attr: Attr) {
+        self.remove(attr.ty);
+        self.0.push(attr);
+    }
+    pub fn remove(&mut self, ty: CK_ATTRIBUTE_TYPE) -> Option<Attr> {
+        let i = self.0.iter().position(|a| a.ty == ty)?;
+        Some(self.0.remove(i))
+    }
+    /// Whether every attribute of `wanted` is here with the same value (C_FindObjects matching).
+    pub fn matches(&self, wanted: &Template) -> bool {
+        wanted.0.iter().all(|w| self.get(w.ty).is_some_and(|a| a.value == w.value))
+    }
+
+    /// A canonical byte form: sorted by type, each `type u64 | kind u8 | len u32 | value`, arrays nested.
+    /// Used for the rows of the key store and covered by their MAC, so it must never change for version 1.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode_into(&self.0, &mut out);
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Option<Template> {
+        let mut pos = 0;
+        let attrs = decode_from(bytes, &mut pos, bytes.len())?;
+        (pos == bytes.len()).then_some(Template(attrs))
+    }
+}
+
+fn encode_into(attrs: &[Attr], out: &mut Vec<u8>) {
+    let mut sorted: Vec<&Attr> = attrs.iter().collect();
+    sorted.sort_by_key(|a| a.ty);
+    for a in sorted {
+        out.extend_from_slice(&a.ty.to_be_bytes());
+        match &a.value {
+            Value::Bytes(b) => {
+                out.push(0);
+                out.extend_from_slice(&(b.len() as u32).to_be_bytes());
+                out.extend_from_slice(b);
+            }
+            Value::Array(inner) => {
+                let mut nested = Vec::new();
+                encode_into(inner, &mut nested);
+                out.push(1);
+                out.extend_from_slice(&(nested.len() as u32).to_be_bytes());
+                out.extend_from_slice(&nested);
+            }
+        }
+    }
+}
+
+fn decode_from(bytes: &[u8], pos: &mut usize, end: usize) -> Option<Vec<Attr>> {
+    let mut attrs = Vec::new();
+    while *pos < end {
+        let take = |pos: &mut usize, n: usize| -> Option<&[u8]> {
+            let s = bytes.get(*pos..(*pos).checked_add(n)?)?;
+            *pos += n;
+            Some(s)
+        };
+        let ty = u64::from_be_bytes(take(pos, 8)?.try_into().ok()?) as CK_ATTRIBUTE_TYPE;
+        let kind = take(pos, 1)?[0];
+        let len = u32::from_be_bytes(take(pos, 4)?.try_into().ok()?) as usize;
+        let inner_end = pos.checked_add(len).filter(|e| *e <= end)?;
+        let value = match kind {
+            0 => Value::Bytes(Zeroizing::new(take(pos, len)?.to_vec())),
+            1 => Value::Array(decode_from(bytes, pos, inner_end)?),
+            _ => return None,
+        };
+        if *pos != inner_end {
+            return None;
+        }
+        attrs.push(Attr { ty, value });
+    }
+    Some(attrs)
+}
+
+/// The attributes of an object that are read back after creation and kept in its row (what the application
+/// can read without touching the key). Secret values (CKA_VALUE of secret keys, private key components) are
+/// never in this list for secret and private keys; see `public_values`.
+pub const KEPT: &[CK_ATTRIBUTE_TYPE] = &[
+    CKA_CLASS,
+    CKA_PRIVATE,
+    CKA_MODIFIABLE,
+    CKA_LABEL,
+    CKA_COPYABLE,
+    CKA_DESTROYABLE,
+    CKA_KEY_TYPE,
+    CKA_ID,
+    CKA_START_DATE,
+    CKA_END_DATE,
+    CKA_DERIVE,
+    CKA_LOCAL,
+    CKA_KEY_GEN_MECHANISM,
+    CKA_SUBJECT,
+    CKA_ENCRYPT,
+    CKA_VERIFY,
+    CKA_VERIFY_RECOVER,
+    CKA_WRAP,
+    CKA_TRUSTED,
+    CKA_DECRYPT,
+    CKA_SIGN,
+    CKA_SIGN_RECOVER,
+    CKA_UNWRAP,
+    CKA_SENSITIVE,
+    CKA_EXTRACTABLE,
+    CKA_ALWAYS_SENSITIVE,
+    CKA_NEVER_EXTRACTABLE,
+    CKA_WRAP_WITH_TRUSTED,
+    CKA_ALWAYS_AUTHENTICATE,
+    CKA_VALUE_LEN,
+    CKA_CHECK_VALUE,
+    CKA_MODULUS,
+    CKA_MODULUS_BITS,
+    CKA_PUBLIC_EXPONENT,
+    CKA_EC_PARAMS,
+    CKA_EC_POINT,
+    CKA_APPLICATION,
+    CKA_OBJECT_ID,
+    CKA_CERTIFICATE_TYPE,
+    CKA_ISSUER,
+    CKA_SERIAL_NUMBER,
+    CKA_CERTIFICATE_CATEGORY,
+    CKA_URL,
+    CKA_HASH_OF_SUBJECT_PUBLIC_KEY,
+    CKA_HASH_OF_ISSUER_PUBLIC_KEY,
+];
+
+/// Attributes that are public on public objects (public keys, certificates, data) and kept in the row for
+/// them, but secret on secret and private keys and never kept there.
+pub const PUBLIC_VALUES: &[CK_ATTRIBUTE_TYPE] = &[CKA_VALUE];
+
+/// Secret components: never stored, never answered from a row.
+pub const SECRET_PARTS: &[CK_ATTRIBUTE_TYPE] = &[
+    CKA_VALUE,
+    CKA_PRIVATE_EXPONENT,
+    CKA_PRIME_1,
+    CKA_PRIME_2,
+    CKA_EXPONENT_1,
+    CKA_EXPONENT_2,
+    CKA_COEFFICIENT,
+    CKA_PRIME,
+    CKA_SUBPRIME,
+    CKA_BASE,
+];
+
+/// Whether objects of this class hold a secret that is kept wrapped under the MBK.
+pub fn has_secret(class: CK_OBJECT_CLASS) -> bool {
+    matches!(class, CKO_SECRET_KEY | CKO_PRIVATE_KEY)
+}
+
+/// Attributes the application may change with C_SetAttributeValue on a stored key (PKCS#11 2.40 §4.4
+/// table 15 and the key tables), besides the special one-way ones handled by the vault.
+pub const MODIFIABLE: &[CK_ATTRIBUTE_TYPE] = &[
+    CKA_LABEL,
+    CKA_ID,
+    CKA_START_DATE,
+    CKA_END_DATE,
+    CKA_SUBJECT,
+    CKA_DERIVE,
+    CKA_ENCRYPT,
+    CKA_DECRYPT,
+    CKA_SIGN,
+    CKA_VERIFY,
+    CKA_SIGN_RECOVER,
+    CKA_VERIFY_RECOVER,
+    CKA_WRAP,
+    CKA_UNWRAP,
+    CKA_APPLICATION,
+];
+
+/// Attributes that can be given when the shim recreates an object in the HSM from its row (C_CreateObject
+/// for public objects, C_UnwrapKey for secrets): the rest (CKA_LOCAL, CKA_KEY_GEN_MECHANISM, …) are the
+/// HSM's to set, and are answered from the row.
+pub const SETTABLE: &[CK_ATTRIBUTE_TYPE] = &[
+    CKA_CLASS,
+    CKA_KEY_TYPE,
+    CKA_PRIVATE,
+    CKA_LABEL,
+    CKA_ID,
+    CKA_START_DATE,
+    CKA_END_DATE,
+    CKA_DERIVE,
+    CKA_SUBJECT,
+    CKA_ENCRYPT,
+    CKA_VERIFY,
+    CKA_VERIFY_RECOVER,
+    CKA_WRAP,
+    CKA_DECRYPT,
+    CKA_SIGN,
+    CKA_SIGN_RECOVER,
+    CKA_UNWRAP,
+    CKA_SENSITIVE,
+    CKA_MODULUS,
+    CKA_PUBLIC_EXPONENT,
+    CKA_EC_PARAMS,
+    CKA_EC_POINT,
+    CKA_VALUE,
+    CKA_APPLICATION,
+    CKA_OBJECT_ID,
+    CKA_CERTIFICATE_TYPE,
+    CKA_ISSUER,
+    CKA_SERIAL_NUMBER,
+    CKA_CERTIFICATE_CATEGORY,
+    CKA_URL,
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encoding_is_canonical_and_round_trips() {
+        let a = Template(vec![
+            Attr::bytes(CKA_LABEL, b"k1"),
+            Attr::bool(CKA_SIGN, true),
+            Attr::array(CKA_UNWRAP_TEMPLATE, vec![Attr::bool(CKA_WRAP_WITH_TRUSTED, true)]),
+        ]);
+        let mut b = a.clone();
+        b.0.reverse();
+        assert_eq!(a.encode(), b.encode());
+        let back = Template::decode(&a.encode()).unwrap();
+        assert!(back.matches(&a) && a.matches(&back));
+    }
+
+    #[test]
+    fn truncated_or_padded_encodings_are_refused() {
+        let bytes = Template(vec![Attr::bytes(CKA_LABEL, b"abc")]).encode();
+        assert!(Template::decode(&bytes[..bytes.len() - 1]).is_none());
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(Template::decode(&longer).is_none());
+    }
+
+    #[test]
+    fn the_group_attribute_is_a_plain_vendor_attribute() {
+        const { assert!(CKA_P11SHIM_GROUP >= CKA_VENDOR_DEFINED) };
+        assert!(!is_array_type(CKA_P11SHIM_GROUP));
+    }
+
+    #[test]
+    fn matching_compares_values() {
+        let t = Template(vec![Attr::bytes(CKA_LABEL, b"x"), Attr::ulong(CKA_CLASS, CKO_SECRET_KEY)]);
+        assert!(t.matches(&Template(vec![Attr::ulong(CKA_CLASS, CKO_SECRET_KEY)])));
+        assert!(!t.matches(&Template(vec![Attr::bytes(CKA_LABEL, b"y")])));
+        assert!(!t.matches(&Template(vec![Attr::bytes(CKA_ID, b"x")])));
+    }
+}

@@ -1,0 +1,458 @@
+//! The calls the shim makes into the backend for itself (stored keys, the MBK, the CLI), with safe types.
+//! Like `backend`, this is a boundary: the raw pointers built here live only for the duration of a call.
+
+use crate::attrs::{Attr, Template, Value};
+use crate::backend::Backend;
+use crate::error::{rv_ok, Error, Result};
+use cryptoki_sys::*;
+use std::ffi::c_void;
+use zeroize::Zeroizing;
+
+/// A mechanism the application passed (its pointer goes to the backend unchanged). Only `ffi` makes one.
+#[derive(Clone, Copy)]
+pub struct AppMechanism(*mut CK_MECHANISM);
+
+impl AppMechanism {
+    /// # Safety
+    /// `ptr` is what the application passed to the current call; it stays valid while that call runs.
+    pub unsafe fn new(ptr: *mut CK_MECHANISM) -> AppMechanism {
+        AppMechanism(ptr)
+    }
+    /// The mechanism type, if the pointer is not NULL.
+    pub fn kind(&self) -> Option<CK_MECHANISM_TYPE> {
+        // SAFETY: NULL or the application's valid mechanism (see `new`).
+        unsafe { self.0.as_ref() }.map(|m| m.mechanism)
+    }
+}
+
+/// A mechanism the shim chooses; parameters by value.
+pub struct Mechanism {
+    pub kind: CK_MECHANISM_TYPE,
+    pub param: Vec<u8>,
+}
+
+impl Mechanism {
+    pub fn plain(kind: CK_MECHANISM_TYPE) -> Mechanism {
+        Mechanism { kind, param: Vec::new() }
+    }
+    fn raw(&self) -> CK_MECHANISM {
+        CK_MECHANISM {
+            mechanism: self.kind,
+            pParameter: if self.param.is_empty() { std::ptr::null_mut() } else { self.param.as_ptr() as *mut c_void },
+            ulParameterLen: self.param.len() as CK_ULONG,
+        }
+    }
+}
+
+/// A template laid out as CK_ATTRIBUTEs pointing into `Template` (which must outlive it).
+struct Raw {
+    attrs: Vec<CK_ATTRIBUTE>,
+    _nested: Vec<Raw>,
+}
+
+impl Raw {
+    fn new(template: &Template) -> Raw {
+        Raw::of(&template.0)
+    }
+    fn of(list: &[Attr]) -> Raw {
+        let mut nested = Vec::new();
+        let mut attrs = Vec::with_capacity(list.len());
+        for a in list {
+            let (ptr, len) = match &a.value {
+                Value::Bytes(b) => (b.as_ptr() as *mut c_void, b.len()),
+                Value::Array(inner) => {
+                    let raw = Raw::of(inner);
+                    let p = raw.attrs.as_ptr() as *mut c_void;
+                    let len = raw.attrs.len() * std::mem::size_of::<CK_ATTRIBUTE>();
+                    nested.push(raw);
+                    (p, len)
+                }
+            };
+            attrs.push(CK_ATTRIBUTE {
+                type_: a.ty,
+                pValue: if len == 0 { std::ptr::null_mut() } else { ptr },
+                ulValueLen: len as CK_ULONG,
+            });
+        }
+        Raw { attrs, _nested: nested }
+    }
+    fn ptr(&mut self) -> (*mut CK_ATTRIBUTE, CK_ULONG) {
+        (
+            if self.attrs.is_empty() { std::ptr::null_mut() } else { self.attrs.as_mut_ptr() },
+            self.attrs.len() as CK_ULONG,
+        )
+    }
+}
+
+fn func<T>(f: Option<T>) -> Result<T> {
+    f.ok_or(Error::Rv(CKR_FUNCTION_NOT_SUPPORTED))
+}
+
+impl Backend {
+    pub fn slot_list(&self, token_present: bool) -> Result<Vec<CK_SLOT_ID>> {
+        let f = func(self.f.C_GetSlotList)?;
+        loop {
+            let mut count: CK_ULONG = 0;
+            // SAFETY: NULL list asks for the count.
+            rv_ok(unsafe { f(token_present as CK_BBOOL, std::ptr::null_mut(), &mut count) })?;
+            let mut slots = vec![0; count as usize];
+            // SAFETY: room for `count` slots.
+            match unsafe { f(token_present as CK_BBOOL, slots.as_mut_ptr(), &mut count) } {
+                CKR_OK => {
+                    slots.truncate(count as usize);
+                    return Ok(slots);
+                }
+                CKR_BUFFER_TOO_SMALL => continue,
+                rv => return Err(Error::Rv(rv)),
+            }
+        }
+    }
+
+    pub fn token_info(&self, slot: CK_SLOT_ID) -> Result<CK_TOKEN_INFO> {
+        let f = func(self.f.C_GetTokenInfo)?;
+        // SAFETY: plain data.
+        let mut info: CK_TOKEN_INFO = unsafe { std::mem::zeroed() };
+        // SAFETY: valid out pointer.
+        rv_ok(unsafe { f(slot, &mut info) })?;
+        Ok(info)
+    }
+
+    /// The slot holding the token with this label.
+    pub fn find_token(&self, label: &str) -> Result<Option<CK_SLOT_ID>> {
+        for slot in self.slot_list(true)? {
+            if let Ok(info) = self.token_info(slot) {
+                if info.flags & CKF_TOKEN_INITIALIZED != 0 && padded_text(&info.label) == label {
+                    return Ok(Some(slot));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    pub fn mechanisms(&self, slot: CK_SLOT_ID) -> Result<Vec<CK_MECHANISM_TYPE>> {
+        let f = func(self.f.C_GetMechanismList)?;
+        let mut count: CK_ULONG = 0;
+        // SAFETY: NULL list asks for the count.
+        rv_ok(unsafe { f(slot, std::ptr::null_mut(), &mut count) })?;
+        let mut list = vec![0; count as usize];
+        // SAFETY: room for `count` entries.
+        rv_ok(unsafe { f(slot, list.as_mut_ptr(), &mut count) })?;
+        list.truncate(count as usize);
+        Ok(list)
+    }
+
+    pub fn session_info(&self, session: CK_SESSION_HANDLE) -> Result<CK_SESSION_INFO> {
+        let f = func(self.f.C_GetSessionInfo)?;
+        // SAFETY: plain data.
+        let mut info: CK_SESSION_INFO = unsafe { std::mem::zeroed() };
+        // SAFETY: valid out pointer.
+        rv_ok(unsafe { f(session, &mut info) })?;
+        Ok(info)
+    }
+
+    pub fn login(&self, session: CK_SESSION_HANDLE, user: CK_USER_TYPE, pin: &[u8]) -> Result<()> {
+        let f = func(self.f.C_Login)?;
+        // SAFETY: the PIN is only read during the call.
+        rv_ok(unsafe { f(session, user, pin.as_ptr() as *mut u8, pin.len() as CK_ULONG) })
+    }
+
+    pub fn logout(&self, session: CK_SESSION_HANDLE) -> Result<()> {
+        // SAFETY: no pointers.
+        rv_ok(unsafe { func(self.f.C_Logout)?(session) })
+    }
+
+    pub fn generate_key(
+        &self,
+        session: CK_SESSION_HANDLE,
+        mech: &Mechanism,
+        template: &Template,
+    ) -> Result<CK_OBJECT_HANDLE> {
+        let f = func(self.f.C_GenerateKey)?;
+        let mut m = mech.raw();
+        let mut raw = Raw::new(template);
+        let (p, n) = raw.ptr();
+        let mut handle = 0;
+        // SAFETY: mechanism and template point into values alive for the call.
+        rv_ok(unsafe { f(session, &mut m, p, n, &mut handle) })?;
+        Ok(handle)
+    }
+
+    /// C_GenerateKey with the application's mechanism.
+    pub fn generate_key_app(
+        &self,
+        session: CK_SESSION_HANDLE,
+        mech: AppMechanism,
+        template: &Template,
+    ) -> Result<CK_OBJECT_HANDLE> {
+        let f = func(self.f.C_GenerateKey)?;
+        let mut raw = Raw::new(template);
+        let (p, n) = raw.ptr();
+        let mut handle = 0;
+        // SAFETY: the application's mechanism pointer is valid for this call (AppMechanism::new).
+        rv_ok(unsafe { f(session, mech.0, p, n, &mut handle) })?;
+        Ok(handle)
+    }
+
+    pub fn generate_key_pair_app(
+        &self,
+        session: CK_SESSION_HANDLE,
+        mech: AppMechanism,
+        public: &Template,
+        private: &Template,
+    ) -> Result<(CK_OBJECT_HANDLE, CK_OBJECT_HANDLE)> {
+        let f = func(self.f.C_GenerateKeyPair)?;
+        let (mut rp, mut rq) = (Raw::new(public), Raw::new(private));
+        let ((pp, pn), (qp, qn)) = (rp.ptr(), rq.ptr());
+        let (mut hp, mut hq) = (0, 0);
+        // SAFETY: as in generate_key_app.
+        rv_ok(unsafe { f(session, mech.0, pp, pn, qp, qn, &mut hp, &mut hq) })?;
+        Ok((hp, hq))
+    }
+
+    pub fn unwrap_key_app(
+        &self,
+        session: CK_SESSION_HANDLE,
+        mech: AppMechanism,
+        unwrapping: CK_OBJECT_HANDLE,
+        wrapped: &[u8],
+        template: &Template,
+    ) -> Result<CK_OBJECT_HANDLE> {
+        let f = func(self.f.C_UnwrapKey)?;
+        let mut raw = Raw::new(template);
+        let (p, n) = raw.ptr();
+        let mut handle = 0;
+        // SAFETY: as in generate_key_app; the wrapped bytes are only read.
+        rv_ok(unsafe {
+            f(session, mech.0, unwrapping, wrapped.as_ptr() as *mut u8, wrapped.len() as CK_ULONG, p, n, &mut handle)
+        })?;
+        Ok(handle)
+    }
+
+    pub fn derive_key_app(
+        &self,
+        session: CK_SESSION_HANDLE,
+        mech: AppMechanism,
+        base: CK_OBJECT_HANDLE,
+        template: &Template,
+    ) -> Result<CK_OBJECT_HANDLE> {
+        let f = func(self.f.C_DeriveKey)?;
+        let mut raw = Raw::new(template);
+        let (p, n) = raw.ptr();
+        let mut handle = 0;
+        // SAFETY: as in generate_key_app.
+        rv_ok(unsafe { f(session, mech.0, base, p, n, &mut handle) })?;
+        Ok(handle)
+    }
+
+    pub fn create_object(&self, session: CK_SESSION_HANDLE, template: &Template) -> Result<CK_OBJECT_HANDLE> {
+        let f = func(self.f.C_CreateObject)?;
+        let mut raw = Raw::new(template);
+        let (p, n) = raw.ptr();
+        let mut handle = 0;
+        // SAFETY: the template points into `template`, alive for the call.
+        rv_ok(unsafe { f(session, p, n, &mut handle) })?;
+        Ok(handle)
+    }
+
+    pub fn copy_object(
+        &self,
+        session: CK_SESSION_HANDLE,
+        object: CK_OBJECT_HANDLE,
+        template: &Template,
+    ) -> Result<CK_OBJECT_HANDLE> {
+        let f = func(self.f.C_CopyObject)?;
+        let mut raw = Raw::new(template);
+        let (p, n) = raw.ptr();
+        let mut handle = 0;
+        // SAFETY: as in create_object.
+        rv_ok(unsafe { f(session, object, p, n, &mut handle) })?;
+        Ok(handle)
+    }
+
+    pub fn destroy_object(&self, session: CK_SESSION_HANDLE, object: CK_OBJECT_HANDLE) -> Result<()> {
+        // SAFETY: no pointers.
+        rv_ok(unsafe { func(self.f.C_DestroyObject)?(session, object) })
+    }
+
+    pub fn set_attributes(
+        &self,
+        session: CK_SESSION_HANDLE,
+        object: CK_OBJECT_HANDLE,
+        template: &Template,
+    ) -> Result<()> {
+        let f = func(self.f.C_SetAttributeValue)?;
+        let mut raw = Raw::new(template);
+        let (p, n) = raw.ptr();
+        // SAFETY: as in create_object.
+        rv_ok(unsafe { f(session, object, p, n) })
+    }
+
+    /// The values of `types` on `object`; an attribute the object lacks or hides is left out.
+    pub fn attributes(
+        &self,
+        session: CK_SESSION_HANDLE,
+        object: CK_OBJECT_HANDLE,
+        types: &[CK_ATTRIBUTE_TYPE],
+    ) -> Result<Template> {
+        let f = func(self.f.C_GetAttributeValue)?;
+        let mut query: Vec<CK_ATTRIBUTE> =
+            types.iter().map(|&t| CK_ATTRIBUTE { type_: t, pValue: std::ptr::null_mut(), ulValueLen: 0 }).collect();
+        // SAFETY: NULL values ask for the lengths.
+        let rv = unsafe { f(session, object, query.as_mut_ptr(), query.len() as CK_ULONG) };
+        if !matches!(rv, CKR_OK | CKR_ATTRIBUTE_SENSITIVE | CKR_ATTRIBUTE_TYPE_INVALID) {
+            return Err(Error::Rv(rv));
+        }
+        let wanted: Vec<(CK_ATTRIBUTE_TYPE, usize)> = query
+            .iter()
+            .filter(|a| a.ulValueLen != CK_UNAVAILABLE_INFORMATION && !crate::attrs::is_array_type(a.type_))
+            .map(|a| (a.type_, a.ulValueLen as usize))
+            .collect();
+        let mut buffers: Vec<Zeroizing<Vec<u8>>> = wanted.iter().map(|(_, n)| Zeroizing::new(vec![0u8; *n])).collect();
+        let mut fetch: Vec<CK_ATTRIBUTE> = wanted
+            .iter()
+            .zip(buffers.iter_mut())
+            .map(|((t, n), b)| CK_ATTRIBUTE {
+                type_: *t,
+                pValue: if *n == 0 { std::ptr::null_mut() } else { b.as_mut_ptr() as *mut c_void },
+                ulValueLen: *n as CK_ULONG,
+            })
+            .collect();
+        if !fetch.is_empty() {
+            // SAFETY: each value points to a buffer of the length announced.
+            let rv = unsafe { f(session, object, fetch.as_mut_ptr(), fetch.len() as CK_ULONG) };
+            if rv != CKR_OK {
+                return Err(Error::Rv(rv));
+            }
+        }
+        Ok(Template(
+            fetch
+                .iter()
+                .zip(buffers)
+                .map(|(a, mut b)| {
+                    b.truncate(a.ulValueLen as usize);
+                    Attr { ty: a.type_, value: Value::Bytes(b) }
+                })
+                .collect(),
+        ))
+    }
+
+    pub fn find(&self, session: CK_SESSION_HANDLE, template: &Template) -> Result<Vec<CK_OBJECT_HANDLE>> {
+        let (init, next, fin) =
+            (func(self.f.C_FindObjectsInit)?, func(self.f.C_FindObjects)?, func(self.f.C_FindObjectsFinal)?);
+        let mut raw = Raw::new(template);
+        let (p, n) = raw.ptr();
+        // SAFETY: as in create_object.
+        rv_ok(unsafe { init(session, p, n) })?;
+        let mut found = Vec::new();
+        let result = loop {
+            let mut batch = [0 as CK_OBJECT_HANDLE; 64];
+            let mut count: CK_ULONG = 0;
+            // SAFETY: room for 64 handles.
+            match unsafe { next(session, batch.as_mut_ptr(), batch.len() as CK_ULONG, &mut count) } {
+                CKR_OK if count == 0 => break Ok(()),
+                CKR_OK => found.extend_from_slice(&batch[..(count as usize).min(batch.len())]),
+                rv => break Err(Error::Rv(rv)),
+            }
+        };
+        // SAFETY: no pointers.
+        let _ = unsafe { fin(session) };
+        result.map(|_| found)
+    }
+
+    /// C_FindObjectsInit with a template of the shim's making (the application's, less the shim's own
+    /// attributes); the application then drives the find.
+    pub fn find_init(&self, session: CK_SESSION_HANDLE, template: &Template) -> CK_RV {
+        let Some(init) = self.f.C_FindObjectsInit else { return CKR_FUNCTION_NOT_SUPPORTED };
+        let mut raw = Raw::new(template);
+        let (p, n) = raw.ptr();
+        // SAFETY: as in create_object.
+        unsafe { init(session, p, n) }
+    }
+
+    pub fn wrap_key(
+        &self,
+        session: CK_SESSION_HANDLE,
+        mech: &Mechanism,
+        wrapping: CK_OBJECT_HANDLE,
+        key: CK_OBJECT_HANDLE,
+    ) -> Result<Vec<u8>> {
+        let f = func(self.f.C_WrapKey)?;
+        let mut m = mech.raw();
+        let mut len: CK_ULONG = 0;
+        // SAFETY: NULL output asks for the length.
+        rv_ok(unsafe { f(session, &mut m, wrapping, key, std::ptr::null_mut(), &mut len) })?;
+        let mut out = vec![0u8; len as usize];
+        // SAFETY: room for `len` bytes.
+        rv_ok(unsafe { f(session, &mut m, wrapping, key, out.as_mut_ptr(), &mut len) })?;
+        out.truncate(len as usize);
+        Ok(out)
+    }
+
+    pub fn unwrap_key(
+        &self,
+        session: CK_SESSION_HANDLE,
+        mech: &Mechanism,
+        unwrapping: CK_OBJECT_HANDLE,
+        wrapped: &[u8],
+        template: &Template,
+    ) -> Result<CK_OBJECT_HANDLE> {
+        let f = func(self.f.C_UnwrapKey)?;
+        let mut m = mech.raw();
+        let mut raw = Raw::new(template);
+        let (p, n) = raw.ptr();
+        let mut handle = 0;
+        // SAFETY: every pointer refers to a value alive for the call; the wrapped bytes are only read.
+        rv_ok(unsafe {
+            f(session, &mut m, unwrapping, wrapped.as_ptr() as *mut u8, wrapped.len() as CK_ULONG, p, n, &mut handle)
+        })?;
+        Ok(handle)
+    }
+
+    pub fn sign(
+        &self,
+        session: CK_SESSION_HANDLE,
+        mech: &Mechanism,
+        key: CK_OBJECT_HANDLE,
+        data: &[u8],
+    ) -> Result<Vec<u8>> {
+        let (init, sign) = (func(self.f.C_SignInit)?, func(self.f.C_Sign)?);
+        let mut m = mech.raw();
+        // SAFETY: the mechanism lives for the call.
+        rv_ok(unsafe { init(session, &mut m, key) })?;
+        let mut out = vec![0u8; 512];
+        let mut len = out.len() as CK_ULONG;
+        // SAFETY: room for `len` bytes; the data is only read.
+        rv_ok(unsafe { sign(session, data.as_ptr() as *mut u8, data.len() as CK_ULONG, out.as_mut_ptr(), &mut len) })?;
+        out.truncate(len as usize);
+        Ok(out)
+    }
+
+    pub fn verify(
+        &self,
+        session: CK_SESSION_HANDLE,
+        mech: &Mechanism,
+        key: CK_OBJECT_HANDLE,
+        data: &[u8],
+        signature: &[u8],
+    ) -> Result<()> {
+        let (init, verify) = (func(self.f.C_VerifyInit)?, func(self.f.C_Verify)?);
+        let mut m = mech.raw();
+        // SAFETY: the mechanism lives for the call.
+        rv_ok(unsafe { init(session, &mut m, key) })?;
+        // SAFETY: both buffers are only read.
+        rv_ok(unsafe {
+            verify(
+                session,
+                data.as_ptr() as *mut u8,
+                data.len() as CK_ULONG,
+                signature.as_ptr() as *mut u8,
+                signature.len() as CK_ULONG,
+            )
+        })
+    }
+}
+
+/// A blank-padded PKCS#11 string field as text.
+pub fn padded_text(field: &[CK_UTF8CHAR]) -> String {
+    String::from_utf8_lossy(field).trim_end_matches([' ', '\0']).to_string()
+}

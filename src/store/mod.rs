@@ -1,0 +1,223 @@
+//! The key store: rows of MBK-wrapped keys in an RDBMS. SQLite (embedded, the default) and PostgreSQL (shared
+//! between hosts) behind one trait. The store knows nothing about PKCS#11 handles or the HSM: a row is bytes
+//! and numbers; the vault (src/vault) gives them meaning and checks their MAC.
+
+use std::fmt;
+
+pub mod postgres;
+pub mod sqlite;
+
+/// One stored key (or public key) as kept in a row.
+#[derive(Clone, PartialEq, Eq)]
+pub struct KeyRow {
+    /// 32 lowercase hex digits (128 random bits), chosen by the vault; primary key.
+    pub id: String,
+    /// Label of the backend token the key belongs to (a database slot).
+    pub token: String,
+    /// The key's group (CKA_P11SHIM_GROUP).
+    pub group: String,
+    /// CKA_CLASS, CKA_KEY_TYPE, CKA_LABEL, CKA_ID: copied out of `attrs` so that finds can use an index.
+    pub class: u64,
+    pub key_type: u64,
+    pub label: Vec<u8>,
+    pub ckid: Vec<u8>,
+    /// The non-sensitive attributes, serialized by the vault (opaque here).
+    pub attrs: Vec<u8>,
+    /// The secret part wrapped under the MBK; empty for public keys.
+    pub wrapped: Vec<u8>,
+    /// The PKCS#11 mechanism that wrapped it (CKM_AES_KEY_WRAP_PAD 0x210A or CKM_AES_KEY_WRAP_KWP 0x210B).
+    pub wrap_mech: u64,
+    /// Fingerprint of the MBK that wrapped it.
+    pub mbk: String,
+    /// MAC computed inside the HSM over all fields above (the vault defines the exact bytes).
+    pub mac: Vec<u8>,
+    /// Bumped by every update; lets `update` refuse a lost update.
+    pub version: i64,
+}
+
+impl fmt::Debug for KeyRow {
+    // Never print the wrapped blob or the MAC in full: logs stay short, and a blob is nobody's business.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyRow")
+            .field("id", &self.id)
+            .field("token", &self.token)
+            .field("group", &self.group)
+            .field("class", &self.class)
+            .field("label", &String::from_utf8_lossy(&self.label))
+            .field("version", &self.version)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a find asks for: every `Some` field must match exactly; `token` always.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyQuery {
+    pub token: String,
+    pub group: Option<String>,
+    pub class: Option<u64>,
+    pub key_type: Option<u64>,
+    pub label: Option<Vec<u8>>,
+    pub ckid: Option<Vec<u8>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database cannot be reached or answered with an I/O-level failure (maps to CKR_DEVICE_ERROR).
+    /// The message names the store (url without password) and the cause.
+    #[error("key store {store} unavailable: {cause}")]
+    Unavailable { store: String, cause: String },
+    /// A row with this id already exists.
+    #[error("key store {store}: a key with id {id} already exists")]
+    Duplicate { store: String, id: String },
+    /// The schema is newer than this build knows, or the database content is not ours.
+    #[error("key store {store}: {cause}")]
+    Schema { store: String, cause: String },
+    /// The configured URL cannot be used.
+    #[error("key store url {url:?}: {cause}")]
+    Url { url: String, cause: String },
+}
+
+pub type StoreResult<T> = std::result::Result<T, StoreError>;
+
+/// A key store. Implementations are shared between threads; no method holds a lock while another method of
+/// the same store waits on the database for longer than one statement. Every method is one transaction.
+pub trait KeyStore: Send + Sync {
+    /// A printable name: "sqlite:/path/keys.db" or the PostgreSQL url with any password removed.
+    fn describe(&self) -> String;
+    /// Inserts a new row (its `version` is stored as given, normally 1). Duplicate id → `Duplicate`.
+    fn insert(&self, row: &KeyRow) -> StoreResult<()>;
+    /// The row with this id, if any.
+    fn get(&self, id: &str) -> StoreResult<Option<KeyRow>>;
+    /// Every row matching `query`, ordered by id. Uses indexes: a find by label among 100k rows is ≤ 1 ms.
+    fn find(&self, query: &KeyQuery) -> StoreResult<Vec<KeyRow>>;
+    /// Replaces the row `row.id` if its stored version is `row.version - 1`; false if the row is gone or
+    /// was changed meanwhile (nothing written then).
+    fn update(&self, row: &KeyRow) -> StoreResult<bool>;
+    /// Deletes the row; false if it was not there.
+    fn delete(&self, id: &str) -> StoreResult<bool>;
+    /// A number that changes whenever any process or host commits a change to the keys table (insert,
+    /// update, delete). Cheap (no round trip for SQLite: PRAGMA data_version on a pooled connection
+    /// combined with a per-store in-process counter, ~1 µs; for PostgreSQL: a counter bumped by
+    /// LISTEN/NOTIFY on a background connection, falling back to "changed every time" while that
+    /// connection is down). It may also change without a commit (a new pooled connection, a reconnect):
+    /// equal values mean "nothing changed", different ones only "re-validate". For PostgreSQL another
+    /// host's commit shows up with the notification's latency (normally well under a millisecond).
+    fn generation(&self) -> StoreResult<u64>;
+    /// Whether a row with this id exists (a primary-key lookup).
+    fn exists(&self, id: &str) -> StoreResult<bool>;
+}
+
+/// Opens the store named by `url`: `sqlite:PATH` (relative paths are taken as given; the caller resolves
+/// them against the config file) or `postgres://…` / `postgresql://…`. Creates the schema or migrates it
+/// to the current version (versioned migrations; safe when several processes open the store at once).
+pub fn open(url: &str) -> StoreResult<Box<dyn KeyStore>> {
+    if let Some(path) = url.strip_prefix("sqlite:") {
+        Ok(Box::new(sqlite::SqliteStore::open(std::path::Path::new(path))?))
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Box::new(postgres::PostgresStore::open(url)?))
+    } else {
+        Err(StoreError::Url { url: redact(url), cause: "use sqlite:PATH or postgres://USER@HOST:PORT/DB".into() })
+    }
+}
+
+/// `url` with any password replaced by `***`, for messages and logs.
+pub fn redact(url: &str) -> String {
+    let url = redact_password_param(url);
+    if let Some((scheme, rest)) = url.split_once("://") {
+        // The first '@' ends the credentials, as in the postgres crate's own URL parser: whatever it would take
+        // as the password is what must be hidden, even if the password itself contains '/' or '?'.
+        if let Some((userinfo, host)) = rest.split_once('@') {
+            if let Some((user, _)) = userinfo.split_once(':') {
+                return format!("{scheme}://{user}:***@{host}");
+            }
+        }
+    }
+    url
+}
+
+/// libpq-style URLs may also carry the password as a query parameter (`?password=…`).
+fn redact_password_param(url: &str) -> String {
+    let Some((head, query)) = url.split_once('?') else {
+        return url.to_string();
+    };
+    let params: Vec<String> = query
+        .split('&')
+        .map(|param| match param.split_once('=') {
+            Some((key, _)) if key.eq_ignore_ascii_case("password") => format!("{key}=***"),
+            _ => param.to_string(),
+        })
+        .collect();
+    format!("{head}?{}", params.join("&"))
+}
+
+/// The schema version this build creates and understands. Each engine keeps one migration per version;
+/// later versions (users, audit) append theirs.
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// The columns of `keys` in the order both engines read and write them.
+const COLUMNS: &str = "id, token, grp, class, key_type, label, ckid, attrs, wrapped, wrap_mech, mbk, mac, version";
+
+/// PKCS#11 numbers are CK_ULONG (u64 here) but both engines store signed 64-bit integers: keep the bit
+/// pattern so that vendor values above i64::MAX round-trip and still compare equal in a WHERE clause.
+fn to_db(n: u64) -> i64 {
+    n as i64
+}
+
+fn from_db(n: i64) -> u64 {
+    n as u64
+}
+
+/// One value bound to a find's WHERE clause.
+enum Param<'a> {
+    Text(&'a str),
+    Int(i64),
+    Blob(&'a [u8]),
+}
+
+/// `SELECT … FROM keys WHERE …` for `query` and its parameters, with `placeholder(n)` naming the n-th
+/// (1-based) parameter in the engine's syntax. Each field is an equality on an indexed (token, …) prefix.
+fn find_sql<'a>(query: &'a KeyQuery, placeholder: impl Fn(usize) -> String) -> (String, Vec<Param<'a>>) {
+    let mut params = vec![Param::Text(&query.token)];
+    let mut sql = format!("SELECT {COLUMNS} FROM keys WHERE token = {}", placeholder(1));
+    let mut add = |column: &str, param: Param<'a>| {
+        params.push(param);
+        sql.push_str(&format!(" AND {column} = {}", placeholder(params.len())));
+    };
+    if let Some(group) = &query.group {
+        add("grp", Param::Text(group));
+    }
+    if let Some(class) = query.class {
+        add("class", Param::Int(to_db(class)));
+    }
+    if let Some(key_type) = query.key_type {
+        add("key_type", Param::Int(to_db(key_type)));
+    }
+    if let Some(label) = &query.label {
+        add("label", Param::Blob(label));
+    }
+    if let Some(ckid) = &query.ckid {
+        add("ckid", Param::Blob(ckid));
+    }
+    sql.push_str(" ORDER BY id");
+    (sql, params)
+}
+
+fn newer_schema(store: &str, found: i64) -> StoreError {
+    StoreError::Schema {
+        store: store.to_string(),
+        cause: format!(
+            "schema version {found} is newer than this build of p11shim understands (version {SCHEMA_VERSION}); \
+             upgrade p11shim"
+        ),
+    }
+}
+
+fn foreign_schema(store: &str) -> StoreError {
+    StoreError::Schema {
+        store: store.to_string(),
+        cause: "a table named keys exists but no schema_version: not a p11shim key store".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests;

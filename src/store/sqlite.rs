@@ -1,0 +1,377 @@
+//! The embedded key store: one SQLite file shared by the processes of one host.
+//!
+//! WAL lets readers run while one process writes; `busy_timeout` makes concurrent writers (threads or
+//! processes) queue instead of failing; `synchronous=FULL` makes every commit durable, so a kill -9 or a
+//! power cut loses at most the transaction in flight, never half a row. Every method is one statement, and
+//! so one transaction.
+
+use super::{
+    find_sql, foreign_schema, from_db, newer_schema, to_db, KeyQuery, KeyRow, KeyStore, Param, StoreError, StoreResult,
+    COLUMNS, SCHEMA_VERSION,
+};
+use rusqlite::{ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// How long a statement waits for another connection's write lock before it gives up.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Idle connections kept for reuse; more are opened under load and closed when handed back.
+const MAX_IDLE: usize = 8;
+
+/// One migration per schema version, applied in order inside the opening transaction.
+const MIGRATIONS: &[(i64, &str)] = &[(
+    1,
+    "CREATE TABLE keys (
+        id        TEXT PRIMARY KEY NOT NULL,
+        token     TEXT NOT NULL,
+        grp       TEXT NOT NULL,
+        class     INTEGER NOT NULL,
+        key_type  INTEGER NOT NULL,
+        label     BLOB NOT NULL,
+        ckid      BLOB NOT NULL,
+        attrs     BLOB NOT NULL,
+        wrapped   BLOB NOT NULL,
+        wrap_mech INTEGER NOT NULL,
+        mbk       TEXT NOT NULL,
+        mac       BLOB NOT NULL,
+        version   INTEGER NOT NULL,
+        created   TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+    );
+    CREATE INDEX keys_token_label ON keys(token, label);
+    CREATE INDEX keys_token_ckid ON keys(token, ckid);
+    CREATE INDEX keys_token_grp ON keys(token, grp);
+    CREATE INDEX keys_token_class ON keys(token, class);",
+)];
+
+pub struct SqliteStore {
+    path: PathBuf,
+    /// "sqlite:PATH", the name in every message.
+    name: String,
+    /// Connections not in use. The mutex guards only the push and pop, never a statement.
+    idle: Mutex<Vec<Pooled>>,
+    /// See [`KeyStore::generation`] below: bumped by this store's own commits and whenever one of its
+    /// connections observes, through `PRAGMA data_version`, a commit made by any other connection.
+    generation: AtomicU64,
+}
+
+struct Pooled {
+    conn: rusqlite::Connection,
+    /// The connection's `PRAGMA data_version` when this store last looked.
+    data_version: i64,
+}
+
+/// A connection taken from the pool; handed back when dropped unless discarded after an error.
+struct Lease<'a> {
+    store: &'a SqliteStore,
+    pooled: Option<Pooled>,
+}
+
+impl Lease<'_> {
+    fn get(&mut self) -> &mut Pooled {
+        self.pooled.as_mut().expect("lease used after discard")
+    }
+
+    /// Runs `f` on the connection; on an error the connection is closed rather than reused, since its state
+    /// (an open transaction, a broken file handle) is unknown.
+    fn run<T>(&mut self, f: impl FnOnce(&mut Pooled) -> rusqlite::Result<T>) -> StoreResult<T> {
+        match f(self.get()) {
+            Ok(value) => Ok(value),
+            Err(e) => {
+                self.pooled = None;
+                Err(self.store.error(e))
+            }
+        }
+    }
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        if let Some(pooled) = self.pooled.take() {
+            let mut idle = self.store.idle.lock().unwrap_or_else(|e| e.into_inner());
+            if idle.len() < MAX_IDLE {
+                idle.push(pooled);
+            }
+        }
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed, mode 0600) the database file at `path` and brings its schema up to date.
+    /// The directory must exist: a missing one is more likely a typo in the configuration than a wish.
+    pub fn open(path: &Path) -> StoreResult<SqliteStore> {
+        let name = format!("sqlite:{}", path.display());
+        let url_error = |cause: String| StoreError::Url { url: name.clone(), cause };
+        if path.as_os_str().is_empty() {
+            return Err(url_error("no file name: use sqlite:PATH".into()));
+        }
+        let dir = match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        };
+        if !dir.is_dir() {
+            let what = if dir.exists() { "is not a directory" } else { "does not exist" };
+            return Err(url_error(format!("directory {} {what}", dir.display())));
+        }
+        create_private(path).map_err(|e| StoreError::Unavailable {
+            store: name.clone(),
+            cause: format!("cannot create {}: {e}", path.display()),
+        })?;
+
+        let store =
+            SqliteStore { path: path.to_path_buf(), name, idle: Mutex::new(Vec::new()), generation: AtomicU64::new(0) };
+        let mut lease = store.lease()?;
+        lease.run(|pooled| migrate(&mut pooled.conn))?.map_err(|found| store.schema_error(found))?;
+        drop(lease);
+        Ok(store)
+    }
+
+    fn lease(&self) -> StoreResult<Lease<'_>> {
+        let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let pooled = match idle {
+            Some(pooled) => pooled,
+            None => self.connect()?,
+        };
+        Ok(Lease { store: self, pooled: Some(pooled) })
+    }
+
+    fn connect(&self) -> StoreResult<Pooled> {
+        // Without SQLITE_OPEN_CREATE: `open` created the file; if it vanished since, an empty new store
+        // would hide the loss.
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let setup = || -> rusqlite::Result<(rusqlite::Connection, String)> {
+            let conn = rusqlite::Connection::open_with_flags(&self.path, flags)?;
+            conn.busy_timeout(BUSY_TIMEOUT)?;
+            let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+            conn.pragma_update(None, "synchronous", "FULL")?;
+            conn.pragma_update(None, "foreign_keys", "ON")?;
+            // 32 find variants plus the fixed statements.
+            conn.set_prepared_statement_cache_capacity(48);
+            Ok((conn, mode))
+        };
+        let (conn, mode) = setup().map_err(|e| self.error(e))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            // e.g. a file system without shared memory: refuse rather than silently lose concurrency.
+            return Err(StoreError::Unavailable {
+                store: self.name.clone(),
+                cause: format!("cannot use the WAL journal mode (got {mode})"),
+            });
+        }
+        let data_version = data_version(&conn).map_err(|e| self.error(e))?;
+        // A new connection's data_version says nothing about commits made before it was opened; count it as
+        // a change so that a generation read before those commits can never equal one read after them.
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        Ok(Pooled { conn, data_version })
+    }
+
+    fn error(&self, e: rusqlite::Error) -> StoreError {
+        if e.sqlite_error_code() == Some(ErrorCode::NotADatabase) {
+            return StoreError::Schema { store: self.name.clone(), cause: format!("not an SQLite database: {e}") };
+        }
+        StoreError::Unavailable { store: self.name.clone(), cause: e.to_string() }
+    }
+
+    fn schema_error(&self, found: Option<i64>) -> StoreError {
+        match found {
+            Some(found) => newer_schema(&self.name, found),
+            None => foreign_schema(&self.name),
+        }
+    }
+
+    /// Counts a commit made through this store: its own connection's data_version does not change for it.
+    fn wrote(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// Creates `path` with mode 0600 if it does not exist, so that SQLite (which would use 0644) opens a private
+/// file; SQLite gives its -wal and -shm files the database file's mode.
+fn create_private(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Applies the missing migrations in one IMMEDIATE transaction: the write lock is taken before the version
+/// is read, so processes opening a fresh file at once apply each migration exactly once.
+/// `Ok(Err(Some(v)))`: the file has a newer schema `v`; `Ok(Err(None))`: the file is not ours.
+fn migrate(conn: &mut rusqlite::Connection) -> rusqlite::Result<Result<(), Option<i64>>> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let had_versions: bool = tx.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version')",
+        [],
+        |r| r.get(0),
+    )?;
+    if !had_versions {
+        let has_keys: bool = tx.query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'keys')",
+            [],
+            |r| r.get(0),
+        )?;
+        if has_keys {
+            return Ok(Err(None));
+        }
+        tx.execute_batch(
+            "CREATE TABLE schema_version (
+                version INTEGER PRIMARY KEY NOT NULL,
+                applied TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+            )",
+        )?;
+    }
+    let found: i64 = tx.query_row("SELECT COALESCE(MAX(version), 0) FROM schema_version", [], |r| r.get(0))?;
+    if found > SCHEMA_VERSION {
+        return Ok(Err(Some(found)));
+    }
+    for (version, sql) in MIGRATIONS.iter().filter(|(version, _)| *version > found) {
+        tx.execute_batch(sql)?;
+        tx.execute("INSERT INTO schema_version (version) VALUES (?1)", [version])?;
+    }
+    tx.commit()?;
+    Ok(Ok(()))
+}
+
+fn data_version(conn: &rusqlite::Connection) -> rusqlite::Result<i64> {
+    conn.prepare_cached("PRAGMA data_version")?.query_row([], |r| r.get(0))
+}
+
+fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRow> {
+    Ok(KeyRow {
+        id: r.get(0)?,
+        token: r.get(1)?,
+        group: r.get(2)?,
+        class: from_db(r.get(3)?),
+        key_type: from_db(r.get(4)?),
+        label: r.get(5)?,
+        ckid: r.get(6)?,
+        attrs: r.get(7)?,
+        wrapped: r.get(8)?,
+        wrap_mech: from_db(r.get(9)?),
+        mbk: r.get(10)?,
+        mac: r.get(11)?,
+        version: r.get(12)?,
+    })
+}
+
+impl rusqlite::ToSql for Param<'_> {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        match self {
+            Param::Text(s) => s.to_sql(),
+            Param::Int(n) => n.to_sql(),
+            Param::Blob(b) => b.to_sql(),
+        }
+    }
+}
+
+impl KeyStore for SqliteStore {
+    fn describe(&self) -> String {
+        self.name.clone()
+    }
+
+    fn insert(&self, row: &KeyRow) -> StoreResult<()> {
+        let sql = format!(
+            "INSERT INTO keys ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13) \
+             ON CONFLICT (id) DO NOTHING"
+        );
+        let inserted = self.lease()?.run(|p| {
+            p.conn.prepare_cached(&sql)?.execute(rusqlite::params![
+                row.id,
+                row.token,
+                row.group,
+                to_db(row.class),
+                to_db(row.key_type),
+                row.label,
+                row.ckid,
+                row.attrs,
+                row.wrapped,
+                to_db(row.wrap_mech),
+                row.mbk,
+                row.mac,
+                row.version,
+            ])
+        })?;
+        if inserted == 0 {
+            return Err(StoreError::Duplicate { store: self.name.clone(), id: row.id.clone() });
+        }
+        self.wrote();
+        Ok(())
+    }
+
+    fn get(&self, id: &str) -> StoreResult<Option<KeyRow>> {
+        let sql = format!("SELECT {COLUMNS} FROM keys WHERE id = ?1");
+        self.lease()?.run(|p| p.conn.prepare_cached(&sql)?.query_row([id], read_row).optional())
+    }
+
+    fn find(&self, query: &KeyQuery) -> StoreResult<Vec<KeyRow>> {
+        let (sql, params) = find_sql(query, |n| format!("?{n}"));
+        self.lease()?.run(|p| {
+            let mut stmt = p.conn.prepare_cached(&sql)?;
+            let rows = stmt.query_map(rusqlite::params_from_iter(params.iter()), read_row)?;
+            rows.collect()
+        })
+    }
+
+    fn update(&self, row: &KeyRow) -> StoreResult<bool> {
+        // One statement: the version check and the write are atomic without an explicit transaction.
+        let sql = "UPDATE keys SET token = ?2, grp = ?3, class = ?4, key_type = ?5, label = ?6, ckid = ?7, \
+                   attrs = ?8, wrapped = ?9, wrap_mech = ?10, mbk = ?11, mac = ?12, version = ?13 \
+                   WHERE id = ?1 AND version = ?14";
+        let updated = self.lease()?.run(|p| {
+            p.conn.prepare_cached(sql)?.execute(rusqlite::params![
+                row.id,
+                row.token,
+                row.group,
+                to_db(row.class),
+                to_db(row.key_type),
+                row.label,
+                row.ckid,
+                row.attrs,
+                row.wrapped,
+                to_db(row.wrap_mech),
+                row.mbk,
+                row.mac,
+                row.version,
+                row.version.wrapping_sub(1),
+            ])
+        })?;
+        if updated > 0 {
+            self.wrote();
+        }
+        Ok(updated > 0)
+    }
+
+    fn delete(&self, id: &str) -> StoreResult<bool> {
+        let deleted = self.lease()?.run(|p| p.conn.prepare_cached("DELETE FROM keys WHERE id = ?1")?.execute([id]))?;
+        if deleted > 0 {
+            self.wrote();
+        }
+        Ok(deleted > 0)
+    }
+
+    /// `PRAGMA data_version` changes, for one connection, whenever any *other* connection (in this process
+    /// or another) commits; it is local (no I/O when nothing changed) but per connection, and a pooled
+    /// connection's own commits leave it unchanged. So the generation is a per-store counter bumped (a) by
+    /// each commit of this store, (b) when a connection sees its data_version move since it last looked,
+    /// and (c) when a connection is opened. Every bump happens before the connection goes back to the pool,
+    /// so any generation read after a commit differs from every generation read before it, whichever
+    /// pooled connection serves the call. Spurious bumps only cost a re-validation.
+    fn generation(&self) -> StoreResult<u64> {
+        let mut lease = self.lease()?;
+        let current = lease.run(|p| data_version(&p.conn))?;
+        let pooled = lease.get();
+        if current != pooled.data_version {
+            pooled.data_version = current;
+            self.generation.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(self.generation.load(Ordering::SeqCst))
+    }
+
+    fn exists(&self, id: &str) -> StoreResult<bool> {
+        self.lease()?.run(|p| {
+            p.conn.prepare_cached("SELECT EXISTS (SELECT 1 FROM keys WHERE id = ?1)")?.query_row([id], |r| r.get(0))
+        })
+    }
+}

@@ -1,0 +1,403 @@
+//! Stored keys (issue B): token objects of database slots live as rows of the key store, their secret
+//! wrapped under the token's MBK and every row authenticated by a MAC made in the HSM. The application sees
+//! ordinary token objects with handles in the shim's range; the first use of one loads it into the HSM as a
+//! session object held by the shim (unwrap under the MBK), and later uses hit that copy while the store says
+//! nothing changed.
+//!
+//! Locks here guard maps for a few instructions; none is held while the backend or the store works.
+
+mod create;
+mod find;
+mod object;
+
+pub use create::Prepared;
+pub use find::FindState;
+pub use object::Answer;
+
+use crate::attrs::{self, Template};
+use crate::backend::Backend;
+use crate::backup::mbk::{self, MbkSet};
+use crate::config::{Config, SlotConfig, Storage};
+use crate::error::{Error, Result};
+use crate::objects::{self, ShimObject};
+use crate::sessions;
+use crate::store::{self, KeyRow, KeyStore};
+use cryptoki_sys::*;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+
+/// A stored key as this process knows it: which row, and the HSM copy it may have loaded.
+pub struct StoredKey {
+    pub id: String,
+    pub slot: CK_SLOT_ID,
+    state: Mutex<KeyState>,
+}
+
+#[derive(Default)]
+struct KeyState {
+    /// The session object holding the key in the HSM, if loaded.
+    loaded: Option<CK_OBJECT_HANDLE>,
+    /// The row version the loaded copy was made from.
+    version: i64,
+    /// The store generation at which the copy was last known to be current.
+    checked: Option<u64>,
+    /// The row is gone (destroyed here or elsewhere): the handle stays invalid.
+    gone: bool,
+}
+
+impl std::fmt::Debug for StoredKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "StoredKey({})", self.id)
+    }
+}
+
+pub struct Vault {
+    backend: &'static Backend,
+    url: String,
+    store: OnceLock<Box<dyn KeyStore>>,
+    opening: Mutex<()>,
+    /// The database slots of the config.
+    slots: Vec<SlotConfig>,
+    /// Backend slot id → index into `slots` (None: not a database slot), learned from token labels.
+    policy: RwLock<HashMap<CK_SLOT_ID, Option<usize>>>,
+    /// Row id → the handle the application knows it by, so a key keeps one handle.
+    handles: Mutex<HashMap<String, CK_OBJECT_HANDLE>>,
+    /// Idle sessions of the shim's own, per slot (operations on them are never concurrent).
+    pool: Mutex<HashMap<CK_SLOT_ID, Vec<CK_SESSION_HANDLE>>>,
+    mbks: Mutex<HashMap<CK_SLOT_ID, MbkSet>>,
+    finds: Mutex<HashMap<CK_SESSION_HANDLE, FindState>>,
+}
+
+static VAULT: RwLock<Option<Arc<Vault>>> = RwLock::new(None);
+
+/// Sets up the vault after the backend's C_Initialize, when the config has database slots. The store is
+/// opened on first need, so a database that is down makes stored keys fail with CKR_DEVICE_ERROR, not the
+/// whole library.
+pub fn start(backend: &'static Backend, config: &Config) {
+    let slots: Vec<SlotConfig> = config.slots.iter().filter(|s| s.storage == Storage::Database).cloned().collect();
+    let vault = (!slots.is_empty()).then(|| {
+        Arc::new(Vault {
+            backend,
+            url: config.store_url.clone(),
+            store: OnceLock::new(),
+            opening: Mutex::new(()),
+            slots,
+            policy: RwLock::new(HashMap::new()),
+            handles: Mutex::new(HashMap::new()),
+            pool: Mutex::new(HashMap::new()),
+            mbks: Mutex::new(HashMap::new()),
+            finds: Mutex::new(HashMap::new()),
+        })
+    });
+    *VAULT.write().unwrap_or_else(|e| e.into_inner()) = vault;
+}
+
+/// Drops the vault (C_Finalize). In a forked child the parent's connections are not ours to close:
+/// `forked` leaks them instead.
+pub fn stop(forked: bool) {
+    let old = VAULT.write().unwrap_or_else(|e| e.into_inner()).take();
+    if forked {
+        std::mem::forget(old);
+    }
+}
+
+/// The vault, when database slots are configured and the library is initialized.
+pub fn current() -> Option<Arc<Vault>> {
+    VAULT.read().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The backend handle of a stored key for an operation (objects::to_backend). Loads it on first use; an
+/// unknown or destroyed key is `invalid`; a store that cannot be reached is CKR_DEVICE_ERROR; a row that
+/// fails its MAC is CKR_GENERAL_ERROR.
+pub fn resolve(key: &StoredKey, invalid: CK_RV) -> std::result::Result<CK_OBJECT_HANDLE, CK_RV> {
+    let vault = current().ok_or(invalid)?;
+    vault.resolve(key, invalid).map_err(|e| e.rv())
+}
+
+impl Vault {
+    fn store(&self) -> Result<&dyn KeyStore> {
+        if let Some(s) = self.store.get() {
+            return Ok(s.as_ref());
+        }
+        let _opening = lock(&self.opening);
+        if self.store.get().is_none() {
+            let opened = store::open(&self.url).inspect_err(|e| crate::error!("{e}"))?;
+            crate::info!("key store {} opened", opened.describe());
+            let _ = self.store.set(opened);
+        }
+        Ok(self.store.get().map(|s| s.as_ref()).expect("set above"))
+    }
+
+    /// Logs a store failure once per call and passes it on (CKR_DEVICE_ERROR for an unreachable store).
+    fn logged<T>(&self, what: &str, r: store::StoreResult<T>) -> Result<T> {
+        r.map_err(|e| {
+            crate::error!("{what}: {e}");
+            Error::Store(e)
+        })
+    }
+
+    /// The database slot config for a backend slot, if it is one.
+    pub fn policy(&self, slot: CK_SLOT_ID) -> Option<&SlotConfig> {
+        if let Some(known) = self.policy.read().unwrap_or_else(|e| e.into_inner()).get(&slot) {
+            return known.map(|i| &self.slots[i]);
+        }
+        // Slots are matched by token label: backends renumber slots, labels are what operators name.
+        let label = self.backend.token_info(slot).ok().map(|i| crate::hsm::padded_text(&i.label));
+        let index = label.and_then(|l| self.slots.iter().position(|s| s.token == l));
+        self.policy.write().unwrap_or_else(|e| e.into_inner()).insert(slot, index);
+        index.map(|i| &self.slots[i])
+    }
+
+    /// Runs `f` on an idle session of the shim's own on `slot` (opened on demand, read/write).
+    fn with_session<R>(&self, slot: CK_SLOT_ID, f: impl FnOnce(CK_SESSION_HANDLE) -> Result<R>) -> Result<R> {
+        let idle = lock(&self.pool).get_mut(&slot).and_then(Vec::pop);
+        let session = match idle {
+            Some(s) => s,
+            None => {
+                let s = self.backend.open_session(slot, CKF_SERIAL_SESSION | CKF_RW_SESSION)?;
+                sessions::opened_internal(s, slot);
+                s
+            }
+        };
+        let result = f(session);
+        if matches!(result, Err(Error::Rv(CKR_SESSION_HANDLE_INVALID | CKR_SESSION_CLOSED | CKR_DEVICE_REMOVED))) {
+            sessions::closed_internal(session);
+            let _ = self.backend.close_session(session);
+        } else {
+            lock(&self.pool).entry(slot).or_default().push(session);
+        }
+        result
+    }
+
+    /// The token's MBK set; an error that says how to create it if there is none.
+    fn mbk(&self, slot: CK_SLOT_ID, token: &str) -> Result<MbkSet> {
+        if let Some(set) = lock(&self.mbks).get(&slot) {
+            return Ok(set.clone());
+        }
+        let found = self.with_session(slot, |s| mbk::find(self.backend, s, slot))?;
+        let Some(set) = found else {
+            let message = mbk::missing(token);
+            crate::error!("{message}");
+            return Err(Error::Other(message));
+        };
+        lock(&self.mbks).insert(slot, set.clone());
+        Ok(set)
+    }
+
+    /// The handles of the MBK set, which the application does not see in finds on database slots.
+    fn mbk_handles(&self, slot: CK_SLOT_ID) -> Vec<CK_OBJECT_HANDLE> {
+        lock(&self.mbks).get(&slot).map(|s| vec![s.mbk, s.mac]).unwrap_or_default()
+    }
+
+    /// The application's handle for a row, the same one every time.
+    fn handle_for(&self, id: &str, slot: CK_SLOT_ID) -> CK_OBJECT_HANDLE {
+        let mut handles = lock(&self.handles);
+        if let Some(h) = handles.get(id) {
+            return *h;
+        }
+        let key = Arc::new(StoredKey { id: id.to_string(), slot, state: Mutex::new(KeyState::default()) });
+        let h = objects::allocate(ShimObject::Stored(key));
+        handles.insert(id.to_string(), h);
+        h
+    }
+
+    fn resolve(&self, key: &StoredKey, invalid: CK_RV) -> Result<CK_OBJECT_HANDLE> {
+        let store = self.store()?;
+        let generation = self.logged("checking the key store for changes", store.generation())?;
+        {
+            let st = lock(&key.state);
+            if st.gone {
+                return Err(Error::Rv(invalid));
+            }
+            if let (Some(h), Some(checked)) = (st.loaded, st.checked) {
+                if checked == generation {
+                    return Ok(h);
+                }
+            }
+        }
+        // Something changed somewhere: is this key still there, and still the version we loaded?
+        let Some(row) = self.logged("reading a stored key", store.get(&key.id))? else {
+            crate::info!("stored key {} was destroyed (by this or another process); its handle is now invalid", key.id);
+            self.forget_copy(key, true);
+            return Err(Error::Rv(invalid));
+        };
+        {
+            let mut st = lock(&key.state);
+            if let Some(h) = st.loaded.filter(|_| st.version == row.version) {
+                st.checked = Some(generation);
+                return Ok(h);
+            }
+        }
+        let fresh = self.load(key.slot, &row)?;
+        let (keep, stale) = {
+            let mut st = lock(&key.state);
+            if st.gone {
+                (None, Some(fresh))
+            } else if st.loaded.is_some() && st.version == row.version {
+                // Another thread loaded the same version meanwhile: use its copy.
+                st.checked = Some(generation);
+                (st.loaded, Some(fresh))
+            } else {
+                let old = st.loaded.replace(fresh);
+                st.version = row.version;
+                st.checked = Some(generation);
+                (Some(fresh), old)
+            }
+        };
+        if let Some(stale) = stale {
+            let _ = self.with_session(key.slot, |s| self.backend.destroy_object(s, stale));
+        }
+        keep.ok_or(Error::Rv(invalid))
+    }
+
+    /// Drops this process's HSM copy of a key (and marks the key gone when its row is).
+    fn forget_copy(&self, key: &StoredKey, gone: bool) {
+        let copy = {
+            let mut st = lock(&key.state);
+            st.gone |= gone;
+            st.checked = None;
+            st.loaded.take()
+        };
+        if let Some(h) = copy {
+            let _ = self.with_session(key.slot, |s| self.backend.destroy_object(s, h));
+        }
+    }
+
+    /// Checks a row's MAC and recreates its object in the HSM as a session object of the shim's.
+    fn load(&self, slot: CK_SLOT_ID, row: &KeyRow) -> Result<CK_OBJECT_HANDLE> {
+        let set = self.mbk(slot, &row.token)?;
+        let attrs = self.check(slot, &set, row)?;
+        let template = load_template(&attrs, row.class);
+        self.with_session(slot, |s| {
+            if attrs::has_secret(row.class) {
+                let mech = crate::hsm::Mechanism::plain(row.wrap_mech as CK_MECHANISM_TYPE);
+                self.backend.unwrap_key(s, &mech, set.mbk, &row.wrapped, &template)
+            } else {
+                self.backend.create_object(s, &template)
+            }
+        })
+        .inspect_err(|e| crate::warn!("loading stored key {} into the HSM failed: {e}", row.id))
+    }
+
+    /// Verifies a row's MAC in the HSM and that it was wrapped under this token's MBK; returns its
+    /// attributes. A row changed outside p11shim is refused with one clear log line and CKR_GENERAL_ERROR.
+    fn check(&self, slot: CK_SLOT_ID, set: &MbkSet, row: &KeyRow) -> Result<Template> {
+        let refuse = |why: &str| {
+            let message = format!(
+                "stored key {} (label {:?}, group {:?}) in {}: {why}; the key is refused",
+                row.id,
+                String::from_utf8_lossy(&row.label),
+                row.group,
+                self.store.get().map(|s| s.describe()).unwrap_or_default()
+            );
+            crate::error!("{message}");
+            Error::Other(message)
+        };
+        let verified = self.with_session(slot, |s| {
+            self.backend.verify(s, &MbkSet::mac_mechanism(), set.mac, &mac_input(row), &row.mac)
+        });
+        match verified {
+            Ok(()) => {}
+            Err(Error::Rv(CKR_SIGNATURE_INVALID | CKR_SIGNATURE_LEN_RANGE)) => {
+                return Err(refuse("its MAC does not match: the row was changed outside p11shim"))
+            }
+            Err(e) => return Err(e),
+        }
+        if row.mbk != set.fingerprint {
+            return Err(refuse(&format!(
+                "it was wrapped under MBK {}, but this token's MBK is {}",
+                row.mbk, set.fingerprint
+            )));
+        }
+        Template::decode(&row.attrs).ok_or_else(|| refuse("its attributes cannot be decoded"))
+    }
+
+    /// Computes a row's MAC in the HSM.
+    fn seal(&self, slot: CK_SLOT_ID, set: &MbkSet, row: &mut KeyRow) -> Result<()> {
+        let mac =
+            self.with_session(slot, |s| self.backend.sign(s, &MbkSet::mac_mechanism(), set.mac, &mac_input(row)))?;
+        row.mac = mac;
+        Ok(())
+    }
+
+    /// C_Logout on a slot: private session objects vanish with the login, so the copies are dropped first
+    /// and loaded again after the next login. Handles stay valid.
+    pub fn logout(&self, slot: CK_SLOT_ID) {
+        for key in objects::stored_keys() {
+            if key.slot == slot {
+                self.forget_copy(&key, false);
+            }
+        }
+    }
+
+    /// Whether the application's session is logged in as the user (private objects are visible then).
+    fn user_logged_in(&self, session: CK_SESSION_HANDLE) -> Result<bool> {
+        let info = self.backend.session_info(session)?;
+        Ok(matches!(info.state, CKS_RO_USER_FUNCTIONS | CKS_RW_USER_FUNCTIONS))
+    }
+
+    /// The application's session on a database slot, checked: its slot config.
+    pub fn database_slot(&self, session: CK_SESSION_HANDLE) -> Option<(CK_SLOT_ID, SlotConfig)> {
+        let slot = sessions::slot_of(session)?;
+        self.policy(slot).map(|p| (slot, p.clone()))
+    }
+}
+
+/// The bytes a row's MAC covers: every field but the MAC and the version counter, each length-prefixed.
+pub fn mac_input(row: &KeyRow) -> Vec<u8> {
+    let mut out = b"p11shim key row v1\0".to_vec();
+    let mut field = |b: &[u8]| {
+        out.extend_from_slice(&(b.len() as u32).to_be_bytes());
+        out.extend_from_slice(b);
+    };
+    field(row.id.as_bytes());
+    field(row.token.as_bytes());
+    field(row.group.as_bytes());
+    field(&row.class.to_be_bytes());
+    field(&row.key_type.to_be_bytes());
+    field(&row.label);
+    field(&row.ckid);
+    field(&row.attrs);
+    field(&row.wrapped);
+    field(&row.wrap_mech.to_be_bytes());
+    field(row.mbk.as_bytes());
+    out
+}
+
+/// The template that recreates a row's object in the HSM: the attributes one may give (the HSM sets the
+/// rest, which the application reads from the row), as a session object, extractable only under a
+/// trusted key (the MBK's unwrap template demands it).
+fn load_template(attrs: &Template, class: u64) -> Template {
+    let secret = attrs::has_secret(class as CK_OBJECT_CLASS);
+    let mut t = Template(
+        attrs
+            .0
+            .iter()
+            .filter(|a| attrs::SETTABLE.contains(&a.ty))
+            // SoftHSM2 unwraps private keys from PKCS#8 and refuses public components in the template.
+            .filter(|a| {
+                !(class as CK_OBJECT_CLASS == CKO_PRIVATE_KEY
+                    && matches!(a.ty, CKA_MODULUS | CKA_PUBLIC_EXPONENT | CKA_EC_PARAMS | CKA_EC_POINT))
+            })
+            .filter(|a| !(secret && a.ty == CKA_VALUE))
+            .cloned()
+            .collect(),
+    );
+    t.set(attrs::Attr::bool(CKA_TOKEN, false));
+    if secret {
+        t.set(attrs::Attr::bool(CKA_EXTRACTABLE, true));
+        t.set(attrs::Attr::bool(CKA_WRAP_WITH_TRUSTED, true));
+    }
+    t
+}
+
+/// A fresh row id: 128 random bits as hex.
+fn new_id() -> Result<String> {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes).map_err(|e| Error::Other(format!("no randomness for a key id: {e}")))?;
+    Ok(hex::encode(bytes))
+}

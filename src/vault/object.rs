@@ -1,0 +1,233 @@
+//! Object management on stored keys: attributes read from the row (after its MAC is checked), changes
+//! written back atomically, destroy deletes the row.
+
+use super::{create::group_value, lock, StoredKey, Vault};
+use crate::attrs::{self, Attr, Template, CKA_P11SHIM_GROUP};
+use crate::error::{Error, Result};
+use crate::store::KeyRow;
+use cryptoki_sys::*;
+
+/// The answer for one attribute of a stored key.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Answer {
+    Value(Vec<u8>),
+    /// A secret part of a sensitive or unextractable key.
+    Sensitive,
+    /// The object has no such attribute.
+    Invalid,
+    /// A secret part the application may read (not sensitive, extractable): the HSM copy answers it.
+    Hsm,
+}
+
+impl Vault {
+    /// The row of a key the session may see, its MAC checked, and its attributes.
+    fn row_of(&self, session: CK_SESSION_HANDLE, key: &StoredKey) -> Result<(KeyRow, Template)> {
+        if lock(&key.state).gone {
+            return Err(Error::Rv(CKR_OBJECT_HANDLE_INVALID));
+        }
+        let store = self.store()?;
+        let Some(row) = self.logged("reading a stored key", store.get(&key.id))? else {
+            self.forget_copy(key, true);
+            return Err(Error::Rv(CKR_OBJECT_HANDLE_INVALID));
+        };
+        let set = self.mbk(key.slot, &row.token)?;
+        let attrs = self.check(key.slot, &set, &row)?;
+        if attrs.bool(CKA_PRIVATE) != Some(false) && !self.user_logged_in(session)? {
+            return Err(Error::Rv(CKR_OBJECT_HANDLE_INVALID));
+        }
+        Ok((row, attrs))
+    }
+
+    pub fn get_attributes(
+        &self,
+        session: CK_SESSION_HANDLE,
+        key: &StoredKey,
+        types: &[CK_ATTRIBUTE_TYPE],
+    ) -> Result<Vec<Answer>> {
+        let (row, attrs) = self.row_of(session, key)?;
+        let hidden = attrs.bool(CKA_SENSITIVE) == Some(true) || attrs.bool(CKA_EXTRACTABLE) == Some(false);
+        Ok(types
+            .iter()
+            .map(|&ty| {
+                if ty == CKA_P11SHIM_GROUP {
+                    return Answer::Value(row.group.as_bytes().to_vec());
+                }
+                if ty == CKA_TOKEN {
+                    return Answer::Value(vec![CK_TRUE]);
+                }
+                if let Some(v) = attrs.bytes(ty) {
+                    return Answer::Value(v.to_vec());
+                }
+                if attrs::has_secret(row.class as CK_OBJECT_CLASS) && attrs::SECRET_PARTS.contains(&ty) {
+                    return if hidden { Answer::Sensitive } else { Answer::Hsm };
+                }
+                Answer::Invalid
+            })
+            .collect())
+    }
+
+    /// The size the application is told: what the row holds for the key.
+    pub fn object_size(&self, session: CK_SESSION_HANDLE, key: &StoredKey) -> Result<CK_ULONG> {
+        let (row, _) = self.row_of(session, key)?;
+        Ok((row.attrs.len() + row.wrapped.len()) as CK_ULONG)
+    }
+
+    /// C_SetAttributeValue on a stored key: the spec's rules for which attributes may change and how, then
+    /// one atomic update of the row (retried if another process changed it meanwhile).
+    pub fn set_attributes(&self, session: CK_SESSION_HANDLE, key: &StoredKey, changes: &Template) -> Result<()> {
+        for _attempt in 0..5 {
+            let (row, attrs) = self.row_of(session, key)?;
+            if self.backend.session_info(session)?.flags & CKF_RW_SESSION == 0 {
+                return Err(Error::Rv(CKR_SESSION_READ_ONLY));
+            }
+            if attrs.bool(CKA_MODIFIABLE) == Some(false) {
+                return Err(Error::Rv(CKR_ACTION_PROHIBITED));
+            }
+            let (attrs, group) = apply_changes(attrs, &row.group, changes)?;
+            let set = self.mbk(key.slot, &row.token)?;
+            let mut updated = KeyRow {
+                label: attrs.bytes(CKA_LABEL).unwrap_or_default().to_vec(),
+                ckid: attrs.bytes(CKA_ID).unwrap_or_default().to_vec(),
+                attrs: attrs.encode(),
+                group,
+                version: row.version + 1,
+                ..row
+            };
+            self.seal(key.slot, &set, &mut updated)?;
+            if self.logged("updating a stored key", self.store()?.update(&updated))? {
+                // The HSM copy carries the old flags: load the new version on next use.
+                self.forget_copy(key, false);
+                return Ok(());
+            }
+        }
+        crate::warn!("stored key {}: changed by others five times while being updated; giving up", key.id);
+        Err(Error::Rv(CKR_FUNCTION_FAILED))
+    }
+
+    /// C_DestroyObject on a stored key: deletes its row; the handle is invalid afterwards everywhere.
+    pub fn destroy(&self, session: CK_SESSION_HANDLE, handle: CK_OBJECT_HANDLE, key: &StoredKey) -> Result<()> {
+        let (_, attrs) = self.row_of(session, key)?;
+        if self.backend.session_info(session)?.flags & CKF_RW_SESSION == 0 {
+            return Err(Error::Rv(CKR_SESSION_READ_ONLY));
+        }
+        if attrs.bool(CKA_DESTROYABLE) == Some(false) {
+            return Err(Error::Rv(CKR_ACTION_PROHIBITED));
+        }
+        let deleted = self.logged("deleting a stored key", self.store()?.delete(&key.id))?;
+        self.forget_copy(key, true);
+        lock(&self.handles).remove(&key.id);
+        crate::objects::forget(handle);
+        if deleted {
+            Ok(())
+        } else {
+            Err(Error::Rv(CKR_OBJECT_HANDLE_INVALID))
+        }
+    }
+
+    /// C_WrapKey of a stored key: refused when the application made it unextractable (the HSM copy is
+    /// extractable, but only under a trusted key).
+    pub fn check_wrappable(&self, session: CK_SESSION_HANDLE, key: &StoredKey) -> Result<()> {
+        let (_, attrs) = self.row_of(session, key)?;
+        if attrs.bool(CKA_EXTRACTABLE) == Some(false) {
+            return Err(Error::Rv(CKR_KEY_UNEXTRACTABLE));
+        }
+        Ok(())
+    }
+
+    /// What a copy of a stored key inherits: its group, and whether it may be copied and extracted.
+    pub fn copy_source(&self, session: CK_SESSION_HANDLE, key: &StoredKey) -> Result<(String, bool)> {
+        let (row, attrs) = self.row_of(session, key)?;
+        if attrs.bool(CKA_COPYABLE) == Some(false) {
+            return Err(Error::Rv(CKR_ACTION_PROHIBITED));
+        }
+        Ok((row.group, attrs.bool(CKA_EXTRACTABLE).unwrap_or(true)))
+    }
+}
+
+/// Applies C_SetAttributeValue changes to a stored key's attributes (PKCS#11 2.40 §4.4 and the key tables).
+fn apply_changes(mut attrs: Template, group: &str, changes: &Template) -> Result<(Template, String)> {
+    let mut group = group.to_string();
+    for change in &changes.0 {
+        let value = change.as_bytes().ok_or(Error::Rv(CKR_ATTRIBUTE_VALUE_INVALID))?;
+        let current = attrs.bytes(change.ty).map(<[u8]>::to_vec);
+        let flag = change.as_bool();
+        match change.ty {
+            CKA_P11SHIM_GROUP => group = group_value(change)?,
+            ty if attrs::MODIFIABLE.contains(&ty) => {
+                if is_flag(ty) && flag.is_none() {
+                    return Err(Error::Rv(CKR_ATTRIBUTE_VALUE_INVALID));
+                }
+                attrs.set(change.clone());
+            }
+            // One-way switches: sensitive only false → true, extractable only true → false, and a stored
+            // key is always wrap-with-trusted.
+            CKA_SENSITIVE => match (attrs.bool(CKA_SENSITIVE), flag) {
+                (_, None) => return Err(Error::Rv(CKR_ATTRIBUTE_VALUE_INVALID)),
+                (Some(true), Some(false)) => return Err(Error::Rv(CKR_ATTRIBUTE_READ_ONLY)),
+                (_, Some(v)) => attrs.set(Attr::bool(CKA_SENSITIVE, v)),
+            },
+            CKA_EXTRACTABLE => match (attrs.bool(CKA_EXTRACTABLE), flag) {
+                (_, None) => return Err(Error::Rv(CKR_ATTRIBUTE_VALUE_INVALID)),
+                (Some(false), Some(true)) => return Err(Error::Rv(CKR_ATTRIBUTE_READ_ONLY)),
+                (_, Some(v)) => attrs.set(Attr::bool(CKA_EXTRACTABLE, v)),
+            },
+            CKA_TOKEN if flag == Some(true) => {}
+            // Read-only attributes may be "set" to the value they have.
+            _ if current.as_deref() == Some(value) => {}
+            CKA_WRAP_WITH_TRUSTED | CKA_TOKEN => return Err(Error::Rv(CKR_ATTRIBUTE_READ_ONLY)),
+            _ if current.is_none() && !attrs::KEPT.contains(&change.ty) => {
+                return Err(Error::Rv(CKR_ATTRIBUTE_TYPE_INVALID))
+            }
+            _ => return Err(Error::Rv(CKR_ATTRIBUTE_READ_ONLY)),
+        }
+    }
+    Ok((attrs, group))
+}
+
+fn is_flag(ty: CK_ATTRIBUTE_TYPE) -> bool {
+    !matches!(ty, CKA_LABEL | CKA_ID | CKA_START_DATE | CKA_END_DATE | CKA_SUBJECT | CKA_APPLICATION)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> Template {
+        Template(vec![
+            Attr::bytes(CKA_LABEL, b"k"),
+            Attr::bool(CKA_SIGN, true),
+            Attr::bool(CKA_SENSITIVE, true),
+            Attr::bool(CKA_EXTRACTABLE, false),
+            Attr::ulong(CKA_CLASS, CKO_SECRET_KEY),
+        ])
+    }
+
+    fn change(attrs: Vec<Attr>) -> Result<(Template, String)> {
+        apply_changes(key(), "G", &Template(attrs))
+    }
+
+    #[test]
+    fn modifiable_attributes_and_group_change() {
+        let (t, g) = change(vec![
+            Attr::bytes(CKA_LABEL, b"new"),
+            Attr::bool(CKA_SIGN, false),
+            Attr::bytes(CKA_P11SHIM_GROUP, b"Prod"),
+        ])
+        .unwrap();
+        assert_eq!(t.bytes(CKA_LABEL), Some(&b"new"[..]));
+        assert_eq!(t.bool(CKA_SIGN), Some(false));
+        assert_eq!(g, "Prod");
+    }
+
+    #[test]
+    fn one_way_attributes_only_go_one_way() {
+        let rv = |r: Result<(Template, String)>| r.map(|_| ()).map_err(|e| e.rv());
+        assert_eq!(rv(change(vec![Attr::bool(CKA_SENSITIVE, false)])), Err(CKR_ATTRIBUTE_READ_ONLY));
+        assert_eq!(rv(change(vec![Attr::bool(CKA_EXTRACTABLE, true)])), Err(CKR_ATTRIBUTE_READ_ONLY));
+        assert_eq!(rv(change(vec![Attr::bool(CKA_WRAP_WITH_TRUSTED, false)])), Err(CKR_ATTRIBUTE_READ_ONLY));
+        assert_eq!(rv(change(vec![Attr::ulong(CKA_CLASS, CKO_DATA)])), Err(CKR_ATTRIBUTE_READ_ONLY));
+        assert_eq!(rv(change(vec![Attr::ulong(CKA_CLASS, CKO_SECRET_KEY)])), Ok(()));
+        assert_eq!(rv(change(vec![Attr::bytes(CKA_P11SHIM_GROUP, b"")])), Err(CKR_ATTRIBUTE_VALUE_INVALID));
+        assert_eq!(rv(change(vec![Attr::bytes(CKA_SIGN, b"xx")])), Err(CKR_ATTRIBUTE_VALUE_INVALID));
+    }
+}

@@ -1,0 +1,535 @@
+//! The key store's behaviour, written once and run against both engines: SQLite (a file in a fresh
+//! directory per test) and PostgreSQL (a fresh database per test on the throwaway server of
+//! tests/common/pg.rs). Engine-specific behaviour (a missing directory, a server that goes away) follows.
+
+mod common;
+
+use common::pg::{PgCluster, TestDb};
+use p11shim::store::{self, KeyQuery, KeyRow, KeyStore, StoreError, SCHEMA_VERSION};
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// An empty database of one engine (not yet opened) and how to reach it behind the store's back.
+enum Fixture {
+    Sqlite { _dir: tempfile::TempDir, path: PathBuf, url: String },
+    Postgres { db: TestDb },
+}
+
+fn sqlite() -> Fixture {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("keys.db");
+    let url = format!("sqlite:{}", path.display());
+    Fixture::Sqlite { _dir: dir, path, url }
+}
+
+fn postgres() -> Fixture {
+    Fixture::Postgres { db: TestDb::fresh() }
+}
+
+impl Fixture {
+    fn url(&self) -> &str {
+        match self {
+            Fixture::Sqlite { url, .. } => url,
+            Fixture::Postgres { db } => db.url(),
+        }
+    }
+
+    fn open(&self) -> Box<dyn KeyStore> {
+        store::open(self.url()).unwrap_or_else(|e| panic!("open {}: {e}", self.url()))
+    }
+
+    /// Runs `sql` on a connection of its own, bypassing the store.
+    fn raw(&self, sql: &str) {
+        match self {
+            Fixture::Sqlite { path, .. } => rusqlite::Connection::open(path).unwrap().execute_batch(sql).unwrap(),
+            Fixture::Postgres { db } => {
+                ::postgres::Client::connect(db.url(), ::postgres::NoTls).unwrap().batch_execute(sql).unwrap()
+            }
+        }
+    }
+
+    fn schema_versions(&self) -> Vec<i64> {
+        let sql = "SELECT version FROM schema_version ORDER BY version";
+        match self {
+            Fixture::Sqlite { path, .. } => {
+                let conn = rusqlite::Connection::open(path).unwrap();
+                let mut stmt = conn.prepare(sql).unwrap();
+                stmt.query_map([], |r| r.get(0)).unwrap().collect::<Result<_, _>>().unwrap()
+            }
+            Fixture::Postgres { db } => {
+                let mut client = ::postgres::Client::connect(db.url(), ::postgres::NoTls).unwrap();
+                client.query(sql, &[]).unwrap().iter().map(|r| r.get(0)).collect()
+            }
+        }
+    }
+}
+
+/// Runs each behaviour below once per engine: `sqlite::NAME` and `postgres::NAME`.
+macro_rules! both_engines {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $( #[test] fn $name() { super::$name(&super::sqlite()) } )*
+        }
+        mod postgres {
+            $( #[test] fn $name() { super::$name(&super::postgres()) } )*
+        }
+    };
+}
+
+/// The same for measurements that are run only on request.
+macro_rules! both_engines_ignored {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite_measure {
+            $( #[test] #[ignore] fn $name() { super::$name(&super::sqlite()) } )*
+        }
+        mod postgres_measure {
+            $( #[test] #[ignore] fn $name() { super::$name(&super::postgres()) } )*
+        }
+    };
+}
+
+both_engines!(
+    inserted_row_reads_back_identically,
+    duplicate_id_is_refused,
+    find_matches_every_given_field_in_id_order,
+    update_refuses_a_lost_update,
+    delete_removes_the_row,
+    generation_changes_with_commits_of_other_connections_only,
+    generation_changes_with_own_commits,
+    four_threads_insert_into_one_store,
+    four_stores_opened_at_once_insert_concurrently,
+    four_processes_insert_at_once,
+    reopening_migrates_once_and_keeps_the_rows,
+    newer_schema_is_refused_naming_both_versions,
+    foreign_keys_table_is_refused,
+);
+
+fn id(n: u32) -> String {
+    format!("{n:032x}")
+}
+
+fn row(n: u32, token: &str, group: &str, label: &str) -> KeyRow {
+    KeyRow {
+        id: id(n),
+        token: token.into(),
+        group: group.into(),
+        class: 4,     // CKO_SECRET_KEY
+        key_type: 31, // CKK_AES
+        label: label.as_bytes().to_vec(),
+        ckid: vec![n as u8],
+        attrs: b"attrs".to_vec(),
+        wrapped: vec![0xAB; 40],
+        wrap_mech: 0x210A,
+        mbk: "mbk-fingerprint".into(),
+        mac: vec![0xCD; 32],
+        version: 1,
+    }
+}
+
+fn ids(rows: &[KeyRow]) -> Vec<String> {
+    rows.iter().map(|r| r.id.clone()).collect()
+}
+
+/// Polls until `store`'s generation differs from `old` (PostgreSQL hears of other connections' commits
+/// asynchronously); the new generation.
+fn changed_from(store: &dyn KeyStore, old: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let now = store.generation().unwrap();
+        if now != old {
+            return now;
+        }
+        assert!(Instant::now() < deadline, "generation of {} still {old} after 2 s", store.describe());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A generation that holds still for 100 ms: late notifications of earlier commits have arrived.
+fn settled(store: &dyn KeyStore) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let before = store.generation().unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        if store.generation().unwrap() == before {
+            return before;
+        }
+        assert!(Instant::now() < deadline, "generation of {} never settles", store.describe());
+    }
+}
+
+fn inserted_row_reads_back_identically(fx: &Fixture) {
+    let store = fx.open();
+    let mut key = row(7, "tok", "payments", "label\0with\u{ff}bytes");
+    key.class = u64::MAX - 1; // above i64::MAX: vendor-defined values must survive the signed column
+    key.key_type = 0x8000_0001;
+    key.label.push(0xFF);
+    key.wrapped.clear(); // a public key
+    store.insert(&key).unwrap();
+
+    assert_eq!(store.get(&key.id).unwrap(), Some(key.clone()));
+    assert!(store.exists(&key.id).unwrap());
+    assert_eq!(store.get(&id(8)).unwrap(), None);
+    assert!(!store.exists(&id(8)).unwrap());
+    let found = store.find(&KeyQuery { token: "tok".into(), class: Some(u64::MAX - 1), ..Default::default() });
+    assert_eq!(found.unwrap(), vec![key]);
+}
+
+fn duplicate_id_is_refused(fx: &Fixture) {
+    let store = fx.open();
+    let first = row(1, "tok", "g", "first");
+    store.insert(&first).unwrap();
+    let err = store.insert(&row(1, "tok", "g", "second")).unwrap_err();
+    match &err {
+        StoreError::Duplicate { store: name, id: dup } => {
+            assert_eq!(dup, &first.id);
+            assert_eq!(name, &store.describe());
+        }
+        other => panic!("expected Duplicate, got {other:?}"),
+    }
+    assert!(err.to_string().contains(&first.id), "{err}");
+    assert_eq!(store.get(&first.id).unwrap(), Some(first));
+}
+
+fn find_matches_every_given_field_in_id_order(fx: &Fixture) {
+    let store = fx.open();
+    let mut rows = Vec::new();
+    // Inserted out of id order, so that the order of the result is the store's doing.
+    for n in [9u32, 3, 7, 1, 5, 2, 8, 4, 6] {
+        let mut r = row(n, if n <= 6 { "alpha" } else { "beta" }, if n % 2 == 0 { "even" } else { "odd" }, "k");
+        r.class = if n % 3 == 0 { 3 } else { 4 };
+        r.key_type = if n < 5 { 31 } else { 0 };
+        r.label = format!("label-{}", n % 4).into_bytes();
+        r.ckid = vec![(n % 2) as u8, 0xEE];
+        store.insert(&r).unwrap();
+        rows.push(r);
+    }
+    let expect = |pred: &dyn Fn(&KeyRow) -> bool| -> Vec<String> {
+        let mut ids: Vec<String> = rows.iter().filter(|r| pred(r)).map(|r| r.id.clone()).collect();
+        ids.sort();
+        ids
+    };
+    let q = |token: &str| KeyQuery { token: token.into(), ..Default::default() };
+    let cases: Vec<(KeyQuery, Vec<String>)> = vec![
+        (q("alpha"), expect(&|r| r.token == "alpha")),
+        (q("gamma"), vec![]),
+        (KeyQuery { group: Some("even".into()), ..q("alpha") }, expect(&|r| r.token == "alpha" && r.group == "even")),
+        (KeyQuery { class: Some(3), ..q("alpha") }, expect(&|r| r.token == "alpha" && r.class == 3)),
+        (KeyQuery { key_type: Some(0), ..q("beta") }, expect(&|r| r.token == "beta" && r.key_type == 0)),
+        (
+            KeyQuery { label: Some(b"label-1".to_vec()), ..q("alpha") },
+            expect(&|r| r.token == "alpha" && r.label == b"label-1"),
+        ),
+        (KeyQuery { ckid: Some(vec![1, 0xEE]), ..q("beta") }, expect(&|r| r.token == "beta" && r.ckid == [1, 0xEE])),
+        (
+            KeyQuery {
+                group: Some("odd".into()),
+                class: Some(4),
+                key_type: Some(31),
+                label: Some(b"label-1".to_vec()),
+                ckid: Some(vec![1, 0xEE]),
+                ..q("alpha")
+            },
+            expect(&|r| {
+                r.token == "alpha" && r.group == "odd" && r.class == 4 && r.key_type == 31 && r.label == b"label-1"
+            }),
+        ),
+        (KeyQuery { label: Some(b"label-".to_vec()), ..q("alpha") }, vec![]), // exact match, not a prefix
+        (KeyQuery { label: Some(vec![]), ..q("alpha") }, vec![]),
+    ];
+    for (query, want) in cases {
+        let got = ids(&store.find(&query).unwrap());
+        assert_eq!(got, want, "{query:?}");
+    }
+    assert_eq!(ids(&store.find(&q("alpha")).unwrap()).len(), 6, "sanity: the fixture has six alpha rows");
+}
+
+fn update_refuses_a_lost_update(fx: &Fixture) {
+    let store = fx.open();
+    let v1 = row(1, "tok", "g", "before");
+    store.insert(&v1).unwrap();
+
+    let v2 = KeyRow { version: 2, label: b"after".to_vec(), group: "h".into(), mac: vec![1; 32], ..v1.clone() };
+    assert!(store.update(&v2).unwrap());
+    assert_eq!(store.get(&v1.id).unwrap(), Some(v2.clone()));
+
+    // A second writer that also read version 1 would write version 2 again: refused, nothing written.
+    let stale = KeyRow { label: b"lost".to_vec(), ..v2.clone() };
+    assert!(!store.update(&stale).unwrap());
+    assert_eq!(store.get(&v1.id).unwrap(), Some(v2.clone()));
+
+    let v3 = KeyRow { version: 3, ..v2.clone() };
+    assert!(store.update(&v3).unwrap());
+    assert_eq!(store.get(&v1.id).unwrap().unwrap().version, 3);
+
+    assert!(!store.update(&KeyRow { version: 2, ..row(99, "tok", "g", "gone") }).unwrap());
+    assert!(!store.exists(&id(99)).unwrap(), "update never inserts");
+}
+
+fn delete_removes_the_row(fx: &Fixture) {
+    let store = fx.open();
+    store.insert(&row(1, "tok", "g", "a")).unwrap();
+    store.insert(&row(2, "tok", "g", "b")).unwrap();
+    assert!(store.delete(&id(1)).unwrap());
+    assert!(!store.exists(&id(1)).unwrap());
+    assert_eq!(store.get(&id(1)).unwrap(), None);
+    assert!(!store.delete(&id(1)).unwrap());
+    assert_eq!(ids(&store.find(&KeyQuery { token: "tok".into(), ..Default::default() }).unwrap()), vec![id(2)]);
+}
+
+fn generation_changes_with_commits_of_other_connections_only(fx: &Fixture) {
+    let reader = fx.open();
+    let writer = fx.open();
+    let mut seen = settled(&*reader);
+
+    let mut key = row(1, "tok", "g", "a");
+    writer.insert(&key).unwrap();
+    seen = changed_from(&*reader, seen);
+    assert_eq!(settled(&*reader), seen, "one commit, then nothing more");
+
+    key.version = 2;
+    assert!(writer.update(&key).unwrap());
+    changed_from(&*reader, seen);
+    seen = settled(&*reader);
+
+    // Reads and writes that change nothing leave it alone.
+    assert!(!writer.update(&key).unwrap()); // stale version
+    assert!(!writer.delete(&id(2)).unwrap());
+    assert!(writer.insert(&key).is_err()); // duplicate
+    writer.get(&key.id).unwrap();
+    writer.find(&KeyQuery { token: "tok".into(), ..Default::default() }).unwrap();
+    reader.get(&key.id).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(reader.generation().unwrap(), seen, "no commit, no change");
+
+    assert!(writer.delete(&key.id).unwrap());
+    changed_from(&*reader, seen);
+}
+
+fn generation_changes_with_own_commits(fx: &Fixture) {
+    let store = fx.open();
+    let before = settled(&*store);
+    store.insert(&row(1, "tok", "g", "a")).unwrap();
+    // At once, not when a notification comes back: the process that wrote must not use a stale cache.
+    assert_ne!(store.generation().unwrap(), before);
+}
+
+fn four_threads_insert_into_one_store(fx: &Fixture) {
+    let store = fx.open();
+    std::thread::scope(|s| {
+        for t in 0..4u32 {
+            let store = &store;
+            s.spawn(move || {
+                for i in 0..250 {
+                    store.insert(&row(t * 1000 + i, "tok", "g", "x")).unwrap();
+                }
+            });
+        }
+    });
+    assert_all_1000_present(&*store);
+}
+
+fn four_stores_opened_at_once_insert_concurrently(fx: &Fixture) {
+    // Four opens of a new database race through the migration too.
+    std::thread::scope(|s| {
+        for t in 0..4u32 {
+            s.spawn(move || {
+                let store = fx.open();
+                for i in 0..250 {
+                    store.insert(&row(t * 1000 + i, "tok", "g", "x")).unwrap();
+                }
+            });
+        }
+    });
+    assert_all_1000_present(&*fx.open());
+    assert_eq!(fx.schema_versions(), (1..=SCHEMA_VERSION).collect::<Vec<_>>());
+}
+
+fn four_processes_insert_at_once(fx: &Fixture) {
+    // Each child is this test binary running `child_process_inserts_250_rows` alone.
+    let children: Vec<_> = (0..4u32)
+        .map(|t| {
+            std::process::Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", "child_process_inserts_250_rows", "--ignored", "--test-threads=1"])
+                .env(CHILD_ENV, format!("{t} {}", fx.url()))
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("spawn a child test process")
+        })
+        .collect();
+    for mut child in children {
+        assert!(child.wait().unwrap().success(), "a child process failed");
+    }
+    assert_all_1000_present(&*fx.open());
+}
+
+/// "T URL" for [`child_process_inserts_250_rows`].
+const CHILD_ENV: &str = "P11SHIM_STORE_TEST_CHILD";
+
+#[test]
+#[ignore = "run by four_processes_insert_at_once in a child process"]
+fn child_process_inserts_250_rows() {
+    let Ok(arg) = std::env::var(CHILD_ENV) else { return };
+    let (t, url) = arg.split_once(' ').expect("T URL");
+    let t: u32 = t.parse().unwrap();
+    let store = store::open(url).unwrap_or_else(|e| panic!("child {t}: {e}"));
+    for i in 0..250 {
+        store.insert(&row(t * 1000 + i, "tok", "g", "x")).unwrap_or_else(|e| panic!("child {t}: {e}"));
+    }
+}
+
+fn assert_all_1000_present(store: &dyn KeyStore) {
+    let rows = store.find(&KeyQuery { token: "tok".into(), ..Default::default() }).unwrap();
+    let got: BTreeSet<String> = rows.iter().map(|r| r.id.clone()).collect();
+    let want: BTreeSet<String> = (0..4).flat_map(|t| (0..250).map(move |i| id(t * 1000 + i))).collect();
+    assert_eq!(rows.len(), 1000, "no duplicates");
+    assert_eq!(got, want);
+}
+
+fn reopening_migrates_once_and_keeps_the_rows(fx: &Fixture) {
+    let key = row(1, "tok", "g", "a");
+    fx.open().insert(&key).unwrap();
+    let again = fx.open();
+    assert_eq!(again.get(&key.id).unwrap(), Some(key));
+    drop(again);
+    fx.open();
+    assert_eq!(fx.schema_versions(), (1..=SCHEMA_VERSION).collect::<Vec<_>>());
+}
+
+fn newer_schema_is_refused_naming_both_versions(fx: &Fixture) {
+    fx.open().insert(&row(1, "tok", "g", "a")).unwrap();
+    fx.raw("INSERT INTO schema_version (version) VALUES (99)");
+    let err = store::open(fx.url()).err().expect("a newer schema must be refused");
+    assert!(matches!(err, StoreError::Schema { .. }), "{err:?}");
+    let message = err.to_string();
+    assert!(message.contains("99"), "{message}");
+    assert!(message.contains(&format!("version {SCHEMA_VERSION}")), "{message}");
+    assert!(message.contains(&store::redact(fx.url())), "names the store: {message}");
+}
+
+fn foreign_keys_table_is_refused(fx: &Fixture) {
+    fx.raw("CREATE TABLE keys (name TEXT)");
+    let err = store::open(fx.url()).err().expect("a database that is not ours must be refused");
+    assert!(matches!(err, StoreError::Schema { .. }), "{err:?}");
+}
+
+// ---- SQLite only ----
+
+#[test]
+fn sqlite_missing_directory_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-dir");
+    let err = store::open(&format!("sqlite:{}/keys.db", missing.display())).err().expect("must fail");
+    assert!(matches!(err, StoreError::Url { .. }), "{err:?}");
+    assert!(err.to_string().contains(&missing.display().to_string()), "{err}");
+    assert!(!missing.exists(), "the directory is not created");
+}
+
+#[test]
+fn sqlite_file_is_private_and_in_wal_mode() {
+    use std::os::unix::fs::PermissionsExt;
+    let Fixture::Sqlite { path, .. } = &sqlite() else { unreachable!() };
+    let store = store::open(&format!("sqlite:{}", path.display())).unwrap();
+    store.insert(&row(1, "tok", "g", "a")).unwrap();
+    // The WAL and shared-memory files hold row data too; SQLite gives them the database file's mode.
+    for file in [path.clone(), path.with_extension("db-wal"), path.with_extension("db-shm")] {
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}: {mode:o}", file.display());
+    }
+    let journal: String =
+        rusqlite::Connection::open(path).unwrap().query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+    assert_eq!(journal, "wal");
+}
+
+#[test]
+fn sqlite_file_that_is_not_a_database_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.db");
+    std::fs::write(&path, vec![b'x'; 4096]).unwrap();
+    let err = store::open(&format!("sqlite:{}", path.display())).err().expect("must fail");
+    assert!(matches!(err, StoreError::Schema { .. }), "{err:?}");
+    assert!(err.to_string().contains(&path.display().to_string()), "{err}");
+}
+
+// ---- PostgreSQL only ----
+
+#[test]
+fn postgres_store_recovers_when_the_server_returns() {
+    let cluster = PgCluster::start();
+    let db = TestDb::create(cluster.url());
+    let store = store::open(db.url()).unwrap();
+    let key = row(1, "tok", "g", "a");
+    store.insert(&key).unwrap();
+    settled(&*store);
+
+    cluster.pause();
+    for err in [store.get(&key.id).err(), store.insert(&row(2, "tok", "g", "b")).err()] {
+        let err = err.expect("the server is down");
+        assert!(matches!(err, StoreError::Unavailable { .. }), "{err:?}");
+        assert!(err.to_string().contains(&store.describe()), "names the store: {err}");
+    }
+    // Without its listener the store cannot know what changed: every generation is new.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while store.generation().unwrap() == store.generation().unwrap() {
+        assert!(Instant::now() < deadline, "generation still steady 5 s after the server went away");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    cluster.resume();
+    // The same store object, no re-open: the first call after the server's return succeeds.
+    assert_eq!(store.get(&key.id).unwrap(), Some(key.clone()));
+    store.insert(&row(3, "tok", "g", "c")).unwrap();
+    let seen = settled(&*store); // the listener is back
+    let other = store::open(db.url()).unwrap();
+    other.insert(&row(4, "tok", "g", "d")).unwrap();
+    changed_from(&*store, seen);
+}
+
+// ---- Measurements (not assertions): cargo test --release --test store -- --ignored --nocapture ----
+
+both_engines_ignored!(measure_find_by_label_among_100k_rows_and_generation);
+
+fn measure_find_by_label_among_100k_rows_and_generation(fx: &Fixture) {
+    let store = fx.open();
+    // Filled behind the store's back in one statement: 100k single-row commits would measure fsync instead.
+    let fill = match fx {
+        Fixture::Sqlite { .. } => {
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 100000)
+             INSERT INTO keys (id, token, grp, class, key_type, label, ckid, attrs, wrapped, wrap_mech, mbk, mac, version)
+             SELECT printf('%032x', i), 'bench', 'g' || (i % 10), 4, 31, CAST('label-' || i AS BLOB),
+                    CAST(i AS BLOB), zeroblob(200), zeroblob(40), 8458, 'mbk', zeroblob(32), 1 FROM n"
+        }
+        Fixture::Postgres { .. } => {
+            "INSERT INTO keys (id, token, grp, class, key_type, label, ckid, attrs, wrapped, wrap_mech, mbk, mac, version)
+             SELECT lpad(to_hex(i), 32, '0'), 'bench', 'g' || (i % 10), 4, 31, convert_to('label-' || i, 'UTF8'),
+                    convert_to(i::text, 'UTF8'), decode(repeat('00', 200), 'hex'), decode(repeat('00', 40), 'hex'),
+                    8458, 'mbk', decode(repeat('00', 32), 'hex'), 1 FROM generate_series(1, 100000) AS i;
+             ANALYZE keys"
+        }
+    };
+    fx.raw(fill);
+    let query = KeyQuery { token: "bench".into(), label: Some(b"label-54321".to_vec()), ..Default::default() };
+    assert_eq!(store.find(&query).unwrap().len(), 1);
+    let mut times: Vec<Duration> = (0..1000)
+        .map(|_| {
+            let t = Instant::now();
+            store.find(&query).unwrap();
+            t.elapsed()
+        })
+        .collect();
+    times.sort();
+    let n = 1_000_000u32;
+    let t = Instant::now();
+    for _ in 0..n {
+        store.generation().unwrap();
+    }
+    let per_generation = t.elapsed() / n;
+    println!(
+        "{}: find by label among 100k rows: median {:?}, p99 {:?}, max {:?}; generation(): {:?} per call",
+        store.describe(),
+        times[500],
+        times[990],
+        times[999],
+        per_generation
+    );
+}

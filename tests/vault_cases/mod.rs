@@ -1,0 +1,647 @@
+//! Stored keys (issue B), run against SoftHSM2 through the shim with one key store engine per test binary:
+//! tests/vault_sqlite.rs and tests/vault_postgres.rs run these same cases (`vault_cases!`).
+//!
+//! Each test binary writes a p11shim.toml whose database slots are the tokens `db01`…`db40` (each test
+//! makes its own) and whose `plain` token is a pass-through slot. Each test creates its token and the MBK
+//! (with the real `p11shim` command), then works through the shim with cryptoki.
+#![allow(dead_code)]
+
+use crate::common::{self, new_token, pkcs11, user_session, SO_PIN, USER_PIN};
+use cryptoki::error::{Error, RvError};
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::Session;
+use cryptoki::slot::Slot;
+use p11shim::store::{self, KeyQuery, KeyRow};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// CKA_P11SHIM_GROUP (include/p11shim.h).
+pub const GROUP: u64 = 0x8000_0000 | 0x0053_4801;
+
+pub fn group_attr(g: &str) -> Attribute {
+    Attribute::VendorDefined((AttributeType::VendorDefined(GROUP), g.as_bytes().to_vec()))
+}
+
+static STORE_URL: OnceLock<String> = OnceLock::new();
+
+/// Sets up this binary's config with the key store at `url` and loads the shim. Call first in every test.
+pub fn init(url: impl FnOnce() -> String) {
+    STORE_URL.get_or_init(|| {
+        let url = url();
+        common::setup();
+        let dir = common::test_dir();
+        let mut config = format!(
+            "module = \"{}\"\nlog_file = \"shim.log\"\nlog_level = \"info\"\n[store]\nurl = \"{url}\"\n",
+            common::SOFTHSM
+        );
+        for i in 1..=40 {
+            config.push_str(&format!(
+                "[[slot]]\ntoken = \"db{i:02}\"\nstorage = \"database\"\ndefault_group = \"G{i:02}\"\n"
+            ));
+        }
+        config.push_str("[[slot]]\ntoken = \"plain\"\n");
+        let path = dir.join("p11shim.toml");
+        std::fs::write(&path, config).expect("write p11shim.toml");
+        let _ = std::fs::remove_file(dir.join("shim.log"));
+        std::env::set_var("P11SHIM_CONFIG", &path);
+        pkcs11();
+        url
+    });
+}
+
+pub fn store_url() -> String {
+    STORE_URL.get().expect("init first").clone()
+}
+
+/// The key store is read and edited from a child process (this test binary re-run as `store_child`): a
+/// second copy of SQLite in this process beside the shim's own would break SQLite's POSIX locks (closing
+/// one copy's file descriptor drops the other's locks) and lose the shim's commits.
+fn store_op(op: &str, arg: &str) -> Vec<KeyRow> {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "store_child", "--nocapture", "--test-threads=1"])
+        .env("VAULT_STORE_OP", op)
+        .env("VAULT_STORE_ARG", arg)
+        .env("VAULT_STORE_URL", store_url())
+        .output()
+        .expect("run the store child");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("@@DONE"),
+        "store child {op}: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // libtest prints "test store_child ... " on the line our first output continues.
+    stdout.lines().filter_map(|l| l.split_once("@@ROW ").map(|(_, row)| row)).map(decode_row).collect()
+}
+
+/// The child's side of [`store_op`]; does nothing in a normal test run.
+pub fn store_child() {
+    let (Ok(op), Ok(arg), Ok(url)) =
+        (std::env::var("VAULT_STORE_OP"), std::env::var("VAULT_STORE_ARG"), std::env::var("VAULT_STORE_URL"))
+    else {
+        return;
+    };
+    let store = store::open(&url).expect("open the key store");
+    match op.as_str() {
+        "rows" => {
+            for row in store.find(&KeyQuery { token: arg, ..Default::default() }).expect("find") {
+                println!("@@ROW {}", encode_row(&row));
+            }
+        }
+        "update" => assert!(store.update(&decode_row(&arg)).expect("update"), "row changed meanwhile"),
+        other => panic!("unknown store op {other}"),
+    }
+    println!("@@DONE");
+}
+
+fn encode_row(r: &KeyRow) -> String {
+    [
+        hex::encode(&r.id),
+        hex::encode(&r.token),
+        hex::encode(&r.group),
+        r.class.to_string(),
+        r.key_type.to_string(),
+        hex::encode(&r.label),
+        hex::encode(&r.ckid),
+        hex::encode(&r.attrs),
+        hex::encode(&r.wrapped),
+        r.wrap_mech.to_string(),
+        hex::encode(&r.mbk),
+        hex::encode(&r.mac),
+        r.version.to_string(),
+    ]
+    .join(",")
+}
+
+fn decode_row(line: &str) -> KeyRow {
+    let f: Vec<&str> = line.split(',').collect();
+    let bytes = |i: usize| hex::decode(f[i]).expect("hex");
+    let text = |i: usize| String::from_utf8(bytes(i)).expect("utf8");
+    KeyRow {
+        id: text(0),
+        token: text(1),
+        group: text(2),
+        class: f[3].parse().unwrap(),
+        key_type: f[4].parse().unwrap(),
+        label: bytes(5),
+        ckid: bytes(6),
+        attrs: bytes(7),
+        wrapped: bytes(8),
+        wrap_mech: f[9].parse().unwrap(),
+        mbk: text(10),
+        mac: bytes(11),
+        version: f[12].parse().unwrap(),
+    }
+}
+
+pub fn shim_log() -> String {
+    std::fs::read_to_string(common::test_dir().join("shim.log")).unwrap_or_default()
+}
+
+/// The `p11shim` command with this binary's environment.
+pub fn cli() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_p11shim"));
+    c.env("P11SHIM_SO_PIN", SO_PIN).env("P11SHIM_USER_PIN", USER_PIN);
+    c
+}
+
+/// A fresh database token `label` with its MBK, and a logged-in R/W session on it.
+pub fn db_token(label: &str) -> (Slot, Session) {
+    let slot = new_token(label);
+    let out = cli().args(["mbk", "create", "--token", label]).output().expect("run p11shim");
+    assert!(out.status.success(), "p11shim mbk create: {}", String::from_utf8_lossy(&out.stderr));
+    (slot, user_session(slot))
+}
+
+pub fn aes_template(label: &str) -> Vec<Attribute> {
+    vec![
+        Attribute::Token(true),
+        Attribute::Label(label.as_bytes().to_vec()),
+        Attribute::ValueLen(32.into()),
+        Attribute::Encrypt(true),
+        Attribute::Decrypt(true),
+        Attribute::Sensitive(true),
+    ]
+}
+
+pub fn new_aes(session: &Session, label: &str) -> ObjectHandle {
+    session.generate_key(&Mechanism::AesKeyGen, &aes_template(label)).expect("C_GenerateKey (stored AES)")
+}
+
+pub fn ec_pair(session: &Session, label: &str, token: bool) -> (ObjectHandle, ObjectHandle) {
+    let p256 = vec![0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+    session
+        .generate_key_pair(
+            &Mechanism::EccKeyPairGen,
+            &[
+                Attribute::Token(token),
+                Attribute::EcParams(p256),
+                Attribute::Verify(true),
+                Attribute::Label(label.into()),
+            ],
+            &[
+                Attribute::Token(token),
+                Attribute::Sign(true),
+                Attribute::Label(label.into()),
+                Attribute::Sensitive(true),
+            ],
+        )
+        .expect("C_GenerateKeyPair")
+}
+
+pub fn rv(e: Error) -> RvError {
+    match e {
+        Error::Pkcs11(rv, _) => rv,
+        other => panic!("expected a PKCS#11 error, got {other}"),
+    }
+}
+
+pub fn find_labels(session: &Session, template: &[Attribute]) -> Vec<String> {
+    let mut labels: Vec<String> = session
+        .find_objects(template)
+        .expect("C_FindObjects")
+        .into_iter()
+        .map(|h| match session.get_attributes(h, &[AttributeType::Label]).expect("label").pop() {
+            Some(Attribute::Label(l)) => String::from_utf8_lossy(&l).into_owned(),
+            _ => String::new(),
+        })
+        .collect();
+    labels.sort();
+    labels
+}
+
+fn rows(token: &str) -> Vec<KeyRow> {
+    store_op("rows", token)
+}
+
+fn encrypt_roundtrip(session: &Session, key: ObjectHandle) -> Result<(), Error> {
+    let iv = [7u8; 16];
+    let plain = b"sixteen byte msg".to_vec();
+    let ct = session.encrypt(&Mechanism::AesCbc(iv), key, &plain)?;
+    assert_ne!(ct, plain);
+    assert_eq!(session.decrypt(&Mechanism::AesCbc(iv), key, &ct)?, plain);
+    Ok(())
+}
+
+/// The SoftHSM2 token directory holds no object with this label: the key lives only in the store.
+fn not_in_hsm_token(slot_label: &str, label: &str) {
+    let p = pkcs11();
+    let slot = common::find_token(slot_label).expect("token");
+    let s = p.open_ro_session(slot).expect("session");
+    // Through the shim, a find with CKA_TOKEN=true would include stored keys; ask SoftHSM2 itself.
+    let raw = common::functions(&common::softhsm_path());
+    let mut t = [cryptoki_sys::CK_ATTRIBUTE {
+        type_: cryptoki_sys::CKA_LABEL,
+        pValue: label.as_ptr() as *mut _,
+        ulValueLen: label.len() as _,
+    }];
+    let mut found = [0u64; 8];
+    let mut n = 0;
+    // SAFETY: valid template and buffers; the session is SoftHSM2's own handle (same instance).
+    unsafe {
+        assert_eq!(raw.C_FindObjectsInit.unwrap()(s.handle(), t.as_mut_ptr(), 1), 0);
+        assert_eq!(raw.C_FindObjects.unwrap()(s.handle(), found.as_mut_ptr(), 8, &mut n), 0);
+        raw.C_FindObjectsFinal.unwrap()(s.handle());
+    }
+    for h in &found[..n as usize] {
+        // SAFETY: a handle SoftHSM2 just returned.
+        let tok = s.get_attributes(unsafe { ObjectHandle::new_from_raw(*h) }, &[AttributeType::Token]);
+        assert_ne!(
+            tok.ok().and_then(|mut v| v.pop()),
+            Some(Attribute::Token(true)),
+            "{label} is a token object in SoftHSM2"
+        );
+    }
+}
+
+pub fn stored_key_is_a_row_not_an_hsm_object() {
+    let (_slot, s) = db_token("db01");
+    let key = new_aes(&s, "k1");
+    assert!(key.handle() & (1 << 63) != 0, "stored keys have shim handles");
+    let rows = rows("db01");
+    assert_eq!(rows.len(), 1);
+    let row = &rows[0];
+    assert_eq!(row.label, b"k1");
+    assert_eq!(row.group, "G01", "the slot's default_group");
+    assert_eq!(row.wrap_mech, cryptoki_sys::CKM_AES_KEY_WRAP_PAD);
+    assert!(!row.wrapped.is_empty() && !row.mac.is_empty());
+    not_in_hsm_token("db01", "k1");
+    encrypt_roundtrip(&s, key).expect("a stored key encrypts and decrypts");
+    assert_eq!(s.get_attributes(key, &[AttributeType::Token]).unwrap(), vec![Attribute::Token(true)]);
+}
+
+pub fn stored_keys_sign_verify_and_mac() {
+    let (_slot, s) = db_token("db02");
+    let (public, private) = ec_pair(&s, "ec", true);
+    let sig = s.sign(&Mechanism::Ecdsa, private, &[9u8; 32]).expect("ECDSA with a stored key");
+    s.verify(&Mechanism::Ecdsa, public, &[9u8; 32], &sig).expect("verify with a stored public key");
+    let hmac = s
+        .generate_key(
+            &Mechanism::GenericSecretKeyGen,
+            &[
+                Attribute::Token(true),
+                Attribute::ValueLen(32.into()),
+                Attribute::Sign(true),
+                Attribute::Verify(true),
+                Attribute::Label(b"mac".to_vec()),
+            ],
+        )
+        .expect("generic secret");
+    let tag = s.sign(&Mechanism::Sha256Hmac, hmac, b"data").expect("HMAC");
+    s.verify(&Mechanism::Sha256Hmac, hmac, b"data", &tag).expect("HMAC verify");
+    let classes: Vec<u64> = rows("db02").iter().map(|r| r.class).collect();
+    assert_eq!(classes.len(), 3, "public, private and secret rows: {classes:?}");
+    // A mixed pair: only the token half is stored.
+    let (p2, q2) = ec_pair_mixed(&s);
+    assert!(p2.handle() & (1 << 63) == 0 && q2.handle() & (1 << 63) != 0);
+    assert_eq!(rows("db02").len(), 4);
+}
+
+fn ec_pair_mixed(s: &Session) -> (ObjectHandle, ObjectHandle) {
+    let p256 = vec![0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+    s.generate_key_pair(
+        &Mechanism::EccKeyPairGen,
+        &[Attribute::Token(false), Attribute::EcParams(p256), Attribute::Verify(true)],
+        &[Attribute::Token(true), Attribute::Sign(true), Attribute::Label(b"half".to_vec())],
+    )
+    .expect("mixed pair")
+}
+
+pub fn find_by_any_attribute_and_group() {
+    let (_slot, s) = db_token("db03");
+    let mut t = aes_template("a");
+    t.push(Attribute::Id(vec![1]));
+    s.generate_key(&Mechanism::AesKeyGen, &t).unwrap();
+    let mut t = aes_template("b");
+    t.push(group_attr("Prod"));
+    t.push(Attribute::Id(vec![2]));
+    s.generate_key(&Mechanism::AesKeyGen, &t).unwrap();
+    ec_pair(&s, "c", true);
+    // A session object is not stored, and is found as before.
+    s.generate_key(
+        &Mechanism::AesKeyGen,
+        &[Attribute::Token(false), Attribute::ValueLen(16.into()), Attribute::Label(b"sess".to_vec())],
+    )
+    .unwrap();
+    assert_eq!(rows("db03").len(), 4);
+    assert_eq!(find_labels(&s, &[Attribute::Label(b"a".to_vec())]), vec!["a"]);
+    assert_eq!(find_labels(&s, &[Attribute::Id(vec![2])]), vec!["b"]);
+    assert_eq!(find_labels(&s, &[Attribute::Class(ObjectClass::SECRET_KEY)]), vec!["a", "b", "sess"]);
+    assert_eq!(find_labels(&s, &[Attribute::Class(ObjectClass::SECRET_KEY), Attribute::Token(true)]), vec!["a", "b"]);
+    assert_eq!(find_labels(&s, &[Attribute::KeyType(KeyType::EC)]), vec!["c", "c"]);
+    assert_eq!(find_labels(&s, &[group_attr("Prod")]), vec!["b"]);
+    assert_eq!(find_labels(&s, &[group_attr("G03")]), vec!["a", "c", "c"]);
+    assert_eq!(find_labels(&s, &[group_attr("G03"), Attribute::Class(ObjectClass::PRIVATE_KEY)]), vec!["c"]);
+    assert_eq!(find_labels(&s, &[group_attr("Nope")]), Vec::<String>::new());
+    assert_eq!(find_labels(&s, &[Attribute::Label(b"b".to_vec()), Attribute::Encrypt(true)]), vec!["b"]);
+    assert_eq!(find_labels(&s, &[Attribute::Label(b"b".to_vec()), Attribute::Encrypt(false)]), Vec::<String>::new());
+    // The shim's own MBK set is not the application's business.
+    assert!(find_labels(&s, &[]).iter().all(|l| !l.starts_with("p11shim-mbk")), "{:?}", find_labels(&s, &[]));
+    // The group is readable, the same handle comes back every time.
+    let b = s.find_objects(&[Attribute::Label(b"b".to_vec())]).unwrap()[0];
+    assert_eq!(s.find_objects(&[Attribute::Label(b"b".to_vec())]).unwrap()[0], b);
+    let got = s.get_attributes(b, &[AttributeType::VendorDefined(GROUP)]).unwrap();
+    assert_eq!(got, vec![group_attr("Prod")]);
+    // Private keys are invisible without login.
+    let ro = pkcs11().open_ro_session(common::find_token("db03").unwrap()).unwrap();
+    ro.logout().ok();
+    drop(s);
+    let anon = find_labels(&ro, &[Attribute::Token(true)]);
+    assert!(!anon.contains(&"a".to_string()), "private stored keys are hidden without login: {anon:?}");
+}
+
+pub fn attributes_follow_the_spec() {
+    let (_slot, s) = db_token("db04");
+    let key = new_aes(&s, "attr");
+    let got = s.get_attributes(key, &[AttributeType::Value, AttributeType::Sensitive, AttributeType::Label]).unwrap();
+    assert_eq!(got, vec![Attribute::Sensitive(true), Attribute::Label(b"attr".to_vec())], "CKA_VALUE never readable");
+    s.update_attributes(key, &[Attribute::Label(b"renamed".to_vec()), Attribute::Encrypt(false)]).expect("modifiable");
+    assert_eq!(rows("db04")[0].label, b"renamed");
+    assert_eq!(
+        rv(s.encrypt(&Mechanism::AesEcb, key, &[0u8; 16]).unwrap_err()),
+        RvError::KeyFunctionNotPermitted,
+        "new flags apply"
+    );
+    assert_eq!(rv(s.update_attributes(key, &[Attribute::Sensitive(false)]).unwrap_err()), RvError::AttributeReadOnly);
+    assert_eq!(
+        rv(s.update_attributes(key, &[Attribute::Class(ObjectClass::DATA)]).unwrap_err()),
+        RvError::AttributeReadOnly
+    );
+    s.update_attributes(key, &[group_attr("Moved")]).expect("group change");
+    assert_eq!(rows("db04")[0].group, "Moved");
+    // Unextractable stored keys refuse C_WrapKey.
+    s.update_attributes(key, &[Attribute::Extractable(false)]).unwrap();
+    let wrapping = s
+        .generate_key(
+            &Mechanism::AesKeyGen,
+            &[Attribute::Token(false), Attribute::ValueLen(32.into()), Attribute::Wrap(true)],
+        )
+        .unwrap();
+    assert_eq!(rv(s.wrap_key(&Mechanism::AesKeyWrapPad, wrapping, key).unwrap_err()), RvError::KeyUnextractable);
+    // The group attribute is never sent to the backend: on a pass-through object it is simply not there.
+    let plain =
+        s.generate_key(&Mechanism::AesKeyGen, &[Attribute::Token(false), Attribute::ValueLen(16.into())]).unwrap();
+    assert_eq!(s.get_attributes(plain, &[AttributeType::VendorDefined(GROUP)]).unwrap(), vec![]);
+    let mut t = aes_template("sess");
+    t[0] = Attribute::Token(false);
+    t.push(group_attr("X"));
+    assert_eq!(rv(s.generate_key(&Mechanism::AesKeyGen, &t).unwrap_err()), RvError::AttributeTypeInvalid);
+}
+
+pub fn destroy_deletes_the_row_and_other_processes_see_it() {
+    let (_slot, s) = db_token("db05");
+    let a = new_aes(&s, "gone");
+    let b = new_aes(&s, "elsewhere");
+    encrypt_roundtrip(&s, b).unwrap();
+    s.destroy_object(a).expect("destroy");
+    assert_eq!(rows("db05").len(), 1);
+    assert_eq!(rv(s.encrypt(&Mechanism::AesEcb, a, &[0u8; 16]).unwrap_err()), RvError::KeyHandleInvalid);
+    // Another process destroys `b` (pkcs11-tool through the shim); here its handle stops working.
+    let out = Command::new("pkcs11-tool")
+        .args([
+            "--module",
+            &common::shim_path().to_string_lossy(),
+            "--token-label",
+            "db05",
+            "--login",
+            "--pin",
+            USER_PIN,
+        ])
+        .args(["--delete-object", "--type", "secrkey", "--label", "elsewhere"])
+        .output()
+        .expect("pkcs11-tool");
+    assert!(out.status.success(), "pkcs11-tool --delete-object: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(rows("db05").is_empty());
+    let e = s.encrypt(&Mechanism::AesEcb, b, &[0u8; 16]).unwrap_err();
+    assert_eq!(rv(e), RvError::KeyHandleInvalid, "a key destroyed elsewhere is not used from the cache");
+}
+
+pub fn keys_survive_a_restart_and_are_seen_by_other_processes() {
+    let (_slot, s) = db_token("db06");
+    let (public, _private) = ec_pair(&s, "signer", true);
+    // Another process signs with the stored private key through the shim.
+    let dir = common::test_dir();
+    let data = dir.join("db06.data");
+    let sig = dir.join("db06.sig");
+    std::fs::write(&data, [5u8; 32]).unwrap();
+    let out = Command::new("pkcs11-tool")
+        .args([
+            "--module",
+            &common::shim_path().to_string_lossy(),
+            "--token-label",
+            "db06",
+            "--login",
+            "--pin",
+            USER_PIN,
+        ])
+        .args(["--sign", "--mechanism", "ECDSA", "--label", "signer", "--input-file"])
+        .arg(&data)
+        .arg("--output-file")
+        .arg(&sig)
+        .output()
+        .expect("pkcs11-tool");
+    assert!(out.status.success(), "pkcs11-tool --sign: {}", String::from_utf8_lossy(&out.stderr));
+    let signature = std::fs::read(&sig).unwrap();
+    s.verify(&Mechanism::Ecdsa, public, &[5u8; 32], &signature).expect("the other process signed with the same key");
+}
+
+pub fn handles_survive_close_all_sessions_and_logout() {
+    let (slot, s) = db_token("db07");
+    let key = new_aes(&s, "stay");
+    encrypt_roundtrip(&s, key).unwrap();
+    let raw = common::functions(&common::shim_path());
+    // SAFETY: a plain call with a slot id; the sessions it closes are not used again.
+    assert_eq!(unsafe { raw.C_CloseAllSessions.unwrap()(slot.id()) }, 0, "C_CloseAllSessions");
+    std::mem::forget(s);
+    let s = user_session(slot);
+    encrypt_roundtrip(&s, key).expect("after C_CloseAllSessions");
+    s.logout().unwrap();
+    assert!(s.encrypt(&Mechanism::AesEcb, key, &[0u8; 16]).is_err(), "a private key needs a login");
+    let s = user_session(slot);
+    encrypt_roundtrip(&s, key).expect("after logout and a new login");
+}
+
+pub fn missing_mbk_says_how_to_create_it() {
+    let slot = new_token("db08");
+    let s = user_session(slot);
+    let e = s.generate_key(&Mechanism::AesKeyGen, &aes_template("x")).unwrap_err();
+    assert_eq!(rv(e), RvError::GeneralError);
+    assert!(shim_log().contains("p11shim mbk create --token db08"), "log: {}", shim_log());
+    let out = cli().args(["mbk", "show", "--token", "db08"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("p11shim mbk create --token db08"));
+    // A second `mbk create` is refused: every stored key depends on the first.
+    cli().args(["mbk", "create", "--token", "db08"]).output().unwrap();
+    let again = cli().args(["mbk", "create", "--token", "db08"]).output().unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already has a master backup key"));
+    let shown = cli().args(["mbk", "show", "--token", "db08"]).output().unwrap();
+    let text = String::from_utf8_lossy(&shown.stdout);
+    let fp = text.lines().find(|l| l.starts_with("fingerprint:")).expect("fingerprint line");
+    assert_eq!(fp.split_whitespace().nth(1).unwrap().len(), 35, "{fp}");
+}
+
+/// A row edited in the database (each column in turn) is refused when loaded; other keys are unaffected.
+pub fn edited_rows_are_refused() {
+    let (_slot, s) = db_token("db09");
+    let good = new_aes(&s, "good");
+    type Edit = fn(&mut KeyRow);
+    let edits: Vec<(&str, Edit)> = vec![
+        ("group", |r| r.group = "Other".into()),
+        ("label", |r| r.label = b"evil".to_vec()),
+        ("id", |r| r.ckid = vec![9]),
+        ("attrs (CKA_SIGN flipped)", |r| {
+            let mut t = p11shim::attrs::Template::decode(&r.attrs).unwrap();
+            let sign = t.bool(cryptoki_sys::CKA_SIGN).unwrap_or(false);
+            t.set(p11shim::attrs::Attr::bool(cryptoki_sys::CKA_SIGN, !sign));
+            r.attrs = t.encode();
+        }),
+        ("wrapped blob", |r| {
+            let n = r.wrapped.len();
+            r.wrapped[n - 1] ^= 1
+        }),
+        ("class", |r| r.class = 3),
+        ("key type", |r| r.key_type = 0x10),
+        ("wrap mechanism", |r| r.wrap_mech = 0x210B),
+        ("mbk fingerprint", |r| r.mbk = "00000000-00000000-00000000-00000000".into()),
+        ("mac", |r| r.mac[0] ^= 1),
+    ];
+    for (i, (what, edit)) in edits.into_iter().enumerate() {
+        let label = format!("victim{i}");
+        let key = new_aes(&s, &label);
+        let row = rows("db09").into_iter().find(|r| r.label == label.as_bytes()).expect("victim row");
+        let mut edited = row.clone();
+        edit(&mut edited);
+        edited.version += 1;
+        store_op("update", &encode_row(&edited));
+        let e = s.encrypt(&Mechanism::AesEcb, key, &[0u8; 16]).unwrap_err();
+        assert_eq!(rv(e), RvError::GeneralError, "edited {what}: refused");
+        assert!(shim_log().contains(&row.id), "edited {what}: the log names the key {}", row.id);
+        encrypt_roundtrip(&s, good).unwrap_or_else(|e| panic!("after editing {what}, other keys still work: {e}"));
+    }
+}
+
+/// Four processes create keys at once into one store: none lost, none doubled.
+pub fn four_processes_create_at_once() {
+    let (_slot, s) = db_token("db10");
+    drop(s);
+    let module = common::shim_path();
+    let children: Vec<_> = (0..4)
+        .map(|p| {
+            let script = (0..10)
+                .map(|i| {
+                    format!(
+                        "pkcs11-tool --module {} --token-label db10 --login --pin {USER_PIN} --keygen --key-type AES:16 --label p{p}k{i} >/dev/null || {{ echo p{p}k{i} failed >&2; exit 1; }}",
+                        module.display()
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n");
+            Command::new("bash")
+                .arg("-c")
+                .arg(script)
+                .env("SOFTHSM2_CONF", token_copy(&format!("creator{p}")))
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("spawn")
+        })
+        .collect();
+    for mut c in children {
+        assert!(c.wait().unwrap().success(), "a creating process failed");
+    }
+    let mut labels: Vec<Vec<u8>> = rows("db10").into_iter().map(|r| r.label).collect();
+    labels.sort();
+    let mut want: Vec<Vec<u8>> = (0..4).flat_map(|p| (0..10).map(move |i| format!("p{p}k{i}").into_bytes())).collect();
+    want.sort();
+    assert_eq!(labels, want);
+}
+
+/// A copy of this binary's SoftHSM2 token directory (same tokens, same MBKs) with its own softhsm2.conf,
+/// for child processes: SoftHSM2 is neither crash-safe nor safe for several processes reading token
+/// files while one writes them, and these tests are about the key store, which is shared.
+fn token_copy(name: &str) -> PathBuf {
+    let dir = common::test_dir();
+    let copy = dir.join(name);
+    let _ = std::fs::remove_dir_all(&copy);
+    std::fs::create_dir_all(&copy).unwrap();
+    let status = Command::new("cp").arg("-r").arg(dir.join("tokens")).arg(&copy).status().unwrap();
+    assert!(status.success(), "copy the token directory");
+    let conf = copy.join("softhsm2.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+            copy.join("tokens").display()
+        ),
+    )
+    .unwrap();
+    conf
+}
+
+/// kill -9 in the middle of creating keys leaves only complete rows, each of which loads.
+///
+/// The killed processes work on a copy of the SoftHSM2 token directory (same tokens, same MBK): SoftHSM2
+/// itself is not crash-safe, and this process's SoftHSM2 must not see its files half-written.
+pub fn kill_during_create_leaves_no_half_row() {
+    let (slot, s) = db_token("db11");
+    let conf = token_copy("killed");
+    let module = common::shim_path();
+    let script = format!(
+        "for i in $(seq 1 200); do pkcs11-tool --module {} --token-label db11 --login --pin {USER_PIN} --keygen --key-type AES:16 --label k$i >/dev/null; done",
+        module.display()
+    );
+    // Kill the whole process group while a create is most likely in flight.
+    let mut child =
+        Command::new("setsid").args(["bash", "-c", &script]).env("SOFTHSM2_CONF", &conf).spawn().expect("spawn");
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // SAFETY: plain kill(2) of the child's process group.
+    unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+    let _ = child.wait();
+    let rows = rows("db11");
+    assert!(!rows.is_empty(), "some keys were created before the kill");
+    drop(s);
+    let s = user_session(slot);
+    for row in &rows {
+        let h = s.find_objects(&[Attribute::Label(row.label.clone())]).unwrap();
+        assert_eq!(h.len(), 1, "{:?}", row);
+        s.encrypt(&Mechanism::AesEcb, h[0], &[0u8; 16]).unwrap_or_else(|e| panic!("row {} loads: {e}", row.id));
+    }
+}
+
+/// The pass-through slot of the same config behaves as without a store.
+pub fn plain_slot_is_untouched() {
+    let slot = new_token("plain");
+    let s = user_session(slot);
+    let key = s.generate_key(&Mechanism::AesKeyGen, &aes_template("native")).unwrap();
+    assert!(key.handle() & (1 << 63) == 0, "a native handle");
+    assert!(rows("plain").is_empty());
+    encrypt_roundtrip(&s, key).unwrap();
+    let mut t = aes_template("g");
+    t.push(group_attr("X"));
+    assert_eq!(rv(s.generate_key(&Mechanism::AesKeyGen, &t).unwrap_err()), RvError::AttributeTypeInvalid);
+}
+
+pub fn config_path() -> PathBuf {
+    common::test_dir().join("p11shim.toml")
+}
+
+/// One #[test] per case, in a binary that defines `fn init()` choosing its engine; and `store_child`.
+#[macro_export]
+macro_rules! vault_cases {
+    ($($name:ident),* $(,)?) => {
+    #[test]
+    fn store_child() {
+        vault_cases::store_child();
+    }
+    $(
+        #[test]
+        #[serial_test::serial]
+        fn $name() {
+            init();
+            vault_cases::$name();
+        }
+    )* };
+    () => {};
+}
