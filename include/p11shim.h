@@ -23,4 +23,15 @@
  */
 #define P11SHIM_HANDLE_BIT (((CK_ULONG)1) << (sizeof(CK_ULONG) * 8 - 1))
 
+/*
+ * CKA_P11SHIM_GROUP: the group of a key kept in the key store (a slot with storage = "database"). A UTF-8
+ * string (not NUL-terminated), non-empty, without control characters. Give it in the template of a token
+ * object to choose the group (else the slot's default_group, else the token label); read it with
+ * C_GetAttributeValue; use it in C_FindObjectsInit templates; change it with C_SetAttributeValue. Backend
+ * objects have no group: asking for it answers CKR_ATTRIBUTE_TYPE_INVALID, and giving it when creating
+ * anything but a stored key is refused with CKR_ATTRIBUTE_TYPE_INVALID. It is never sent to the backend.
+ * (Bit 30, CKF_ARRAY_ATTRIBUTE, is clear: it is a plain attribute.)
+ */
+#define CKA_P11SHIM_GROUP (CKA_VENDOR_DEFINED | 0x00534801UL)
+
 #endif /* P11SHIM_H */

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# p11shim demo: builds the shim, sets up a SoftHSM2 token in ./demo-work and uses it *through the shim* with
+# p11shim demo: builds the shim, sets up a SoftHSM2 token in ./demo-work as a *database slot* (keys kept in
+# an SQLite key store beside the config, wrapped under the token's MBK), and uses it *through the shim* with
 # pkcs11-tool and the OpenSSL pkcs11 engine; every signature is verified with plain openssl (no HSM).
 #
 # Usage (from anywhere; as root on Debian 12, or with the packages of scripts/install-deps.sh installed):
@@ -19,6 +20,7 @@ backend=/usr/lib/softhsm/libsofthsm2.so
 target_dir=${CARGO_TARGET_DIR:-target}
 [[ $target_dir == /* ]] || target_dir=$root/$target_dir
 shim=$target_dir/release/libp11shim.so
+cli=$target_dir/release/p11shim
 
 # --- output helpers ----------------------------------------------------------------------------------------
 steps_done=()
@@ -81,6 +83,7 @@ fi
 tail -n 1 "$build_log" | indent
 rm -f "$build_log"
 [[ -f $shim ]] || fail "$shim was not built"
+[[ -x $cli ]] || fail "$cli was not built"
 ok
 
 begin "Create $work with a SoftHSM2 token '$label'"
@@ -94,17 +97,30 @@ eval "$exports"
 echo "SOFTHSM2_CONF=$SOFTHSM2_CONF" | indent
 ok
 
-begin "Write $work/p11shim.toml (backend: SoftHSM2, log: $work/p11shim.log)"
+begin "Write $work/p11shim.toml (backend: SoftHSM2; '$label' is a database slot; store: $work/keys.db)"
 cat >"$work/p11shim.toml" <<EOF
-# p11shim configuration for the demo; see README.md, "Configuration".
+# p11shim configuration for the demo; see README.md, "Configuration" and "Database slots".
 module = "$backend"
 # Relative paths are relative to this file.
 log_file = "p11shim.log"
 log_level = "debug"
+
+[store]
+url = "sqlite:keys.db"
+
+[[slot]]
+token = "$label"
+storage = "database"
+default_group = "Demo"
 EOF
 indent <"$work/p11shim.toml"
 export P11SHIM_CONFIG=$work/p11shim.toml
 unset P11SHIM_MODULE # would override `module`
+ok
+
+begin "Create the token's master backup key set (p11shim mbk create), show its fingerprint"
+P11SHIM_SO_PIN=$so_pin P11SHIM_USER_PIN=$user_pin "$cli" mbk create --token "$label" | indent
+"$cli" mbk show --token "$label" | indent
 ok
 
 begin "pkcs11-tool --show-info through the shim: manufacturer is p11shim"
@@ -134,8 +150,21 @@ begin "Generate an RSA-2048 key pair (label demo-rsa, id 02)"
 p11_user --keypairgen --key-type rsa:2048 --id 02 --label demo-rsa | indent
 ok
 
-begin "List the objects on the token"
-p11_user --list-objects | indent
+begin "List the objects through the shim (the MBK set is the shim's and not listed)"
+p11_user --list-objects 2>/dev/null | indent
+p11_user --list-objects 2>/dev/null | grep -q "label: *demo-ec" || fail "demo-ec not listed"
+if p11_user --list-objects 2>/dev/null | grep -q "p11shim-mbk"; then fail "the MBK set is listed"; fi
+ok
+
+begin "The keys live in the key store ($work/keys.db), not in the HSM token"
+ls -l "$work/keys.db" | indent
+[[ -s $work/keys.db ]] || fail "$work/keys.db is missing or empty"
+pkcs11-tool --module "$backend" --token-label "$label" --login --pin "$user_pin" --list-objects 2>/dev/null \
+    >"$work/objects-direct.txt"
+echo "SoftHSM2's own token objects (directly, without the shim):" | indent
+grep -E "Object|label" "$work/objects-direct.txt" | indent
+if grep -q "demo-ec\|demo-rsa" "$work/objects-direct.txt"; then fail "a demo key is a token object in SoftHSM2"; fi
+if grep -qa "PRIVATE KEY" "$work/keys.db"; then fail "clear key material in the store"; fi
 ok
 
 begin "Export both public keys (pkcs11-tool --read-object --type pubkey) and convert them to PEM"
@@ -215,5 +244,5 @@ printf '\nSummary: all %d steps OK in %ss\n' "${#steps_done[@]}" "$((SECONDS - s
 for s in "${steps_done[@]}"; do
     echo "  OK  $s"
 done
-echo "Files: $work (token in softhsm/, p11shim.toml, p11shim.log, openssl.cnf, keys, signatures, demo-cert.pem)"
+echo "Files: $work (token in softhsm/, p11shim.toml, keys.db, p11shim.log, openssl.cnf, keys, signatures, demo-cert.pem)"
 echo "Try:   P11SHIM_CONFIG=$work/p11shim.toml SOFTHSM2_CONF=$SOFTHSM2_CONF pkcs11-tool --module $shim -L"

@@ -48,7 +48,7 @@ run "format (cargo fmt --check)" cargo fmt --all -- --check
 run "lint (cargo clippy)" cargo clippy --all-targets -- -D warnings
 run "release build" cargo build --release
 # cargo test builds the library only as an rlib for the tests; the tests load the cdylib, so build it first.
-run "debug build (the .so the tests load)" cargo build --lib --examples
+run "debug build (the .so the tests load, the p11shim command)" cargo build --lib --bins --examples
 # One throwaway PostgreSQL cluster shared by the test binaries (tests/common/pg.rs starts its own without it).
 pg_dir=$(mktemp -d)
 trap 'bash scripts/pg-cluster.sh stop "$pg_dir"' EXIT

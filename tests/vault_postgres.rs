@@ -29,6 +29,7 @@ vault_cases!(
     four_processes_create_at_once,
     kill_during_create_leaves_no_half_row,
     plain_slot_is_untouched,
+    every_creation_path_stores,
 );
 
 /// The database going away: stored-key calls fail with CKR_DEVICE_ERROR and a log line; native keys go on

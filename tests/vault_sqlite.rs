@@ -25,4 +25,5 @@ vault_cases!(
     four_processes_create_at_once,
     kill_during_create_leaves_no_half_row,
     plain_slot_is_untouched,
+    every_creation_path_stores,
 );

@@ -328,7 +328,27 @@ pub(crate) unsafe extern "C" fn C_CopyObject(
             parsed.set(Attr::bool(CKA_TOKEN, true));
         }
         let secret = class.is_none_or(attrs::has_secret);
-        create_stored(s, &db, parsed, secret, new_object, |t| backend.copy_object(s, source, t))
+        // What the source already is need not (and, for one-way attributes, may not) be asked again.
+        let source_flags =
+            backend.attributes(s, source, &[CKA_EXTRACTABLE, CKA_WRAP_WITH_TRUSTED]).map_err(CK_RV::from)?;
+        if secret && stored.is_none() && source_flags.bool(CKA_EXTRACTABLE) == Some(false) {
+            crate::warn!(
+                "C_CopyObject: a key that is not extractable cannot become a stored key (it could not be wrapped under the MBK); refused"
+            );
+            return Err(CKR_ACTION_PROHIBITED);
+        }
+        create_stored(s, &db, parsed, secret, new_object, |t| {
+            let mut t = t.clone();
+            for ty in [CKA_EXTRACTABLE, CKA_WRAP_WITH_TRUSTED] {
+                if source_flags.bool(ty) == Some(true) && t.bool(ty) == Some(true) {
+                    t.remove(ty);
+                }
+            }
+            // The temporary copy only needs to be extractable, to be wrapped under the MBK once; SoftHSM2
+            // refuses CKA_WRAP_WITH_TRUSTED in a copy's template, and every later load sets it anyway.
+            t.remove(CKA_WRAP_WITH_TRUSTED);
+            backend.copy_object(s, source, &t)
+        })
     })
 }
 

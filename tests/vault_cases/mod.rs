@@ -610,6 +610,147 @@ pub fn kill_during_create_leaves_no_half_row() {
     }
 }
 
+/// Every way of making a token object stores it: C_CreateObject, C_UnwrapKey, C_DeriveKey, C_CopyObject.
+pub fn every_creation_path_stores() {
+    let (slot, s) = db_token("db12");
+    // C_CreateObject: a secret key with its value, and a data object.
+    let created = s
+        .create_object(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::Token(true),
+            Attribute::Value(vec![0x11; 32]),
+            Attribute::Encrypt(true),
+            Attribute::Decrypt(true),
+            Attribute::Label(b"imported".to_vec()),
+        ])
+        .expect("C_CreateObject of a token secret key");
+    let data = s
+        .create_object(&[
+            Attribute::Class(ObjectClass::DATA),
+            Attribute::Token(true),
+            Attribute::Private(false),
+            Attribute::Label(b"note".to_vec()),
+            Attribute::Value(b"hello".to_vec()),
+        ])
+        .expect("C_CreateObject of a token data object");
+    assert_eq!(s.get_attributes(data, &[AttributeType::Value]).unwrap(), vec![Attribute::Value(b"hello".to_vec())]);
+    // The same value in a native session key gives the same ciphertext: the stored key is that key.
+    let native = s
+        .create_object(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::Token(false),
+            Attribute::Value(vec![0x11; 32]),
+            Attribute::Encrypt(true),
+        ])
+        .unwrap();
+    let block = [3u8; 16];
+    assert_eq!(
+        s.encrypt(&Mechanism::AesEcb, created, &block).unwrap(),
+        s.encrypt(&Mechanism::AesEcb, native, &block).unwrap()
+    );
+    // C_UnwrapKey into a token key, under a stored wrapping key.
+    let kek = s
+        .generate_key(
+            &Mechanism::AesKeyGen,
+            &[
+                Attribute::Token(true),
+                Attribute::ValueLen(32.into()),
+                Attribute::Wrap(true),
+                Attribute::Unwrap(true),
+                Attribute::Label(b"kek".to_vec()),
+            ],
+        )
+        .unwrap();
+    let wrapping_native = s
+        .create_object(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::Token(false),
+            Attribute::Value(vec![0x22; 32]),
+            Attribute::Extractable(true),
+            Attribute::Encrypt(true),
+        ])
+        .unwrap();
+    let wrapped = s.wrap_key(&Mechanism::AesKeyWrapPad, kek, wrapping_native).expect("wrap under a stored key");
+    let unwrapped = s
+        .unwrap_key(
+            &Mechanism::AesKeyWrapPad,
+            kek,
+            &wrapped,
+            &[
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::KeyType(KeyType::AES),
+                Attribute::Token(true),
+                Attribute::Encrypt(true),
+                Attribute::Label(b"unwrapped".to_vec()),
+            ],
+        )
+        .expect("C_UnwrapKey into a token key");
+    assert_eq!(
+        s.encrypt(&Mechanism::AesEcb, unwrapped, &block).unwrap(),
+        s.encrypt(&Mechanism::AesEcb, wrapping_native, &block).unwrap()
+    );
+    // C_DeriveKey (ECDH) into a token key, from a stored private key.
+    let p256 = vec![0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+    let (_pa, qa) = s
+        .generate_key_pair(
+            &Mechanism::EccKeyPairGen,
+            &[Attribute::Token(true), Attribute::EcParams(p256), Attribute::Label(b"alice".to_vec())],
+            &[Attribute::Token(true), Attribute::Derive(true), Attribute::Label(b"alice".to_vec())],
+        )
+        .unwrap();
+    let (pb, _qb) = ec_pair(&s, "bob", false);
+    let point = match s.get_attributes(pb, &[AttributeType::EcPoint]).unwrap().pop() {
+        Some(Attribute::EcPoint(p)) => p,
+        other => panic!("EC point: {other:?}"),
+    };
+    let raw_point = if point.len() == 67 && point[0] == 0x04 { point[2..].to_vec() } else { point };
+    let params = cryptoki::mechanism::elliptic_curve::Ecdh1DeriveParams::new(
+        cryptoki::mechanism::elliptic_curve::EcKdf::null(),
+        &raw_point,
+    );
+    let derived = s
+        .derive_key(
+            &Mechanism::Ecdh1Derive(params),
+            qa,
+            &[
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::KeyType(KeyType::GENERIC_SECRET),
+                Attribute::Token(true),
+                Attribute::ValueLen(32.into()),
+                Attribute::Label(b"derived".to_vec()),
+                Attribute::Sign(true),
+            ],
+        )
+        .expect("C_DeriveKey into a token key");
+    s.sign(&Mechanism::Sha256Hmac, derived, b"x").expect("use the derived stored key");
+    // C_CopyObject: a stored key's copy is stored (same group unless given); a native key copied as a token
+    // object is stored.
+    let copy = s.copy_object(created, &[Attribute::Label(b"copy".to_vec())]).expect("copy a stored key");
+    assert!(copy.handle() & (1 << 63) != 0);
+    assert_eq!(
+        s.encrypt(&Mechanism::AesEcb, copy, &block).unwrap(),
+        s.encrypt(&Mechanism::AesEcb, native, &block).unwrap()
+    );
+    assert_eq!(
+        rv(s.copy_object(native, &[Attribute::Token(true)]).unwrap_err()),
+        RvError::ActionProhibited,
+        "an unextractable key cannot be wrapped into the store"
+    );
+    let adopted = s
+        .copy_object(wrapping_native, &[Attribute::Token(true), Attribute::Label(b"adopted".to_vec())])
+        .expect("copy native → token");
+    assert!(adopted.handle() & (1 << 63) != 0);
+    let mut labels: Vec<String> = rows("db12").iter().map(|r| String::from_utf8_lossy(&r.label).into_owned()).collect();
+    labels.sort();
+    assert_eq!(labels, ["adopted", "alice", "alice", "copy", "derived", "imported", "kek", "note", "unwrapped"]);
+    // A read-only session cannot make token objects.
+    let ro = pkcs11().open_ro_session(slot).unwrap();
+    assert_eq!(rv(ro.generate_key(&Mechanism::AesKeyGen, &aes_template("ro")).unwrap_err()), RvError::SessionReadOnly);
+}
+
 /// The pass-through slot of the same config behaves as without a store.
 pub fn plain_slot_is_untouched() {
     let slot = new_token("plain");
