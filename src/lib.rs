@@ -9,6 +9,7 @@ pub mod admin;
 pub mod attrs;
 pub mod backend;
 pub mod backup;
+pub mod cli;
 pub mod config;
 pub mod error;
 pub mod ffi;

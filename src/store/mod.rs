@@ -105,6 +105,142 @@ pub trait KeyStore: Send + Sync {
     fn generation(&self) -> StoreResult<u64>;
     /// Whether a row with this id exists (a primary-key lookup).
     fn exists(&self, id: &str) -> StoreResult<bool>;
+
+    // ---- issue C: whole-store iteration, bulk changes, users, audit ----------------------------------------
+
+    /// Calls `f` with every key row, ordered by (token, id), streaming: memory stays flat however many rows
+    /// there are (SQLite: one statement stepping; PostgreSQL: a portal/cursor fetching in batches). One
+    /// consistent snapshot. `f` returning an error stops the scan and returns that error.
+    fn scan(&self, f: &mut dyn FnMut(KeyRow) -> StoreResult<()>) -> StoreResult<()> {
+        let _ = f;
+        Err(pending(self))
+    }
+    /// A transaction for bulk changes (restore): nothing is visible to others until `commit`; dropping it
+    /// without `commit` rolls everything back. Holds one connection for its life.
+    fn begin(&self) -> StoreResult<Box<dyn StoreTx + '_>> {
+        Err(pending(self))
+    }
+
+    /// Users (issue C): insert a new user; `Duplicate` (id = name) if the name exists.
+    fn user_insert(&self, user: &UserRow) -> StoreResult<()> {
+        let _ = user;
+        Err(pending(self))
+    }
+    /// Replaces a user if its stored version is `user.version - 1`; false if gone or changed meanwhile.
+    fn user_update(&self, user: &UserRow) -> StoreResult<bool> {
+        let _ = user;
+        Err(pending(self))
+    }
+    fn user_get(&self, name: &str) -> StoreResult<Option<UserRow>> {
+        let _ = name;
+        Err(pending(self))
+    }
+    /// All users, ordered by name.
+    fn user_list(&self) -> StoreResult<Vec<UserRow>> {
+        Err(pending(self))
+    }
+    fn user_delete(&self, name: &str) -> StoreResult<bool> {
+        let _ = name;
+        Err(pending(self))
+    }
+
+    /// Appends to the audit log in one transaction that serializes appenders (SQLite: BEGIN IMMEDIATE;
+    /// PostgreSQL: an advisory transaction lock): reads the last entry, and inserts `entry` with
+    /// `seq = last.seq + 1` (1 for the first) and `prev = last.hash` (32 zero bytes for the first), its
+    /// `hash` computed by [`AuditEntry::compute_hash`]. Returns the entry as stored.
+    fn audit_append(&self, entry: AuditDraft) -> StoreResult<AuditEntry> {
+        let _ = entry;
+        Err(pending(self))
+    }
+    /// Every audit entry in `seq` order, streaming like `scan`.
+    fn audit_scan(&self, f: &mut dyn FnMut(AuditEntry) -> StoreResult<()>) -> StoreResult<()> {
+        let _ = f;
+        Err(pending(self))
+    }
+}
+
+/// TEMPORARY (issue C in progress): the engines implement these; remove with the defaults above.
+fn pending(store: &(impl KeyStore + ?Sized)) -> StoreError {
+    StoreError::Schema { store: store.describe(), cause: "not implemented yet (issue C in progress)".into() }
+}
+
+/// A bulk-change transaction on the key rows (see [`KeyStore::begin`]).
+pub trait StoreTx {
+    /// Inserts a row; `Duplicate` if its id exists (the transaction stays usable).
+    fn insert(&mut self, row: &KeyRow) -> StoreResult<()>;
+    /// Inserts or replaces the row with this id, whatever its version.
+    fn replace(&mut self, row: &KeyRow) -> StoreResult<()>;
+    /// Whether a row with this id exists (as this transaction sees it).
+    fn exists(&mut self, id: &str) -> StoreResult<bool>;
+    /// Makes every change visible at once (and bumps `generation`).
+    fn commit(self: Box<Self>) -> StoreResult<()>;
+}
+
+/// A user of the shim's permission model (issue C), kept in the store.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct UserRow {
+    pub name: String,
+    /// 8 hex digits, one permission level per user-group slot; slot 0 is the rightmost digit.
+    pub perm: String,
+    /// A regular expression over key groups (the CXI_GROUP of a CryptoServer user).
+    pub group_regex: String,
+    /// "password" (then `secret` is an argon2id PHC string) or "sign" (then `secret` is the 32-byte
+    /// Ed25519 public key).
+    pub auth: String,
+    pub secret: Vec<u8>,
+    /// Bumped by every update.
+    pub version: i64,
+}
+
+/// An audit entry before the store places it in the chain.
+#[derive(Clone, PartialEq, Eq, Debug, Default)]
+pub struct AuditDraft {
+    /// RFC 3339 UTC.
+    pub time: String,
+    /// Who: the logged-on user names, comma-separated ("SO" for the token SO, "-" for nobody).
+    pub who: String,
+    /// What: "backup", "restore", "verify", "user add", "refused: backup", …
+    pub action: String,
+    /// The group filter or group concerned ("" when none).
+    pub group: String,
+    /// How many keys.
+    pub count: i64,
+    /// "ok", or the error.
+    pub result: String,
+}
+
+/// An audit entry as stored: the draft, its place in the chain and its hash.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct AuditEntry {
+    pub seq: i64,
+    pub draft: AuditDraft,
+    /// The previous entry's hash (32 zero bytes for the first).
+    pub prev: Vec<u8>,
+    /// SHA-256 over `prev` and the fields (see `compute_hash`).
+    pub hash: Vec<u8>,
+}
+
+impl AuditEntry {
+    /// SHA-256("p11shim audit v1" | seq | prev | time | who | action | group | count | result), each field
+    /// length-prefixed (u32 BE). Editing, removing or reordering an entry breaks the chain after it.
+    pub fn compute_hash(seq: i64, prev: &[u8], d: &AuditDraft) -> Vec<u8> {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(b"p11shim audit v1\0");
+        let mut field = |b: &[u8]| {
+            h.update((b.len() as u32).to_be_bytes());
+            h.update(b);
+        };
+        field(&seq.to_be_bytes());
+        field(prev);
+        field(d.time.as_bytes());
+        field(d.who.as_bytes());
+        field(d.action.as_bytes());
+        field(d.group.as_bytes());
+        field(&d.count.to_be_bytes());
+        field(d.result.as_bytes());
+        h.finalize().to_vec()
+    }
 }
 
 /// Opens the store named by `url`: `sqlite:PATH` (relative paths are taken as given; the caller resolves

@@ -145,10 +145,13 @@ impl Vault {
         if let Some(known) = self.policy.read().unwrap_or_else(|e| e.into_inner()).get(&slot) {
             return known.map(|i| &self.slots[i]);
         }
-        // Slots are matched by token label: backends renumber slots, labels are what operators name.
-        let label = self.backend.token_info(slot).ok().map(|i| crate::hsm::padded_text(&i.label));
-        let index = label.and_then(|l| self.slots.iter().position(|s| s.token == l));
-        self.policy.write().unwrap_or_else(|e| e.into_inner()).insert(slot, index);
+        // Slots are matched by token label: backends renumber slots, labels are what operators name. A slot
+        // whose token is not initialized yet is not remembered: it may become a database slot.
+        let info = self.backend.token_info(slot).ok()?;
+        let index = self.slots.iter().position(|s| s.token == crate::hsm::padded_text(&info.label));
+        if info.flags & CKF_TOKEN_INITIALIZED != 0 {
+            self.policy.write().unwrap_or_else(|e| e.into_inner()).insert(slot, index);
+        }
         index.map(|i| &self.slots[i])
     }
 
