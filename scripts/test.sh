@@ -45,10 +45,10 @@ run() {
 
 run "system packages" bash scripts/install-deps.sh
 run "format (cargo fmt --check)" cargo fmt --all -- --check
-run "lint (cargo clippy)" cargo clippy --all-targets -- -D warnings
-run "release build" cargo build --release
+run "lint (cargo clippy)" cargo clippy --workspace --all-targets -- -D warnings
+run "release build" cargo build --release --workspace
 # cargo test builds the library only as an rlib for the tests; the tests load the cdylib, so build it first.
-run "debug build (the .so the tests load, the p11shim command)" cargo build --lib --bins --examples
+run "debug build (the .so files the tests load: shim, simulator; the p11shim command)" cargo build --workspace --lib --bins --examples
 # One throwaway PostgreSQL cluster shared by the test binaries (tests/common/pg.rs starts its own without it).
 pg_dir=$(mktemp -d)
 trap 'bash scripts/pg-cluster.sh stop "$pg_dir"' EXIT
@@ -58,8 +58,8 @@ pg_start() {
     echo "$P11SHIM_TEST_PG_URL"
 }
 run "PostgreSQL test cluster (scripts/pg-cluster.sh)" pg_start
-run "tests (cargo test --all-targets)" cargo test --all-targets
-run "doc tests (cargo test --doc)" cargo test --doc
+run "tests (cargo test --workspace --all-targets)" cargo test --workspace --all-targets
+run "doc tests (cargo test --workspace --doc)" cargo test --workspace --doc
 run "demo (scripts/demo.sh)" bash scripts/demo.sh
 
 report
