@@ -34,4 +34,38 @@
  */
 #define CKA_P11SHIM_GROUP (CKA_VENDOR_DEFINED | 0x00534801UL)
 
+/*
+ * The vendor interface "P11SHIM Backup": per-group export and import of keys under the token's master backup
+ * key (MBK), and complete verification of a backup file, on an application's logged-in session. Get it with
+ *
+ *     CK_INTERFACE_PTR iface;
+ *     rv = C_GetInterface((CK_UTF8CHAR_PTR)P11SHIM_BACKUP_INTERFACE, NULL, &iface, 0);
+ *     P11SHIM_BACKUP_FUNCTION_LIST *backup = (P11SHIM_BACKUP_FUNCTION_LIST *)iface->pFunctionList;
+ *
+ * (C_GetInterface is exported by libp11shim.so; the interface is returned by name and not listed by
+ * C_GetInterfaceList, so that applications enumerating interfaces see only "PKCS 11".)
+ * The session's login (CKU_USER) is the authorization; every call is recorded in p11shim's audit log.
+ * Paths are UTF-8, NUL-terminated. Files are the same as `p11shim backup/restore/verify` read and write.
+ */
+#define P11SHIM_BACKUP_INTERFACE "P11SHIM Backup"
+#define P11SHIM_IMPORT_OVERWRITE 0x1UL /* replace keys already present (refused in CC mode) */
+#define P11SHIM_IMPORT_DRY_RUN 0x2UL   /* check and count, change nothing */
+
+typedef struct P11SHIM_BACKUP_FUNCTION_LIST {
+    CK_VERSION version; /* 1.0 */
+    /* Exports every key of the session's token (and of the key store) whose group matches the regular
+     * expression groupRegex (matched against the whole group name) into the new file path. CKR_OK, or
+     * CKR_KEY_UNEXTRACTABLE when some keys could not be exported (listed in the log; the file holds the
+     * others); *pulExported (may be NULL) gets the number exported. */
+    CK_RV (*P11SHIM_ExportGroup)(CK_SESSION_HANDLE hSession, const char *groupRegex, const char *path,
+                                 CK_ULONG *pulExported);
+    /* Restores the backup file into the session's token, all or nothing: a wrong MBK, a bad MAC or a
+     * truncated file changes nothing (CKR_FUNCTION_FAILED, the reason in the log). */
+    CK_RV (*P11SHIM_ImportFile)(CK_SESSION_HANDLE hSession, const char *path, CK_FLAGS flags,
+                                CK_ULONG *pulAdded, CK_ULONG *pulSkipped);
+    /* Checks the file completely (format, every MAC, the MBK, and that every secret unwraps in this HSM)
+     * without changing anything. */
+    CK_RV (*P11SHIM_VerifyFile)(CK_SESSION_HANDLE hSession, const char *path, CK_ULONG *pulRecords);
+} P11SHIM_BACKUP_FUNCTION_LIST;
+
 #endif /* P11SHIM_H */

@@ -10,6 +10,7 @@ packages=(
     libengine-pkcs11-openssl  # OpenSSL engine "pkcs11" (libp11)
     openssl
     postgresql                # server binaries for the throwaway test cluster (scripts/pg-cluster.sh)
+    libp11-kit-dev            # pkcs11.h for the C program that tests include/p11shim.h (tests/c_api.rs)
 )
 # A C toolchain only when there is none (some crates build C code).
 if ! command -v cc >/dev/null; then

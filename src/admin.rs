@@ -27,6 +27,8 @@ pub struct Token {
     logged_in: bool,
     /// False when the backend was already initialized in this process (then it is left initialized).
     owns_backend: bool,
+    /// False for an application's session lent to the shim (the C API): then nothing is closed on drop.
+    owns_session: bool,
 }
 
 impl Token {
@@ -64,7 +66,22 @@ impl Token {
             }
         };
         let session = backend.open_session(slot, CKF_SERIAL_SESSION | CKF_RW_SESSION).inspect_err(|_| finalize())?;
-        Ok(Token { backend, slot, label: label.to_string(), session, logged_in: false, owns_backend })
+        Ok(Token {
+            backend,
+            slot,
+            label: label.to_string(),
+            session,
+            logged_in: false,
+            owns_backend,
+            owns_session: true,
+        })
+    }
+
+    /// An application's session, lent for one call (the "P11SHIM Backup" C interface): its login is the
+    /// application's, and dropping the Token leaves the session and the backend as they are.
+    pub fn borrowed(backend: &'static Backend, slot: CK_SLOT_ID, session: CK_SESSION_HANDLE) -> Result<Token> {
+        let label = crate::hsm::padded_text(&backend.token_info(slot)?.label);
+        Ok(Token { backend, slot, label, session, logged_in: false, owns_backend: false, owns_session: false })
     }
 
     pub fn login(&mut self, user: CK_USER_TYPE, pin: &Pin) -> Result<()> {
@@ -88,6 +105,9 @@ impl Token {
 
 impl Drop for Token {
     fn drop(&mut self) {
+        if !self.owns_session {
+            return;
+        }
         self.logout();
         let _ = self.backend.close_session(self.session);
         if self.owns_backend {

@@ -20,6 +20,32 @@ struct ConfigFile {
     store: Option<StoreFile>,
     #[serde(default)]
     slot: Vec<SlotFile>,
+    #[serde(default)]
+    mode: Mode,
+}
+
+/// The HSM's security mode, as the operator declares it (issue C): what whole-store operations and restores
+/// may do.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Everything allowed, including whole-store backup and restore (`p11shim db backup/restore`).
+    #[default]
+    Standard,
+    /// FIPS: whole-store backup and restore refused; keys are backed up per group under the MBK.
+    Fips,
+    /// Common Criteria: as FIPS, and restoring over an existing key (`--overwrite`) is refused too.
+    Cc,
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Standard => "standard",
+            Mode::Fips => "fips",
+            Mode::Cc => "cc",
+        })
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -68,6 +94,7 @@ pub struct Config {
     /// The key store url: `sqlite:PATH` (absolute after resolution) or `postgres://…`.
     pub store_url: String,
     pub slots: Vec<SlotConfig>,
+    pub mode: Mode,
 }
 
 impl Config {
@@ -151,7 +178,7 @@ impl Config {
             }
             slots.push(SlotConfig { token: s.token, storage: s.storage, default_group });
         }
-        Ok(Config { source, module, log_file, log_level, store_url, slots })
+        Ok(Config { source, module, log_file, log_level, store_url, slots, mode: file.mode })
     }
 }
 
@@ -252,6 +279,13 @@ mod tests {
         let e = parse("module = \"/m.so\"\n[[slot]]\ntoken = \"a\"\n[[slot]]\ntoken = \"a\"").unwrap_err().to_string();
         assert!(e.contains("\"a\""), "{e}");
         assert!(parse("module = \"/m.so\"\n[[slot]]\ntoken = \"a\"\nstorage = \"cloud\"").is_err());
+    }
+
+    #[test]
+    fn mode_defaults_to_standard_and_is_checked() {
+        assert_eq!(parse("module = \"/m.so\"").unwrap().mode, Mode::Standard);
+        assert_eq!(parse("module = \"/m.so\"\nmode = \"cc\"").unwrap().mode, Mode::Cc);
+        assert!(parse("module = \"/m.so\"\nmode = \"paranoid\"").unwrap_err().to_string().contains("paranoid"));
     }
 
     #[test]

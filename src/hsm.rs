@@ -25,22 +25,44 @@ impl AppMechanism {
     }
 }
 
-/// A mechanism the shim chooses; parameters by value.
+/// A mechanism the shim chooses; its parameter by value.
 pub struct Mechanism {
     pub kind: CK_MECHANISM_TYPE,
-    pub param: Vec<u8>,
+    param: Param,
+}
+
+enum Param {
+    None,
+    Oaep(CK_RSA_PKCS_OAEP_PARAMS),
 }
 
 impl Mechanism {
     pub fn plain(kind: CK_MECHANISM_TYPE) -> Mechanism {
-        Mechanism { kind, param: Vec::new() }
+        Mechanism { kind, param: Param::None }
+    }
+    /// CKM_RSA_PKCS_OAEP with `hash` and the matching MGF1, no label.
+    pub fn rsa_oaep(hash: CK_MECHANISM_TYPE) -> Mechanism {
+        let mgf = match hash {
+            CKM_SHA256 => CKG_MGF1_SHA256,
+            CKM_SHA384 => CKG_MGF1_SHA384,
+            CKM_SHA512 => CKG_MGF1_SHA512,
+            _ => CKG_MGF1_SHA1,
+        };
+        let params = CK_RSA_PKCS_OAEP_PARAMS {
+            hashAlg: hash,
+            mgf,
+            source: CKZ_DATA_SPECIFIED,
+            pSourceData: std::ptr::null_mut(),
+            ulSourceDataLen: 0,
+        };
+        Mechanism { kind: CKM_RSA_PKCS_OAEP, param: Param::Oaep(params) }
     }
     fn raw(&self) -> CK_MECHANISM {
-        CK_MECHANISM {
-            mechanism: self.kind,
-            pParameter: if self.param.is_empty() { std::ptr::null_mut() } else { self.param.as_ptr() as *mut c_void },
-            ulParameterLen: self.param.len() as CK_ULONG,
-        }
+        let (ptr, len) = match &self.param {
+            Param::None => (std::ptr::null_mut(), 0),
+            Param::Oaep(p) => (p as *const _ as *mut c_void, std::mem::size_of::<CK_RSA_PKCS_OAEP_PARAMS>()),
+        };
+        CK_MECHANISM { mechanism: self.kind, pParameter: ptr, ulParameterLen: len as CK_ULONG }
     }
 }
 

@@ -5,7 +5,7 @@
 mod common;
 
 use common::pg::{PgCluster, TestDb};
-use p11shim::store::{self, KeyQuery, KeyRow, KeyStore, StoreError, SCHEMA_VERSION};
+use p11shim::store::{self, AuditDraft, AuditEntry, KeyQuery, KeyRow, KeyStore, StoreError, UserRow, SCHEMA_VERSION};
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -103,6 +103,15 @@ both_engines!(
     reopening_migrates_once_and_keeps_the_rows,
     newer_schema_is_refused_naming_both_versions,
     foreign_keys_table_is_refused,
+    transaction_commit_makes_every_change_visible_at_once,
+    dropped_transaction_rolls_back,
+    duplicate_inside_a_transaction_leaves_it_usable,
+    scan_streams_10k_rows_in_token_id_order,
+    scan_stops_at_the_callbacks_error,
+    users_crud_with_version_check,
+    audit_chain_links_each_entry_to_the_previous,
+    audit_appended_by_four_processes_is_one_contiguous_chain,
+    version_1_store_migrates_to_users_and_audit,
 );
 
 fn id(n: u32) -> String {
@@ -411,6 +420,293 @@ fn foreign_keys_table_is_refused(fx: &Fixture) {
     fx.raw("CREATE TABLE keys (name TEXT)");
     let err = store::open(fx.url()).err().expect("a database that is not ours must be refused");
     assert!(matches!(err, StoreError::Schema { .. }), "{err:?}");
+}
+
+fn all_rows(store: &dyn KeyStore) -> Vec<KeyRow> {
+    let mut rows = Vec::new();
+    store
+        .scan(&mut |row| {
+            rows.push(row);
+            Ok(())
+        })
+        .unwrap();
+    rows
+}
+
+fn transaction_commit_makes_every_change_visible_at_once(fx: &Fixture) {
+    let store = fx.open();
+    let other = fx.open();
+    let old = row(1, "tok", "g", "old");
+    store.insert(&old).unwrap();
+    let before = settled(&*other);
+
+    let mut tx = store.begin().unwrap();
+    tx.insert(&row(2, "tok", "g", "new")).unwrap();
+    let replaced = KeyRow { label: b"replaced".to_vec(), version: 7, ..old.clone() };
+    tx.replace(&replaced).unwrap();
+    tx.replace(&row(3, "tok", "g", "upserted")).unwrap();
+    assert!(tx.exists(&id(2)).unwrap(), "the transaction sees its own insert");
+    assert!(!tx.exists(&id(4)).unwrap());
+    // Not yet visible to anyone else.
+    assert!(!other.exists(&id(2)).unwrap());
+    assert_eq!(other.get(&old.id).unwrap(), Some(old.clone()));
+    tx.commit().unwrap();
+
+    assert_eq!(other.get(&old.id).unwrap(), Some(replaced));
+    assert!(other.exists(&id(2)).unwrap() && other.exists(&id(3)).unwrap());
+    changed_from(&*other, before);
+    assert_ne!(store.generation().unwrap(), before, "the committing store knows at once");
+}
+
+fn dropped_transaction_rolls_back(fx: &Fixture) {
+    let store = fx.open();
+    let old = row(1, "tok", "g", "old");
+    store.insert(&old).unwrap();
+    {
+        let mut tx = store.begin().unwrap();
+        tx.insert(&row(2, "tok", "g", "new")).unwrap();
+        tx.replace(&KeyRow { label: b"replaced".to_vec(), ..old.clone() }).unwrap();
+        // dropped without commit
+    }
+    assert!(!store.exists(&id(2)).unwrap());
+    assert_eq!(store.get(&old.id).unwrap(), Some(old));
+    // The connection went back to the pool in a usable state: other writes work (SQLite: the write lock of
+    // BEGIN IMMEDIATE was released, or this would wait and fail).
+    store.insert(&row(3, "tok", "g", "after")).unwrap();
+    let mut tx = store.begin().unwrap();
+    tx.insert(&row(4, "tok", "g", "again")).unwrap();
+    tx.commit().unwrap();
+    assert_eq!(ids(&all_rows(&*store)), vec![id(1), id(3), id(4)]);
+}
+
+fn duplicate_inside_a_transaction_leaves_it_usable(fx: &Fixture) {
+    let store = fx.open();
+    store.insert(&row(1, "tok", "g", "there")).unwrap();
+    let mut tx = store.begin().unwrap();
+    tx.insert(&row(2, "tok", "g", "a")).unwrap();
+    match tx.insert(&row(1, "tok", "g", "dup")) {
+        Err(StoreError::Duplicate { id: dup, .. }) => assert_eq!(dup, id(1)),
+        other => panic!("expected Duplicate, got {other:?}"),
+    }
+    match tx.insert(&row(2, "tok", "g", "dup of my own")) {
+        Err(StoreError::Duplicate { id: dup, .. }) => assert_eq!(dup, id(2)),
+        other => panic!("expected Duplicate, got {other:?}"),
+    }
+    tx.insert(&row(3, "tok", "g", "b")).unwrap();
+    tx.commit().unwrap();
+    assert_eq!(ids(&all_rows(&*store)), vec![id(1), id(2), id(3)]);
+    assert_eq!(store.get(&id(1)).unwrap().unwrap().label, b"there");
+}
+
+fn scan_streams_10k_rows_in_token_id_order(fx: &Fixture) {
+    let store = fx.open();
+    let mut tx = store.begin().unwrap();
+    // Ids and tokens inserted out of order; "Z" < "a" in byte order (not in a locale's).
+    let tokens = ["beta", "alpha", "Zulu"];
+    for n in 0..10_000u32 {
+        let scrambled = n.wrapping_mul(7919) % 10_000;
+        tx.insert(&row(scrambled, tokens[(n % 3) as usize], "g", "x")).unwrap();
+    }
+    tx.commit().unwrap();
+    let mut count = 0usize;
+    let mut last: Option<(String, String)> = None;
+    store
+        .scan(&mut |r| {
+            let key = (r.token.clone(), r.id.clone());
+            if let Some(prev) = &last {
+                let before = (prev.0.as_bytes(), prev.1.as_bytes()) < (key.0.as_bytes(), key.1.as_bytes());
+                assert!(before, "{prev:?} then {key:?}: not in (token, id) byte order");
+            }
+            last = Some(key);
+            count += 1;
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(count, 10_000);
+    assert_eq!(last.unwrap().0, "beta");
+}
+
+fn scan_stops_at_the_callbacks_error(fx: &Fixture) {
+    let store = fx.open();
+    for n in 0..21 {
+        store.insert(&row(n, "tok", "g", "x")).unwrap();
+    }
+    let mut seen = 0;
+    let err = store
+        .scan(&mut |_| {
+            seen += 1;
+            if seen == 5 {
+                return Err(StoreError::Schema { store: "test".into(), cause: "stop here".into() });
+            }
+            Ok(())
+        })
+        .unwrap_err();
+    assert_eq!(seen, 5);
+    assert!(err.to_string().contains("stop here"), "{err}");
+    // The store is still fine afterwards.
+    assert_eq!(all_rows(&*store).len(), 21);
+}
+
+fn user(name: &str) -> UserRow {
+    UserRow {
+        name: name.into(),
+        perm: "00000002".into(),
+        group_regex: "Prod.*".into(),
+        auth: "password".into(),
+        secret: b"$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA".to_vec(),
+        version: 1,
+    }
+}
+
+fn users_crud_with_version_check(fx: &Fixture) {
+    let store = fx.open();
+    assert_eq!(store.user_list().unwrap(), vec![]);
+    let bob = user("bob");
+    let alice = UserRow { auth: "sign".into(), secret: vec![7; 32], perm: "10000000".into(), ..user("alice") };
+    store.user_insert(&bob).unwrap();
+    store.user_insert(&alice).unwrap();
+    match store.user_insert(&user("bob")) {
+        Err(StoreError::Duplicate { id, .. }) => assert_eq!(id, "bob"),
+        other => panic!("expected Duplicate, got {other:?}"),
+    }
+    assert_eq!(store.user_get("bob").unwrap(), Some(bob.clone()));
+    assert_eq!(store.user_get("carol").unwrap(), None);
+    assert_eq!(store.user_list().unwrap(), vec![alice.clone(), bob.clone()], "ordered by name");
+
+    let bob2 = UserRow { version: 2, group_regex: "Exmp.*".into(), ..bob.clone() };
+    assert!(store.user_update(&bob2).unwrap());
+    assert!(!store.user_update(&bob2).unwrap(), "a second writer with the same base version loses");
+    assert!(!store.user_update(&UserRow { version: 5, ..bob.clone() }).unwrap());
+    assert_eq!(store.user_get("bob").unwrap(), Some(bob2));
+    assert!(!store.user_update(&UserRow { version: 2, ..user("nobody") }).unwrap(), "update never inserts");
+    assert_eq!(store.user_get("nobody").unwrap(), None);
+
+    assert!(store.user_delete("bob").unwrap());
+    assert!(!store.user_delete("bob").unwrap());
+    assert_eq!(store.user_list().unwrap(), vec![alice]);
+    // Users are not keys: the keys table and its generation are untouched.
+    assert_eq!(all_rows(&*store).len(), 0);
+}
+
+fn draft(action: &str, n: i64) -> AuditDraft {
+    AuditDraft {
+        time: "2025-01-01T00:00:00.000000Z".into(),
+        who: "alice,bob".into(),
+        action: action.into(),
+        group: "Prod.*".into(),
+        count: n,
+        result: "ok".into(),
+    }
+}
+
+fn audit_entries(store: &dyn KeyStore) -> Vec<AuditEntry> {
+    let mut entries = Vec::new();
+    store
+        .audit_scan(&mut |e| {
+            entries.push(e);
+            Ok(())
+        })
+        .unwrap();
+    entries
+}
+
+/// Asserts that `entries` are seq 1..=n, each linked to the one before and hashed over its content.
+fn assert_valid_chain(entries: &[AuditEntry]) {
+    let mut prev = vec![0u8; 32];
+    for (i, e) in entries.iter().enumerate() {
+        assert_eq!(e.seq, i as i64 + 1, "contiguous seq");
+        assert_eq!(e.prev, prev, "entry {} links to its predecessor", e.seq);
+        assert_eq!(e.hash, AuditEntry::compute_hash(e.seq, &e.prev, &e.draft), "entry {} hash", e.seq);
+        prev = e.hash.clone();
+    }
+}
+
+fn audit_chain_links_each_entry_to_the_previous(fx: &Fixture) {
+    let store = fx.open();
+    let first = store.audit_append(draft("backup", 3)).unwrap();
+    assert_eq!(first.seq, 1);
+    assert_eq!(first.prev, vec![0u8; 32]);
+    assert_eq!(first.draft, draft("backup", 3));
+    let second = store.audit_append(draft("restore", 4)).unwrap();
+    assert_eq!((second.seq, &second.prev), (2, &first.hash));
+    let entries = audit_entries(&*store);
+    assert_eq!(entries, vec![first, second], "stored as returned");
+    assert_valid_chain(&entries);
+    // Reopening continues the chain.
+    let third = fx.open().audit_append(draft("verify", 0)).unwrap();
+    assert_eq!(third.seq, 3);
+    assert_valid_chain(&audit_entries(&*store));
+}
+
+fn audit_appended_by_four_processes_is_one_contiguous_chain(fx: &Fixture) {
+    let children: Vec<_> = (0..4u32)
+        .map(|t| {
+            std::process::Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", "child_process_appends_50_audit_entries", "--ignored", "--test-threads=1"])
+                .env(AUDIT_CHILD_ENV, format!("{t} {}", fx.url()))
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("spawn a child test process")
+        })
+        .collect();
+    for mut child in children {
+        assert!(child.wait().unwrap().success(), "a child process failed");
+    }
+    let entries = audit_entries(&*fx.open());
+    assert_eq!(entries.len(), 200);
+    assert_valid_chain(&entries);
+    // Every child's entries are all there, each once, in the child's own order.
+    for t in 0..4 {
+        let mine: Vec<i64> =
+            entries.iter().filter(|e| e.draft.action == format!("child {t}")).map(|e| e.draft.count).collect();
+        assert_eq!(mine, (0..50).collect::<Vec<_>>(), "child {t}");
+    }
+}
+
+/// "T URL" for [`child_process_appends_50_audit_entries`].
+const AUDIT_CHILD_ENV: &str = "P11SHIM_STORE_TEST_AUDIT_CHILD";
+
+#[test]
+#[ignore = "run by audit_appended_by_four_processes_is_one_contiguous_chain in a child process"]
+fn child_process_appends_50_audit_entries() {
+    let Ok(arg) = std::env::var(AUDIT_CHILD_ENV) else { return };
+    let (t, url) = arg.split_once(' ').expect("T URL");
+    let store = store::open(url).unwrap_or_else(|e| panic!("child {t}: {e}"));
+    for i in 0..50 {
+        store.audit_append(draft(&format!("child {t}"), i)).unwrap_or_else(|e| panic!("child {t}: {e}"));
+    }
+}
+
+fn version_1_store_migrates_to_users_and_audit(fx: &Fixture) {
+    // A store made by the previous release: schema version 1, keys only.
+    let v1 = match fx {
+        Fixture::Sqlite { .. } => {
+            "CREATE TABLE schema_version (version INTEGER PRIMARY KEY NOT NULL, applied TEXT NOT NULL DEFAULT '');
+             INSERT INTO schema_version (version) VALUES (1);
+             CREATE TABLE keys (id TEXT PRIMARY KEY NOT NULL, token TEXT NOT NULL, grp TEXT NOT NULL,
+                class INTEGER NOT NULL, key_type INTEGER NOT NULL, label BLOB NOT NULL, ckid BLOB NOT NULL,
+                attrs BLOB NOT NULL, wrapped BLOB NOT NULL, wrap_mech INTEGER NOT NULL, mbk TEXT NOT NULL,
+                mac BLOB NOT NULL, version INTEGER NOT NULL, created TEXT NOT NULL DEFAULT '');
+             INSERT INTO keys VALUES ('00000000000000000000000000000001', 'tok', 'g', 4, 31, x'61', x'01', x'',
+                x'', 8458, 'mbk', x'', 1, '');"
+        }
+        Fixture::Postgres { .. } => {
+            "CREATE TABLE schema_version (version BIGINT PRIMARY KEY, applied TIMESTAMPTZ NOT NULL DEFAULT now());
+             INSERT INTO schema_version (version) VALUES (1);
+             CREATE TABLE keys (id TEXT COLLATE \"C\" PRIMARY KEY, token TEXT NOT NULL, grp TEXT NOT NULL,
+                class BIGINT NOT NULL, key_type BIGINT NOT NULL, label BYTEA NOT NULL, ckid BYTEA NOT NULL,
+                attrs BYTEA NOT NULL, wrapped BYTEA NOT NULL, wrap_mech BIGINT NOT NULL, mbk TEXT NOT NULL,
+                mac BYTEA NOT NULL, version BIGINT NOT NULL, created TIMESTAMPTZ NOT NULL DEFAULT now());
+             INSERT INTO keys VALUES ('00000000000000000000000000000001', 'tok', 'g', 4, 31, '\\x61', '\\x01',
+                '\\x', '\\x', 8458, 'mbk', '\\x', 1);"
+        }
+    };
+    fx.raw(v1);
+    let store = fx.open();
+    assert_eq!(fx.schema_versions(), (1..=SCHEMA_VERSION).collect::<Vec<_>>());
+    assert_eq!(ids(&all_rows(&*store)), vec![id(1)]);
+    store.user_insert(&user("alice")).unwrap();
+    store.audit_append(draft("backup", 1)).unwrap();
 }
 
 // ---- SQLite only ----

@@ -70,7 +70,7 @@ pub fn find(backend: &Backend, session: CK_SESSION_HANDLE, slot: CK_SLOT_ID) -> 
     Ok(Some(MbkSet { mbk, mac, wrap, fingerprint }))
 }
 
-fn fingerprint(
+pub(crate) fn fingerprint(
     backend: &Backend,
     session: CK_SESSION_HANDLE,
     mbk: CK_OBJECT_HANDLE,
@@ -91,7 +91,7 @@ fn format_fingerprint(bytes: &[u8]) -> String {
 /// under a trusted key, and whose unwrap template makes every key it unwraps extractable only that way too.
 /// Not modifiable (a user could otherwise give it CKA_DECRYPT and unwrap by hand), not copyable, not
 /// destroyable. A public object: SoftHSM2 requires that of a trusted key (see README, security model).
-fn mbk_template() -> Template {
+pub(crate) fn mbk_template() -> Template {
     let mut t = common(MBK_LABEL);
     t.0.extend([
         Attr::ulong(CKA_KEY_TYPE, CKK_AES),
@@ -107,7 +107,7 @@ fn mbk_template() -> Template {
 }
 
 /// The MAC key: HMAC-SHA256, sign and verify only; otherwise as the MBK.
-fn mac_template() -> Template {
+pub(crate) fn mac_template() -> Template {
     let mut t = common(MAC_LABEL);
     t.0.extend([
         Attr::ulong(CKA_KEY_TYPE, CKK_GENERIC_SECRET),

@@ -1,3 +1,10 @@
 //! Backup and restore of keys under the MBK (issue C), and the MBK itself.
 
+pub mod db;
+pub mod export;
+pub mod format;
+pub mod import;
 pub mod mbk;
+pub mod shamir;
+pub mod verify;
+pub mod work;

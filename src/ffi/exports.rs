@@ -16,6 +16,15 @@ pub struct Interface(CK_INTERFACE);
 unsafe impl Sync for Interface {}
 
 const PKCS11: &CStr = c"PKCS 11";
+const BACKUP: &CStr = c"P11SHIM Backup";
+
+/// The vendor interface "P11SHIM Backup" (include/p11shim.h): returned by C_GetInterface when asked for by
+/// name, never listed by C_GetInterfaceList (applications enumerating interfaces expect "PKCS 11" ones).
+static BACKUP_INTERFACE: Interface = Interface(CK_INTERFACE {
+    pInterfaceName: BACKUP.as_ptr() as *mut CK_UTF8CHAR,
+    pFunctionList: &super::backup::BACKUP_FUNCTIONS as *const super::backup::BackupFunctionList as *mut c_void,
+    flags: 0,
+});
 
 const fn interface(list: *const c_void) -> Interface {
     Interface(CK_INTERFACE {
@@ -113,6 +122,15 @@ pub unsafe extern "C" fn C_GetInterface(
         let name = (!p_name.is_null()).then(|| unsafe { CStr::from_ptr(p_name as *const std::ffi::c_char) });
         // SAFETY: the application passes NULL or a valid CK_VERSION.
         let version = unsafe { p_version.as_ref() }.copied();
+        if name == Some(BACKUP) {
+            let v = version_of(&BACKUP_INTERFACE.0);
+            if version.is_some_and(|w| w.major != v.major || w.minor != v.minor) || flags != 0 {
+                return Err(CKR_ARGUMENTS_BAD);
+            }
+            // SAFETY: checked non-NULL above.
+            unsafe { *pp_interface = &BACKUP_INTERFACE.0 as *const CK_INTERFACE as *mut CK_INTERFACE };
+            return Ok(CKR_OK);
+        }
         let found = offered().iter().find(|i| {
             let v = version_of(&i.0);
             // SAFETY: our interface names are static C strings.

@@ -3,6 +3,7 @@
 #![allow(non_snake_case)]
 
 pub mod args;
+pub mod backup;
 pub mod exports;
 pub mod lifecycle;
 pub mod objects;

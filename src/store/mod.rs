@@ -111,57 +111,29 @@ pub trait KeyStore: Send + Sync {
     /// Calls `f` with every key row, ordered by (token, id), streaming: memory stays flat however many rows
     /// there are (SQLite: one statement stepping; PostgreSQL: a portal/cursor fetching in batches). One
     /// consistent snapshot. `f` returning an error stops the scan and returns that error.
-    fn scan(&self, f: &mut dyn FnMut(KeyRow) -> StoreResult<()>) -> StoreResult<()> {
-        let _ = f;
-        Err(pending(self))
-    }
+    fn scan(&self, f: &mut dyn FnMut(KeyRow) -> StoreResult<()>) -> StoreResult<()>;
     /// A transaction for bulk changes (restore): nothing is visible to others until `commit`; dropping it
-    /// without `commit` rolls everything back. Holds one connection for its life.
-    fn begin(&self) -> StoreResult<Box<dyn StoreTx + '_>> {
-        Err(pending(self))
-    }
+    /// without `commit` rolls everything back. Holds one connection for its life (SQLite: BEGIN IMMEDIATE,
+    /// so other writers wait until it ends).
+    fn begin(&self) -> StoreResult<Box<dyn StoreTx + '_>>;
 
     /// Users (issue C): insert a new user; `Duplicate` (id = name) if the name exists.
-    fn user_insert(&self, user: &UserRow) -> StoreResult<()> {
-        let _ = user;
-        Err(pending(self))
-    }
+    fn user_insert(&self, user: &UserRow) -> StoreResult<()>;
     /// Replaces a user if its stored version is `user.version - 1`; false if gone or changed meanwhile.
-    fn user_update(&self, user: &UserRow) -> StoreResult<bool> {
-        let _ = user;
-        Err(pending(self))
-    }
-    fn user_get(&self, name: &str) -> StoreResult<Option<UserRow>> {
-        let _ = name;
-        Err(pending(self))
-    }
-    /// All users, ordered by name.
-    fn user_list(&self) -> StoreResult<Vec<UserRow>> {
-        Err(pending(self))
-    }
-    fn user_delete(&self, name: &str) -> StoreResult<bool> {
-        let _ = name;
-        Err(pending(self))
-    }
+    fn user_update(&self, user: &UserRow) -> StoreResult<bool>;
+    fn user_get(&self, name: &str) -> StoreResult<Option<UserRow>>;
+    /// All users, ordered by name (byte order).
+    fn user_list(&self) -> StoreResult<Vec<UserRow>>;
+    /// Deletes the user; false if it was not there.
+    fn user_delete(&self, name: &str) -> StoreResult<bool>;
 
     /// Appends to the audit log in one transaction that serializes appenders (SQLite: BEGIN IMMEDIATE;
     /// PostgreSQL: an advisory transaction lock): reads the last entry, and inserts `entry` with
     /// `seq = last.seq + 1` (1 for the first) and `prev = last.hash` (32 zero bytes for the first), its
     /// `hash` computed by [`AuditEntry::compute_hash`]. Returns the entry as stored.
-    fn audit_append(&self, entry: AuditDraft) -> StoreResult<AuditEntry> {
-        let _ = entry;
-        Err(pending(self))
-    }
+    fn audit_append(&self, entry: AuditDraft) -> StoreResult<AuditEntry>;
     /// Every audit entry in `seq` order, streaming like `scan`.
-    fn audit_scan(&self, f: &mut dyn FnMut(AuditEntry) -> StoreResult<()>) -> StoreResult<()> {
-        let _ = f;
-        Err(pending(self))
-    }
-}
-
-/// TEMPORARY (issue C in progress): the engines implement these; remove with the defaults above.
-fn pending(store: &(impl KeyStore + ?Sized)) -> StoreError {
-    StoreError::Schema { store: store.describe(), cause: "not implemented yet (issue C in progress)".into() }
+    fn audit_scan(&self, f: &mut dyn FnMut(AuditEntry) -> StoreResult<()>) -> StoreResult<()>;
 }
 
 /// A bulk-change transaction on the key rows (see [`KeyStore::begin`]).
@@ -177,7 +149,7 @@ pub trait StoreTx {
 }
 
 /// A user of the shim's permission model (issue C), kept in the store.
-#[derive(Clone, PartialEq, Eq, Debug)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct UserRow {
     pub name: String,
     /// 8 hex digits, one permission level per user-group slot; slot 0 is the rightmost digit.
@@ -190,6 +162,19 @@ pub struct UserRow {
     pub secret: Vec<u8>,
     /// Bumped by every update.
     pub version: i64,
+}
+
+impl fmt::Debug for UserRow {
+    // The secret is a password hash or a public key: neither belongs in a log.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UserRow")
+            .field("name", &self.name)
+            .field("perm", &self.perm)
+            .field("group_regex", &self.group_regex)
+            .field("auth", &self.auth)
+            .field("version", &self.version)
+            .finish_non_exhaustive()
+    }
 }
 
 /// An audit entry before the store places it in the chain.
@@ -286,9 +271,28 @@ fn redact_password_param(url: &str) -> String {
     format!("{head}?{}", params.join("&"))
 }
 
-/// The schema version this build creates and understands. Each engine keeps one migration per version;
-/// later versions (users, audit) append theirs.
-pub const SCHEMA_VERSION: i64 = 1;
+/// The schema version this build creates and understands. Each engine keeps one migration per version:
+/// 1 keys, 2 users (and an index for whole-store scans), 3 audit.
+pub const SCHEMA_VERSION: i64 = 3;
+
+/// The columns of `users` in the order both engines read and write them.
+const USER_COLUMNS: &str = "name, perm, group_regex, auth, secret, version";
+
+/// The columns of `audit` in the order both engines read and write them.
+const AUDIT_COLUMNS: &str = "seq, time, who, action, grp, count, result, prev, hash";
+
+/// The `prev` of the first audit entry.
+const AUDIT_GENESIS: [u8; 32] = [0; 32];
+
+/// Places `draft` after the entry (seq, hash) `last` (None for an empty log).
+fn chain(last: Option<(i64, Vec<u8>)>, draft: AuditDraft) -> AuditEntry {
+    let (seq, prev) = match last {
+        Some((seq, hash)) => (seq + 1, hash),
+        None => (1, AUDIT_GENESIS.to_vec()),
+    };
+    let hash = AuditEntry::compute_hash(seq, &prev, &draft);
+    AuditEntry { seq, draft, prev, hash }
+}
 
 /// The columns of `keys` in the order both engines read and write them.
 const COLUMNS: &str = "id, token, grp, class, key_type, label, ckid, attrs, wrapped, wrap_mech, mbk, mac, version";

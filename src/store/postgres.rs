@@ -7,8 +7,8 @@
 //! round trips.
 
 use super::{
-    find_sql, foreign_schema, from_db, newer_schema, redact, to_db, KeyQuery, KeyRow, KeyStore, Param, StoreError,
-    StoreResult, COLUMNS, SCHEMA_VERSION,
+    chain, find_sql, foreign_schema, from_db, newer_schema, redact, to_db, AuditDraft, AuditEntry, KeyQuery, KeyRow,
+    KeyStore, Param, StoreError, StoreResult, StoreTx, UserRow, AUDIT_COLUMNS, COLUMNS, SCHEMA_VERSION, USER_COLUMNS,
 };
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::ToSql;
@@ -26,6 +26,10 @@ const MAX_IDLE: usize = 8;
 const CHANNEL: &str = "p11shim_keys";
 /// Serializes migrations between processes (pg_advisory_xact_lock key: "p11shim" in ASCII).
 const MIGRATION_LOCK: i64 = 0x0070_3131_7368_696d;
+/// Serializes audit appenders between processes and hosts ("p11audit" in ASCII).
+const AUDIT_LOCK: i64 = 0x7031_3161_7564_6974;
+/// Rows fetched per round trip by the streaming reads (scan, audit_scan).
+const SCAN_BATCH: i32 = 1000;
 /// Reconnect delays of the listener: doubled from MIN to MAX while the server stays away.
 const LISTEN_BACKOFF_MIN: Duration = Duration::from_millis(100);
 const LISTEN_BACKOFF_MAX: Duration = Duration::from_secs(2);
@@ -36,9 +40,10 @@ const LISTEN_POLL: Duration = Duration::from_millis(500);
 const LISTEN_PING_AFTER: Duration = Duration::from_secs(10);
 
 /// One migration per schema version, applied in order inside the opening transaction.
-const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    r#"CREATE TABLE keys (
+const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        r#"CREATE TABLE keys (
         id        TEXT COLLATE "C" PRIMARY KEY,
         token     TEXT NOT NULL,
         grp       TEXT NOT NULL,
@@ -68,7 +73,36 @@ const MIGRATIONS: &[(i64, &str)] = &[(
     $$;
     CREATE TRIGGER keys_notify AFTER INSERT OR UPDATE OR DELETE ON keys
         FOR EACH ROW EXECUTE FUNCTION p11shim_keys_notify();"#,
-)];
+    ),
+    (
+        2,
+        r#"CREATE TABLE users (
+        name        TEXT COLLATE "C" PRIMARY KEY,
+        perm        TEXT NOT NULL,
+        group_regex TEXT NOT NULL,
+        auth        TEXT NOT NULL,
+        secret      BYTEA NOT NULL,
+        version     BIGINT NOT NULL,
+        created     TIMESTAMPTZ NOT NULL DEFAULT now()
+    );
+    -- scan() walks the keys in (token, id) byte order through a cursor without sorting them all first.
+    CREATE INDEX keys_token_id ON keys (token COLLATE "C", id);"#,
+    ),
+    (
+        3,
+        r#"CREATE TABLE audit (
+        seq    BIGINT PRIMARY KEY,
+        time   TEXT NOT NULL,
+        who    TEXT NOT NULL,
+        action TEXT NOT NULL,
+        grp    TEXT NOT NULL,
+        count  BIGINT NOT NULL,
+        result TEXT NOT NULL,
+        prev   BYTEA NOT NULL,
+        hash   BYTEA NOT NULL
+    );"#,
+    ),
+];
 
 pub struct PostgresStore {
     config: Config,
@@ -183,7 +217,17 @@ impl PostgresStore {
     /// be broken, a read (`retry`) is run once more on a new connection: the idle pool may hold connections
     /// from before a server restart. A write is not retried, since it may have been committed before the
     /// connection died; the caller gets `Unavailable`.
-    fn run<T>(&self, retry: bool, f: impl Fn(&mut Pooled) -> Result<T, postgres::Error>) -> StoreResult<T> {
+    fn run<T>(&self, retry: bool, f: impl FnMut(&mut Pooled) -> Result<T, postgres::Error>) -> StoreResult<T> {
+        self.run_with(&|| retry, f)
+    }
+
+    /// [`PostgresStore::run`] with the retry decided after the failure (a stream retries only if it has not
+    /// handed out a row yet).
+    fn run_with<T>(
+        &self,
+        retry: &dyn Fn() -> bool,
+        mut f: impl FnMut(&mut Pooled) -> Result<T, postgres::Error>,
+    ) -> StoreResult<T> {
         let reused = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
         let fresh = reused.is_none();
         let mut pooled = match reused {
@@ -203,7 +247,7 @@ impl PostgresStore {
                 drop(pooled);
                 let stale = std::mem::take(&mut *self.idle.lock().unwrap_or_else(|e| e.into_inner()));
                 drop(stale); // closed outside the lock
-                if !retry || fresh {
+                if !retry() || fresh {
                     return Err(self.unavailable(&e));
                 }
                 let mut pooled = self.connect()?;
@@ -329,6 +373,167 @@ fn wait(client: &mut Client, changes: &Changes, last_traffic: &mut Instant) -> R
     Ok(())
 }
 
+fn read_user(r: &postgres::Row) -> UserRow {
+    UserRow {
+        name: r.get(0),
+        perm: r.get(1),
+        group_regex: r.get(2),
+        auth: r.get(3),
+        secret: r.get(4),
+        version: r.get(5),
+    }
+}
+
+fn read_audit(r: &postgres::Row) -> AuditEntry {
+    AuditEntry {
+        seq: r.get(0),
+        draft: AuditDraft {
+            time: r.get(1),
+            who: r.get(2),
+            action: r.get(3),
+            group: r.get(4),
+            count: r.get(5),
+            result: r.get(6),
+        },
+        prev: r.get(7),
+        hash: r.get(8),
+    }
+}
+
+/// `INSERT INTO keys …` of one row; with `replace`, an existing row of that id is overwritten whatever its
+/// version. The number of rows written (0: the id exists and `replace` is false).
+fn write_key(p: &mut Pooled, row: &KeyRow, replace: bool) -> Result<u64, postgres::Error> {
+    let conflict = if replace {
+        "DO UPDATE SET token = excluded.token, grp = excluded.grp, class = excluded.class, \
+         key_type = excluded.key_type, label = excluded.label, ckid = excluded.ckid, attrs = excluded.attrs, \
+         wrapped = excluded.wrapped, wrap_mech = excluded.wrap_mech, mbk = excluded.mbk, mac = excluded.mac, \
+         version = excluded.version"
+    } else {
+        "DO NOTHING"
+    };
+    let sql = format!(
+        "INSERT INTO keys ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
+         ON CONFLICT (id) {conflict}"
+    );
+    let (class, key_type, wrap_mech) = (to_db(row.class), to_db(row.key_type), to_db(row.wrap_mech));
+    p.execute(
+        &sql,
+        &[
+            &row.id,
+            &row.token,
+            &row.group,
+            &class,
+            &key_type,
+            &row.label,
+            &row.ckid,
+            &row.attrs,
+            &row.wrapped,
+            &wrap_mech,
+            &row.mbk,
+            &row.mac,
+            &row.version,
+        ],
+    )
+}
+
+impl PostgresStore {
+    /// Runs `sql` through a portal in one read-only transaction (one snapshot), fetching SCAN_BATCH rows
+    /// per round trip and handing each to `f`: memory holds one batch. An error of `f` stops the scan and is
+    /// returned as it is. A stale pooled connection is replaced only while no row has been handed out.
+    fn stream<T>(
+        &self,
+        sql: &str,
+        read: fn(&postgres::Row) -> T,
+        f: &mut dyn FnMut(T) -> StoreResult<()>,
+    ) -> StoreResult<()> {
+        let delivered = std::cell::Cell::new(false);
+        let mut stopped = None;
+        self.run_with(&|| !delivered.get(), |p| {
+            let statement = p.statement(sql)?;
+            let mut tx = p.client.build_transaction().read_only(true).start()?;
+            let portal = tx.bind(&statement, &[])?;
+            loop {
+                let rows = tx.query_portal(&portal, SCAN_BATCH)?;
+                for row in &rows {
+                    delivered.set(true);
+                    if let Err(e) = f(read(row)) {
+                        stopped = Some(e);
+                        return tx.commit();
+                    }
+                }
+                if rows.len() < SCAN_BATCH as usize {
+                    return tx.commit();
+                }
+            }
+        })?;
+        stopped.map_or(Ok(()), Err)
+    }
+}
+
+/// A transaction on one pooled connection (see [`KeyStore::begin`]), opened with BEGIN and ended with
+/// COMMIT or, when dropped uncommitted, ROLLBACK; the connection goes back to the pool only if that worked.
+struct PostgresTx<'a> {
+    store: &'a PostgresStore,
+    pooled: Option<Pooled>,
+}
+
+impl PostgresTx<'_> {
+    fn run<T>(&mut self, f: impl FnOnce(&mut Pooled) -> Result<T, postgres::Error>) -> StoreResult<T> {
+        let Some(pooled) = self.pooled.as_mut() else {
+            return Err(StoreError::Unavailable {
+                store: self.store.name.clone(),
+                cause: "the transaction's connection failed earlier".into(),
+            });
+        };
+        match f(pooled) {
+            Ok(value) => Ok(value),
+            Err(e) => {
+                if broken(&e, &pooled.client) {
+                    self.pooled = None;
+                }
+                Err(self.store.unavailable(&e))
+            }
+        }
+    }
+}
+
+impl StoreTx for PostgresTx<'_> {
+    fn insert(&mut self, row: &KeyRow) -> StoreResult<()> {
+        if self.run(|p| write_key(p, row, false))? == 0 {
+            return Err(StoreError::Duplicate { store: self.store.name.clone(), id: row.id.clone() });
+        }
+        Ok(())
+    }
+
+    fn replace(&mut self, row: &KeyRow) -> StoreResult<()> {
+        self.run(|p| write_key(p, row, true)).map(drop)
+    }
+
+    fn exists(&mut self, id: &str) -> StoreResult<bool> {
+        Ok(!self.run(|p| p.query("SELECT 1 FROM keys WHERE id = $1", &[&id]))?.is_empty())
+    }
+
+    fn commit(mut self: Box<Self>) -> StoreResult<()> {
+        self.run(|p| p.client.batch_execute("COMMIT"))?;
+        let pooled = self.pooled.take();
+        if let Some(pooled) = pooled {
+            self.store.give_back(pooled);
+        }
+        self.store.wrote();
+        Ok(())
+    }
+}
+
+impl Drop for PostgresTx<'_> {
+    fn drop(&mut self) {
+        if let Some(mut pooled) = self.pooled.take() {
+            if pooled.client.batch_execute("ROLLBACK").is_ok() {
+                self.store.give_back(pooled);
+            }
+        }
+    }
+}
+
 fn read_row(r: &postgres::Row) -> KeyRow {
     KeyRow {
         id: r.get(0),
@@ -363,31 +568,7 @@ impl KeyStore for PostgresStore {
     }
 
     fn insert(&self, row: &KeyRow) -> StoreResult<()> {
-        let sql = format!(
-            "INSERT INTO keys ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
-             ON CONFLICT (id) DO NOTHING"
-        );
-        let (class, key_type, wrap_mech) = (to_db(row.class), to_db(row.key_type), to_db(row.wrap_mech));
-        let inserted = self.run(false, |p| {
-            p.execute(
-                &sql,
-                &[
-                    &row.id,
-                    &row.token,
-                    &row.group,
-                    &class,
-                    &key_type,
-                    &row.label,
-                    &row.ckid,
-                    &row.attrs,
-                    &row.wrapped,
-                    &wrap_mech,
-                    &row.mbk,
-                    &row.mac,
-                    &row.version,
-                ],
-            )
-        })?;
+        let inserted = self.run(false, |p| write_key(p, row, false))?;
         if inserted == 0 {
             return Err(StoreError::Duplicate { store: self.name.clone(), id: row.id.clone() });
         }
@@ -468,5 +649,94 @@ impl KeyStore for PostgresStore {
     fn exists(&self, id: &str) -> StoreResult<bool> {
         let rows = self.run(true, |p| p.query("SELECT 1 FROM keys WHERE id = $1", &[&id]))?;
         Ok(!rows.is_empty())
+    }
+
+    fn scan(&self, f: &mut dyn FnMut(KeyRow) -> StoreResult<()>) -> StoreResult<()> {
+        self.stream(&format!(r#"SELECT {COLUMNS} FROM keys ORDER BY token COLLATE "C", id"#), read_row, f)
+    }
+
+    fn begin(&self) -> StoreResult<Box<dyn StoreTx + '_>> {
+        // A pooled connection may be stale (a server restart): BEGIN writes nothing, so on a broken
+        // connection it is tried once more on a new one.
+        let reused = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let mut pooled = match reused {
+            Some(pooled) => pooled,
+            None => self.connect()?,
+        };
+        if let Err(e) = pooled.client.batch_execute("BEGIN") {
+            if !broken(&e, &pooled.client) {
+                self.give_back(pooled);
+                return Err(self.unavailable(&e));
+            }
+            drop(std::mem::take(&mut *self.idle.lock().unwrap_or_else(|e| e.into_inner())));
+            pooled = self.connect()?;
+            pooled.client.batch_execute("BEGIN").map_err(|e| self.unavailable(&e))?;
+        }
+        Ok(Box::new(PostgresTx { store: self, pooled: Some(pooled) }))
+    }
+
+    fn user_insert(&self, user: &UserRow) -> StoreResult<()> {
+        let sql =
+            format!("INSERT INTO users ({USER_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (name) DO NOTHING");
+        let inserted = self.run(false, |p| {
+            p.execute(&sql, &[&user.name, &user.perm, &user.group_regex, &user.auth, &user.secret, &user.version])
+        })?;
+        if inserted == 0 {
+            return Err(StoreError::Duplicate { store: self.name.clone(), id: user.name.clone() });
+        }
+        Ok(())
+    }
+
+    fn user_update(&self, user: &UserRow) -> StoreResult<bool> {
+        let sql = "UPDATE users SET perm = $2, group_regex = $3, auth = $4, secret = $5, version = $6 \
+                   WHERE name = $1 AND version = $7";
+        let previous = user.version.wrapping_sub(1);
+        let updated = self.run(false, |p| {
+            p.execute(
+                sql,
+                &[&user.name, &user.perm, &user.group_regex, &user.auth, &user.secret, &user.version, &previous],
+            )
+        })?;
+        Ok(updated > 0)
+    }
+
+    fn user_get(&self, name: &str) -> StoreResult<Option<UserRow>> {
+        let sql = format!("SELECT {USER_COLUMNS} FROM users WHERE name = $1");
+        Ok(self.run(true, |p| p.query(&sql, &[&name]))?.first().map(read_user))
+    }
+
+    fn user_list(&self) -> StoreResult<Vec<UserRow>> {
+        let sql = format!("SELECT {USER_COLUMNS} FROM users ORDER BY name");
+        Ok(self.run(true, |p| p.query(&sql, &[]))?.iter().map(read_user).collect())
+    }
+
+    fn user_delete(&self, name: &str) -> StoreResult<bool> {
+        Ok(self.run(false, |p| p.execute("DELETE FROM users WHERE name = $1", &[&name]))? > 0)
+    }
+
+    fn audit_append(&self, draft: AuditDraft) -> StoreResult<AuditEntry> {
+        let insert = format!("INSERT INTO audit ({AUDIT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)");
+        self.run(false, |p| {
+            let last_sql = "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1";
+            let (lock, last, insert) =
+                (p.statement("SELECT pg_advisory_xact_lock($1)")?, p.statement(last_sql)?, p.statement(&insert)?);
+            let mut tx = p.client.transaction()?;
+            // Held until commit: appenders on every connection and host queue here, and each reads the
+            // entry its predecessor committed (READ COMMITTED takes a new snapshot per statement).
+            tx.execute(&lock, &[&AUDIT_LOCK])?;
+            let last = tx.query_opt(&last, &[])?.map(|r| (r.get(0), r.get(1)));
+            let entry = chain(last, draft.clone());
+            let d = &entry.draft;
+            tx.execute(
+                &insert,
+                &[&entry.seq, &d.time, &d.who, &d.action, &d.group, &d.count, &d.result, &entry.prev, &entry.hash],
+            )?;
+            tx.commit()?;
+            Ok(entry)
+        })
+    }
+
+    fn audit_scan(&self, f: &mut dyn FnMut(AuditEntry) -> StoreResult<()>) -> StoreResult<()> {
+        self.stream(&format!("SELECT {AUDIT_COLUMNS} FROM audit ORDER BY seq"), read_audit, f)
     }
 }

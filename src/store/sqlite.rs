@@ -3,11 +3,12 @@
 //! WAL lets readers run while one process writes; `busy_timeout` makes concurrent writers (threads or
 //! processes) queue instead of failing; `synchronous=FULL` makes every commit durable, so a kill -9 or a
 //! power cut loses at most the transaction in flight, never half a row. Every method is one statement, and
-//! so one transaction.
+//! so one transaction, except `begin` (a transaction held open by the caller) and `audit_append` (read the
+//! last entry and append after it, under the write lock).
 
 use super::{
-    find_sql, foreign_schema, from_db, newer_schema, to_db, KeyQuery, KeyRow, KeyStore, Param, StoreError, StoreResult,
-    COLUMNS, SCHEMA_VERSION,
+    chain, find_sql, foreign_schema, from_db, newer_schema, to_db, AuditDraft, AuditEntry, KeyQuery, KeyRow, KeyStore,
+    Param, StoreError, StoreResult, StoreTx, UserRow, AUDIT_COLUMNS, COLUMNS, SCHEMA_VERSION, USER_COLUMNS,
 };
 use rusqlite::{ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior};
 use std::path::{Path, PathBuf};
@@ -21,9 +22,10 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_IDLE: usize = 8;
 
 /// One migration per schema version, applied in order inside the opening transaction.
-const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    "CREATE TABLE keys (
+const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        "CREATE TABLE keys (
         id        TEXT PRIMARY KEY NOT NULL,
         token     TEXT NOT NULL,
         grp       TEXT NOT NULL,
@@ -43,7 +45,36 @@ const MIGRATIONS: &[(i64, &str)] = &[(
     CREATE INDEX keys_token_ckid ON keys(token, ckid);
     CREATE INDEX keys_token_grp ON keys(token, grp);
     CREATE INDEX keys_token_class ON keys(token, class);",
-)];
+    ),
+    (
+        2,
+        "CREATE TABLE users (
+        name        TEXT PRIMARY KEY NOT NULL,
+        perm        TEXT NOT NULL,
+        group_regex TEXT NOT NULL,
+        auth        TEXT NOT NULL,
+        secret      BLOB NOT NULL,
+        version     INTEGER NOT NULL,
+        created     TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+    );
+    -- scan() walks the keys in (token, id) order without sorting them all first.
+    CREATE INDEX keys_token_id ON keys(token, id);",
+    ),
+    (
+        3,
+        "CREATE TABLE audit (
+        seq    INTEGER PRIMARY KEY NOT NULL,
+        time   TEXT NOT NULL,
+        who    TEXT NOT NULL,
+        action TEXT NOT NULL,
+        grp    TEXT NOT NULL,
+        count  INTEGER NOT NULL,
+        result TEXT NOT NULL,
+        prev   BLOB NOT NULL,
+        hash   BLOB NOT NULL
+    );",
+    ),
+];
 
 pub struct SqliteStore {
     path: PathBuf,
@@ -256,6 +287,133 @@ fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRow> {
     })
 }
 
+fn read_user(r: &rusqlite::Row<'_>) -> rusqlite::Result<UserRow> {
+    Ok(UserRow {
+        name: r.get(0)?,
+        perm: r.get(1)?,
+        group_regex: r.get(2)?,
+        auth: r.get(3)?,
+        secret: r.get(4)?,
+        version: r.get(5)?,
+    })
+}
+
+fn read_audit(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuditEntry> {
+    Ok(AuditEntry {
+        seq: r.get(0)?,
+        draft: AuditDraft {
+            time: r.get(1)?,
+            who: r.get(2)?,
+            action: r.get(3)?,
+            group: r.get(4)?,
+            count: r.get(5)?,
+            result: r.get(6)?,
+        },
+        prev: r.get(7)?,
+        hash: r.get(8)?,
+    })
+}
+
+/// Inserts `row`; with `replace`, an existing row of that id is overwritten whatever its version.
+/// The number of rows written (0: the id exists and `replace` is false).
+fn write_key(conn: &rusqlite::Connection, row: &KeyRow, replace: bool) -> rusqlite::Result<usize> {
+    let conflict = if replace {
+        "DO UPDATE SET token = excluded.token, grp = excluded.grp, class = excluded.class, \
+         key_type = excluded.key_type, label = excluded.label, ckid = excluded.ckid, attrs = excluded.attrs, \
+         wrapped = excluded.wrapped, wrap_mech = excluded.wrap_mech, mbk = excluded.mbk, mac = excluded.mac, \
+         version = excluded.version"
+    } else {
+        "DO NOTHING"
+    };
+    let sql = format!(
+        "INSERT INTO keys ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13) \
+         ON CONFLICT (id) {conflict}"
+    );
+    conn.prepare_cached(&sql)?.execute(rusqlite::params![
+        row.id,
+        row.token,
+        row.group,
+        to_db(row.class),
+        to_db(row.key_type),
+        row.label,
+        row.ckid,
+        row.attrs,
+        row.wrapped,
+        to_db(row.wrap_mech),
+        row.mbk,
+        row.mac,
+        row.version,
+    ])
+}
+
+impl SqliteStore {
+    /// Steps one statement over `sql`, handing each row read by `read` to `f`: the statement's read
+    /// transaction is the snapshot, and only the current row is in memory. An error of `f` stops the scan
+    /// and is returned as it is (the connection stays usable).
+    fn stream<T>(
+        &self,
+        sql: &str,
+        read: fn(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+        f: &mut dyn FnMut(T) -> StoreResult<()>,
+    ) -> StoreResult<()> {
+        let mut lease = self.lease()?;
+        let mut stopped = None;
+        lease.run(|p| {
+            let mut stmt = p.conn.prepare(sql)?;
+            let mut rows = stmt.query([])?;
+            while let Some(row) = rows.next()? {
+                if let Err(e) = f(read(row)?) {
+                    stopped = Some(e);
+                    break;
+                }
+            }
+            Ok(())
+        })?;
+        stopped.map_or(Ok(()), Err)
+    }
+}
+
+/// A transaction on one leased connection (see [`KeyStore::begin`]); rolled back when dropped uncommitted.
+struct SqliteTx<'a> {
+    lease: Lease<'a>,
+    open: bool,
+}
+
+impl StoreTx for SqliteTx<'_> {
+    fn insert(&mut self, row: &KeyRow) -> StoreResult<()> {
+        if self.lease.run(|p| write_key(&p.conn, row, false))? == 0 {
+            return Err(StoreError::Duplicate { store: self.lease.store.name.clone(), id: row.id.clone() });
+        }
+        Ok(())
+    }
+
+    fn replace(&mut self, row: &KeyRow) -> StoreResult<()> {
+        self.lease.run(|p| write_key(&p.conn, row, true)).map(drop)
+    }
+
+    fn exists(&mut self, id: &str) -> StoreResult<bool> {
+        self.lease.run(|p| {
+            p.conn.prepare_cached("SELECT EXISTS (SELECT 1 FROM keys WHERE id = ?1)")?.query_row([id], |r| r.get(0))
+        })
+    }
+
+    fn commit(mut self: Box<Self>) -> StoreResult<()> {
+        self.open = false;
+        self.lease.run(|p| p.conn.execute_batch("COMMIT"))?;
+        self.lease.store.wrote();
+        Ok(())
+    }
+}
+
+impl Drop for SqliteTx<'_> {
+    fn drop(&mut self) {
+        if self.open && self.lease.pooled.is_some() {
+            // A connection whose rollback failed is closed rather than pooled (closing rolls back).
+            let _ = self.lease.run(|p| p.conn.execute_batch("ROLLBACK"));
+        }
+    }
+}
+
 impl rusqlite::ToSql for Param<'_> {
     fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
         match self {
@@ -272,27 +430,7 @@ impl KeyStore for SqliteStore {
     }
 
     fn insert(&self, row: &KeyRow) -> StoreResult<()> {
-        let sql = format!(
-            "INSERT INTO keys ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13) \
-             ON CONFLICT (id) DO NOTHING"
-        );
-        let inserted = self.lease()?.run(|p| {
-            p.conn.prepare_cached(&sql)?.execute(rusqlite::params![
-                row.id,
-                row.token,
-                row.group,
-                to_db(row.class),
-                to_db(row.key_type),
-                row.label,
-                row.ckid,
-                row.attrs,
-                row.wrapped,
-                to_db(row.wrap_mech),
-                row.mbk,
-                row.mac,
-                row.version,
-            ])
-        })?;
+        let inserted = self.lease()?.run(|p| write_key(&p.conn, row, false))?;
         if inserted == 0 {
             return Err(StoreError::Duplicate { store: self.name.clone(), id: row.id.clone() });
         }
@@ -373,5 +511,91 @@ impl KeyStore for SqliteStore {
         self.lease()?.run(|p| {
             p.conn.prepare_cached("SELECT EXISTS (SELECT 1 FROM keys WHERE id = ?1)")?.query_row([id], |r| r.get(0))
         })
+    }
+
+    fn scan(&self, f: &mut dyn FnMut(KeyRow) -> StoreResult<()>) -> StoreResult<()> {
+        self.stream(&format!("SELECT {COLUMNS} FROM keys ORDER BY token, id"), read_row, f)
+    }
+
+    fn begin(&self) -> StoreResult<Box<dyn StoreTx + '_>> {
+        let mut lease = self.lease()?;
+        lease.run(|p| p.conn.execute_batch("BEGIN IMMEDIATE"))?;
+        Ok(Box::new(SqliteTx { lease, open: true }))
+    }
+
+    fn user_insert(&self, user: &UserRow) -> StoreResult<()> {
+        let sql =
+            format!("INSERT INTO users ({USER_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (name) DO NOTHING");
+        let inserted = self.lease()?.run(|p| {
+            p.conn.prepare_cached(&sql)?.execute(rusqlite::params![
+                user.name,
+                user.perm,
+                user.group_regex,
+                user.auth,
+                user.secret,
+                user.version
+            ])
+        })?;
+        if inserted == 0 {
+            return Err(StoreError::Duplicate { store: self.name.clone(), id: user.name.clone() });
+        }
+        Ok(())
+    }
+
+    fn user_update(&self, user: &UserRow) -> StoreResult<bool> {
+        let sql = "UPDATE users SET perm = ?2, group_regex = ?3, auth = ?4, secret = ?5, version = ?6 \
+                   WHERE name = ?1 AND version = ?7";
+        let updated = self.lease()?.run(|p| {
+            p.conn.prepare_cached(sql)?.execute(rusqlite::params![
+                user.name,
+                user.perm,
+                user.group_regex,
+                user.auth,
+                user.secret,
+                user.version,
+                user.version.wrapping_sub(1),
+            ])
+        })?;
+        Ok(updated > 0)
+    }
+
+    fn user_get(&self, name: &str) -> StoreResult<Option<UserRow>> {
+        let sql = format!("SELECT {USER_COLUMNS} FROM users WHERE name = ?1");
+        self.lease()?.run(|p| p.conn.prepare_cached(&sql)?.query_row([name], read_user).optional())
+    }
+
+    fn user_list(&self) -> StoreResult<Vec<UserRow>> {
+        let sql = format!("SELECT {USER_COLUMNS} FROM users ORDER BY name");
+        self.lease()?.run(|p| p.conn.prepare_cached(&sql)?.query_map([], read_user)?.collect())
+    }
+
+    fn user_delete(&self, name: &str) -> StoreResult<bool> {
+        let deleted =
+            self.lease()?.run(|p| p.conn.prepare_cached("DELETE FROM users WHERE name = ?1")?.execute([name]))?;
+        Ok(deleted > 0)
+    }
+
+    fn audit_append(&self, draft: AuditDraft) -> StoreResult<AuditEntry> {
+        let insert = format!("INSERT INTO audit ({AUDIT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)");
+        self.lease()?.run(|p| {
+            // IMMEDIATE: the write lock is taken before the last entry is read, so appenders in other
+            // connections and processes queue (busy_timeout) and each sees its predecessor's entry.
+            let tx = p.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let last = tx
+                .prepare_cached("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")?
+                .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
+            let entry = chain(last, draft);
+            let d = &entry.draft;
+            tx.prepare_cached(&insert)?.execute(rusqlite::params![
+                entry.seq, d.time, d.who, d.action, d.group, d.count, d.result, entry.prev, entry.hash
+            ])?;
+            tx.commit()?;
+            Ok(entry)
+        })
+    }
+
+    fn audit_scan(&self, f: &mut dyn FnMut(AuditEntry) -> StoreResult<()>) -> StoreResult<()> {
+        self.stream(&format!("SELECT {AUDIT_COLUMNS} FROM audit ORDER BY seq"), read_audit, f)
     }
 }

@@ -1,0 +1,207 @@
+//! `p11shim backup`: every key whose group matches a filter, into one backup file, each secret wrapped under
+//! the MBK (stored keys are already; the token's own keys are wrapped with C_WrapKey, never in clear).
+//! Keys that cannot be exported are listed, never silently skipped. Streams: memory stays flat.
+
+use super::format::{BackupWriter, Header, Record, RecordKind, FORMAT_VERSION};
+use super::work::{self, audit, describe, record_of_row, Authorizer, Work};
+use crate::attrs::{self, Template};
+use crate::error::{Error, Result};
+use crate::store::{KeyStore, StoreError};
+use cryptoki_sys::*;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+pub struct ExportOptions<'a> {
+    /// The group filter (a regular expression matching whole group names).
+    pub filter: &'a str,
+    pub out: &'a Path,
+    /// Replace `out` if it exists.
+    pub replace: bool,
+}
+
+/// A key that was not exported, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    pub key: String,
+    pub why: String,
+}
+
+#[derive(Debug, Default)]
+pub struct ExportReport {
+    pub path: PathBuf,
+    pub fingerprint: String,
+    pub exported: u64,
+    pub stored: u64,
+    pub hsm: u64,
+    pub groups: BTreeMap<String, u64>,
+    pub skipped: Vec<Skipped>,
+}
+
+/// Exports every key of the store and of the work token whose group matches the filter. `progress` is
+/// called with the number of keys written so far.
+pub fn export(
+    store: &dyn KeyStore,
+    work: &Work,
+    who: &dyn Authorizer,
+    opts: &ExportOptions,
+    progress: &mut dyn FnMut(u64),
+) -> Result<ExportReport> {
+    let result = run(store, work, who, opts, progress);
+    let (count, outcome) = match &result {
+        Ok(r) if r.skipped.is_empty() => (r.exported, "ok".to_string()),
+        Ok(r) => (r.exported, format!("ok, {} keys could not be exported", r.skipped.len())),
+        Err(e) => (0, format!("failed: {e}")),
+    };
+    let action = if matches!(&result, Err(Error::Other(m)) if m.starts_with("export denied")) {
+        "refused: backup"
+    } else {
+        "backup"
+    };
+    audit(store, &who.who(), action, opts.filter, count, &outcome)?;
+    result
+}
+
+fn run(
+    store: &dyn KeyStore,
+    work: &Work,
+    who: &dyn Authorizer,
+    opts: &ExportOptions,
+    progress: &mut dyn FnMut(u64),
+) -> Result<ExportReport> {
+    let filter = work::group_filter(opts.filter)?;
+    let include_hsm = filter.is_match(&work.slot_group);
+    // First the permission check over every group the backup would hold: all or nothing.
+    let mut groups = BTreeSet::new();
+    store.scan(&mut |row| {
+        if filter.is_match(&row.group) {
+            groups.insert(row.group);
+        }
+        Ok(())
+    })?;
+    if include_hsm {
+        groups.insert(work.slot_group.clone());
+    }
+    for g in &groups {
+        who.allow_group(g).map_err(|why| Error::Other(format!("export denied: {why}")))?;
+    }
+
+    let header = Header {
+        format: FORMAT_VERSION,
+        mbk: work.set.fingerprint.clone(),
+        time: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        source: format!("{}; {}", hostname(), store.describe()),
+        filter: opts.filter.to_string(),
+        count: 0,
+    };
+    let mut writer = BackupWriter::create_with(opts.out, header, opts.replace)?;
+    let sealer = work.sealer();
+    let mut report =
+        ExportReport { path: opts.out.to_path_buf(), fingerprint: work.set.fingerprint.clone(), ..Default::default() };
+    let mut failure: Option<Error> = None;
+    let scanned = store.scan(&mut |row| {
+        if !filter.is_match(&row.group) {
+            return Ok(());
+        }
+        let name = describe(&row.label, &row.id, &row.group);
+        let why = if row.mbk != work.set.fingerprint {
+            Some(format!("wrapped under MBK {}, not this token's ({})", row.mbk, work.set.fingerprint))
+        } else {
+            match work.row_intact(&row) {
+                Ok(true) => None,
+                Ok(false) => Some("its row MAC does not match: the row was changed outside p11shim".into()),
+                Err(e) => {
+                    failure = Some(e);
+                    return Err(StoreError::Schema { store: String::new(), cause: "stopped".into() });
+                }
+            }
+        };
+        if let Some(why) = why {
+            report.skipped.push(Skipped { key: format!("stored key {name}"), why });
+            return Ok(());
+        }
+        if let Err(e) = writer.write(&record_of_row(&row), &sealer) {
+            failure = Some(e);
+            return Err(StoreError::Schema { store: String::new(), cause: "stopped".into() });
+        }
+        report.stored += 1;
+        *report.groups.entry(row.group).or_default() += 1;
+        progress(report.stored);
+        Ok(())
+    });
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    scanned?;
+    if include_hsm {
+        for handle in work::hsm_keys(work)? {
+            match hsm_record(work, handle) {
+                Ok(record) => {
+                    writer.write(&record, &sealer)?;
+                    report.hsm += 1;
+                    *report.groups.entry(record.group).or_default() += 1;
+                    progress(report.stored + report.hsm);
+                }
+                Err((key, why)) => report.skipped.push(Skipped { key, why }),
+            }
+        }
+    }
+    report.exported = report.stored + report.hsm;
+    writer.finish(&sealer)?;
+    Ok(report)
+}
+
+/// A record for a key that lives in the HSM: its attributes, and its secret wrapped under the MBK.
+fn hsm_record(work: &Work, handle: CK_OBJECT_HANDLE) -> std::result::Result<Record, (String, String)> {
+    let t = &work.token;
+    let fail = |what: String| (format!("HSM key (handle {handle}) on token {:?}", t.label), what);
+    let class = t
+        .backend
+        .attributes(t.session, handle, &[CKA_CLASS])
+        .ok()
+        .and_then(|a| a.ulong(CKA_CLASS))
+        .ok_or_else(|| fail("its class cannot be read".into()))?;
+    let secret = attrs::has_secret(class);
+    let mut types = attrs::KEPT.to_vec();
+    if !secret {
+        types.extend_from_slice(attrs::PUBLIC_VALUES);
+    }
+    let mut view: Template =
+        t.backend.attributes(t.session, handle, &types).map_err(|e| fail(format!("its attributes: {e}")))?;
+    view.set(attrs::Attr::bool(CKA_TOKEN, true));
+    let label = view.bytes(CKA_LABEL).unwrap_or_default().to_vec();
+    let ckid = view.bytes(CKA_ID).unwrap_or_default().to_vec();
+    let id = work::hsm_key_id(&t.label, class, &label, &ckid);
+    let name = format!("HSM key {}", describe(&label, &id, &work.slot_group));
+    let wrapped = if secret {
+        t.backend.wrap_key(t.session, &work.set.wrap_mechanism(), work.set.mbk, handle).map_err(|e| {
+            let why = match e {
+                Error::Rv(CKR_KEY_UNEXTRACTABLE) => "not extractable: it cannot leave the HSM, not even wrapped".into(),
+                Error::Rv(CKR_KEY_NOT_WRAPPABLE) => "not wrappable under the MBK".into(),
+                e => format!("wrapping under the MBK failed: {e}"),
+            };
+            (name.clone(), why)
+        })?
+    } else {
+        Vec::new()
+    };
+    Ok(Record {
+        kind: RecordKind::Hsm,
+        id,
+        token: t.label.clone(),
+        group: work.slot_group.clone(),
+        class,
+        key_type: view.ulong(CKA_KEY_TYPE).unwrap_or(CK_UNAVAILABLE_INFORMATION),
+        label,
+        ckid,
+        attrs: view.encode(),
+        wrapped,
+        wrap_mech: work.set.wrap,
+        mbk: work.set.fingerprint.clone(),
+    })
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}

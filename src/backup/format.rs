@@ -1,0 +1,890 @@
+//! The backup file: versioned, line-oriented text, one record per key, written and read as a stream.
+//!
+//! ```text
+//! P11SHIM-BACKUP 1
+//! {"format":1,"mbk":"…","time":"…","source":"…","filter":"…","count":2                   }
+//! R {"kind":"stored","id":"…","token":"…","group":"…","class":4,…,"mbk":"…","mac":"<hex>"}
+//! R {"kind":"hsm",…}
+//! T {"count":2,"mac":"<hex>"}
+//! ```
+//!
+//! Every record carries its own MAC (made in the HSM by a [`Sealer`]) over its canonical bytes, so a record
+//! checks alone. The trailer MAC covers the exact header bytes, a hash chain over the record MACs and the
+//! count, so truncation, removal, insertion, duplication, reordering and any header edit fail at the end. The
+//! header's count is reserved as a fixed-width field and filled in by [`BackupWriter::finish`]. A line must be
+//! exactly what the writer would write for the values it holds (lowercase hex, fixed field order): any edited
+//! byte is refused, not only those that change a value.
+
+use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use zeroize::Zeroizing;
+
+pub const MAGIC: &str = "P11SHIM-BACKUP";
+pub const FORMAT_VERSION: u32 = 1;
+
+const RECORD_DOMAIN: &[u8] = b"p11shim backup record v1\0";
+const TRAILER_DOMAIN: &[u8] = b"p11shim backup trailer v1\0";
+/// Width of the header's count field: u64::MAX has 20 digits.
+const COUNT_WIDTH: usize = 20;
+/// A line longer than this is refused on writing and reading, so a damaged file cannot exhaust memory.
+pub const MAX_LINE: usize = 16 << 20;
+const MAX_MAGIC_LINE: u64 = 64;
+
+/// Computes and checks MACs; in the shim the HSM does it with the MBK set's MAC key (HMAC-SHA256).
+pub trait Sealer {
+    /// MAC of `data` (HMAC-SHA256 in the HSM; 32 bytes).
+    fn seal(&self, data: &[u8]) -> Result<Vec<u8>>;
+    /// Whether `mac` is `data`'s MAC.
+    fn check(&self, data: &[u8], mac: &[u8]) -> Result<bool>;
+}
+
+/// The file's header (line 2).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Header {
+    /// [`FORMAT_VERSION`].
+    pub format: u32,
+    /// Fingerprint of the MBK set the records are wrapped and sealed under.
+    pub mbk: String,
+    /// When the backup was made, RFC 3339 UTC (see [`utc_now`]).
+    pub time: String,
+    /// Where it was made: host and store.
+    pub source: String,
+    /// The group regex it was made for.
+    pub filter: String,
+    /// Number of records. Ignored by [`BackupWriter::create`]; written by [`BackupWriter::finish`].
+    pub count: u64,
+}
+
+impl Header {
+    /// A header of the current format version; the count is filled in when the file is finished.
+    pub fn new(
+        mbk: impl Into<String>,
+        time: impl Into<String>,
+        source: impl Into<String>,
+        filter: impl Into<String>,
+    ) -> Self {
+        Header {
+            format: FORMAT_VERSION,
+            mbk: mbk.into(),
+            time: time.into(),
+            source: source.into(),
+            filter: filter.into(),
+            count: 0,
+        }
+    }
+
+    /// Line 2 as written: the count left-aligned in a fixed-width field so that it can be patched in place.
+    fn line(&self) -> (Vec<u8>, usize) {
+        let mut s = format!(
+            "{{\"format\":{},\"mbk\":{},\"time\":{},\"source\":{},\"filter\":{},\"count\":",
+            self.format,
+            json_str(&self.mbk),
+            json_str(&self.time),
+            json_str(&self.source),
+            json_str(&self.filter)
+        );
+        let count_at = s.len();
+        s.push_str(&count_field(self.count));
+        s.push_str("}\n");
+        (s.into_bytes(), count_at)
+    }
+}
+
+fn count_field(count: u64) -> String {
+    format!("{count:<COUNT_WIDTH$}")
+}
+
+/// The current time as RFC 3339 UTC, seconds precision, for [`Header::time`].
+pub fn utc_now() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+/// Where a key came from: a key store row, or a key that lived in the HSM (a token object).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecordKind {
+    Stored,
+    Hsm,
+}
+
+impl RecordKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            RecordKind::Stored => "stored",
+            RecordKind::Hsm => "hsm",
+        }
+    }
+    fn byte(self) -> u8 {
+        match self {
+            RecordKind::Stored => 1,
+            RecordKind::Hsm => 2,
+        }
+    }
+    fn from_name(name: &str) -> Option<RecordKind> {
+        match name {
+            "stored" => Some(RecordKind::Stored),
+            "hsm" => Some(RecordKind::Hsm),
+            _ => None,
+        }
+    }
+}
+
+/// One key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Record {
+    pub kind: RecordKind,
+    pub id: String,
+    pub token: String,
+    pub group: String,
+    pub class: u64,
+    pub key_type: u64,
+    pub label: Vec<u8>,
+    pub ckid: Vec<u8>,
+    /// Canonical attribute encoding (crate::attrs::Template::encode), public parts in clear.
+    pub attrs: Vec<u8>,
+    /// The secret wrapped under the MBK; empty for public objects.
+    pub wrapped: Vec<u8>,
+    pub wrap_mech: u64,
+    /// Fingerprint of the MBK that wrapped it.
+    pub mbk: String,
+}
+
+impl fmt::Debug for Record {
+    // The wrapped blob is nobody's business in a log line.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Record")
+            .field("kind", &self.kind)
+            .field("id", &self.id)
+            .field("token", &self.token)
+            .field("group", &self.group)
+            .field("class", &self.class)
+            .field("key_type", &self.key_type)
+            .field("label", &String::from_utf8_lossy(&self.label))
+            .field("ckid", &hex::encode(&self.ckid))
+            .field("attrs", &format_args!("{} bytes", self.attrs.len()))
+            .field("wrapped", &format_args!("{} bytes", self.wrapped.len()))
+            .field("wrap_mech", &format_args!("{:#x}", self.wrap_mech))
+            .field("mbk", &self.mbk)
+            .finish()
+    }
+}
+
+impl Record {
+    /// The bytes the record MAC covers: a domain string, then every field in a fixed order; strings and byte
+    /// strings prefixed with their length (u32 BE), numbers as u64 BE, the kind as one byte.
+    pub fn mac_input(&self) -> Vec<u8> {
+        let variable = [
+            self.id.as_bytes(),
+            self.token.as_bytes(),
+            self.group.as_bytes(),
+            &self.label,
+            &self.ckid,
+            &self.attrs,
+            &self.wrapped,
+            self.mbk.as_bytes(),
+        ];
+        let mut out =
+            Vec::with_capacity(RECORD_DOMAIN.len() + 1 + 24 + variable.iter().map(|v| 4 + v.len()).sum::<usize>());
+        out.extend_from_slice(RECORD_DOMAIN);
+        out.push(self.kind.byte());
+        let field = |out: &mut Vec<u8>, v: &[u8]| {
+            // Lines are capped far below 4 GiB (MAX_LINE), so a field always fits.
+            out.extend_from_slice(&(v.len() as u32).to_be_bytes());
+            out.extend_from_slice(v);
+        };
+        field(&mut out, self.id.as_bytes());
+        field(&mut out, self.token.as_bytes());
+        field(&mut out, self.group.as_bytes());
+        out.extend_from_slice(&self.class.to_be_bytes());
+        out.extend_from_slice(&self.key_type.to_be_bytes());
+        field(&mut out, &self.label);
+        field(&mut out, &self.ckid);
+        field(&mut out, &self.attrs);
+        field(&mut out, &self.wrapped);
+        out.extend_from_slice(&self.wrap_mech.to_be_bytes());
+        field(&mut out, self.mbk.as_bytes());
+        out
+    }
+
+    /// The record's line, without the newline.
+    fn line(&self, mac: &[u8]) -> String {
+        format!(
+            "R {{\"kind\":\"{}\",\"id\":{},\"token\":{},\"group\":{},\"class\":{},\"key_type\":{},\"label\":\"{}\",\"ckid\":\"{}\",\"attrs\":\"{}\",\"wrapped\":\"{}\",\"wrap_mech\":{},\"mbk\":{},\"mac\":\"{}\"}}",
+            self.kind.name(),
+            json_str(&self.id),
+            json_str(&self.token),
+            json_str(&self.group),
+            self.class,
+            self.key_type,
+            hex::encode(&self.label),
+            hex::encode(&self.ckid),
+            hex::encode(&self.attrs),
+            hex::encode(&self.wrapped),
+            self.wrap_mech,
+            json_str(&self.mbk),
+            hex::encode(mac),
+        )
+    }
+}
+
+fn json_str(s: &str) -> String {
+    serde_json::to_string(s).expect("a string always serializes")
+}
+
+fn trailer_line(count: u64, mac: &[u8]) -> String {
+    format!("T {{\"count\":{count},\"mac\":\"{}\"}}", hex::encode(mac))
+}
+
+/// What a finished or verified file holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Summary {
+    pub path: PathBuf,
+    pub header: Header,
+    /// Number of records (equals `header.count`).
+    pub records: u64,
+    /// Records of kind Stored and Hsm.
+    pub stored: u64,
+    pub hsm: u64,
+    /// Size of the file in bytes.
+    pub bytes: u64,
+}
+
+/// Why a backup file cannot be written or read. Converts into [`Error`] (as `Error::Other`, the message).
+#[derive(Debug, thiserror::Error)]
+pub enum FormatError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("not a p11shim backup ({0})")]
+    NotABackup(String),
+    #[error("unknown format version {0} (this p11shim reads version {FORMAT_VERSION})")]
+    UnknownVersion(u32),
+    #[error("header: {0}")]
+    Header(String),
+    #[error("record {record}: field `{field}`: {detail}")]
+    Field { record: u64, field: String, detail: String },
+    #[error("record {record}: {detail}")]
+    Record { record: u64, detail: String },
+    #[error("record {record} (id {id}): record MAC does not match: the record was altered, or sealed with another MBK set's MAC key")]
+    RecordMac { record: u64, id: String },
+    #[error("record {record} (id {id}): not in canonical form: the line was edited")]
+    NotCanonical { record: u64, id: String },
+    #[error("record {record}: the header announces only {count} records")]
+    TooManyRecords { record: u64, count: u64 },
+    #[error("truncated: no trailer after record {after}")]
+    NoTrailer { after: u64 },
+    #[error("truncated: {what} is cut short")]
+    CutShort { what: String },
+    #[error("trailer (after record {after}): {detail}")]
+    Trailer { after: u64, detail: String },
+    #[error("record count: the header says {header}, the trailer says {trailer}, the file holds {records}: records removed or added")]
+    CountMismatch { header: u64, trailer: u64, records: u64 },
+    #[error("trailer MAC: records removed, reordered or the header edited")]
+    TrailerMac,
+    #[error("data after the trailer")]
+    AfterTrailer,
+    #[error("{0} exists; refusing to replace it (overwrite not requested)")]
+    Exists(PathBuf),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl FormatError {
+    /// The record the error is about (1-based), when it is about one.
+    pub fn record(&self) -> Option<u64> {
+        match self {
+            FormatError::Field { record, .. }
+            | FormatError::Record { record, .. }
+            | FormatError::RecordMac { record, .. }
+            | FormatError::NotCanonical { record, .. }
+            | FormatError::TooManyRecords { record, .. } => Some(*record),
+            _ => None,
+        }
+    }
+}
+
+impl From<FormatError> for Error {
+    fn from(e: FormatError) -> Error {
+        Error::Other(e.to_string())
+    }
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
+    move |source| FormatError::Io { path: path.to_path_buf(), source }.into()
+}
+
+fn sha256(parts: &[&[u8]]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update(p);
+    }
+    h.finalize().into()
+}
+
+fn trailer_mac_input(head_digest: &[u8; 32], chain: &[u8; 32], count: u64) -> Vec<u8> {
+    [TRAILER_DOMAIN, head_digest, chain, &count.to_be_bytes()].concat()
+}
+
+fn magic_line() -> String {
+    format!("{MAGIC} {FORMAT_VERSION}\n")
+}
+
+/// Streams records into a temporary file next to the target; the target appears only when [`finish`] succeeds.
+///
+/// [`finish`]: BackupWriter::finish
+pub struct BackupWriter {
+    path: PathBuf,
+    tmp: PathBuf,
+    out: Option<BufWriter<File>>,
+    header: Header,
+    /// The magic and header lines as written (count still the placeholder).
+    head: Vec<u8>,
+    count_at: u64,
+    chain: [u8; 32],
+    count: u64,
+    stored: u64,
+    hsm: u64,
+    bytes: u64,
+    overwrite: bool,
+    done: bool,
+}
+
+impl BackupWriter {
+    /// Starts a backup that will refuse to replace an existing file.
+    pub fn create(path: &Path, header: Header) -> Result<BackupWriter> {
+        Self::create_with(path, header, false)
+    }
+
+    /// Starts a backup; `overwrite` lets [`finish`](BackupWriter::finish) replace an existing file.
+    pub fn create_with(path: &Path, mut header: Header, overwrite: bool) -> Result<BackupWriter> {
+        if header.format != FORMAT_VERSION {
+            return Err(FormatError::Invalid(format!(
+                "cannot write format version {} (this p11shim writes version {FORMAT_VERSION})",
+                header.format
+            ))
+            .into());
+        }
+        if !overwrite && fs::symlink_metadata(path).is_ok() {
+            return Err(FormatError::Exists(path.to_path_buf()).into());
+        }
+        let name = path
+            .file_name()
+            .ok_or_else(|| FormatError::Invalid(format!("{}: not a file name", path.display())))?
+            .to_string_lossy()
+            .into_owned();
+        let (tmp, file) = create_temp(&parent_dir(path), &name)?;
+        header.count = 0;
+        let magic = magic_line();
+        let (line, count_at) = header.line();
+        let head = [magic.as_bytes(), &line].concat();
+        let mut writer = BackupWriter {
+            path: path.to_path_buf(),
+            tmp,
+            out: Some(BufWriter::with_capacity(1 << 16, file)),
+            header,
+            count_at: (magic.len() + count_at) as u64,
+            bytes: head.len() as u64,
+            head,
+            chain: [0; 32],
+            count: 0,
+            stored: 0,
+            hsm: 0,
+            overwrite,
+            done: false,
+        };
+        let (out, head) = (writer.out.as_mut().expect("open"), &writer.head);
+        out.write_all(head).map_err(io_err(&writer.tmp))?;
+        Ok(writer)
+    }
+
+    /// Seals and appends one record.
+    pub fn write(&mut self, record: &Record, sealer: &dyn Sealer) -> Result<()> {
+        let record_no = self.count + 1;
+        let mac = sealer.seal(&record.mac_input())?;
+        if mac.is_empty() {
+            return Err(FormatError::Invalid(format!(
+                "record {record_no} (id {}): the sealer returned an empty MAC",
+                record.id
+            ))
+            .into());
+        }
+        let mut line = record.line(&mac);
+        if line.len() > MAX_LINE {
+            return Err(FormatError::Record {
+                record: record_no,
+                detail: format!("id {}: {} bytes as a line; at most {MAX_LINE} fit in a backup", record.id, line.len()),
+            }
+            .into());
+        }
+        line.push('\n');
+        let out = self.out.as_mut().expect("a writer is open until finished");
+        out.write_all(line.as_bytes()).map_err(io_err(&self.tmp))?;
+        self.chain = sha256(&[&self.chain, &mac]);
+        self.count = record_no;
+        self.bytes += line.len() as u64;
+        match record.kind {
+            RecordKind::Stored => self.stored += 1,
+            RecordKind::Hsm => self.hsm += 1,
+        }
+        Ok(())
+    }
+
+    /// Records written so far.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// The temporary file being written (removed if the writer is dropped unfinished).
+    pub fn temp_path(&self) -> &Path {
+        &self.tmp
+    }
+
+    /// Fills in the count, writes the trailer, fsyncs, and puts the file under its name (then fsyncs the
+    /// directory). Refuses to replace an existing file unless the writer was created with `overwrite`.
+    pub fn finish(mut self, sealer: &dyn Sealer) -> Result<Summary> {
+        let file = self
+            .out
+            .take()
+            .expect("a writer is open until finished")
+            .into_inner()
+            .map_err(|e| io_err(&self.tmp)(e.into_error()))?;
+        // From here an error drops `file` and then `self`, whose Drop removes the temporary file.
+        let field = count_field(self.count);
+        file.write_all_at(field.as_bytes(), self.count_at).map_err(io_err(&self.tmp))?;
+        let at = self.count_at as usize;
+        self.head[at..at + COUNT_WIDTH].copy_from_slice(field.as_bytes());
+        self.header.count = self.count;
+
+        let mac = sealer.seal(&trailer_mac_input(&sha256(&[&self.head]), &self.chain, self.count))?;
+        let line = trailer_line(self.count, &mac) + "\n";
+        let mut out = BufWriter::new(file);
+        out.write_all(line.as_bytes()).map_err(io_err(&self.tmp))?;
+        let file = out.into_inner().map_err(|e| io_err(&self.tmp)(e.into_error()))?;
+        file.sync_all().map_err(io_err(&self.tmp))?;
+        drop(file);
+        self.bytes += line.len() as u64;
+
+        self.publish()?;
+        self.done = true;
+        Ok(Summary {
+            path: self.path.clone(),
+            header: self.header.clone(),
+            records: self.count,
+            stored: self.stored,
+            hsm: self.hsm,
+            bytes: self.bytes,
+        })
+    }
+
+    /// Moves the finished temporary file to its name. Without overwrite, a hard link refuses atomically if the
+    /// name exists (rename would replace it); filesystems without hard links fall back to check-then-rename.
+    fn publish(&self) -> Result<()> {
+        if self.overwrite {
+            fs::rename(&self.tmp, &self.path).map_err(io_err(&self.path))?;
+        } else {
+            match fs::hard_link(&self.tmp, &self.path) {
+                Ok(()) => fs::remove_file(&self.tmp).map_err(io_err(&self.tmp))?,
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    return Err(FormatError::Exists(self.path.clone()).into());
+                }
+                Err(_) => {
+                    if fs::symlink_metadata(&self.path).is_ok() {
+                        return Err(FormatError::Exists(self.path.clone()).into());
+                    }
+                    fs::rename(&self.tmp, &self.path).map_err(io_err(&self.path))?;
+                }
+            }
+        }
+        let dir = parent_dir(&self.path);
+        File::open(&dir).and_then(|d| d.sync_all()).map_err(io_err(&dir))
+    }
+}
+
+impl Drop for BackupWriter {
+    fn drop(&mut self) {
+        if !self.done {
+            drop(self.out.take());
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+fn parent_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// `.NAME.tmp-PID` (mode 0600) in `dir`; a suffix is added if that name is taken (another writer of this
+/// process for the same target, or the leftover of a killed process that had the same pid).
+fn create_temp(dir: &Path, name: &str) -> Result<(PathBuf, File)> {
+    let base = format!(".{name}.tmp-{}", std::process::id());
+    for n in 0..1000 {
+        let tmp = dir.join(if n == 0 { base.clone() } else { format!("{base}-{n}") });
+        match OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp) {
+            Ok(file) => return Ok((tmp, file)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(io_err(&tmp)(e)),
+        }
+    }
+    Err(FormatError::Invalid(format!("{}: no free temporary name for {base}", dir.display())).into())
+}
+
+/// Reads a backup as a stream, checking every record's MAC as it goes and the trailer at the end.
+pub struct BackupReader {
+    path: PathBuf,
+    input: BufReader<File>,
+    header: Header,
+    head_digest: [u8; 32],
+    chain: [u8; 32],
+    count: u64,
+    stored: u64,
+    hsm: u64,
+    bytes: u64,
+    line: Vec<u8>,
+    state: ReadState,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReadState {
+    Records,
+    Verified,
+    Failed,
+}
+
+enum Line {
+    Full,
+    Partial,
+    Eof,
+}
+
+impl BackupReader {
+    /// Opens a backup and reads its magic line and header.
+    pub fn open(path: &Path) -> Result<BackupReader> {
+        let file = File::open(path).map_err(io_err(path))?;
+        let mut input = BufReader::with_capacity(1 << 16, file);
+        let mut magic = Vec::new();
+        let got = read_line(&mut input, &mut magic, MAX_MAGIC_LINE).map_err(io_err(path))?;
+        check_magic(&magic, &got)?;
+        let mut line = Vec::new();
+        match read_line(&mut input, &mut line, MAX_LINE as u64).map_err(io_err(path))? {
+            Line::Full => {}
+            Line::Eof => return Err(FormatError::CutShort { what: "the header".into() }.into()),
+            Line::Partial => {
+                let what = if line.len() >= MAX_LINE { "the header (too long)" } else { "the header" };
+                return Err(FormatError::CutShort { what: what.into() }.into());
+            }
+        }
+        let header = parse_header(&line)?;
+        let head_digest = sha256(&[&magic, &line]);
+        Ok(BackupReader {
+            path: path.to_path_buf(),
+            input,
+            header,
+            head_digest,
+            chain: [0; 32],
+            count: 0,
+            stored: 0,
+            hsm: 0,
+            bytes: (magic.len() + line.len()) as u64,
+            line,
+            state: ReadState::Records,
+        })
+    }
+
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// The next record, its MAC checked, with its 1-based number; `None` once the trailer has been read and
+    /// checked. After an error every later call fails too.
+    pub fn next_record(&mut self, sealer: &dyn Sealer) -> Result<Option<(u64, Record)>> {
+        match self.state {
+            ReadState::Verified => return Ok(None),
+            ReadState::Failed => {
+                return Err(FormatError::Invalid(format!(
+                    "{}: reading stopped at an earlier error (after record {})",
+                    self.path.display(),
+                    self.count
+                ))
+                .into())
+            }
+            ReadState::Records => {}
+        }
+        let result = self.step(sealer);
+        match &result {
+            Ok(None) => self.state = ReadState::Verified,
+            Ok(Some(_)) => {}
+            Err(_) => self.state = ReadState::Failed,
+        }
+        result
+    }
+
+    /// What the file holds, once every record and the trailer have been read and checked.
+    pub fn summary(&self) -> Option<Summary> {
+        (self.state == ReadState::Verified).then(|| Summary {
+            path: self.path.clone(),
+            header: self.header.clone(),
+            records: self.count,
+            stored: self.stored,
+            hsm: self.hsm,
+            bytes: self.bytes,
+        })
+    }
+
+    fn step(&mut self, sealer: &dyn Sealer) -> Result<Option<(u64, Record)>> {
+        let mut line = std::mem::take(&mut self.line);
+        let got = read_line(&mut self.input, &mut line, MAX_LINE as u64 + 1).map_err(io_err(&self.path));
+        let result = got.and_then(|got| self.take_line(&line, got, sealer));
+        self.line = line;
+        result
+    }
+
+    fn take_line(&mut self, line: &[u8], got: Line, sealer: &dyn Sealer) -> Result<Option<(u64, Record)>> {
+        let next = self.count + 1;
+        match got {
+            Line::Eof => return Err(FormatError::NoTrailer { after: self.count }.into()),
+            Line::Partial if line.len() > MAX_LINE => {
+                return Err(FormatError::Record { record: next, detail: format!("longer than {MAX_LINE} bytes") }.into())
+            }
+            Line::Partial if line.starts_with(b"T ") => {
+                return Err(FormatError::CutShort { what: format!("the trailer (after record {})", self.count) }.into())
+            }
+            Line::Partial => return Err(FormatError::CutShort { what: format!("record {next}") }.into()),
+            Line::Full => {}
+        }
+        self.bytes += line.len() as u64;
+        let body = &line[..line.len() - 1];
+        if let Some(json) = body.strip_prefix(b"T ") {
+            self.check_trailer(json, body, sealer)?;
+            let mut rest = [0u8; 1];
+            if self.input.read(&mut rest).map_err(io_err(&self.path))? != 0 {
+                return Err(FormatError::AfterTrailer.into());
+            }
+            return Ok(None);
+        }
+        let Some(json) = body.strip_prefix(b"R ") else {
+            return Err(FormatError::Record {
+                record: next,
+                detail: "neither a record (R) nor the trailer (T) line".into(),
+            }
+            .into());
+        };
+        if next > self.header.count {
+            return Err(FormatError::TooManyRecords { record: next, count: self.header.count }.into());
+        }
+        let (record, mac) = parse_record(next, json)?;
+        if !sealer.check(&record.mac_input(), &mac)? {
+            return Err(FormatError::RecordMac { record: next, id: record.id }.into());
+        }
+        if record.line(&mac).as_bytes() != body {
+            return Err(FormatError::NotCanonical { record: next, id: record.id }.into());
+        }
+        self.chain = sha256(&[&self.chain, &mac]);
+        self.count = next;
+        match record.kind {
+            RecordKind::Stored => self.stored += 1,
+            RecordKind::Hsm => self.hsm += 1,
+        }
+        Ok(Some((next, record)))
+    }
+
+    fn check_trailer(&self, json: &[u8], body: &[u8], sealer: &dyn Sealer) -> Result<()> {
+        let after = self.count;
+        let bad = |detail: String| -> Error { FormatError::Trailer { after, detail }.into() };
+        let map = parse_object(json).map_err(bad)?;
+        let mut fields = Fields { map, record: 0 };
+        let count = fields.u64("count").map_err(|e| bad(e.to_string()))?;
+        let mac = fields.hex("mac").map_err(|e| bad(e.to_string()))?;
+        fields.done().map_err(|e| bad(e.to_string()))?;
+        if trailer_line(count, &mac).as_bytes() != body {
+            return Err(bad("not in canonical form: the line was edited".into()));
+        }
+        if count != self.count || count != self.header.count {
+            return Err(
+                FormatError::CountMismatch { header: self.header.count, trailer: count, records: self.count }.into()
+            );
+        }
+        if !sealer.check(&trailer_mac_input(&self.head_digest, &self.chain, count), &mac)? {
+            return Err(FormatError::TrailerMac.into());
+        }
+        Ok(())
+    }
+}
+
+/// Reads the whole file and checks everything the file alone can prove: every record MAC, the count, the
+/// trailer MAC.
+pub fn verify_file(path: &Path, sealer: &dyn Sealer) -> Result<Summary> {
+    let mut reader = BackupReader::open(path)?;
+    while reader.next_record(sealer)?.is_some() {}
+    Ok(reader.summary().expect("verified"))
+}
+
+/// Reads one line (keeping the '\n') of at most `max` bytes.
+fn read_line(input: &mut impl BufRead, buf: &mut Vec<u8>, max: u64) -> io::Result<Line> {
+    buf.clear();
+    input.by_ref().take(max).read_until(b'\n', buf)?;
+    Ok(match buf.last() {
+        None => Line::Eof,
+        Some(b'\n') => Line::Full,
+        Some(_) => Line::Partial,
+    })
+}
+
+fn check_magic(line: &[u8], got: &Line) -> Result<()> {
+    let prefix = format!("{MAGIC} ");
+    let full = matches!(got, Line::Full);
+    if !line.starts_with(prefix.as_bytes()) {
+        if !full && !line.is_empty() && prefix.as_bytes().starts_with(line) {
+            return Err(FormatError::CutShort { what: "the magic line".into() }.into());
+        }
+        let what =
+            if line.is_empty() { "empty file".to_string() } else { format!("the first line is not {MAGIC} VERSION") };
+        return Err(FormatError::NotABackup(what).into());
+    }
+    let version = &line[prefix.len()..];
+    let digits = version.strip_suffix(b"\n").unwrap_or(version);
+    let parsed = std::str::from_utf8(digits)
+        .ok()
+        .filter(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()) && (d.len() == 1 || !d.starts_with('0')))
+        .and_then(|d| d.parse::<u32>().ok());
+    match parsed {
+        Some(v) if v != FORMAT_VERSION => Err(FormatError::UnknownVersion(v).into()),
+        Some(_) if !full => Err(FormatError::CutShort { what: "the magic line".into() }.into()),
+        Some(_) => Ok(()),
+        None if !full => Err(FormatError::CutShort { what: "the magic line".into() }.into()),
+        None => Err(FormatError::NotABackup("the format version is not a number".into()).into()),
+    }
+}
+
+fn parse_header(line: &[u8]) -> Result<Header> {
+    let body = &line[..line.len() - 1];
+    let header: Header = serde_json::from_slice(body).map_err(|e| FormatError::Header(e.to_string()))?;
+    if header.format != FORMAT_VERSION {
+        return Err(FormatError::Header(format!(
+            "format {} does not match the magic line's version {FORMAT_VERSION}",
+            header.format
+        ))
+        .into());
+    }
+    if header.line().0 != line {
+        return Err(FormatError::Header("not in canonical form: the line was edited".into()).into());
+    }
+    Ok(header)
+}
+
+fn parse_object(json: &[u8]) -> std::result::Result<Map<String, Value>, String> {
+    match serde_json::from_slice::<Value>(json) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err("not a JSON object".into()),
+        Err(e) => Err(format!("not valid JSON: {e}")),
+    }
+}
+
+/// Takes the fields out of one parsed line, naming the field in every error.
+struct Fields {
+    map: Map<String, Value>,
+    record: u64,
+}
+
+impl Fields {
+    fn err(&self, field: &str, detail: impl Into<String>) -> FormatError {
+        FormatError::Field { record: self.record, field: field.into(), detail: detail.into() }
+    }
+    fn take(&mut self, field: &str) -> std::result::Result<Value, FormatError> {
+        self.map.remove(field).ok_or_else(|| self.err(field, "missing"))
+    }
+    fn str(&mut self, field: &str) -> std::result::Result<String, FormatError> {
+        match self.take(field)? {
+            Value::String(s) => Ok(s),
+            _ => Err(self.err(field, "not a string")),
+        }
+    }
+    fn u64(&mut self, field: &str) -> std::result::Result<u64, FormatError> {
+        match self.take(field)? {
+            Value::Number(n) => n.as_u64().ok_or_else(|| self.err(field, "not an unsigned 64-bit integer")),
+            _ => Err(self.err(field, "not a number")),
+        }
+    }
+    fn hex(&mut self, field: &str) -> std::result::Result<Vec<u8>, FormatError> {
+        let s = self.str(field)?;
+        if s.bytes().any(|b| b.is_ascii_uppercase()) {
+            return Err(self.err(field, "hex digits must be lowercase"));
+        }
+        hex::decode(&s).map_err(|e| self.err(field, format!("not hex: {e}")))
+    }
+    fn done(&self) -> std::result::Result<(), FormatError> {
+        match self.map.keys().next() {
+            Some(k) => Err(self.err(k, "unknown field")),
+            None => Ok(()),
+        }
+    }
+}
+
+fn parse_record(record: u64, json: &[u8]) -> Result<(Record, Vec<u8>)> {
+    let map = parse_object(json).map_err(|detail| FormatError::Record { record, detail })?;
+    let mut f = Fields { map, record };
+    let kind = f.str("kind")?;
+    let kind = RecordKind::from_name(&kind)
+        .ok_or_else(|| f.err("kind", format!("{kind:?} is neither \"stored\" nor \"hsm\"")))?;
+    let parsed = Record {
+        kind,
+        id: f.str("id")?,
+        token: f.str("token")?,
+        group: f.str("group")?,
+        class: f.u64("class")?,
+        key_type: f.u64("key_type")?,
+        label: f.hex("label")?,
+        ckid: f.hex("ckid")?,
+        attrs: f.hex("attrs")?,
+        wrapped: f.hex("wrapped")?,
+        wrap_mech: f.u64("wrap_mech")?,
+        mbk: f.str("mbk")?,
+    };
+    let mac = f.hex("mac")?;
+    f.done()?;
+    Ok((parsed, mac))
+}
+
+/// HMAC-SHA256 computed on the host with a key the caller holds. For tests and tools that have no HSM; the
+/// shim itself seals in the HSM, where the MAC key never leaves.
+pub struct SoftwareSealer {
+    key: Zeroizing<[u8; 64]>,
+}
+
+impl SoftwareSealer {
+    pub fn new(key: &[u8]) -> Self {
+        let mut block = Zeroizing::new([0u8; 64]);
+        if key.len() > 64 {
+            block[..32].copy_from_slice(&sha256(&[key]));
+        } else {
+            block[..key.len()].copy_from_slice(key);
+        }
+        SoftwareSealer { key: block }
+    }
+
+    pub fn mac(&self, data: &[u8]) -> [u8; 32] {
+        let pad = |b: u8| -> Zeroizing<[u8; 64]> { Zeroizing::new(self.key.map(|k| k ^ b)) };
+        let inner = sha256(&[pad(0x36).as_slice(), data]);
+        sha256(&[pad(0x5c).as_slice(), &inner])
+    }
+}
+
+impl Sealer for SoftwareSealer {
+    fn seal(&self, data: &[u8]) -> Result<Vec<u8>> {
+        Ok(self.mac(data).to_vec())
+    }
+    fn check(&self, data: &[u8], mac: &[u8]) -> Result<bool> {
+        let expected = self.mac(data);
+        // Constant time in the content: a forger learns nothing from how long a comparison took.
+        Ok(mac.len() == expected.len() && mac.iter().zip(expected.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0)
+    }
+}

@@ -1,0 +1,198 @@
+//! `p11shim restore`: merges a backup into a token, line by line. Keys in the target and not in the file
+//! stay; a key already present is skipped unless `--overwrite` (refused in CC mode). The whole file is
+//! checked first (wrong MBK, a bad MAC anywhere, truncation, an unknown version → nothing modified, and the
+//! error names the first bad record); then it is applied all or nothing: one transaction for a database
+//! slot, and for a token's own objects every object made is destroyed again if a later record fails.
+
+use super::format::{BackupReader, Header, Record, Sealer};
+use super::work::{self, audit, describe, row_of_record, Authorizer, Work};
+use crate::attrs::{self, Attr, Template};
+use crate::config::Mode;
+use crate::error::{Error, Result};
+use crate::store::KeyStore;
+use cryptoki_sys::*;
+use std::path::Path;
+
+pub struct ImportOptions<'a> {
+    pub file: &'a Path,
+    pub overwrite: bool,
+    pub dry_run: bool,
+    pub mode: Mode,
+}
+
+/// Keys by what restore did (or, with `dry_run`, would do) with them.
+#[derive(Debug, Default)]
+pub struct ImportReport {
+    pub fingerprint: String,
+    pub records: u64,
+    pub added: Vec<String>,
+    pub skipped: Vec<String>,
+    pub overwritten: Vec<String>,
+    pub dry_run: bool,
+}
+
+pub fn import(store: &dyn KeyStore, work: &Work, who: &dyn Authorizer, opts: &ImportOptions) -> Result<ImportReport> {
+    let result = run(store, work, who, opts);
+    let action = match &result {
+        Err(Error::Other(m)) if m.starts_with("import denied") || m.starts_with("refused") => "refused: restore",
+        _ if opts.dry_run => "restore --dry-run",
+        _ => "restore",
+    };
+    let (count, outcome) = match &result {
+        Ok(r) => (
+            (r.added.len() + r.overwritten.len()) as u64,
+            format!("ok: {} added, {} skipped, {} overwritten", r.added.len(), r.skipped.len(), r.overwritten.len()),
+        ),
+        Err(e) => (0, format!("failed: {e}")),
+    };
+    audit(store, &who.who(), action, &opts.file.display().to_string(), count, &outcome)?;
+    result
+}
+
+/// What restoring one record means on the target.
+enum Plan {
+    Add,
+    Skip,
+    Overwrite(Vec<CK_OBJECT_HANDLE>),
+}
+
+fn run(store: &dyn KeyStore, work: &Work, who: &dyn Authorizer, opts: &ImportOptions) -> Result<ImportReport> {
+    if opts.overwrite && opts.mode == Mode::Cc {
+        return Err(Error::Other(
+            "refused: --overwrite is not allowed in CC mode (mode = \"cc\"); restore without it, or destroy the keys first".into(),
+        ));
+    }
+    // Pass 1: the whole file, before anything is touched.
+    let header = check(work, opts.file, &mut |_, record| {
+        who.allow_group(&record.group).map_err(|why| Error::Other(format!("import denied: {why}")))
+    })?;
+    let mut report = ImportReport { fingerprint: header.mbk.clone(), dry_run: opts.dry_run, ..Default::default() };
+    // Pass 2: plan (and apply) record by record; the reader checks every MAC again, as the file could have
+    // changed since pass 1.
+    let sealer = work.sealer();
+    let mut reader = BackupReader::open(opts.file)?;
+    if work.database {
+        let mut tx = store.begin()?;
+        while let Some((_, record)) = reader.next_record(&sealer)? {
+            report.records += 1;
+            let name = describe(&record.label, &record.id, &record.group);
+            let exists = tx.exists(&record.id)?;
+            if exists && !opts.overwrite {
+                report.skipped.push(name);
+                continue;
+            }
+            if !opts.dry_run {
+                let mut row = row_of_record(&record, &work.token.label);
+                row.mac = sealer.seal(&crate::vault::mac_input(&row))?;
+                if exists {
+                    tx.replace(&row)?;
+                } else {
+                    tx.insert(&row)?;
+                }
+            }
+            if exists {
+                report.overwritten.push(name);
+            } else {
+                report.added.push(name);
+            }
+        }
+        if !opts.dry_run {
+            tx.commit()?;
+        }
+        return Ok(report);
+    }
+    // A token's own objects: make them, and on any failure destroy what was made.
+    let mut made: Vec<CK_OBJECT_HANDLE> = Vec::new();
+    let mut replaced: Vec<CK_OBJECT_HANDLE> = Vec::new();
+    let applied = (|| -> Result<()> {
+        while let Some((number, record)) = reader.next_record(&sealer)? {
+            report.records += 1;
+            let name = describe(&record.label, &record.id, &record.group);
+            let plan = match present(work, &record)? {
+                existing if existing.is_empty() => Plan::Add,
+                _ if !opts.overwrite => Plan::Skip,
+                existing => Plan::Overwrite(existing),
+            };
+            if !opts.dry_run && !matches!(plan, Plan::Skip) {
+                let h = make(work, &record, true).map_err(|e| {
+                    Error::Other(format!(
+                        "record {number} ({name}): cannot be made on token {:?}: {e}",
+                        work.token.label
+                    ))
+                })?;
+                made.push(h);
+            }
+            match plan {
+                Plan::Add => report.added.push(name),
+                Plan::Skip => report.skipped.push(name),
+                Plan::Overwrite(old) => {
+                    replaced.extend(old);
+                    report.overwritten.push(name)
+                }
+            }
+        }
+        Ok(())
+    })();
+    let t = &work.token;
+    if let Err(e) = applied {
+        for h in made {
+            let _ = t.backend.destroy_object(t.session, h);
+        }
+        return Err(e);
+    }
+    for h in replaced {
+        t.backend.destroy_object(t.session, h)?;
+    }
+    Ok(report)
+}
+
+/// Reads the whole file: format, MBK, every record MAC, the trailer. `each` sees every record.
+pub fn check(work: &Work, file: &Path, each: &mut dyn FnMut(u64, &Record) -> Result<()>) -> Result<Header> {
+    let sealer = work.sealer();
+    let mut reader = BackupReader::open(file)?;
+    let header = reader.header().clone();
+    if header.mbk != work.set.fingerprint {
+        return Err(Error::Other(format!(
+            "wrong MBK: {} was made under MBK {}, but token {:?} has MBK {}; restore it on an HSM holding that MBK, or clone the MBK (p11shim mbk clone-request/clone-to/clone-accept); nothing was modified",
+            file.display(),
+            header.mbk,
+            work.token.label,
+            work.set.fingerprint
+        )));
+    }
+    while let Some((number, record)) = reader.next_record(&sealer)? {
+        if record.mbk != work.set.fingerprint {
+            return Err(Error::Other(format!(
+                "record {number} (id {}): wrapped under MBK {}, not {}; nothing was modified",
+                record.id, record.mbk, work.set.fingerprint
+            )));
+        }
+        each(number, &record)?;
+    }
+    Ok(header)
+}
+
+/// The target token's objects that are this record's key already (same class, label and CKA_ID).
+fn present(work: &Work, record: &Record) -> Result<Vec<CK_OBJECT_HANDLE>> {
+    let t = &work.token;
+    let template = Template(vec![
+        Attr::bool(CKA_TOKEN, true),
+        Attr::ulong(CKA_CLASS, record.class),
+        Attr::bytes(CKA_LABEL, &record.label),
+        Attr::bytes(CKA_ID, &record.ckid),
+    ]);
+    t.backend.find(t.session, &template)
+}
+
+/// Makes a record's object in the HSM (a token object, or a session object to be destroyed after a check).
+pub fn make(work: &Work, record: &Record, token: bool) -> Result<CK_OBJECT_HANDLE> {
+    let attrs = Template::decode(&record.attrs).ok_or_else(|| Error::Other("attributes cannot be decoded".into()))?;
+    let template = work::hsm_template(&attrs, record.class, token);
+    let t = &work.token;
+    if attrs::has_secret(record.class) {
+        let mech = crate::hsm::Mechanism::plain(record.wrap_mech);
+        t.backend.unwrap_key(t.session, &mech, work.set.mbk, &record.wrapped, &template)
+    } else {
+        t.backend.create_object(t.session, &template)
+    }
+}

@@ -1,0 +1,207 @@
+//! What backup, restore and verify share: the token they work on (a logged-in session, its MBK set), the
+//! HSM-made MACs, who may do what, the conversion between key store rows and backup records, and the audit
+//! trail.
+
+use super::format::{Record, RecordKind, Sealer};
+use super::mbk::{self, MbkSet};
+use crate::admin::{Pin, Token};
+use crate::attrs::{self, Attr, Template};
+use crate::config::{Config, Storage};
+use crate::error::{Error, Result};
+use crate::store::{AuditDraft, KeyRow, KeyStore};
+use cryptoki_sys::*;
+
+/// A logged-in session on the token a backup command works with, and that token's MBK set.
+pub struct Work {
+    pub token: Token,
+    pub set: MbkSet,
+    /// Whether the token is a database slot (restores insert rows) or not (restores make token objects).
+    pub database: bool,
+    /// The group of the token's own (HSM-resident) keys: its slot's default_group, else its label.
+    pub slot_group: String,
+}
+
+impl Work {
+    /// Opens the token `label` of the config, logs the user in, finds the MBK set.
+    pub fn open(config: &Config, label: &str, user_pin: &Pin) -> Result<Work> {
+        let mut token = Token::open(config, label)?;
+        token.login(CKU_USER, user_pin)?;
+        let set =
+            mbk::find(token.backend, token.session, token.slot)?.ok_or_else(|| Error::Other(mbk::missing(label)))?;
+        let slot = config.slots.iter().find(|s| s.token == label);
+        Ok(Work {
+            database: slot.is_some_and(|s| s.storage == Storage::Database),
+            slot_group: slot.map(|s| s.default_group.clone()).unwrap_or_else(|| label.to_string()),
+            token,
+            set,
+        })
+    }
+
+    /// Works with an application's logged-in session (the C interface).
+    pub fn borrowed(config: &Config, token: Token) -> Result<Work> {
+        let set = mbk::find(token.backend, token.session, token.slot)?
+            .ok_or_else(|| Error::Other(mbk::missing(&token.label)))?;
+        let slot = config.slots.iter().find(|s| s.token == token.label);
+        Ok(Work {
+            database: slot.is_some_and(|s| s.storage == Storage::Database),
+            slot_group: slot.map(|s| s.default_group.clone()).unwrap_or_else(|| token.label.clone()),
+            token,
+            set,
+        })
+    }
+
+    pub fn sealer(&self) -> HsmSealer<'_> {
+        HsmSealer { work: self }
+    }
+
+    /// Checks a key store row's MAC with this token's MAC key.
+    pub fn row_intact(&self, row: &KeyRow) -> Result<bool> {
+        self.sealer().check(&crate::vault::mac_input(row), &row.mac)
+    }
+}
+
+/// MACs made and checked inside the HSM with the MBK set's MAC key (HMAC-SHA256).
+pub struct HsmSealer<'a> {
+    work: &'a Work,
+}
+
+impl Sealer for HsmSealer<'_> {
+    fn seal(&self, data: &[u8]) -> Result<Vec<u8>> {
+        let t = &self.work.token;
+        t.backend.sign(t.session, &MbkSet::mac_mechanism(), self.work.set.mac, data)
+    }
+    fn check(&self, data: &[u8], mac: &[u8]) -> Result<bool> {
+        let t = &self.work.token;
+        match t.backend.verify(t.session, &MbkSet::mac_mechanism(), self.work.set.mac, data, mac) {
+            Ok(()) => Ok(true),
+            Err(Error::Rv(CKR_SIGNATURE_INVALID | CKR_SIGNATURE_LEN_RANGE)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Who may back up or restore which group: the logged-on users of the command (or, through the C API,
+/// the logged-in PKCS#11 session).
+pub trait Authorizer {
+    /// Ok when the group may be exported or imported; else the reason ("export denied: …").
+    fn allow_group(&self, group: &str) -> std::result::Result<(), String>;
+    /// Names of whoever is acting, for the audit trail.
+    fn who(&self) -> String;
+}
+
+/// A group filter: a regular expression that must match the whole group name.
+pub fn group_filter(text: &str) -> Result<regex::Regex> {
+    regex::Regex::new(&format!("^(?:{text})$"))
+        .map_err(|e| Error::Other(format!("group filter {text:?} is not a valid regular expression: {e}")))
+}
+
+/// A record for a key store row (its secret is already wrapped under the MBK).
+pub fn record_of_row(row: &KeyRow) -> Record {
+    Record {
+        kind: RecordKind::Stored,
+        id: row.id.clone(),
+        token: row.token.clone(),
+        group: row.group.clone(),
+        class: row.class,
+        key_type: row.key_type,
+        label: row.label.clone(),
+        ckid: row.ckid.clone(),
+        attrs: row.attrs.clone(),
+        wrapped: row.wrapped.clone(),
+        wrap_mech: row.wrap_mech,
+        mbk: row.mbk.clone(),
+    }
+}
+
+/// The key store row a record becomes on the token `token` (its MAC still to be made).
+pub fn row_of_record(record: &Record, token: &str) -> KeyRow {
+    KeyRow {
+        id: record.id.clone(),
+        token: token.to_string(),
+        group: record.group.clone(),
+        class: record.class,
+        key_type: record.key_type,
+        label: record.label.clone(),
+        ckid: record.ckid.clone(),
+        attrs: record.attrs.clone(),
+        wrapped: record.wrapped.clone(),
+        wrap_mech: record.wrap_mech,
+        mbk: record.mbk.clone(),
+        mac: Vec::new(),
+        version: 1,
+    }
+}
+
+/// A readable name for a record or key in reports: its label, id and group.
+pub fn describe(label: &[u8], id: &str, group: &str) -> String {
+    format!("{:?} (id {id}, group {group:?})", String::from_utf8_lossy(label))
+}
+
+/// The template that recreates a record's object in the HSM under the MBK: the settable attributes of the
+/// record, as a token or session object; secrets extractable only under a trusted key (the MBK's unwrap
+/// template demands it).
+pub fn hsm_template(attrs: &Template, class: u64, token: bool) -> Template {
+    let secret = attrs::has_secret(class);
+    let mut t = Template(
+        attrs
+            .0
+            .iter()
+            .filter(|a| attrs::SETTABLE.contains(&a.ty))
+            .filter(|a| {
+                !(class == CKO_PRIVATE_KEY
+                    && matches!(a.ty, CKA_MODULUS | CKA_PUBLIC_EXPONENT | CKA_EC_PARAMS | CKA_EC_POINT))
+            })
+            .filter(|a| !(secret && a.ty == CKA_VALUE))
+            .cloned()
+            .collect(),
+    );
+    t.set(Attr::bool(CKA_TOKEN, token));
+    if secret {
+        t.set(Attr::bool(CKA_EXTRACTABLE, true));
+        t.set(Attr::bool(CKA_WRAP_WITH_TRUSTED, true));
+    }
+    t
+}
+
+/// Appends to the audit trail; a failure to record is an error of the command.
+pub fn audit(store: &dyn KeyStore, who: &str, action: &str, group: &str, count: u64, result: &str) -> Result<()> {
+    let draft = AuditDraft {
+        time: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+        who: who.to_string(),
+        action: action.to_string(),
+        group: group.to_string(),
+        count: count as i64,
+        result: result.to_string(),
+    };
+    store.audit_append(draft).map(|_| ()).map_err(|e| Error::Other(format!("cannot write the audit log: {e}")))
+}
+
+/// The token objects of the HSM that a backup may hold: keys, not the MBK set.
+pub fn hsm_keys(work: &Work) -> Result<Vec<CK_OBJECT_HANDLE>> {
+    let t = &work.token;
+    let all = t.backend.find(t.session, &Template(vec![Attr::bool(CKA_TOKEN, true)]))?;
+    let mut keys = Vec::new();
+    for h in all {
+        if h == work.set.mbk || h == work.set.mac {
+            continue;
+        }
+        let class = t.backend.attributes(t.session, h, &[CKA_CLASS])?.ulong(CKA_CLASS);
+        if matches!(class, Some(CKO_SECRET_KEY | CKO_PRIVATE_KEY | CKO_PUBLIC_KEY)) {
+            keys.push(h);
+        }
+    }
+    Ok(keys)
+}
+
+/// A stable id for a key that lived in the HSM: from its token, class, label and CKA_ID, so that restoring
+/// the same backup twice finds it present.
+pub fn hsm_key_id(token: &str, class: u64, label: &[u8], ckid: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"p11shim hsm key id v1\0");
+    for part in [token.as_bytes(), &class.to_be_bytes(), label, ckid] {
+        h.update((part.len() as u32).to_be_bytes());
+        h.update(part);
+    }
+    hex::encode(&h.finalize()[..16])
+}
