@@ -60,6 +60,22 @@ pub fn rv_ok(rv: CK_RV) -> Result<()> {
     }
 }
 
+/// The spec's name of a usage attribute, for messages.
+pub fn attr_name(ty: cryptoki_sys::CK_ATTRIBUTE_TYPE) -> &'static str {
+    use cryptoki_sys::*;
+    match ty {
+        CKA_ENCRYPT => "CKA_ENCRYPT",
+        CKA_DECRYPT => "CKA_DECRYPT",
+        CKA_WRAP => "CKA_WRAP",
+        CKA_UNWRAP => "CKA_UNWRAP",
+        CKA_SIGN => "CKA_SIGN",
+        CKA_VERIFY => "CKA_VERIFY",
+        CKA_DERIVE => "CKA_DERIVE",
+        CKA_SIGN_RECOVER => "CKA_SIGN_RECOVER",
+        _ => "an attribute",
+    }
+}
+
 /// The spec's name of a return value, for log lines and messages.
 pub fn rv_name(rv: CK_RV) -> String {
     use cryptoki_sys::*;

@@ -200,6 +200,23 @@ impl Backend {
     }
 
     /// C_GenerateKey with the application's mechanism.
+    pub fn generate_key_pair(
+        &self,
+        session: CK_SESSION_HANDLE,
+        mech: &Mechanism,
+        public: &Template,
+        private: &Template,
+    ) -> Result<(CK_OBJECT_HANDLE, CK_OBJECT_HANDLE)> {
+        let f = func(self.f.C_GenerateKeyPair)?;
+        let mut m = mech.raw();
+        let (mut rp, mut rq) = (Raw::new(public), Raw::new(private));
+        let ((pp, pn), (qp, qn)) = (rp.ptr(), rq.ptr());
+        let (mut hp, mut hq) = (0, 0);
+        // SAFETY: mechanism and templates point into values alive for the call.
+        rv_ok(unsafe { f(session, &mut m, pp, pn, qp, qn, &mut hp, &mut hq) })?;
+        Ok((hp, hq))
+    }
+
     pub fn generate_key_app(
         &self,
         session: CK_SESSION_HANDLE,

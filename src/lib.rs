@@ -7,6 +7,8 @@
 
 pub mod admin;
 pub mod attrs;
+pub mod audit;
+pub mod auth;
 pub mod backend;
 pub mod backup;
 pub mod cli;

@@ -171,7 +171,12 @@ pub fn respond(token: &Token, req: &CloneRequest) -> Result<CloneResponse> {
                         source: token.label.clone(),
                     });
                 }
-                Err(Error::Rv(CKR_MECHANISM_PARAM_INVALID | CKR_MECHANISM_INVALID)) if hash == CKM_SHA256 => continue,
+                // SoftHSM2 answers CKR_ARGUMENTS_BAD to OAEP parameters other than SHA-1.
+                Err(Error::Rv(CKR_MECHANISM_PARAM_INVALID | CKR_MECHANISM_INVALID | CKR_ARGUMENTS_BAD))
+                    if hash == CKM_SHA256 =>
+                {
+                    continue
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -234,6 +239,9 @@ fn install(
     let templates = |permanent: bool| {
         [(MBK_LABEL, mbk::mbk_template()), (MAC_LABEL, mbk::mac_template())].map(|(label, mut t)| {
             t.remove(CKA_VALUE_LEN);
+            // SoftHSM2 refuses CKA_MODIFIABLE=false on an unwrapped key (CKR_ATTRIBUTE_READ_ONLY); mbk::find
+            // refuses a set whose usage was widened later, which is what unmodifiable would prevent.
+            t.remove(CKA_MODIFIABLE);
             if !permanent {
                 t.set(Attr::bool(CKA_TOKEN, false));
                 t.set(Attr::bool(CKA_DESTROYABLE, true));
@@ -290,15 +298,15 @@ pub fn export_shares(token: &Token, threshold: u8, shares: u8, dir: &Path) -> Re
     })();
     let _ = token.backend.destroy_object(token.session, temp);
     let (mbk_blob, mac_blob) = wrapped?;
-    let mut secret = Zeroizing::new(kwp_unwrap(&kek, &mbk_blob)?.to_vec());
-    secret.extend_from_slice(&kwp_unwrap(&kek, &mac_blob)?);
+    let mut secret = Zeroizing::new(kwp_unwrap(&kek[..], &mbk_blob)?.to_vec());
+    secret.extend_from_slice(&kwp_unwrap(&kek[..], &mac_blob)?);
     let parts = shamir::split(&secret, threshold, shares)?;
     std::fs::create_dir_all(dir).map_err(|e| Error::Other(format!("cannot create {}: {e}", dir.display())))?;
     let mut written = Vec::new();
     for share in &parts {
         let path = dir.join(format!("mbk-share-{}-of-{shares}.txt", share.id));
-        let text = Zeroizing::new(share.to_text(&set.fingerprint));
-        write_private(&path, text.as_bytes())?;
+        let text = share.to_text(shares, &set.fingerprint)?;
+        write_private(&path, format!("{}\n", text.as_str()).as_bytes())?;
         written.push(path);
     }
     Ok(written)
@@ -313,7 +321,9 @@ pub fn import_shares(token: &Token, files: &[PathBuf]) -> Result<MbkSet> {
         let text = Zeroizing::new(
             std::fs::read_to_string(f).map_err(|e| Error::Other(format!("cannot read share {}: {e}", f.display())))?,
         );
-        let (share, fp) = shamir::Share::from_text(text.trim()).map_err(|e| Error::Other(format!("share {}: {e}", f.display())))?;
+        let parsed =
+            shamir::Share::from_text(text.trim()).map_err(|e| Error::Other(format!("share {}: {e}", f.display())))?;
+        let (share, fp) = (parsed.share, parsed.fingerprint);
         match &fingerprint {
             Some(known) if *known != fp => {
                 return Err(Error::Other(format!(
@@ -331,7 +341,7 @@ pub fn import_shares(token: &Token, files: &[PathBuf]) -> Result<MbkSet> {
         return Err(Error::Other(format!("the shares rebuild {} bytes, not the 64 of an MBK set", secret.len())));
     }
     let kek = Zeroizing::new(random::<32>()?);
-    let blobs = [kwp_wrap(&kek, &secret[..32])?, kwp_wrap(&kek, &secret[32..])?];
+    let blobs = [kwp_wrap(&kek[..], &secret[..32])?, kwp_wrap(&kek[..], &secret[32..])?];
     let temp = token.backend.create_object(
         token.session,
         &Template(vec![

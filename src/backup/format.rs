@@ -507,6 +507,12 @@ impl BackupWriter {
     }
 }
 
+impl fmt::Debug for BackupWriter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BackupWriter").field("path", &self.path).field("tmp", &self.tmp).field("count", &self.count).finish()
+    }
+}
+
 impl Drop for BackupWriter {
     fn drop(&mut self) {
         if !self.done {
@@ -551,6 +557,12 @@ pub struct BackupReader {
     bytes: u64,
     line: Vec<u8>,
     state: ReadState,
+}
+
+impl fmt::Debug for BackupReader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BackupReader").field("path", &self.path).field("count", &self.count).field("state", &self.state).finish()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -886,5 +898,535 @@ impl Sealer for SoftwareSealer {
         let expected = self.mac(data);
         // Constant time in the content: a forger learns nothing from how long a comparison took.
         Ok(mac.len() == expected.len() && mac.iter().zip(expected.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    const FP: &str = "0123abcd-4567ef01-89abcdef-00112233";
+
+    fn sealer() -> SoftwareSealer {
+        SoftwareSealer::new(b"the MBK set's MAC key, in a test")
+    }
+
+    fn header() -> Header {
+        Header::new(FP, "2025-01-02T03:04:05Z", "host1:/var/lib/p11shim/keys.db", "Prod.*")
+    }
+
+    fn record(i: u64) -> Record {
+        Record {
+            kind: if i % 3 == 2 { RecordKind::Hsm } else { RecordKind::Stored },
+            id: format!("{i:032x}"),
+            token: "prod-db".into(),
+            group: format!("ProdKey \"{}\" é", i % 7),
+            class: 4,
+            key_type: 0x1f,
+            label: format!("key {i}").into_bytes(),
+            ckid: i.to_be_bytes().to_vec(),
+            attrs: (0..48).map(|b| (b as u8).wrapping_mul(i as u8 | 1)).collect(),
+            wrapped: if i % 5 == 4 { vec![] } else { vec![0xA5 ^ i as u8; 40] },
+            wrap_mech: 0x210A,
+            mbk: FP.into(),
+        }
+    }
+
+    fn write(path: &Path, n: u64) -> Summary {
+        let mut w = BackupWriter::create(path, header()).unwrap();
+        for i in 0..n {
+            w.write(&record(i), &sealer()).unwrap();
+        }
+        w.finish(&sealer()).unwrap()
+    }
+
+    fn read_all(path: &Path, sealer: &dyn Sealer) -> Result<(Header, Vec<Record>)> {
+        let mut r = BackupReader::open(path)?;
+        let mut out = Vec::new();
+        while let Some((n, rec)) = r.next_record(sealer)? {
+            assert_eq!(n, out.len() as u64 + 1);
+            out.push(rec);
+        }
+        Ok((r.header().clone(), out))
+    }
+
+    fn verify_err(path: &Path) -> String {
+        match verify_file(path, &sealer()) {
+            Ok(s) => panic!("{} verified: {s:?}", path.display()),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    /// The file's lines, each with its '\n'.
+    fn lines(path: &Path) -> Vec<Vec<u8>> {
+        fs::read(path).unwrap().split_inclusive(|&b| b == b'\n').map(<[u8]>::to_vec).collect()
+    }
+
+    fn put(path: &Path, lines: &[Vec<u8>]) {
+        replace(path, &lines.concat());
+    }
+
+    /// Removes before writing: ext4 flushes a file truncated and rewritten in place on close (auto_da_alloc),
+    /// which costs milliseconds per case.
+    fn replace(path: &Path, bytes: &[u8]) {
+        let _ = fs::remove_file(path);
+        fs::write(path, bytes).unwrap();
+    }
+
+    fn dir_entries(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> =
+            fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn software_sealer_is_hmac_sha256() {
+        // RFC 4231 test cases 1, 2 and 6 (a key longer than the block).
+        let cases: [(&[u8], &[u8], &str); 3] = [
+            (&[0x0b; 20], b"Hi There", "b0344c61d8db38535ca8afceaf0bf12b881dc200c9833da726e9376c2e32cff7"),
+            (b"Jefe", b"what do ya want for nothing?", "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"),
+            (
+                &[0xaa; 131],
+                b"Test Using Larger Than Block-Size Key - Hash Key First",
+                "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54",
+            ),
+        ];
+        for (key, data, mac) in cases {
+            let s = SoftwareSealer::new(key);
+            assert_eq!(hex::encode(s.mac(data)), mac);
+            assert!(s.check(data, &hex::decode(mac).unwrap()).unwrap());
+            assert!(!s.check(data, &[0; 32]).unwrap());
+            assert!(!s.check(data, &[]).unwrap());
+        }
+    }
+
+    #[test]
+    fn round_trips_0_1_and_1000_records() {
+        let dir = tempfile::tempdir().unwrap();
+        for n in [0u64, 1, 1000] {
+            let path = dir.path().join(format!("b{n}.p11b"));
+            let written = write(&path, n);
+            let (h, records) = read_all(&path, &sealer()).unwrap();
+            assert_eq!(h, Header { count: n, ..header() });
+            assert_eq!(records, (0..n).map(record).collect::<Vec<_>>());
+            let verified = verify_file(&path, &sealer()).unwrap();
+            assert_eq!(verified, written);
+            assert_eq!(verified.records, n);
+            assert_eq!(verified.stored + verified.hsm, n);
+            assert_eq!(verified.bytes, fs::metadata(&path).unwrap().len());
+        }
+        assert_eq!(dir_entries(dir.path()), ["b0.p11b", "b1.p11b", "b1000.p11b"]);
+    }
+
+    #[test]
+    fn the_file_is_text_one_item_per_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.p11b");
+        write(&path, 2);
+        let text = fs::read_to_string(&path).unwrap();
+        let l: Vec<&str> = text.lines().collect();
+        assert_eq!(l.len(), 5);
+        assert_eq!(l[0], "P11SHIM-BACKUP 1");
+        assert_eq!(
+            l[1],
+            format!(
+                r#"{{"format":1,"mbk":"{FP}","time":"2025-01-02T03:04:05Z","source":"host1:/var/lib/p11shim/keys.db","filter":"Prod.*","count":2                   }}"#
+            )
+        );
+        let h: serde_json::Value = serde_json::from_str(l[1]).unwrap();
+        assert_eq!(h["count"], 2);
+        let r: serde_json::Value = serde_json::from_str(l[2].strip_prefix("R ").unwrap()).unwrap();
+        assert_eq!(r["kind"], "stored");
+        assert_eq!(r["group"], "ProdKey \"0\" é");
+        assert_eq!(r["label"], hex::encode("key 0"));
+        assert_eq!(r["mac"].as_str().unwrap().len(), 64);
+        assert_eq!(r["mac"], hex::encode(sealer().mac(&record(0).mac_input())));
+        assert!(l[4].starts_with(r#"T {"count":2,"mac":""#), "{}", l[4]);
+        assert!(text.ends_with("\"}\n"));
+        for line in &l {
+            eprintln!("{line}");
+        }
+    }
+
+    #[test]
+    fn record_mac_input_is_fixed() {
+        let r = Record {
+            kind: RecordKind::Hsm,
+            id: "i".into(),
+            token: "t".into(),
+            group: "g".into(),
+            class: 3,
+            key_type: 0x1f,
+            label: b"L".to_vec(),
+            ckid: vec![],
+            attrs: vec![9, 9],
+            wrapped: vec![7],
+            wrap_mech: 0x210a,
+            mbk: "m".into(),
+        };
+        let mut expected = b"p11shim backup record v1\0\x02".to_vec();
+        for (len, bytes) in [(1u32, &b"i"[..]), (1, b"t"), (1, b"g")] {
+            expected.extend(len.to_be_bytes());
+            expected.extend(bytes);
+        }
+        expected.extend(3u64.to_be_bytes());
+        expected.extend(0x1fu64.to_be_bytes());
+        for bytes in [&b"L"[..], &[], &[9, 9], &[7]] {
+            expected.extend((bytes.len() as u32).to_be_bytes());
+            expected.extend(bytes);
+        }
+        expected.extend(0x210au64.to_be_bytes());
+        expected.extend(1u32.to_be_bytes());
+        expected.extend(b"m");
+        assert_eq!(r.mac_input(), expected);
+        // Moving bytes from one field to the next changes the input (length prefixes).
+        let shifted = Record { id: "it".into(), token: "".into(), ..r.clone() };
+        assert_ne!(shifted.mac_input(), Record { token: "t".into(), ..r }.mac_input());
+    }
+
+    /// Where record 2's value of `field` starts in its line, and how long it is.
+    fn value_span(line: &[u8], field: &str) -> (usize, usize) {
+        let text = std::str::from_utf8(line).unwrap();
+        let key = format!("\"{field}\":");
+        let mut at = text.find(&key).unwrap() + key.len();
+        let quoted = text.as_bytes()[at] == b'"';
+        if quoted {
+            at += 1;
+        }
+        let end = text[at..].find(if quoted { '"' } else { ',' }).unwrap() + at;
+        (at, end - at)
+    }
+
+    #[test]
+    fn a_changed_value_in_each_field_fails_that_records_mac() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.p11b");
+        write(&path, 3);
+        let original = lines(&path);
+        let fields =
+            ["id", "token", "group", "class", "key_type", "label", "ckid", "attrs", "wrapped", "wrap_mech", "mbk", "mac"];
+        for field in fields {
+            let mut l = original.clone();
+            let (at, len) = value_span(&l[3], field);
+            assert!(len > 0, "{field}");
+            // A different character of the same kind (digit for digit, hex for hex, letter for letter).
+            let b = &mut l[3][at];
+            *b = match *b {
+                b'9' => b'8',
+                b'0'..=b'8' => *b + 1,
+                b'f' => b'e',
+                b'a'..=b'e' => *b + 1,
+                other => other ^ 1,
+            };
+            put(&path, &l);
+            let err = verify_err(&path);
+            assert!(err.starts_with("record 2 (id ") && err.contains("record MAC does not match"), "{field}: {err}");
+        }
+        // The kind, for the other kind.
+        let mut l = original.clone();
+        l[3] = String::from_utf8(l[3].clone()).unwrap().replace(r#""kind":"stored""#, r#""kind":"hsm""#).into_bytes();
+        put(&path, &l);
+        assert!(verify_err(&path).starts_with("record 2 (id 00000000000000000000000000000001): record MAC"));
+        // A field the record does not have, or one missing.
+        let mut l = original.clone();
+        l[3] = String::from_utf8(l[3].clone()).unwrap().replace(r#""ckid":"#, r#""ckidx":"#).into_bytes();
+        put(&path, &l);
+        assert_eq!(verify_err(&path), "record 2: field `ckid`: missing");
+        let mut l = original;
+        l[3] = String::from_utf8(l[3].clone()).unwrap().replace(r#""class":4"#, r#""class":"4""#).into_bytes();
+        put(&path, &l);
+        assert_eq!(verify_err(&path), "record 2: field `class`: not a number");
+    }
+
+    #[test]
+    fn every_changed_byte_anywhere_is_detected_and_located() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.p11b");
+        write(&path, 3);
+        let original = fs::read(&path).unwrap();
+        let starts: Vec<usize> =
+            std::iter::once(0).chain(original.iter().enumerate().filter(|(_, &b)| b == b'\n').map(|(i, _)| i + 1)).collect();
+        let mut tried = 0;
+        for pos in 0..original.len() {
+            let line = starts.iter().rposition(|&s| s <= pos).unwrap();
+            let b = original[pos];
+            for with in [b ^ 0x01, b ^ 0x20, b'0', b'a', b'"', b'\n', b' ', b'\\', 0x80] {
+                if with == b {
+                    continue;
+                }
+                let mut bytes = original.clone();
+                bytes[pos] = with;
+                replace(&path, &bytes);
+                let err = verify_err(&path);
+                tried += 1;
+                // Records are lines 2..=4 (0-based); a change in record k names record k, except when the leading
+                // R becomes a T and the line reads as a (bad) trailer.
+                if (2..=4).contains(&line) && !(pos == starts[line] && with == b'T') {
+                    let k = line - 1;
+                    assert!(err.starts_with(&format!("record {k}")) || err.contains(&format!("record {k} is cut short")),
+                        "byte {pos} (line {line}) {b:#x} -> {with:#x}: {err}");
+                }
+            }
+        }
+        assert!(tried > 10_000, "{tried}");
+    }
+
+    #[test]
+    fn truncation_anywhere_is_detected() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.p11b");
+        write(&path, 3);
+        let original = fs::read(&path).unwrap();
+        for cut in 0..original.len() {
+            replace(&path, &original[..cut]);
+            let err = verify_err(&path);
+            let at_boundary = cut > 0 && original[cut - 1] == b'\n';
+            let newlines = original[..cut].iter().filter(|&&b| b == b'\n').count();
+            if at_boundary && newlines >= 2 {
+                assert_eq!(err, format!("truncated: no trailer after record {}", newlines - 2), "cut at {cut}");
+            } else if !at_boundary && (3..=5).contains(&newlines) {
+                assert!(err == format!("truncated: record {} is cut short", newlines - 1)
+                    || err.starts_with("truncated: the trailer (after record 3) is cut short"), "cut at {cut}: {err}");
+            } else {
+                assert!(err.contains("truncated") || err.contains("cut short") || err.starts_with("not a p11shim backup"),
+                    "cut at {cut}: {err}");
+            }
+        }
+        // Cut within the header line and right after the magic line.
+        replace(&path, &original[..40]);
+        assert_eq!(verify_err(&path), "truncated: the header is cut short");
+        replace(&path, &original[..0]);
+        assert_eq!(verify_err(&path), "not a p11shim backup (empty file)");
+        replace(&path, &original[..5]);
+        assert_eq!(verify_err(&path), "truncated: the magic line is cut short");
+    }
+
+    /// Rewrites the count in the header (keeping its width) and in the trailer, as a careful forger would.
+    fn fix_counts(l: &mut [Vec<u8>], count: u64) {
+        let header = String::from_utf8(l[1].clone()).unwrap();
+        let at = header.find("\"count\":").unwrap() + 8;
+        l[1] = format!("{}{}}}\n", &header[..at], count_field(count)).into_bytes();
+        let last = l.len() - 1;
+        let trailer = String::from_utf8(l[last].clone()).unwrap();
+        let mac = trailer.split("\"mac\":").nth(1).unwrap();
+        l[last] = format!("T {{\"count\":{count},\"mac\":{mac}").into_bytes();
+    }
+
+    #[test]
+    fn reordered_removed_duplicated_or_inserted_records_are_detected() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.p11b");
+        write(&path, 3);
+        let original = lines(&path);
+
+        let mut l = original.clone();
+        l.swap(2, 3);
+        put(&path, &l);
+        assert_eq!(verify_err(&path), "trailer MAC: records removed, reordered or the header edited");
+        // The records themselves still check alone.
+        let mut r = BackupReader::open(&path).unwrap();
+        assert_eq!(r.next_record(&sealer()).unwrap().unwrap().1, record(1));
+
+        let mut l = original.clone();
+        l.remove(3);
+        put(&path, &l);
+        assert_eq!(
+            verify_err(&path),
+            "record count: the header says 3, the trailer says 3, the file holds 2: records removed or added"
+        );
+        fix_counts(&mut l, 2);
+        put(&path, &l);
+        assert_eq!(verify_err(&path), "trailer MAC: records removed, reordered or the header edited");
+
+        let mut l = original.clone();
+        l.insert(4, l[3].clone());
+        put(&path, &l);
+        assert_eq!(verify_err(&path), "record 4: the header announces only 3 records");
+        fix_counts(&mut l, 4);
+        put(&path, &l);
+        assert_eq!(verify_err(&path), "trailer MAC: records removed, reordered or the header edited");
+
+        // A valid record of another backup made with the same key.
+        let other = dir.path().join("other.p11b");
+        let mut w = BackupWriter::create(&other, header()).unwrap();
+        w.write(&record(99), &sealer()).unwrap();
+        w.finish(&sealer()).unwrap();
+        let mut l = original.clone();
+        l.insert(3, lines(&other)[2].clone());
+        fix_counts(&mut l, 4);
+        put(&path, &l);
+        assert_eq!(verify_err(&path), "trailer MAC: records removed, reordered or the header edited");
+
+        // The last record dropped and the trailer taken from a shorter backup of the same keys made at another
+        // time. (With the same header too, the result would be byte for byte that backup: nothing to detect.)
+        let two = dir.path().join("two.p11b");
+        let mut w = BackupWriter::create(&two, Header { time: "2025-01-02T03:04:06Z".into(), ..header() }).unwrap();
+        w.write(&record(0), &sealer()).unwrap();
+        w.write(&record(1), &sealer()).unwrap();
+        w.finish(&sealer()).unwrap();
+        let mut l = original.clone();
+        l.truncate(4);
+        l.push(lines(&two)[4].clone());
+        fix_counts(&mut l, 2);
+        put(&path, &l);
+        assert_eq!(verify_err(&path), "trailer MAC: records removed, reordered or the header edited");
+
+        // A header edited consistently (still canonical JSON).
+        let mut l = original.clone();
+        l[1] = String::from_utf8(l[1].clone()).unwrap().replace("Prod.*", "Test.*").into_bytes();
+        put(&path, &l);
+        assert_eq!(verify_err(&path), "trailer MAC: records removed, reordered or the header edited");
+
+        // Anything after the trailer.
+        let mut l = original;
+        l.push(b"\n".to_vec());
+        put(&path, &l);
+        assert_eq!(verify_err(&path), "data after the trailer");
+    }
+
+    #[test]
+    fn unknown_versions_and_other_files_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.p11b");
+        write(&path, 1);
+        let mut l = lines(&path);
+        l[0] = b"P11SHIM-BACKUP 2\n".to_vec();
+        put(&path, &l);
+        assert_eq!(verify_err(&path), "unknown format version 2 (this p11shim reads version 1)");
+        // Later versions may change everything after the magic line.
+        replace(&path, b"P11SHIM-BACKUP 17\n\x00\x01 whatever");
+        assert_eq!(verify_err(&path), "unknown format version 17 (this p11shim reads version 1)");
+        for (content, why) in [
+            (&b"hello\n"[..], "not a p11shim backup (the first line is not P11SHIM-BACKUP VERSION)"),
+            (b"\x7fELF\x02\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x03\x00", "not a p11shim backup (the first line is not P11SHIM-BACKUP VERSION)"),
+            (b"P11SHIM-BACKUP x\n{}\n", "not a p11shim backup (the format version is not a number)"),
+            (b"P11SHIM-BACKUP 01\n{}\n", "not a p11shim backup (the format version is not a number)"),
+        ] {
+            replace(&path, content);
+            assert_eq!(verify_err(&path), why);
+        }
+        // The header's own format field must agree with the magic line.
+        let mut l = lines(&dir.path().join("b.p11b"));
+        write(&dir.path().join("c.p11b"), 1);
+        l = if l.len() < 3 { lines(&dir.path().join("c.p11b")) } else { l };
+        l[1] = String::from_utf8(l[1].clone()).unwrap().replace("\"format\":1", "\"format\":2").into_bytes();
+        put(&path, &l);
+        assert_eq!(verify_err(&path), "header: format 2 does not match the magic line's version 1");
+        assert!(BackupWriter::create(&dir.path().join("v2"), Header { format: 2, ..header() }).is_err());
+    }
+
+    #[test]
+    fn another_mac_key_fails_the_first_record_or_the_trailer() {
+        let dir = tempfile::tempdir().unwrap();
+        let other = SoftwareSealer::new(b"another HSM's MAC key");
+        let path = dir.path().join("b.p11b");
+        write(&path, 2);
+        assert_eq!(
+            verify_file(&path, &other).unwrap_err().to_string(),
+            "record 1 (id 00000000000000000000000000000000): record MAC does not match: the record was altered, or sealed with another MBK set's MAC key"
+        );
+        let empty = dir.path().join("empty.p11b");
+        write(&empty, 0);
+        assert_eq!(
+            verify_file(&empty, &other).unwrap_err().to_string(),
+            "trailer MAC: records removed, reordered or the header edited"
+        );
+    }
+
+    #[test]
+    fn a_reader_stops_at_the_first_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.p11b");
+        write(&path, 3);
+        let mut l = lines(&path);
+        l[3][5] ^= 1;
+        put(&path, &l);
+        let mut r = BackupReader::open(&path).unwrap();
+        assert!(r.next_record(&sealer()).unwrap().is_some());
+        assert!(r.next_record(&sealer()).is_err());
+        assert!(r.next_record(&sealer()).is_err());
+        assert!(r.summary().is_none());
+
+        write(&dir.path().join("ok.p11b"), 1);
+        let mut r = BackupReader::open(&dir.path().join("ok.p11b")).unwrap();
+        assert!(r.summary().is_none());
+        assert!(r.next_record(&sealer()).unwrap().is_some());
+        assert!(r.next_record(&sealer()).unwrap().is_none());
+        assert!(r.next_record(&sealer()).unwrap().is_none());
+        assert_eq!(r.summary().unwrap().records, 1);
+    }
+
+    #[test]
+    fn a_writer_dropped_unfinished_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.p11b");
+        let mut w = BackupWriter::create(&path, header()).unwrap();
+        for i in 0..100 {
+            w.write(&record(i), &sealer()).unwrap();
+        }
+        let tmp = w.temp_path().to_path_buf();
+        assert_eq!(tmp.file_name().unwrap().to_string_lossy(), format!(".b.p11b.tmp-{}", std::process::id()));
+        assert!(tmp.exists() && !path.exists());
+        assert_eq!(fs::metadata(&tmp).unwrap().permissions().mode() & 0o777, 0o600);
+        drop(w);
+        assert_eq!(dir_entries(dir.path()), Vec::<String>::new());
+    }
+
+    #[test]
+    fn finish_refuses_an_existing_file_unless_overwrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.p11b");
+        replace(&path, b"precious");
+        assert!(BackupWriter::create(&path, header()).unwrap_err().to_string().contains("refusing to replace it"));
+
+        // The file appears while the backup is being written.
+        fs::remove_file(&path).unwrap();
+        let mut w = BackupWriter::create(&path, header()).unwrap();
+        w.write(&record(0), &sealer()).unwrap();
+        replace(&path, b"precious");
+        let err = w.finish(&sealer()).unwrap_err().to_string();
+        assert!(err.ends_with("b.p11b exists; refusing to replace it (overwrite not requested)"), "{err}");
+        assert_eq!(fs::read_to_string(&path).unwrap(), "precious");
+        assert_eq!(dir_entries(dir.path()), ["b.p11b"]);
+
+        let mut w = BackupWriter::create_with(&path, header(), true).unwrap();
+        w.write(&record(0), &sealer()).unwrap();
+        w.finish(&sealer()).unwrap();
+        assert_eq!(read_all(&path, &sealer()).unwrap().1, [record(0)]);
+        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(dir_entries(dir.path()), ["b.p11b"]);
+    }
+
+    struct FailingSealer;
+    impl Sealer for FailingSealer {
+        fn seal(&self, _: &[u8]) -> Result<Vec<u8>> {
+            Err(Error::Rv(cryptoki_sys::CKR_USER_NOT_LOGGED_IN))
+        }
+        fn check(&self, _: &[u8], _: &[u8]) -> Result<bool> {
+            Err(Error::Rv(cryptoki_sys::CKR_USER_NOT_LOGGED_IN))
+        }
+    }
+
+    #[test]
+    fn sealer_errors_pass_through_unchanged_and_leave_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.p11b");
+        let mut w = BackupWriter::create(&path, header()).unwrap();
+        let err = w.write(&record(0), &FailingSealer).unwrap_err();
+        assert_eq!(err.rv(), cryptoki_sys::CKR_USER_NOT_LOGGED_IN);
+        w.write(&record(0), &sealer()).unwrap();
+        assert_eq!(w.finish(&FailingSealer).unwrap_err().rv(), cryptoki_sys::CKR_USER_NOT_LOGGED_IN);
+        assert_eq!(dir_entries(dir.path()), Vec::<String>::new());
+        write(&path, 1);
+        assert_eq!(verify_file(&path, &FailingSealer).unwrap_err().rv(), cryptoki_sys::CKR_USER_NOT_LOGGED_IN);
+    }
+
+    #[test]
+    fn debug_hides_the_wrapped_secret() {
+        let text = format!("{:?}", record(1));
+        assert!(text.contains("wrapped: 40 bytes"), "{text}");
+        assert!(!text.contains(&hex::encode(&record(1).wrapped)));
     }
 }

@@ -49,6 +49,30 @@ pub fn wrap_mechanism(backend: &Backend, slot: CK_SLOT_ID) -> Result<CK_MECHANIS
     })
 }
 
+/// Refuses a key of the set whose usage was widened (a cloned MBK stays modifiable on SoftHSM2, which
+/// refuses CKA_MODIFIABLE=false on an unwrapped key; a user could give it CKA_DECRYPT and unwrap by hand).
+fn check_usage(
+    backend: &Backend,
+    session: CK_SESSION_HANDLE,
+    key: CK_OBJECT_HANDLE,
+    label: &str,
+    allowed: &[CK_ATTRIBUTE_TYPE],
+) -> Result<()> {
+    const USES: [CK_ATTRIBUTE_TYPE; 8] =
+        [CKA_ENCRYPT, CKA_DECRYPT, CKA_WRAP, CKA_UNWRAP, CKA_SIGN, CKA_VERIFY, CKA_DERIVE, CKA_SIGN_RECOVER];
+    let got = backend.attributes(session, key, &USES)?;
+    let widened: Vec<_> = USES.iter().filter(|u| !allowed.contains(u) && got.bool(**u) == Some(true)).collect();
+    if widened.is_empty() {
+        return Ok(());
+    }
+    let message = format!(
+        "the key {label:?} of the MBK set has usage attributes it was not made with ({}): someone changed it, and it may have been misused; p11shim refuses to use it. Re-initialize the token and restore the MBK from a clone or shares",
+        widened.iter().map(|u| crate::error::attr_name(**u)).collect::<Vec<_>>().join(", ")
+    );
+    crate::error!("{message}");
+    Err(Error::Other(message))
+}
+
 fn find_one(backend: &Backend, session: CK_SESSION_HANDLE, label: &str) -> Result<Option<CK_OBJECT_HANDLE>> {
     let template = Template(vec![Attr::ulong(CKA_CLASS, CKO_SECRET_KEY), Attr::bytes(CKA_LABEL, label.as_bytes())]);
     let found = backend.find(session, &template)?;
@@ -65,6 +89,8 @@ pub fn find(backend: &Backend, session: CK_SESSION_HANDLE, slot: CK_SLOT_ID) -> 
     else {
         return Ok(None);
     };
+    check_usage(backend, session, mbk, MBK_LABEL, &[CKA_WRAP, CKA_UNWRAP])?;
+    check_usage(backend, session, mac, MAC_LABEL, &[CKA_SIGN, CKA_VERIFY])?;
     let wrap = wrap_mechanism(backend, slot)?;
     let fingerprint = fingerprint(backend, session, mbk, mac, wrap)?;
     Ok(Some(MbkSet { mbk, mac, wrap, fingerprint }))

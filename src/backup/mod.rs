@@ -1,5 +1,6 @@
 //! Backup and restore of keys under the MBK (issue C), and the MBK itself.
 
+pub mod clone;
 pub mod db;
 pub mod export;
 pub mod format;

@@ -128,7 +128,7 @@ impl Authorizer for Users<'_> {
         self.0.require(Need::Group(group.to_string())).map_err(|d| d.to_string())
     }
     fn who(&self) -> String {
-        self.0.names()
+        self.0.who()
     }
 }
 
@@ -138,7 +138,7 @@ fn open_store(config: &Config) -> Result<Box<dyn KeyStore>, String> {
 
 pub fn backup(config: &Config, a: BackupArgs) -> CliResult {
     let store = open_store(config)?;
-    let users = logons(store.as_ref(), &a.logon)?;
+    let users = logons(store.as_ref(), &a.logon.logon)?;
     let label = a.token.label(config)?;
     let work = Work::open(config, &label, &a.pins.user()?).map_err(|e| e.to_string())?;
     let tty = std::io::stderr().is_terminal() && !a.json;
@@ -179,7 +179,7 @@ pub fn backup(config: &Config, a: BackupArgs) -> CliResult {
 
 pub fn restore(config: &Config, a: RestoreArgs) -> CliResult {
     let store = open_store(config)?;
-    let users = logons(store.as_ref(), &a.logon)?;
+    let users = logons(store.as_ref(), &a.logon.logon)?;
     let label = a.token.label(config)?;
     let work = Work::open(config, &label, &a.pins.user()?).map_err(|e| e.to_string())?;
     let opts = ImportOptions { file: &a.file, overwrite: a.overwrite, dry_run: a.dry_run, mode: config.mode };
@@ -210,7 +210,7 @@ pub fn verify(config: &Config, a: VerifyArgs) -> CliResult {
     let store = open_store(config)?;
     let label = a.token.label(config)?;
     let work = Work::open(config, &label, &a.pins.user()?).map_err(|e| e.to_string())?;
-    let who = Users(&Logons::default());
+    let who = Users(&Logons::new());
     let report = verify::verify(store.as_ref(), &work, &who, &a.file).map_err(|e| e.to_string())?;
     if a.json {
         println!(
@@ -233,7 +233,7 @@ pub fn db(config: &Config, command: DbCommand) -> CliResult {
     let store = open_store(config)?;
     match command {
         DbCommand::Backup { out, users: with_users, token, logon, pins } => {
-            let who = logons(store.as_ref(), &logon)?;
+            let who = logons(store.as_ref(), &logon.logon)?;
             let checked = db::allowed(config.mode, "backup")
                 .map_err(|e| e.to_string())
                 .and_then(|_| who.require(Need::KeyStore).map_err(|d| format!("export denied: {d}")))
@@ -245,7 +245,7 @@ pub fn db(config: &Config, command: DbCommand) -> CliResult {
                     }
                 });
             if let Err(e) = checked {
-                audit(store.as_ref(), &who.names(), "refused: db backup", "", 0, &e).map_err(|e| e.to_string())?;
+                audit(store.as_ref(), &who.who(), "refused: db backup", "", 0, &e).map_err(|e| e.to_string())?;
                 return Err(e);
             }
             let work = Work::open(config, &token.label(config)?, &pins.user()?).map_err(|e| e.to_string())?;
@@ -255,17 +255,17 @@ pub fn db(config: &Config, command: DbCommand) -> CliResult {
                 Err(e) => format!("failed: {e}"),
             };
             let n = result.as_ref().map(|s| s.keys).unwrap_or(0);
-            audit(store.as_ref(), &who.names(), "db backup", "", n, &outcome).map_err(|e| e.to_string())?;
+            audit(store.as_ref(), &who.who(), "db backup", "", n, &outcome).map_err(|e| e.to_string())?;
             let s = result?;
             println!("Whole-store backup {} written: {} keys, {} users", out.display(), s.keys, s.users);
         }
         DbCommand::Restore { file, token, logon, pins } => {
-            let who = logons(store.as_ref(), &logon)?;
+            let who = logons(store.as_ref(), &logon.logon)?;
             let checked = db::allowed(config.mode, "restore")
                 .map_err(|e| e.to_string())
                 .and_then(|_| who.require(Need::KeyStore).map_err(|d| format!("import denied: {d}")));
             if let Err(e) = checked {
-                audit(store.as_ref(), &who.names(), "refused: db restore", "", 0, &e).map_err(|e| e.to_string())?;
+                audit(store.as_ref(), &who.who(), "refused: db restore", "", 0, &e).map_err(|e| e.to_string())?;
                 return Err(e);
             }
             let work = Work::open(config, &token.label(config)?, &pins.user()?).map_err(|e| e.to_string())?;
@@ -275,7 +275,7 @@ pub fn db(config: &Config, command: DbCommand) -> CliResult {
                 Err(e) => format!("failed: {e}"),
             };
             let n = result.as_ref().map(|s| s.keys).unwrap_or(0);
-            audit(store.as_ref(), &who.names(), "db restore", "", n, &outcome).map_err(|e| e.to_string())?;
+            audit(store.as_ref(), &who.who(), "db restore", "", n, &outcome).map_err(|e| e.to_string())?;
             let s = result?;
             println!("Whole-store backup {} restored: {} keys, {} users", file.display(), s.keys, s.users);
         }

@@ -3,8 +3,10 @@
 use super::pins::PinArgs;
 use super::{CliResult, Outcome};
 use crate::admin;
+use crate::backup::clone;
 use crate::config::Config;
 use clap::Subcommand;
+use std::path::PathBuf;
 
 #[derive(Subcommand)]
 pub enum MbkCommand {
@@ -25,6 +27,75 @@ pub enum MbkCommand {
         #[arg(long, value_name = "LABEL")]
         token: String,
     },
+    /// Step 1 of cloning the MBK to this HSM (run on the TARGET): make an RSA-3072 transport key pair in the
+    /// HSM and write its public key to REQUEST. Needs the SO PIN.
+    CloneRequest {
+        #[arg(long, value_name = "LABEL")]
+        token: String,
+        /// Where to write the request (must not exist).
+        #[arg(long, value_name = "REQUEST")]
+        out: PathBuf,
+        #[command(flatten)]
+        pins: PinArgs,
+    },
+    /// Step 2 (run on the SOURCE): wrap this token's MBK set for the request's transport key (RSA-OAEP) and
+    /// write the response. The MBK never appears in clear. Needs the SO PIN (it marks the transport key
+    /// trusted for this one wrap).
+    CloneTo {
+        /// The request file from step 1.
+        request: PathBuf,
+        #[arg(long, value_name = "LABEL")]
+        token: String,
+        #[arg(long, value_name = "RESPONSE")]
+        out: PathBuf,
+        #[command(flatten)]
+        pins: PinArgs,
+    },
+    /// Step 3 (run on the TARGET): unwrap the MBK set from the response, check its fingerprint, install it,
+    /// and destroy the transport keys. Needs the SO PIN.
+    CloneAccept {
+        /// The response file from step 2.
+        response: PathBuf,
+        #[arg(long, value_name = "LABEL")]
+        token: String,
+        #[command(flatten)]
+        pins: PinArgs,
+    },
+    /// Disaster recovery: split the MBK set into N Shamir shares of which M rebuild it. THIS PUTS THE MBK ON
+    /// THIS HOST (in memory, zeroized after use) and in the share files; a FIPS HSM refuses it. Needs the
+    /// SO PIN.
+    ExportShares {
+        #[arg(long, value_name = "LABEL")]
+        token: String,
+        /// M: how many shares rebuild the MBK.
+        #[arg(long, value_name = "M")]
+        threshold: u8,
+        /// N: how many shares to write.
+        #[arg(long, value_name = "N")]
+        shares: u8,
+        /// Directory for the share files mbk-share-I-of-N.txt (mode 0600; hand each to another custodian).
+        #[arg(long, value_name = "DIR")]
+        out_dir: PathBuf,
+        #[command(flatten)]
+        pins: PinArgs,
+    },
+    /// Rebuild the MBK set from M share files and install it on a token that has none. Needs the SO PIN.
+    ImportShares {
+        #[arg(long, value_name = "LABEL")]
+        token: String,
+        /// The share files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        #[command(flatten)]
+        pins: PinArgs,
+    },
+}
+
+fn so_token(config: &Config, label: &str, pins: &PinArgs) -> Result<admin::Token, String> {
+    let pin = pins.so()?;
+    let mut token = admin::Token::open(config, label).map_err(|e| e.to_string())?;
+    token.login(cryptoki_sys::CKU_SO, &pin).map_err(|e| e.to_string())?;
+    Ok(token)
 }
 
 pub fn run(config: &Config, command: MbkCommand) -> CliResult {
@@ -42,6 +113,44 @@ pub fn run(config: &Config, command: MbkCommand) -> CliResult {
             println!("token:          {token}");
             println!("fingerprint:    {}", set.fingerprint);
             println!("wrap mechanism: {}", admin::mechanism_name(set.wrap));
+        }
+        MbkCommand::CloneRequest { token, out, pins } => {
+            let t = so_token(config, &token, &pins)?;
+            let req = clone::request(&t).map_err(|e| e.to_string())?;
+            clone::write_json(&out, &req).map_err(|e| e.to_string())?;
+            println!("Clone request {} written (transport key {}).", out.display(), req.request_id);
+            println!("Next, on the source HSM: p11shim mbk clone-to {} --token SOURCE --out RESPONSE", out.display());
+        }
+        MbkCommand::CloneTo { request, token, out, pins } => {
+            let req: clone::CloneRequest = clone::read_json(&request).map_err(|e| e.to_string())?;
+            let t = so_token(config, &token, &pins)?;
+            let resp = clone::respond(&t, &req).map_err(|e| e.to_string())?;
+            clone::write_json(&out, &resp).map_err(|e| e.to_string())?;
+            println!("Clone response {} written for transport key {}.", out.display(), req.request_id);
+            println!("  MBK fingerprint: {}", resp.fingerprint);
+            println!("Next, on the target HSM: p11shim mbk clone-accept {} --token {}", out.display(), req.token);
+        }
+        MbkCommand::CloneAccept { response, token, pins } => {
+            let resp: clone::CloneResponse = clone::read_json(&response).map_err(|e| e.to_string())?;
+            let t = so_token(config, &token, &pins)?;
+            let set = clone::accept(&t, &resp).map_err(|e| e.to_string())?;
+            println!("The MBK set is installed on token {token:?}; transport keys destroyed.");
+            println!("  fingerprint: {} (matches the source's)", set.fingerprint);
+        }
+        MbkCommand::ExportShares { token, threshold, shares, out_dir, pins } => {
+            let t = so_token(config, &token, &pins)?;
+            let files = clone::export_shares(&t, threshold, shares, &out_dir).map_err(|e| e.to_string())?;
+            println!("{shares} shares written; any {threshold} rebuild the MBK set of token {token:?}:");
+            for f in files {
+                println!("  {}", f.display());
+            }
+            println!("The MBK was in this host's memory during the split (zeroized since): hand out the shares now.");
+        }
+        MbkCommand::ImportShares { token, files, pins } => {
+            let t = so_token(config, &token, &pins)?;
+            let set = clone::import_shares(&t, &files).map_err(|e| e.to_string())?;
+            println!("The MBK set is installed on token {token:?} from {} shares.", files.len());
+            println!("  fingerprint: {}", set.fingerprint);
         }
     }
     Ok(Outcome::Done)

@@ -2,8 +2,11 @@
 //! command calls library functions and prints their result. Exit status: 0 success, 1 failure, 2 usage
 //! error (clap), 3 partial success that needs attention (e.g. keys that could not be backed up).
 
+mod audit;
+mod backup;
 mod mbk;
 pub mod pins;
+pub mod users;
 
 use crate::config::{Config, ENV_CONFIG};
 use clap::{Parser, Subcommand};
@@ -34,6 +37,25 @@ enum Command {
     /// The master backup key set of a token.
     #[command(subcommand)]
     Mbk(mbk::MbkCommand),
+    /// Back up every key whose group matches REGEX into one file, each secret wrapped under the MBK (stored
+    /// keys and the token's own keys). Needs 00000002 from logged-on users whose group regex matches each
+    /// group. Keys that cannot be exported are listed and the exit status is 3.
+    Backup(backup::BackupArgs),
+    /// Restore a backup file into a token, line by line (merge): all or nothing; keys present are skipped
+    /// unless --overwrite. A wrong MBK, a bad MAC, a truncated file or an unknown version modify nothing.
+    Restore(backup::RestoreArgs),
+    /// Check a backup completely without changing anything: format, every MAC, the MBK, and that every
+    /// secret unwraps in this HSM.
+    Verify(backup::VerifyArgs),
+    /// The whole key store at once (the BackupDatabase analog): standard mode only.
+    #[command(subcommand)]
+    Db(backup::DbCommand),
+    /// Users of the permission model (masks, group regexes, password or signature logon).
+    #[command(subcommand)]
+    User(users::UserCommand),
+    /// The hash-chained audit log: show it, verify it.
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
 }
 
 /// What a command ends with: success, failure (message), or success that needs attention (status 3).
@@ -49,6 +71,12 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = config(cli.config).and_then(|config| match cli.command {
         Command::Mbk(c) => mbk::run(&config, c),
+        Command::Backup(a) => backup::backup(&config, a),
+        Command::Restore(a) => backup::restore(&config, a),
+        Command::Verify(a) => backup::verify(&config, a),
+        Command::Db(c) => backup::db(&config, c),
+        Command::User(c) => users::run(&config, c),
+        Command::Audit(c) => audit::run(&config, c),
     });
     match result {
         Ok(Outcome::Done) => ExitCode::SUCCESS,
