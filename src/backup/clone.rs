@@ -51,14 +51,19 @@ pub struct CloneResponse {
 }
 
 fn request_id(modulus: &[u8], exponent: &[u8]) -> String {
-    let digest = Sha256::new().chain_update(b"p11shim transport v1\0").chain_update(modulus).chain_update(exponent).finalize();
+    let digest =
+        Sha256::new().chain_update(b"p11shim transport v1\0").chain_update(modulus).chain_update(exponent).finalize();
     hex::encode(&digest[..16])
 }
 
 fn find_labelled(token: &Token, class: CK_OBJECT_CLASS, label: &str) -> Result<Vec<CK_OBJECT_HANDLE>> {
     token.backend.find(
         token.session,
-        &Template(vec![Attr::ulong(CKA_CLASS, class), Attr::bytes(CKA_LABEL, label.as_bytes()), Attr::bool(CKA_TOKEN, true)]),
+        &Template(vec![
+            Attr::ulong(CKA_CLASS, class),
+            Attr::bytes(CKA_LABEL, label.as_bytes()),
+            Attr::bool(CKA_TOKEN, true),
+        ]),
     )
 }
 
@@ -112,7 +117,8 @@ pub fn request(token: &Token) -> Result<CloneRequest> {
         &private,
     )?;
     let parts = token.backend.attributes(token.session, pub_key, &[CKA_MODULUS, CKA_PUBLIC_EXPONENT])?;
-    let (modulus, exponent) = (parts.bytes(CKA_MODULUS).unwrap_or_default(), parts.bytes(CKA_PUBLIC_EXPONENT).unwrap_or_default());
+    let (modulus, exponent) =
+        (parts.bytes(CKA_MODULUS).unwrap_or_default(), parts.bytes(CKA_PUBLIC_EXPONENT).unwrap_or_default());
     Ok(CloneRequest {
         format: REQUEST_FORMAT.into(),
         token: token.label.clone(),
@@ -126,18 +132,25 @@ pub fn request(token: &Token) -> Result<CloneRequest> {
 /// `mbk clone-to` on the source (SO logged in): the MBK set wrapped for the request's transport key.
 pub fn respond(token: &Token, req: &CloneRequest) -> Result<CloneResponse> {
     if req.format != REQUEST_FORMAT {
-        return Err(Error::Other(format!("not a clone request (format {:?}, expected {REQUEST_FORMAT:?})", req.format)));
+        return Err(Error::Other(format!(
+            "not a clone request (format {:?}, expected {REQUEST_FORMAT:?})",
+            req.format
+        )));
     }
     let bad = |what: &str| Error::Other(format!("clone request: {what} is not hex"));
     let modulus = hex::decode(&req.modulus).map_err(|_| bad("modulus"))?;
     let exponent = hex::decode(&req.exponent).map_err(|_| bad("exponent"))?;
     if modulus.len() < 384 {
-        return Err(Error::Other(format!("clone request: the transport key has {} bits; RSA-3072 or more is required", modulus.len() * 8)));
+        return Err(Error::Other(format!(
+            "clone request: the transport key has {} bits; RSA-3072 or more is required",
+            modulus.len() * 8
+        )));
     }
     if request_id(&modulus, &exponent) != req.request_id {
         return Err(Error::Other("clone request: its id does not match its key (edited?)".into()));
     }
-    let set = mbk::find(token.backend, token.session, token.slot)?.ok_or_else(|| Error::Other(mbk::missing(&token.label)))?;
+    let set =
+        mbk::find(token.backend, token.session, token.slot)?.ok_or_else(|| Error::Other(mbk::missing(&token.label)))?;
     // Trusted (SO only) for this session: the MBK is extractable only under a trusted key.
     let target = token.backend.create_object(
         token.session,
@@ -190,7 +203,10 @@ pub fn respond(token: &Token, req: &CloneRequest) -> Result<CloneResponse> {
 /// destroys the transport keys.
 pub fn accept(token: &Token, resp: &CloneResponse) -> Result<MbkSet> {
     if resp.format != RESPONSE_FORMAT {
-        return Err(Error::Other(format!("not a clone response (format {:?}, expected {RESPONSE_FORMAT:?})", resp.format)));
+        return Err(Error::Other(format!(
+            "not a clone response (format {:?}, expected {RESPONSE_FORMAT:?})",
+            resp.format
+        )));
     }
     refuse_existing(token)?;
     let publics = find_labelled(token, CKO_PUBLIC_KEY, TRANSPORT_LABEL)?;
@@ -202,7 +218,8 @@ pub fn accept(token: &Token, resp: &CloneResponse) -> Result<MbkSet> {
         )));
     };
     let parts = token.backend.attributes(token.session, public, &[CKA_MODULUS, CKA_PUBLIC_EXPONENT])?;
-    let id = request_id(parts.bytes(CKA_MODULUS).unwrap_or_default(), parts.bytes(CKA_PUBLIC_EXPONENT).unwrap_or_default());
+    let id =
+        request_id(parts.bytes(CKA_MODULUS).unwrap_or_default(), parts.bytes(CKA_PUBLIC_EXPONENT).unwrap_or_default());
     if id != resp.request_id {
         return Err(Error::Other(format!(
             "this response answers request {}, but token {:?} holds transport key {id} (a newer request?)",
@@ -273,7 +290,8 @@ fn install(
 /// which `threshold` rebuild it; written as files `DIR/mbk-share-I-of-N.txt` (mode 0600). The clear keys
 /// are zeroized after use.
 pub fn export_shares(token: &Token, threshold: u8, shares: u8, dir: &Path) -> Result<Vec<PathBuf>> {
-    let set = mbk::find(token.backend, token.session, token.slot)?.ok_or_else(|| Error::Other(mbk::missing(&token.label)))?;
+    let set =
+        mbk::find(token.backend, token.session, token.slot)?.ok_or_else(|| Error::Other(mbk::missing(&token.label)))?;
     let kek = Zeroizing::new(random::<32>()?);
     // A trusted session key whose value the host knows: the MBK leaves the HSM wrapped under it, and the host
     // unwraps it in software.
@@ -403,7 +421,8 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Reads a JSON file (a request or a response).
 pub fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::Other(format!("cannot read {}: {e}", path.display())))?;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| Error::Other(format!("cannot read {}: {e}", path.display())))?;
     serde_json::from_str(&text).map_err(|e| Error::Other(format!("{}: {e}", path.display())))
 }
 

@@ -509,7 +509,11 @@ impl BackupWriter {
 
 impl fmt::Debug for BackupWriter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("BackupWriter").field("path", &self.path).field("tmp", &self.tmp).field("count", &self.count).finish()
+        f.debug_struct("BackupWriter")
+            .field("path", &self.path)
+            .field("tmp", &self.tmp)
+            .field("count", &self.count)
+            .finish()
     }
 }
 
@@ -561,7 +565,11 @@ pub struct BackupReader {
 
 impl fmt::Debug for BackupReader {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("BackupReader").field("path", &self.path).field("count", &self.count).field("state", &self.state).finish()
+        f.debug_struct("BackupReader")
+            .field("path", &self.path)
+            .field("count", &self.count)
+            .field("state", &self.state)
+            .finish()
     }
 }
 
@@ -986,7 +994,11 @@ mod tests {
         // RFC 4231 test cases 1, 2 and 6 (a key longer than the block).
         let cases: [(&[u8], &[u8], &str); 3] = [
             (&[0x0b; 20], b"Hi There", "b0344c61d8db38535ca8afceaf0bf12b881dc200c9833da726e9376c2e32cff7"),
-            (b"Jefe", b"what do ya want for nothing?", "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"),
+            (
+                b"Jefe",
+                b"what do ya want for nothing?",
+                "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843",
+            ),
             (
                 &[0xaa; 131],
                 b"Test Using Larger Than Block-Size Key - Hash Key First",
@@ -1105,8 +1117,20 @@ mod tests {
         let path = dir.path().join("b.p11b");
         write(&path, 3);
         let original = lines(&path);
-        let fields =
-            ["id", "token", "group", "class", "key_type", "label", "ckid", "attrs", "wrapped", "wrap_mech", "mbk", "mac"];
+        let fields = [
+            "id",
+            "token",
+            "group",
+            "class",
+            "key_type",
+            "label",
+            "ckid",
+            "attrs",
+            "wrapped",
+            "wrap_mech",
+            "mbk",
+            "mac",
+        ];
         for field in fields {
             let mut l = original.clone();
             let (at, len) = value_span(&l[3], field);
@@ -1146,8 +1170,9 @@ mod tests {
         let path = dir.path().join("b.p11b");
         write(&path, 3);
         let original = fs::read(&path).unwrap();
-        let starts: Vec<usize> =
-            std::iter::once(0).chain(original.iter().enumerate().filter(|(_, &b)| b == b'\n').map(|(i, _)| i + 1)).collect();
+        let starts: Vec<usize> = std::iter::once(0)
+            .chain(original.iter().enumerate().filter(|(_, &b)| b == b'\n').map(|(i, _)| i + 1))
+            .collect();
         let mut tried = 0;
         for pos in 0..original.len() {
             let line = starts.iter().rposition(|&s| s <= pos).unwrap();
@@ -1165,8 +1190,10 @@ mod tests {
                 // R becomes a T and the line reads as a (bad) trailer.
                 if (2..=4).contains(&line) && !(pos == starts[line] && with == b'T') {
                     let k = line - 1;
-                    assert!(err.starts_with(&format!("record {k}")) || err.contains(&format!("record {k} is cut short")),
-                        "byte {pos} (line {line}) {b:#x} -> {with:#x}: {err}");
+                    assert!(
+                        err.starts_with(&format!("record {k}")) || err.contains(&format!("record {k} is cut short")),
+                        "byte {pos} (line {line}) {b:#x} -> {with:#x}: {err}"
+                    );
                 }
             }
         }
@@ -1187,11 +1214,16 @@ mod tests {
             if at_boundary && newlines >= 2 {
                 assert_eq!(err, format!("truncated: no trailer after record {}", newlines - 2), "cut at {cut}");
             } else if !at_boundary && (3..=5).contains(&newlines) {
-                assert!(err == format!("truncated: record {} is cut short", newlines - 1)
-                    || err.starts_with("truncated: the trailer (after record 3) is cut short"), "cut at {cut}: {err}");
+                assert!(
+                    err == format!("truncated: record {} is cut short", newlines - 1)
+                        || err.starts_with("truncated: the trailer (after record 3) is cut short"),
+                    "cut at {cut}: {err}"
+                );
             } else {
-                assert!(err.contains("truncated") || err.contains("cut short") || err.starts_with("not a p11shim backup"),
-                    "cut at {cut}: {err}");
+                assert!(
+                    err.contains("truncated") || err.contains("cut short") || err.starts_with("not a p11shim backup"),
+                    "cut at {cut}: {err}"
+                );
             }
         }
         // Cut within the header line and right after the magic line.
@@ -1300,7 +1332,10 @@ mod tests {
         assert_eq!(verify_err(&path), "unknown format version 17 (this p11shim reads version 1)");
         for (content, why) in [
             (&b"hello\n"[..], "not a p11shim backup (the first line is not P11SHIM-BACKUP VERSION)"),
-            (b"\x7fELF\x02\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x03\x00", "not a p11shim backup (the first line is not P11SHIM-BACKUP VERSION)"),
+            (
+                b"\x7fELF\x02\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x03\x00",
+                "not a p11shim backup (the first line is not P11SHIM-BACKUP VERSION)",
+            ),
             (b"P11SHIM-BACKUP x\n{}\n", "not a p11shim backup (the format version is not a number)"),
             (b"P11SHIM-BACKUP 01\n{}\n", "not a p11shim backup (the format version is not a number)"),
         ] {

@@ -29,10 +29,7 @@ impl TokenArg {
             return Ok(t.clone());
         }
         config.slots.iter().find(|s| s.storage == Storage::Database).map(|s| s.token.clone()).ok_or_else(|| {
-            format!(
-                "no --token given and {} has no [[slot]] with storage = \"database\"",
-                config.source.display()
-            )
+            format!("no --token given and {} has no [[slot]] with storage = \"database\"", config.source.display())
         })
     }
 }
@@ -193,7 +190,9 @@ pub fn restore(config: &Config, a: RestoreArgs) -> CliResult {
         );
     } else {
         println!("{} records in {} (MBK {})", report.records, a.file.display(), report.fingerprint);
-        for (what, list) in [("added", &report.added), ("skipped (present)", &report.skipped), ("overwritten", &report.overwritten)] {
+        for (what, list) in
+            [("added", &report.added), ("skipped (present)", &report.skipped), ("overwritten", &report.overwritten)]
+        {
             println!("  {} {verb} {what}", list.len());
             for k in list.iter().take(50) {
                 println!("    {k}");
@@ -220,8 +219,14 @@ pub fn verify(config: &Config, a: VerifyArgs) -> CliResult {
         );
     } else {
         println!("{}: OK", a.file.display());
-        println!("  made {} with filter {:?} under MBK {} (this token's)", report.time, report.filter, report.fingerprint);
-        println!("  {} records, every MAC and the trailer intact; {} secrets unwrap in token {label:?}", report.records, report.unwrapped);
+        println!(
+            "  made {} with filter {:?} under MBK {} (this token's)",
+            report.time, report.filter, report.fingerprint
+        );
+        println!(
+            "  {} records, every MAC and the trailer intact; {} secrets unwrap in token {label:?}",
+            report.records, report.unwrapped
+        );
         for (g, n) in &report.groups {
             println!("  group {g}: {n}");
         }

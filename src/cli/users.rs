@@ -181,6 +181,8 @@ pub fn run(config: &Config, command: UserCommand) -> CliResult {
     let store = &*store;
     match command {
         UserCommand::Add { name, perm, group_regex, credential, logon, so_pin_file, token } => {
+            let so_pin_given =
+                so_pin_file.is_some() || std::env::var_os("P11SHIM_SO_PIN").is_some_and(|v| !v.is_empty());
             // Checked before anything is asked for, so that a typo costs no PIN or password prompt.
             auth::check_name(&name).map_err(|e| e.to_string())?;
             auth::Perm::parse(&perm)?;
@@ -195,7 +197,12 @@ pub fn run(config: &Config, command: UserCommand) -> CliResult {
             let logons = logons(store, &logon.logon)?;
             let credential = credential.read(&name)?;
             let user = NewUser { name, perm, group_regex, credential };
-            let info = auth::add_user(store, &logons, so.as_ref(), user).map_err(|e| e.to_string())?;
+            let info = auth::add_user(store, &logons, so.as_ref(), user).map_err(|e| match e {
+                auth::AuthError::Refused(message) if !first && so_pin_given => {
+                    format!("{message} (the SO PIN creates only the first user; log on as a user administrator)")
+                }
+                e => e.to_string(),
+            })?;
             println!("Added user {} ({} {}, logs on with {}).", info.name, info.perm, info.group_regex, info.auth);
         }
         UserCommand::List { json } => {

@@ -658,6 +658,29 @@ pub(crate) unsafe extern "C" fn C_Logout(s: CK_SESSION_HANDLE) -> CK_RV {
     })
 }
 
+/// C_Login (§5.6): a login that succeeds is a new one. HSM copies of stored keys loaded under an earlier login
+/// may be gone with it (ended by C_Logout, or by the device closing every session of the process, which
+/// also ends its logins), so the copies on the slot are dropped; their handles stay valid and load again.
+pub(crate) unsafe extern "C" fn C_Login(
+    s: CK_SESSION_HANDLE,
+    user: CK_USER_TYPE,
+    pin: *mut CK_UTF8CHAR,
+    pin_len: CK_ULONG,
+) -> CK_RV {
+    guard("C_Login", || {
+        let backend = active()?;
+        let f = backend.f.C_Login.ok_or(CKR_FUNCTION_NOT_SUPPORTED)?;
+        // SAFETY: the application's arguments go to the backend unchanged.
+        let rv = unsafe { f(s, user, pin, pin_len) };
+        if rv == CKR_OK {
+            if let Some(db) = database(s) {
+                db.vault.logout(db.slot);
+            }
+        }
+        Ok(rv)
+    })
+}
+
 /// After a backend call that returned a new object handle: the application's view of it.
 fn out_handle(rv: CK_RV, out: *mut CK_OBJECT_HANDLE) -> CK_RV {
     if rv == CKR_OK && !out.is_null() {

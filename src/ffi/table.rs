@@ -3,7 +3,7 @@
 //! the shim changes — is in `FUNCTION_LIST_2_40` below: C_Initialize, C_Finalize, C_GetInfo,
 //! C_GetFunctionList, C_OpenSession, C_CloseSession, C_CloseAllSessions, and for 3.0 C_GetInterfaceList,
 //! C_GetInterface; and in `objects`, where stored keys (issue B) and the group attribute are handled:
-//! C_Logout, C_CreateObject, C_CopyObject, C_DestroyObject, C_GetObjectSize, C_GetAttributeValue,
+//! C_Login, C_Logout, C_CreateObject, C_CopyObject, C_DestroyObject, C_GetObjectSize, C_GetAttributeValue,
 //! C_SetAttributeValue, C_FindObjectsInit, C_FindObjects, C_FindObjectsFinal, C_GenerateKey,
 //! C_GenerateKeyPair, C_WrapKey, C_UnwrapKey, C_DeriveKey.
 //!
@@ -17,8 +17,8 @@ use super::guard;
 use super::lifecycle::{active, C_Finalize, C_GetInfo, C_Initialize};
 use super::objects::{
     C_CopyObject, C_CreateObject, C_DeriveKey, C_DestroyObject, C_FindObjects, C_FindObjectsFinal, C_FindObjectsInit,
-    C_GenerateKey, C_GenerateKeyPair, C_GetAttributeValue, C_GetObjectSize, C_Logout, C_SetAttributeValue, C_UnwrapKey,
-    C_WrapKey,
+    C_GenerateKey, C_GenerateKeyPair, C_GetAttributeValue, C_GetObjectSize, C_Login, C_Logout, C_SetAttributeValue,
+    C_UnwrapKey, C_WrapKey,
 };
 use super::sessions::{C_CloseAllSessions, C_CloseSession, C_OpenSession};
 use crate::objects;
@@ -88,7 +88,6 @@ forward! { f;
     C_GetOperationState(s: CK_SESSION_HANDLE, state: *mut CK_BYTE, len: *mut CK_ULONG);
     C_SetOperationState(s: CK_SESSION_HANDLE, state: *mut CK_BYTE, len: CK_ULONG,
         #[handle(CKR_KEY_HANDLE_INVALID)] enc_key: CK_OBJECT_HANDLE, #[handle(CKR_KEY_HANDLE_INVALID)] auth_key: CK_OBJECT_HANDLE);
-    C_Login(s: CK_SESSION_HANDLE, user: CK_USER_TYPE, pin: *mut CK_UTF8CHAR, pin_len: CK_ULONG);
     C_EncryptInit(s: CK_SESSION_HANDLE, mechanism: *mut CK_MECHANISM, #[handle(CKR_KEY_HANDLE_INVALID)] key: CK_OBJECT_HANDLE);
     C_Encrypt(s: CK_SESSION_HANDLE, data: *mut CK_BYTE, data_len: CK_ULONG, out: *mut CK_BYTE, out_len: *mut CK_ULONG);
     C_EncryptUpdate(s: CK_SESSION_HANDLE, part: *mut CK_BYTE, part_len: CK_ULONG, out: *mut CK_BYTE, out_len: *mut CK_ULONG);

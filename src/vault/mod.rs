@@ -155,9 +155,12 @@ impl Vault {
         index.map(|i| &self.slots[i])
     }
 
-    /// Runs `f` on an idle session of the shim's own on `slot` (opened on demand, read/write).
-    fn with_session<R>(&self, slot: CK_SLOT_ID, f: impl FnOnce(CK_SESSION_HANDLE) -> Result<R>) -> Result<R> {
+    /// Runs `f` on an idle session of the shim's own on `slot` (opened on demand, read/write). A session the
+    /// backend no longer knows (closed by the device, which then closed the other idle ones too) is dropped
+    /// with the other idle sessions of the slot, and `f` runs once more on a fresh session.
+    fn with_session<R>(&self, slot: CK_SLOT_ID, f: impl Fn(CK_SESSION_HANDLE) -> Result<R>) -> Result<R> {
         let idle = lock(&self.pool).get_mut(&slot).and_then(Vec::pop);
+        let pooled = idle.is_some();
         let session = match idle {
             Some(s) => s,
             None => {
@@ -170,6 +173,15 @@ impl Vault {
         if matches!(result, Err(Error::Rv(CKR_SESSION_HANDLE_INVALID | CKR_SESSION_CLOSED | CKR_DEVICE_REMOVED))) {
             sessions::closed_internal(session);
             let _ = self.backend.close_session(session);
+            if pooled && matches!(result, Err(Error::Rv(CKR_SESSION_HANDLE_INVALID | CKR_SESSION_CLOSED))) {
+                let others = lock(&self.pool).remove(&slot).unwrap_or_default();
+                for s in others {
+                    sessions::closed_internal(s);
+                    let _ = self.backend.close_session(s);
+                }
+                crate::warn!("the shim's own sessions on slot {slot} were closed by the backend; opening a new one");
+                return self.with_session(slot, f);
+            }
         } else {
             lock(&self.pool).entry(slot).or_default().push(session);
         }

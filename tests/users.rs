@@ -1,0 +1,690 @@
+//! Users and permissions (issue C items 1–2): the CryptoServer rules, each pinned down by a test, run against
+//! both key store engines; then the `p11shim user` command end to end with a real SoftHSM2 token (the first
+//! user needs its SO PIN).
+
+mod common;
+
+use argon2::password_hash::PasswordHasher;
+use common::pg::TestDb;
+use ed25519_dalek::pkcs8::{EncodePrivateKey, EncodePublicKey};
+use ed25519_dalek::SigningKey;
+use p11shim::auth::{self, AuthError, Credential, Logons, Need, NewUser};
+use p11shim::store::{self, AuditEntry, KeyStore};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use zeroize::Zeroizing;
+
+enum Fixture {
+    Sqlite { dir: tempfile::TempDir, url: String },
+    Postgres { dir: tempfile::TempDir, db: TestDb },
+}
+
+fn sqlite() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite:{}", dir.path().join("keys.db").display());
+    Fixture::Sqlite { dir, url }
+}
+
+fn postgres() -> Fixture {
+    Fixture::Postgres { dir: tempfile::tempdir().unwrap(), db: TestDb::fresh() }
+}
+
+impl Fixture {
+    fn url(&self) -> &str {
+        match self {
+            Fixture::Sqlite { url, .. } => url,
+            Fixture::Postgres { db, .. } => db.url(),
+        }
+    }
+    fn dir(&self) -> &Path {
+        match self {
+            Fixture::Sqlite { dir, .. } | Fixture::Postgres { dir, .. } => dir.path(),
+        }
+    }
+    fn open(&self) -> Box<dyn KeyStore> {
+        store::open(self.url()).unwrap()
+    }
+}
+
+macro_rules! both_engines {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $( #[test] fn $name() { super::$name(&super::sqlite()) } )*
+        }
+        mod postgres {
+            $( #[test] fn $name() { super::$name(&super::postgres()) } )*
+        }
+    };
+}
+
+both_engines!(
+    exmpkey_user_plus_prodkey_user_without_level_cannot_back_up_prodkey,
+    levels_of_matching_users_add_up_for_a_group,
+    group_regex_must_match_the_whole_group_name,
+    key_store_needs_02000000,
+    users_table_needs_two_admins,
+    user_administration_needs_10000000_and_refusals_are_audited,
+    wrong_password_and_unknown_user_fail_alike,
+    logon_sign_verifies_a_fresh_challenge_with_the_stored_key,
+    password_users_cannot_logon_sign_and_key_users_cannot_use_a_password,
+    a_user_cannot_log_on_twice,
+    stacked_logons_stop_at_the_first_failure,
+    passwords_are_stored_as_argon2id_hashes_only,
+    invalid_names_masks_and_regexes_are_refused_by_name,
+    passwd_by_the_user_or_an_admin_only,
+    the_last_user_administrator_cannot_be_deleted,
+    public_key_files_in_three_formats,
+    cli_first_user_needs_the_so_pin,
+    cli_user_commands_end_to_end,
+    cli_stacked_logon_failure_runs_nothing,
+);
+
+const PW: &str = "correct horse";
+
+fn password(p: &str) -> Credential {
+    Credential::Password(Zeroizing::new(p.as_bytes().to_vec()))
+}
+
+/// The argon2id hash of [`PW`] with tiny parameters: the rules tests log on many times, and the default
+/// parameters (as `add_user` uses, tested below) cost most of a second each in a debug build. Logon
+/// verifies with the parameters recorded in the hash.
+fn cheap_hash() -> &'static str {
+    static HASH: OnceLock<String> = OnceLock::new();
+    HASH.get_or_init(|| {
+        let params = argon2::Params::new(64, 1, 1, None).unwrap();
+        let argon2 = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+        argon2.hash_password(PW.as_bytes()).unwrap().to_string()
+    })
+}
+
+/// Puts a password user straight into the store (the SO-PIN path is tested through the CLI below).
+fn seed(store: &dyn KeyStore, name: &str, perm: &str, regex: &str) {
+    let user = NewUser { name: name.into(), perm: perm.into(), group_regex: regex.into(), credential: password(PW) };
+    let credential = Credential::SignKey([9; 32]); // checked by user_row, replaced below: no hashing here
+    let mut row = auth::user_row(&NewUser { credential, ..user }).unwrap();
+    row.auth = auth::AUTH_PASSWORD.into();
+    row.secret = cheap_hash().as_bytes().to_vec();
+    store.user_insert(&row).unwrap();
+}
+
+/// A fresh Ed25519 key pair; the private key written as PEM PKCS#8 to DIR/NAME.key.
+fn key_pair(dir: &Path, name: &str) -> (SigningKey, PathBuf) {
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed).unwrap();
+    let key = SigningKey::from_bytes(&seed);
+    let path = dir.join(format!("{name}.key"));
+    std::fs::write(&path, key.to_pkcs8_pem(Default::default()).unwrap().as_bytes()).unwrap();
+    (key, path)
+}
+
+/// Puts a signature-logon user into the store; its private key file.
+fn seed_sign(store: &dyn KeyStore, dir: &Path, name: &str, perm: &str, regex: &str) -> PathBuf {
+    let (key, path) = key_pair(dir, name);
+    let credential = Credential::SignKey(key.verifying_key().to_bytes());
+    let user = NewUser { name: name.into(), perm: perm.into(), group_regex: regex.into(), credential };
+    store.user_insert(&auth::user_row(&user).unwrap()).unwrap();
+    path
+}
+
+/// Logs these password users on, in order.
+fn logons(store: &dyn KeyStore, names: &[&str]) -> Logons {
+    let mut logons = Logons::new();
+    for name in names {
+        logons.logon_password(store, name, PW.as_bytes()).unwrap_or_else(|e| panic!("logon {name}: {e}"));
+    }
+    logons
+}
+
+fn audit(store: &dyn KeyStore) -> Vec<AuditEntry> {
+    let mut entries = Vec::new();
+    store
+        .audit_scan(&mut |e| {
+            entries.push(e);
+            Ok(())
+        })
+        .unwrap();
+    entries
+}
+
+fn actions(store: &dyn KeyStore) -> Vec<String> {
+    audit(store).into_iter().map(|e| format!("{} | {}", e.draft.who, e.draft.action)).collect()
+}
+
+fn exmpkey_user_plus_prodkey_user_without_level_cannot_back_up_prodkey(fx: &Fixture) {
+    let store = fx.open();
+    seed(&*store, "alice", "00000002", "ExmpKey");
+    seed(&*store, "bob", "00000000", "ProdKey.*");
+    let both = logons(&*store, &["alice", "bob"]);
+    let denied = both.require(Need::Group("ProdKey".into())).unwrap_err();
+    assert_eq!(
+        denied.doing("backup").to_string(),
+        "backup of group ProdKey needs 00000002 from users whose group matches ProdKey; \
+         logged on: alice 00000002 (ExmpKey), bob 00000000 (ProdKey.*)"
+    );
+    // alice's level counts for her own group.
+    both.require(Need::Group("ExmpKey".into())).unwrap();
+    // And a user with the level in ProdKey can.
+    seed(&*store, "carol", "00000002", "ProdKey.*");
+    logons(&*store, &["carol"]).require(Need::Group("ProdKey".into())).unwrap();
+}
+
+fn levels_of_matching_users_add_up_for_a_group(fx: &Fixture) {
+    let store = fx.open();
+    seed(&*store, "p1", "00000001", "Prod.*");
+    seed(&*store, "p2", "00000001", "Prod.*|Test");
+    seed(&*store, "e1", "00000001", "Exmp.*");
+    let prod = Need::Group("ProdKey".into());
+    logons(&*store, &["p1"]).require(prod.clone()).unwrap_err();
+    logons(&*store, &["p1", "e1"]).require(prod.clone()).unwrap_err();
+    logons(&*store, &["p1", "p2"]).require(prod.clone()).unwrap();
+    logons(&*store, &["p2", "e1"]).require(Need::Group("Test".into())).unwrap_err();
+}
+
+fn group_regex_must_match_the_whole_group_name(fx: &Fixture) {
+    let store = fx.open();
+    seed(&*store, "prod", "00000002", "Prod");
+    seed(&*store, "prodstar", "00000002", "Prod.*");
+    seed(&*store, "alt", "00000002", "A|B");
+    let user = |name| logons(&*store, &[name]);
+    let group = |g: &str| Need::Group(g.into());
+    user("prod").require(group("Prod")).unwrap();
+    user("prod").require(group("ProdKey")).unwrap_err(); // not a prefix match
+    user("prodstar").require(group("ProdKey")).unwrap();
+    user("prodstar").require(group("XProdKey")).unwrap_err(); // not a substring match
+    let alt = user("alt");
+    alt.require(group("A")).unwrap();
+    alt.require(group("B")).unwrap();
+    alt.require(group("AB")).unwrap_err(); // the alternation is anchored as a whole
+}
+
+fn key_store_needs_02000000(fx: &Fixture) {
+    let store = fx.open();
+    seed(&*store, "admin", "02000000", "Other");
+    seed(&*store, "half1", "01000000", "x");
+    seed(&*store, "half2", "01000000", "y");
+    seed(&*store, "keyuser", "00000002", ".*");
+    logons(&*store, &["admin"]).require(Need::KeyStore).unwrap(); // whatever its group regex
+    logons(&*store, &["half1", "half2"]).require(Need::KeyStore).unwrap();
+    let denied = logons(&*store, &["half1", "keyuser"]).require(Need::KeyStore).unwrap_err();
+    let message = denied.to_string();
+    assert!(message.contains("needs 02000000") && message.contains("half1 01000000 (x)"), "{message}");
+    logons(&*store, &["keyuser"]).require(Need::Group("AnyGroup".into())).unwrap();
+    let nobody = Logons::new().require(Need::KeyStore).unwrap_err().to_string();
+    assert!(nobody.contains("logged on: nobody"), "{nobody}");
+}
+
+fn users_table_needs_two_admins(fx: &Fixture) {
+    let store = fx.open();
+    seed(&*store, "useradmin", "10000000", ".*");
+    seed(&*store, "csadmin", "02000000", ".*");
+    seed(&*store, "both", "12000000", ".*");
+    logons(&*store, &["useradmin", "csadmin"]).require(Need::UsersTable).unwrap();
+    let alone = logons(&*store, &["useradmin"]).require(Need::UsersTable).unwrap_err();
+    assert!(alone.to_string().contains("needs 12000000"), "{alone}");
+    logons(&*store, &["csadmin"]).require(Need::UsersTable).unwrap_err();
+    logons(&*store, &["both"]).require(Need::UsersTable).unwrap();
+    // And the masks of the other needs.
+    logons(&*store, &["useradmin"]).require(Need::UserAdmin).unwrap();
+    logons(&*store, &["csadmin"]).require(Need::UserAdmin).unwrap_err();
+}
+
+fn user_administration_needs_10000000_and_refusals_are_audited(fx: &Fixture) {
+    let store = fx.open();
+    seed(&*store, "admin", "10000000", ".*");
+    seed(&*store, "csadmin", "02000000", ".*");
+    let new = |name: &str| NewUser {
+        name: name.into(),
+        perm: "00000002".into(),
+        group_regex: "Prod.*".into(),
+        credential: password("new user pw"),
+    };
+    let cs = logons(&*store, &["csadmin"]);
+    let err = auth::add_user(&*store, &cs, None, new("dave")).unwrap_err();
+    assert!(matches!(err, AuthError::Refused(_)), "{err:?}");
+    assert!(err.to_string().contains("user add dave denied") && err.to_string().contains("10000000"), "{err}");
+    assert_eq!(store.user_get("dave").unwrap(), None);
+    let err = auth::delete_user(&*store, &cs, "admin").unwrap_err();
+    assert!(matches!(err, AuthError::Refused(_)), "{err:?}");
+    assert!(store.user_get("admin").unwrap().is_some());
+
+    let admin = logons(&*store, &["admin"]);
+    let info = auth::add_user(&*store, &admin, None, new("dave")).unwrap();
+    assert_eq!((info.perm.as_str(), info.auth.as_str()), ("00000002", "password"));
+    let err = auth::add_user(&*store, &admin, None, new("dave")).unwrap_err();
+    assert!(err.to_string().contains("user dave already exists"), "{err}");
+    auth::delete_user(&*store, &admin, "dave").unwrap();
+    assert_eq!(store.user_get("dave").unwrap(), None);
+    let err = auth::delete_user(&*store, &admin, "dave").unwrap_err();
+    assert!(err.to_string().contains("no user dave"), "{err}");
+
+    assert_eq!(
+        actions(&*store),
+        vec![
+            "csadmin | refused: user add dave",
+            "csadmin | refused: user delete admin",
+            "admin | user add dave",
+            "admin | user delete dave",
+        ]
+    );
+    let refusal = &audit(&*store)[0].draft;
+    assert!(refusal.result.contains("needs 10000000"), "the refusal's reason is logged: {}", refusal.result);
+    assert!(p11shim::audit::verify(&*store).unwrap().ok());
+}
+
+fn wrong_password_and_unknown_user_fail_alike(fx: &Fixture) {
+    let store = fx.open();
+    seed(&*store, "alice", "00000002", ".*");
+    let mut logons = Logons::new();
+    let wrong = logons.logon_password(&*store, "alice", b"not her password").unwrap_err();
+    let unknown = logons.logon_password(&*store, "mallory", PW.as_bytes()).unwrap_err();
+    assert!(matches!(wrong, AuthError::LogonFailed(_)), "{wrong:?}");
+    assert_eq!(wrong.to_string(), "logon failed for alice");
+    assert_eq!(unknown.to_string(), "logon failed for mallory", "no hint whether the user exists");
+    assert!(logons.is_empty());
+    // The log says which it was, for the administrators.
+    let results: Vec<String> =
+        audit(&*store).into_iter().map(|e| format!("{}: {}", e.draft.who, e.draft.result)).collect();
+    assert_eq!(results, vec!["alice: wrong password", "mallory: no such user"]);
+    logons.logon_password(&*store, "alice", PW.as_bytes()).unwrap();
+    assert_eq!(logons.who(), "alice");
+}
+
+fn logon_sign_verifies_a_fresh_challenge_with_the_stored_key(fx: &Fixture) {
+    let store = fx.open();
+    let key_file = seed_sign(&*store, fx.dir(), "signer", "00000002", "Prod.*");
+    let (_, other_key) = key_pair(fx.dir(), "other");
+    let mut logons = Logons::new();
+    let err = logons.logon_sign(&*store, "signer", &other_key).unwrap_err();
+    assert_eq!(err.to_string(), "logon failed for signer");
+    assert!(audit(&*store)[0].draft.result.contains("wrong key"), "{:?}", audit(&*store)[0]);
+    assert!(logons.is_empty());
+    logons.logon_sign(&*store, "signer", &key_file).unwrap();
+    logons.require(Need::Group("ProdX".into())).unwrap();
+    // Raw and hex private keys work as well as PEM.
+    let key = auth::read_signing_key(&key_file).unwrap();
+    let raw = fx.dir().join("raw.key");
+    std::fs::write(&raw, key.to_bytes()).unwrap();
+    let hexfile = fx.dir().join("hex.key");
+    std::fs::write(&hexfile, format!("{}\n", hex::encode(key.to_bytes()))).unwrap();
+    for file in [&raw, &hexfile] {
+        Logons::new().logon_sign(&*store, "signer", file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    }
+    let garbage = fx.dir().join("garbage.key");
+    std::fs::write(&garbage, b"not a key").unwrap();
+    let err = Logons::new().logon_sign(&*store, "signer", &garbage).unwrap_err().to_string();
+    assert!(err.contains(&garbage.display().to_string()) && err.contains("PRIVATE KEY"), "{err}");
+}
+
+fn password_users_cannot_logon_sign_and_key_users_cannot_use_a_password(fx: &Fixture) {
+    let store = fx.open();
+    seed(&*store, "pwuser", "00000002", ".*");
+    let key_file = seed_sign(&*store, fx.dir(), "keyuser", "00000002", ".*");
+    let mut logons = Logons::new();
+    let err = logons.logon_sign(&*store, "pwuser", &key_file).unwrap_err();
+    assert_eq!(err.to_string(), "logon failed for pwuser");
+    let err = logons.logon_password(&*store, "keyuser", PW.as_bytes()).unwrap_err();
+    assert_eq!(err.to_string(), "logon failed for keyuser");
+    assert!(logons.is_empty());
+    let results: Vec<String> = audit(&*store).into_iter().map(|e| e.draft.result).collect();
+    assert!(results[0].contains("logs on with a password") && results[1].contains("signature key"), "{results:?}");
+}
+
+fn a_user_cannot_log_on_twice(fx: &Fixture) {
+    let store = fx.open();
+    seed(&*store, "half", "01000000", ".*");
+    let mut logons = logons(&*store, &["half"]);
+    let err = logons.logon_password(&*store, "half", PW.as_bytes()).unwrap_err();
+    assert!(err.to_string().contains("already logged on"), "{err}");
+    logons.require(Need::KeyStore).unwrap_err(); // 01000000 counted once, not twice
+}
+
+fn stacked_logons_stop_at_the_first_failure(fx: &Fixture) {
+    let store = fx.open();
+    seed(&*store, "s_one", "00000001", ".*");
+    seed(&*store, "s_two", "00000001", ".*");
+    // SAFETY of the test: these variables are read only by this test (names unique to it).
+    std::env::set_var("P11SHIM_PASSWORD_S_ONE", PW);
+    std::env::set_var("P11SHIM_PASSWORD_S_TWO", "wrong password");
+    let specs = ["s_one".to_string(), "s_two".to_string(), "s_three".to_string()];
+    let err = p11shim::cli::users::logons(&*store, &specs).unwrap_err();
+    assert_eq!(err, "logon failed for s_two");
+    // s_three was never tried: no password asked (none is set, stdin is not a terminal), nothing logged.
+    assert_eq!(actions(&*store), vec!["s_two | refused: logon (password)"]);
+    assert_eq!(p11shim::cli::users::password_env("a.b-c_9"), "P11SHIM_PASSWORD_A_B_C_9");
+}
+
+fn passwords_are_stored_as_argon2id_hashes_only(fx: &Fixture) {
+    let store = fx.open();
+    seed(&*store, "admin", "10000000", ".*");
+    let secret = "Sup3r-Secret-Passw0rd";
+    let user =
+        NewUser { name: "eve".into(), perm: "00000002".into(), group_regex: ".*".into(), credential: password(secret) };
+    auth::add_user(&*store, &logons(&*store, &["admin"]), None, user).unwrap();
+    let row = store.user_get("eve").unwrap().unwrap();
+    let stored = String::from_utf8(row.secret.clone()).unwrap();
+    assert!(stored.starts_with("$argon2id$v=19$"), "{stored}");
+    assert!(!stored.contains(secret));
+    assert!(!format!("{row:?}").contains(&stored), "Debug hides the hash");
+    for e in audit(&*store) {
+        assert!(!format!("{e:?}").contains(secret));
+    }
+    if let Fixture::Sqlite { dir, .. } = fx {
+        drop(store); // checkpoint the WAL into the file
+        for entry in std::fs::read_dir(dir.path()).unwrap() {
+            let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+            assert!(!bytes.windows(secret.len()).any(|w| w == secret.as_bytes()), "password in clear on disk");
+        }
+    }
+    let mut fresh = Logons::new();
+    fresh.logon_password(&*fx.open(), "eve", secret.as_bytes()).unwrap();
+}
+
+fn invalid_names_masks_and_regexes_are_refused_by_name(fx: &Fixture) {
+    let store = fx.open();
+    seed(&*store, "admin", "10000000", ".*");
+    let admin = logons(&*store, &["admin"]);
+    let add = |name: &str, perm: &str, regex: &str, pw: &str| {
+        let user =
+            NewUser { name: name.into(), perm: perm.into(), group_regex: regex.into(), credential: password(pw) };
+        auth::add_user(&*store, &admin, None, user).unwrap_err().to_string()
+    };
+    let long = "x".repeat(33);
+    for (name, expect) in
+        [("", "user name \"\""), (long.as_str(), "1 to 32"), ("a b", "user name \"a b\""), ("so", "reserved")]
+    {
+        let err = add(name, "00000002", ".*", "long enough");
+        assert!(err.contains(expect), "{name:?}: {err}");
+    }
+    let err = add("ok", "0000002", ".*", "long enough");
+    assert!(err.contains("permission mask \"0000002\"") && err.contains("8 hex digits"), "{err}");
+    let err = add("ok", "0000000z", ".*", "long enough");
+    assert!(err.contains("\"0000000z\""), "{err}");
+    let err = add("ok", "00000002", "Prod[", "long enough");
+    assert!(err.contains("group regex \"Prod[\"") && err.contains("not a valid regular expression"), "{err}");
+    let err = add("ok", "00000002", "", "long enough");
+    assert!(err.contains("group regex is empty"), "{err}");
+    let err = add("ok", "00000002", ".*", "short");
+    assert!(err.contains("password") && err.contains("at least 8"), "{err}");
+    assert_eq!(store.user_list().unwrap().len(), 1, "nothing was added");
+    assert!(auth::add_user(
+        &*store,
+        &admin,
+        None,
+        NewUser {
+            name: "A.b-c_9".into(),
+            perm: "0000000a".into(),
+            group_regex: "(Prod|Test)Key".into(),
+            credential: password("long enough")
+        }
+    )
+    .is_ok());
+    assert_eq!(store.user_get("A.b-c_9").unwrap().unwrap().perm, "0000000A", "stored normalized");
+}
+
+fn passwd_by_the_user_or_an_admin_only(fx: &Fixture) {
+    let store = fx.open();
+    seed(&*store, "admin", "10000000", ".*");
+    seed(&*store, "alice", "00000002", ".*");
+    seed(&*store, "bob", "00000002", ".*");
+    let alice = logons(&*store, &["alice"]);
+    let err = auth::change_credential(&*store, &alice, "bob", password("bobs new pw")).unwrap_err();
+    assert!(matches!(err, AuthError::Refused(_)) && err.to_string().contains("10000000"), "{err}");
+    auth::change_credential(&*store, &alice, "alice", password("alices new pw")).unwrap();
+    let mut l = Logons::new();
+    assert!(l.logon_password(&*store, "alice", PW.as_bytes()).is_err(), "the old password no longer works");
+    l.logon_password(&*store, "alice", b"alices new pw").unwrap();
+    // An admin may switch a user to signature logon.
+    let (key, key_file) = key_pair(fx.dir(), "bob");
+    let admin = logons(&*store, &["admin"]);
+    auth::change_credential(&*store, &admin, "bob", Credential::SignKey(key.verifying_key().to_bytes())).unwrap();
+    Logons::new().logon_sign(&*store, "bob", &key_file).unwrap();
+    assert_eq!(store.user_get("bob").unwrap().unwrap().version, 2);
+    let err = auth::change_credential(&*store, &admin, "nobody", password("whatever1")).unwrap_err();
+    assert!(err.to_string().contains("no user nobody"), "{err}");
+    let log = actions(&*store);
+    assert!(log.contains(&"alice | refused: user passwd bob".to_string()), "{log:?}");
+    assert!(
+        log.contains(&"alice | user passwd alice".to_string()) && log.contains(&"admin | user passwd bob".to_string())
+    );
+}
+
+fn the_last_user_administrator_cannot_be_deleted(fx: &Fixture) {
+    let store = fx.open();
+    seed(&*store, "admin", "10000000", ".*");
+    seed(&*store, "admin2", "1000000F", ".*");
+    let admin = logons(&*store, &["admin"]);
+    auth::delete_user(&*store, &admin, "admin2").unwrap();
+    let err = auth::delete_user(&*store, &admin, "admin").unwrap_err();
+    assert!(err.to_string().contains("no user administrator"), "{err}");
+    assert!(store.user_get("admin").unwrap().is_some());
+}
+
+fn public_key_files_in_three_formats(fx: &Fixture) {
+    let (key, _) = key_pair(fx.dir(), "k");
+    let public = key.verifying_key().to_bytes();
+    let pem = fx.dir().join("k.pub.pem");
+    std::fs::write(&pem, key.verifying_key().to_public_key_pem(Default::default()).unwrap()).unwrap();
+    let raw = fx.dir().join("k.pub.raw");
+    std::fs::write(&raw, public).unwrap();
+    let hexfile = fx.dir().join("k.pub.hex");
+    std::fs::write(&hexfile, hex::encode(public)).unwrap();
+    for file in [&pem, &raw, &hexfile] {
+        assert_eq!(auth::read_public_key(file).unwrap(), public, "{}", file.display());
+    }
+    let bad = fx.dir().join("bad.pub");
+    std::fs::write(&bad, "zz".repeat(32)).unwrap();
+    let err = auth::read_public_key(&bad).unwrap_err().to_string();
+    assert!(err.contains(&bad.display().to_string()) && err.contains("PUBLIC KEY"), "{err}");
+    // The identity point (a weak key) would accept forged signatures: refused.
+    let weak = fx.dir().join("weak.pub");
+    let mut identity = [0u8; 32];
+    identity[0] = 1;
+    std::fs::write(&weak, identity).unwrap();
+    assert!(auth::read_public_key(&weak).unwrap_err().to_string().contains("weak"));
+}
+
+// ---- The command, end to end, with a SoftHSM2 token ----
+
+const SO_PIN: &str = "so-pin-9876";
+
+/// A p11shim.toml naming a fresh SoftHSM2 token "users" (a database slot) and the fixture's store.
+struct Cli {
+    config: PathBuf,
+    softhsm_conf: String,
+}
+
+impl Cli {
+    fn new(fx: &Fixture) -> Cli {
+        let hsm = fx.dir().join("hsm");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("softhsm-config/setup-token.sh");
+        let out = Command::new("bash")
+            .arg(script)
+            .args([hsm.to_str().unwrap(), "users", SO_PIN, "user-pin-1"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "setup-token.sh: {}", String::from_utf8_lossy(&out.stderr));
+        let softhsm_conf = hsm.join("softhsm2.conf").display().to_string();
+        let config = fx.dir().join("p11shim.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "module = \"{}\"\n[store]\nurl = \"{}\"\n[[slot]]\ntoken = \"users\"\nstorage = \"database\"\n",
+                common::SOFTHSM,
+                fx.url()
+            ),
+        )
+        .unwrap();
+        Cli { config, softhsm_conf }
+    }
+
+    fn run(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_p11shim"));
+        cmd.args(args)
+            .env("P11SHIM_CONFIG", &self.config)
+            .env("SOFTHSM2_CONF", &self.softhsm_conf)
+            .env_remove("P11SHIM_MODULE")
+            .env_remove("P11SHIM_SO_PIN")
+            .env_remove("P11SHIM_NEW_PASSWORD")
+            .stdin(Stdio::null());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    }
+
+    /// Runs and expects success; stdout.
+    fn ok(&self, args: &[&str], env: &[(&str, &str)]) -> String {
+        let out = self.run(args, env);
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs and expects exit status 1; stderr.
+    fn fails(&self, args: &[&str], env: &[(&str, &str)]) -> String {
+        let out = self.run(args, env);
+        assert_eq!(out.status.code(), Some(1), "{args:?} should fail: {}", String::from_utf8_lossy(&out.stdout));
+        String::from_utf8(out.stderr).unwrap()
+    }
+}
+
+fn cli_first_user_needs_the_so_pin(fx: &Fixture) {
+    let cli = Cli::new(fx);
+    let add_admin = ["user", "add", "admin", "--perm", "12000000", "--group-regex", ".*", "--password"];
+    let pw = ("P11SHIM_NEW_PASSWORD", "admin password");
+    let err = cli.fails(&add_admin, &[pw]);
+    assert!(err.contains("no SO PIN") && err.contains("P11SHIM_SO_PIN"), "{err}");
+    let err = cli.fails(&add_admin, &[pw, ("P11SHIM_SO_PIN", "wrong-pin")]);
+    assert!(err.contains("wrong SO PIN"), "{err}");
+    let pin_file = fx.dir().join("so.pin");
+    std::fs::write(&pin_file, format!("{SO_PIN}\n")).unwrap();
+    let pin_arg = ["--so-pin-file", pin_file.to_str().unwrap()];
+    let err = cli.fails(
+        &["user", "add", "keyuser", "--perm", "00000002", "--group-regex", ".*", "--password", pin_arg[0], pin_arg[1]],
+        &[pw],
+    );
+    assert!(err.contains("first user must be a user administrator"), "{err}");
+    let err = cli.fails(&[&add_admin[..], &pin_arg, &["--token", "nosuchtoken"]].concat(), &[pw]);
+    assert!(err.contains("nosuchtoken"), "{err}");
+    let store = fx.open();
+    assert!(store.user_list().unwrap().is_empty());
+
+    let out = cli.ok(&[&add_admin[..], &pin_arg].concat(), &[pw]);
+    assert!(out.contains("Added user admin"), "{out}");
+    // After the first user, the SO PIN is no help: user administration needs 10000000 from logged-on users.
+    let add_bob = ["user", "add", "bob", "--perm", "00000002", "--group-regex", "Prod.*", "--password"];
+    let err = cli.fails(&[&add_bob[..], &pin_arg].concat(), &[pw]);
+    assert!(
+        err.contains("user add bob denied")
+            && err.contains("10000000")
+            && err.contains("SO PIN creates only the first"),
+        "{err}"
+    );
+    cli.ok(
+        &[&add_bob[..], &["--logon", "admin"]].concat(),
+        &[("P11SHIM_PASSWORD_ADMIN", "admin password"), ("P11SHIM_NEW_PASSWORD", "bob password")],
+    );
+    let log = actions(&*store);
+    assert_eq!(
+        log,
+        vec![
+            "SO of users | refused: logon (SO PIN)",
+            "SO of users | user add admin",
+            "- | refused: user add bob",
+            "admin | user add bob",
+        ]
+    );
+}
+
+fn cli_user_commands_end_to_end(fx: &Fixture) {
+    let cli = Cli::new(fx);
+    let admin_env = ("P11SHIM_PASSWORD_ADMIN", "admin password");
+    cli.ok(
+        &["user", "add", "admin", "--perm", "10000000", "--group-regex", ".*", "--password"],
+        &[("P11SHIM_SO_PIN", SO_PIN), ("P11SHIM_NEW_PASSWORD", "admin password")],
+    );
+    let (key, key_file) = key_pair(fx.dir(), "signer");
+    let pub_file = fx.dir().join("signer.pub");
+    std::fs::write(&pub_file, key.verifying_key().to_public_key_pem(Default::default()).unwrap()).unwrap();
+    cli.ok(
+        &[
+            "user",
+            "add",
+            "signer",
+            "--perm",
+            "00000002",
+            "--group-regex",
+            "Prod.*",
+            "--sign-key",
+            pub_file.to_str().unwrap(),
+            "--logon",
+            "admin",
+        ],
+        &[admin_env],
+    );
+    // --password and --sign-key are exclusive, and one is required (usage error, status 2).
+    let out =
+        cli.run(&["user", "add", "x", "--perm", "00000002", "--group-regex", ".*", "--logon", "admin"], &[admin_env]);
+    assert_eq!(out.status.code(), Some(2));
+
+    let list = cli.ok(&["user", "list"], &[]);
+    assert!(
+        list.contains("admin") && list.contains("signer") && list.contains("Prod.*") && list.contains("sign"),
+        "{list}"
+    );
+    assert!(!list.contains("argon2"), "no secrets: {list}");
+    let json: serde_json::Value = serde_json::from_str(&cli.ok(&["user", "list", "--json"], &[])).unwrap();
+    assert_eq!(json[1]["name"], "signer");
+    assert_eq!(json[1]["perm"], "00000002");
+    assert_eq!(json[1]["auth"], "sign");
+    assert!(json[0].get("secret").is_none());
+
+    // The signer changes its own key, logged on by signature.
+    let (key2, key2_file) = key_pair(fx.dir(), "signer2");
+    let pub2 = fx.dir().join("signer2.pub");
+    std::fs::write(&pub2, hex::encode(key2.verifying_key().to_bytes())).unwrap();
+    let me = format!("signer,{}", key_file.display());
+    cli.ok(&["user", "passwd", "signer", "--sign-key", pub2.to_str().unwrap(), "--logon", &me], &[]);
+    let err = cli.fails(&["user", "delete", "signer", "--logon", &me], &[]);
+    assert!(err.contains("logon failed for signer"), "the old key no longer works: {err}");
+    let err = cli.fails(&["user", "delete", "signer", "--logon", &format!("signer,{}", key2_file.display())], &[]);
+    assert!(err.contains("user delete signer denied"), "{err}");
+    cli.ok(&["user", "delete", "signer", "--logon", "admin"], &[admin_env]);
+    assert!(!cli.ok(&["user", "list"], &[]).contains("signer"));
+
+    let verify = cli.ok(&["audit", "verify"], &[]);
+    assert!(verify.contains("intact"), "{verify}");
+    let shown = cli.ok(&["audit", "show"], &[]);
+    for action in
+        ["user add admin", "user add signer", "user passwd signer", "refused: user delete signer", "user delete signer"]
+    {
+        assert!(shown.contains(action), "{action} in:\n{shown}");
+    }
+    let help = cli.ok(&["user", "add", "--help"], &[]);
+    assert!(help.contains("slot 0") && help.contains("12000000") && help.contains("--logon"), "{help}");
+}
+
+fn cli_stacked_logon_failure_runs_nothing(fx: &Fixture) {
+    let cli = Cli::new(fx);
+    cli.ok(
+        &["user", "add", "admin", "--perm", "10000000", "--group-regex", ".*", "--password"],
+        &[("P11SHIM_SO_PIN", SO_PIN), ("P11SHIM_NEW_PASSWORD", "admin password")],
+    );
+    cli.ok(
+        &["user", "add", "victim", "--perm", "00000002", "--group-regex", ".*", "--password", "--logon", "admin"],
+        &[("P11SHIM_PASSWORD_ADMIN", "admin password"), ("P11SHIM_NEW_PASSWORD", "victim password")],
+    );
+    let store = fx.open();
+    let before = audit(&*store).len();
+    // admin logs on fine, victim's logon fails: the delete must not run, and the third logon is not tried.
+    let err = cli.fails(
+        &["user", "delete", "victim", "--logon", "admin", "--logon", "victim", "--logon", "ghost"],
+        &[("P11SHIM_PASSWORD_ADMIN", "admin password"), ("P11SHIM_PASSWORD_VICTIM", "wrong")],
+    );
+    assert!(err.contains("logon failed for victim"), "{err}");
+    assert!(store.user_get("victim").unwrap().is_some(), "nothing ran after the failed logon");
+    let after: Vec<String> =
+        audit(&*store)[before..].iter().map(|e| format!("{} | {}", e.draft.who, e.draft.action)).collect();
+    assert_eq!(after, vec!["victim | refused: logon (password)"]);
+}
