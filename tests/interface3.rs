@@ -1,6 +1,10 @@
 //! The shim's PKCS#11 3.0 interface and its object handle space, over the 3.0 fixture (examples/fixture3.rs)
 //! and over SoftHSM2 (2.40 only).
 //!
+//! Not repeated against the CryptoServer simulator (unlike operations, lifecycle, scripts, differential and
+//! the stored keys, which have `_cssim` twins): these tests are about the fixture, a 3.0 module, and its
+//! made-up handles; the simulator is a 2.40 module like SoftHSM2, whose 2.40-only case is covered here.
+//!
 //! A process can have only one backend (it is loaded once and never unloaded), and the shim's state lives as
 //! long as the process, so every test re-runs this binary as a child process that does the checks
 //! (`--exact NAME` with INTERFACE3_CHILD=NAME set) with the backend it needs in P11SHIM_MODULE.

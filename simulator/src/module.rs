@@ -220,6 +220,25 @@ impl Module {
         Ok(())
     }
 
+    /// Ends the operation of session `h` that `function` (C_SignUpdate, C_Encrypt, …) belongs to: the call
+    /// failed before it ran (a fault).
+    pub fn end_operation(&self, h: CK_SESSION_HANDLE, function: &str) {
+        let Ok(session) = self.inner().session(h) else { return };
+        let mut ops = session.ops();
+        let kind = function.trim_start_matches("C_");
+        if kind.starts_with("Encrypt") {
+            ops.encrypt = None;
+        } else if kind.starts_with("Decrypt") {
+            ops.decrypt = None;
+        } else if kind.starts_with("Sign") {
+            ops.sign = None;
+        } else if kind.starts_with("Verify") {
+            ops.verify = None;
+        } else if kind.starts_with("Digest") {
+            ops.digest = None;
+        }
+    }
+
     fn slot(&self, id: CK_SLOT_ID) -> Result<usize> {
         let i = usize::try_from(id).map_err(|_| CKR_SLOT_ID_INVALID)?;
         if i < self.config.slots.len() {

@@ -46,7 +46,19 @@ impl<'de> Deserialize<'de> for Bytes {
 pub enum Attr {
     Bytes(Bytes),
     /// An attribute array (CKF_ARRAY_ATTRIBUTE): CKA_WRAP_TEMPLATE, CKA_UNWRAP_TEMPLATE, CKA_DERIVE_TEMPLATE.
-    Template(BTreeMap<CK_ATTRIBUTE_TYPE, Bytes>),
+    Template(#[serde(deserialize_with = "template_from_text_keys")] BTreeMap<CK_ATTRIBUTE_TYPE, Bytes>),
+}
+
+/// An untagged enum is deserialized from buffered content, where JSON object keys stay strings; a
+/// BTreeMap<CK_ATTRIBUTE_TYPE, _> cannot be read from those directly (serde does not parse them as numbers
+/// there), so a template stored in the state file is read with string keys and parsed here.
+fn template_from_text_keys<'de, D: Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<BTreeMap<CK_ATTRIBUTE_TYPE, Bytes>, D::Error> {
+    BTreeMap::<String, Bytes>::deserialize(d)?
+        .into_iter()
+        .map(|(k, v)| k.parse().map(|k| (k, v)).map_err(serde::de::Error::custom))
+        .collect()
 }
 
 impl Attr {
@@ -649,6 +661,17 @@ mod tests {
         let r = o.apply_changes(&vec![(CKA_LABEL, Attr::bytes(b"x".to_vec())), (CKA_CLASS, Attr::ulong(0))], false);
         assert_eq!(r, Err(CKR_ATTRIBUTE_READ_ONLY));
         assert_eq!(o.label(), b"");
+    }
+
+    #[test]
+    fn attribute_arrays_survive_the_state_file() {
+        let mut attrs = BTreeMap::new();
+        attrs.insert(CKA_LABEL, Attr::bytes(b"mbk".to_vec()));
+        attrs.insert(CKA_UNWRAP_TEMPLATE, Attr::Template(BTreeMap::from([(CKA_WRAP_WITH_TRUSTED, Bytes(vec![1]))])));
+        attrs.insert(CKA_WRAP_TEMPLATE, Attr::Template(BTreeMap::new()));
+        let json = serde_json::to_string(&attrs).unwrap();
+        let back: BTreeMap<CK_ATTRIBUTE_TYPE, Attr> = serde_json::from_str(&json).expect(&json);
+        assert_eq!(back, attrs);
     }
 
     #[test]

@@ -1,13 +1,21 @@
-//! Shared support for the integration tests: where the shim and SoftHSM2 are, a fresh SoftHSM2 token
-//! directory per test binary, the process-wide cryptoki context for the shim, and fresh tokens.
+//! Shared support for the integration tests: where the shim and its backend are, a fresh backend directory
+//! per test binary, the process-wide cryptoki context for the shim, and fresh tokens.
 //!
-//! Every test binary gets `<target>/test-tokens/<binary>/` (wiped at first use) with its own
-//! `softhsm2.conf`, so binaries never see each other's tokens. The environment is set once, before any
-//! module is loaded: `P11SHIM_MODULE` names SoftHSM2, `SOFTHSM2_CONF` the file above, `P11SHIM_CONFIG`
-//! is removed.
+//! **Backends.** The shim's integration tests run against two backends ([`Backend`]): SoftHSM2 and the
+//! CryptoServer simulator (`libcssim.so`, simulator/). A process can load only one backend through the shim,
+//! so each suite is one set of cases (`tests/<suite>_cases/mod.rs`) compiled into two test binaries:
+//! `tests/<suite>.rs` against SoftHSM2 and `tests/<suite>_cssim.rs` against the simulator. The backend of a
+//! binary is chosen by its name ([`backend`]): a name ending in `_cssim` means the simulator, any other
+//! SoftHSM2 (the default, so every other test binary keeps running against SoftHSM2).
 //!
-//! SoftHSM2 loaded directly and through the shim in one process is one instance (one dlopen handle):
-//! both see the same tokens, sessions and object handles, and it can be initialized only once.
+//! Every test binary gets `<target>/test-tokens/<binary>/` (wiped at first use) with its own backend
+//! configuration (`softhsm2.conf` and a token directory, or `cssim.toml` with [`SIM_SLOTS`] empty slots and
+//! its state file), so binaries never see each other's tokens. The environment is set once, before any
+//! module is loaded: `P11SHIM_MODULE` names the backend, `SOFTHSM2_CONF` or `CSSIM_CONFIG` its configuration
+//! (child processes inherit both), `P11SHIM_CONFIG` and `CSSIM_FAULTS` are removed.
+//!
+//! A backend loaded directly and through the shim in one process is one instance (one dlopen handle): both
+//! see the same tokens, sessions and object handles, and it can be initialized only once.
 #![allow(dead_code)] // each test binary uses its own part of this module
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
@@ -24,8 +32,62 @@ pub mod pg;
 pub const SO_PIN: &str = "so-pin-1234";
 /// The user PIN of every token made by [`new_token`].
 pub const USER_PIN: &str = "user-pin-1234";
-/// The backend the shim forwards to.
+/// SoftHSM2, the default backend the shim forwards to.
 pub const SOFTHSM: &str = "/usr/lib/softhsm/libsofthsm2.so";
+/// How many slots the simulator offers in [`setup`]'s configuration (all empty until C_InitToken): enough
+/// for the tokens of the biggest test binary (the stored-key suites make 41).
+pub const SIM_SLOTS: usize = 48;
+/// The suffix of the test binaries that run against the simulator.
+pub const SIM_SUFFIX: &str = "_cssim";
+
+/// The module behind the shim in a test binary.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// SoftHSM2 2.6 (Debian's libsofthsm2.so).
+    SoftHsm2,
+    /// The CryptoServer simulator, libcssim.so of this workspace.
+    Simulator,
+}
+
+impl Backend {
+    /// The manufacturerID the backend reports in C_GetInfo (the shim reports `p11shim/<this>`, truncated
+    /// to 32 bytes).
+    pub fn manufacturer(self) -> &'static str {
+        match self {
+            Backend::SoftHsm2 => "SoftHSM",
+            Backend::Simulator => "Utimaco IS GmbH (simulated)",
+        }
+    }
+
+    /// The library description the shim reports for this backend, unpadded.
+    pub fn shim_description(self) -> String {
+        let mut d = format!("p11shim/{}", self.manufacturer());
+        d.truncate(32);
+        d
+    }
+
+    /// The module's path.
+    pub fn path(self) -> PathBuf {
+        match self {
+            Backend::SoftHsm2 => softhsm_path(),
+            Backend::Simulator => cssim_path(),
+        }
+    }
+}
+
+/// This test binary's backend: the simulator when its name ends in [`SIM_SUFFIX`], else SoftHSM2.
+pub fn backend() -> Backend {
+    if binary_name().ends_with(SIM_SUFFIX) {
+        Backend::Simulator
+    } else {
+        Backend::SoftHsm2
+    }
+}
+
+/// The module of this binary's backend (loaded through the shim, or directly for comparisons).
+pub fn backend_path() -> PathBuf {
+    backend().path()
+}
 
 /// `<target>/debug` (the profile directory): the test binary is `<target>/debug/deps/<name>-<hash>`.
 fn profile_dir() -> PathBuf {
@@ -83,7 +145,21 @@ pub fn softhsm_path() -> PathBuf {
     path
 }
 
-/// `<target>/test-tokens/<binary>`: this binary's SoftHSM2 token directory and config.
+/// The simulator, `<target>/debug/libcssim.so`, built by `cargo build --workspace --lib`.
+pub fn cssim_path() -> PathBuf {
+    let path = profile_dir().join("libcssim.so");
+    assert!(path.exists(), "{} does not exist: run `cargo build --workspace --lib` first", path.display());
+    let built = std::fs::metadata(&path).and_then(|m| m.modified()).expect("library mtime");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("simulator").join("src");
+    for entry in std::fs::read_dir(&src).expect("read simulator/src").flatten() {
+        if entry.metadata().and_then(|m| m.modified()).is_ok_and(|t| t > built) {
+            panic!("{} is newer than {}: run `cargo build --workspace --lib`", entry.path().display(), path.display());
+        }
+    }
+    path
+}
+
+/// `<target>/test-tokens/<binary>`: this binary's backend directory (SoftHSM2 tokens or simulator state).
 pub fn test_dir() -> PathBuf {
     profile_dir().parent().expect("target dir").join("test-tokens").join(binary_name())
 }
@@ -105,16 +181,52 @@ pub fn fresh_softhsm_dir(dir: &Path) -> PathBuf {
     conf
 }
 
-/// Prepares this binary's token directory and the environment, once. Call it before loading any module
+/// Writes `<dir>/cssim.toml` for the simulator with `slots` empty slots (no token until C_InitToken), its
+/// state file `<dir>/cssim-state.json` (wiped if it existed), a log `<dir>/cssim.log` and `extra` TOML at the
+/// top level (before the slots: `mode = …`, a `[faults]` table must come last), and returns its path.
+pub fn fresh_cssim_dir(dir: &Path, slots: usize, extra: &str) -> PathBuf {
+    std::fs::create_dir_all(dir).expect("create simulator dir");
+    for name in ["cssim-state.json", "cssim-state.json.lock", "cssim.log"] {
+        let _ = std::fs::remove_file(dir.join(name));
+    }
+    let conf = dir.join("cssim.toml");
+    let (top, faults) = match extra.find("[faults]") {
+        Some(i) => extra.split_at(i),
+        None => (extra, ""),
+    };
+    let mut text = format!("state = \"cssim-state.json\"\nlog_file = \"cssim.log\"\n{top}\n");
+    text += &"[[slot]]\n".repeat(slots);
+    text += faults;
+    std::fs::write(&conf, text).expect("write cssim.toml");
+    conf
+}
+
+/// A fresh configuration of this binary's backend in `dir` and the environment a process needs to use it
+/// (directly or through the shim): `P11SHIM_MODULE` and `SOFTHSM2_CONF` or `CSSIM_CONFIG`. The simulator gets
+/// `slots` empty slots; SoftHSM2 makes its own.
+pub fn fresh_backend_env(dir: &Path, slots: usize) -> Vec<(&'static str, std::ffi::OsString)> {
+    match backend() {
+        Backend::SoftHsm2 => {
+            vec![("P11SHIM_MODULE", softhsm_path().into()), ("SOFTHSM2_CONF", fresh_softhsm_dir(dir).into())]
+        }
+        Backend::Simulator => {
+            vec![("P11SHIM_MODULE", cssim_path().into()), ("CSSIM_CONFIG", fresh_cssim_dir(dir, slots, "").into())]
+        }
+    }
+}
+
+/// Prepares this binary's backend directory and the environment, once. Call it before loading any module
 /// ([`pkcs11`] and [`functions`] call it themselves).
 pub fn setup() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
-        let conf = fresh_softhsm_dir(&test_dir());
+        let env = fresh_backend_env(&test_dir(), SIM_SLOTS);
         // Set once, before any module is loaded and before any test thread reads the environment.
-        std::env::set_var("SOFTHSM2_CONF", &conf);
-        std::env::set_var("P11SHIM_MODULE", softhsm_path());
+        for (key, value) in env {
+            std::env::set_var(key, value);
+        }
         std::env::remove_var("P11SHIM_CONFIG");
+        std::env::remove_var("CSSIM_FAULTS");
     });
 }
 
@@ -132,8 +244,8 @@ pub fn pkcs11() -> &'static Pkcs11 {
     })
 }
 
-/// The 2.40 function list of the module at `path` (the shim or SoftHSM2), for raw calls, after
-/// [`setup`]. The library stays loaded for the life of the process. Loading SoftHSM2 here and through
+/// The 2.40 function list of the module at `path` (the shim or the backend), for raw calls, after
+/// [`setup`]. The library stays loaded for the life of the process. Loading the backend here and through
 /// the shim gives the same instance.
 pub fn functions(path: &Path) -> &'static CK_FUNCTION_LIST {
     setup();
@@ -169,8 +281,9 @@ pub fn rv_name(rv: CK_RV) -> String {
 /// Initializes a fresh token labelled `label` (unique in this binary) through the shim, sets its user
 /// PIN to [`USER_PIN`] (SO PIN [`SO_PIN`]) and returns its slot.
 ///
-/// SoftHSM2 keeps one slot with an uninitialized token and renumbers after C_InitToken, so the token is
-/// initialized on that slot and then found again by its label. Serialized by a mutex.
+/// SoftHSM2 keeps one slot with an uninitialized token and renumbers after C_InitToken; the simulator has
+/// [`SIM_SLOTS`] fixed slots. Either way the token is initialized on a slot with an uninitialized token and
+/// then found again by its label. Serialized by a mutex.
 pub fn new_token(label: &str) -> Slot {
     static LOCK: Mutex<()> = Mutex::new(());
     assert!(label.len() <= 32, "token label {label:?} is longer than 32 bytes");
@@ -185,7 +298,7 @@ pub fn new_token(label: &str) -> Slot {
             assert_ne!(info.label(), label, "a token labelled {label:?} already exists");
         }
     }
-    let empty = empty.expect("SoftHSM2 offers no slot with an uninitialized token");
+    let empty = empty.unwrap_or_else(|| panic!("{:?} offers no slot with an uninitialized token", backend()));
     p.init_token(empty, &AuthPin::new(SO_PIN.into()), label).unwrap_or_else(|e| panic!("C_InitToken({label}): {e}"));
     let slot = find_token(label).unwrap_or_else(|| panic!("token {label:?} not found after C_InitToken"));
     let session = p.open_rw_session(slot).expect("C_OpenSession");

@@ -1,12 +1,14 @@
-//! Stored keys (issue B), run against SoftHSM2 through the shim with one key store engine per test binary:
-//! tests/vault_sqlite.rs and tests/vault_postgres.rs run these same cases (`vault_cases!`).
+//! Stored keys (issue B), run through the shim with one key store engine and one backend per test binary:
+//! tests/vault_sqlite.rs and tests/vault_postgres.rs run these same cases (`vault_cases!`) over SoftHSM2,
+//! tests/vault_sqlite_cssim.rs over the CryptoServer simulator (whose MBK set uses the same CKA_TRUSTED,
+//! CKA_WRAP_WITH_TRUSTED, CKA_UNWRAP_TEMPLATE and HMAC as SoftHSM2's).
 //!
 //! Each test binary writes a p11shim.toml whose database slots are the tokens `db01`…`db40` (each test
 //! makes its own) and whose `plain` token is a pass-through slot. Each test creates its token and the MBK
 //! (with the real `p11shim` command), then works through the shim with cryptoki.
 #![allow(dead_code)]
 
-use crate::common::{self, new_token, pkcs11, user_session, SO_PIN, USER_PIN};
+use crate::common::{self, backend, new_token, pkcs11, user_session, Backend, SO_PIN, USER_PIN};
 use cryptoki::error::{Error, RvError};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
@@ -34,7 +36,7 @@ pub fn init(url: impl FnOnce() -> String) {
         let dir = common::test_dir();
         let mut config = format!(
             "module = \"{}\"\nlog_file = \"shim.log\"\nlog_level = \"info\"\n[store]\nurl = \"{url}\"\n",
-            common::SOFTHSM
+            common::backend_path().display()
         );
         for i in 1..=40 {
             config.push_str(&format!(
@@ -225,13 +227,14 @@ fn encrypt_roundtrip(session: &Session, key: ObjectHandle) -> Result<(), Error> 
     Ok(())
 }
 
-/// The SoftHSM2 token directory holds no object with this label: the key lives only in the store.
+/// The backend's token holds no object with this label: the key lives only in the store.
 fn not_in_hsm_token(slot_label: &str, label: &str) {
     let p = pkcs11();
     let slot = common::find_token(slot_label).expect("token");
     let s = p.open_ro_session(slot).expect("session");
-    // Through the shim, a find with CKA_TOKEN=true would include stored keys; ask SoftHSM2 itself.
-    let raw = common::functions(&common::softhsm_path());
+    // Through the shim, a find with CKA_TOKEN=true would include stored keys; ask the backend itself (the
+    // same instance as the shim's).
+    let raw = common::functions(&common::backend_path());
     let mut t = [cryptoki_sys::CK_ATTRIBUTE {
         type_: cryptoki_sys::CKA_LABEL,
         pValue: label.as_ptr() as *mut _,
@@ -239,7 +242,7 @@ fn not_in_hsm_token(slot_label: &str, label: &str) {
     }];
     let mut found = [0u64; 8];
     let mut n = 0;
-    // SAFETY: valid template and buffers; the session is SoftHSM2's own handle (same instance).
+    // SAFETY: valid template and buffers; the session is the backend's own handle (same instance).
     unsafe {
         assert_eq!(raw.C_FindObjectsInit.unwrap()(s.handle(), t.as_mut_ptr(), 1), 0);
         assert_eq!(raw.C_FindObjects.unwrap()(s.handle(), found.as_mut_ptr(), 8, &mut n), 0);
@@ -251,7 +254,7 @@ fn not_in_hsm_token(slot_label: &str, label: &str) {
         assert_ne!(
             tok.ok().and_then(|mut v| v.pop()),
             Some(Attribute::Token(true)),
-            "{label} is a token object in SoftHSM2"
+            "{label} is a token object in the backend"
         );
     }
 }
@@ -533,7 +536,7 @@ pub fn four_processes_create_at_once() {
             let script = (0..10)
                 .map(|i| {
                     format!(
-                        "pkcs11-tool --module {} --token-label db10 --login --pin {USER_PIN} --keygen --key-type AES:16 --label p{p}k{i} >/dev/null || {{ echo p{p}k{i} failed >&2; exit 1; }}",
+                        "out=$(pkcs11-tool --module {} --token-label db10 --login --pin {USER_PIN} --keygen --key-type AES:16 --label p{p}k{i} 2>&1) || {{ echo \"p{p}k{i} failed: $out\" >&2; exit 1; }}",
                         module.display()
                     )
                 })
@@ -542,7 +545,7 @@ pub fn four_processes_create_at_once() {
             Command::new("bash")
                 .arg("-c")
                 .arg(script)
-                .env("SOFTHSM2_CONF", token_copy(&format!("creator{p}")))
+                .envs(backend_for_child(&format!("creator{p}")))
                 .stdout(std::process::Stdio::null())
                 .spawn()
                 .expect("spawn")
@@ -558,9 +561,18 @@ pub fn four_processes_create_at_once() {
     assert_eq!(labels, want);
 }
 
-/// A copy of this binary's SoftHSM2 token directory (same tokens, same MBKs) with its own softhsm2.conf,
-/// for child processes: SoftHSM2 is neither crash-safe nor safe for several processes reading token
-/// files while one writes them, and these tests are about the key store, which is shared.
+/// The backend of child processes that make keys at once or get killed. SoftHSM2: a copy of this binary's
+/// token directory (same tokens, same MBKs) with its own softhsm2.conf, as SoftHSM2 is neither crash-safe
+/// nor safe for several processes reading token files while one writes them, and these tests are about the
+/// key store, which is shared. The simulator: the same device as this process (its state file is shared by
+/// processes and crash-safe, like a network HSM).
+fn backend_for_child(name: &str) -> Vec<(&'static str, PathBuf)> {
+    match backend() {
+        Backend::SoftHsm2 => vec![("SOFTHSM2_CONF", token_copy(name))],
+        Backend::Simulator => vec![],
+    }
+}
+
 fn token_copy(name: &str) -> PathBuf {
     let dir = common::test_dir();
     let copy = dir.join(name);
@@ -582,19 +594,19 @@ fn token_copy(name: &str) -> PathBuf {
 
 /// kill -9 in the middle of creating keys leaves only complete rows, each of which loads.
 ///
-/// The killed processes work on a copy of the SoftHSM2 token directory (same tokens, same MBK): SoftHSM2
-/// itself is not crash-safe, and this process's SoftHSM2 must not see its files half-written.
+/// Over SoftHSM2 the killed processes work on a copy of the token directory (same tokens, same MBK):
+/// SoftHSM2 itself is not crash-safe, and this process's SoftHSM2 must not see its files half-written. The
+/// simulator's device is crash-safe and shared: they work on this process's device.
 pub fn kill_during_create_leaves_no_half_row() {
     let (slot, s) = db_token("db11");
-    let conf = token_copy("killed");
+    let child_backend = backend_for_child("killed");
     let module = common::shim_path();
     let script = format!(
-        "for i in $(seq 1 200); do pkcs11-tool --module {} --token-label db11 --login --pin {USER_PIN} --keygen --key-type AES:16 --label k$i >/dev/null; done",
+        "for i in $(seq 1 200); do pkcs11-tool --module {} --token-label db11 --login --pin {USER_PIN} --keygen --key-type AES:16 --label k$i >/dev/null 2>&1; done",
         module.display()
     );
     // Kill the whole process group while a create is most likely in flight.
-    let mut child =
-        Command::new("setsid").args(["bash", "-c", &script]).env("SOFTHSM2_CONF", &conf).spawn().expect("spawn");
+    let mut child = Command::new("setsid").args(["bash", "-c", &script]).envs(child_backend).spawn().expect("spawn");
     std::thread::sleep(std::time::Duration::from_millis(1500));
     // SAFETY: plain kill(2) of the child's process group.
     unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };

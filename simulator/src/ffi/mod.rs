@@ -39,6 +39,20 @@ fn entry(name: &'static str, f: impl FnOnce(&Module) -> Result<()>) -> CK_RV {
     })
 }
 
+/// [`entry`] for a call that continues or finishes an operation of session `h` (C_EncryptUpdate, C_Sign,
+/// …): when a fault fails it, the operation ends, as PKCS#11 says of a call that fails (§5.8–5.12) and as a
+/// device that failed in the middle would leave it.
+fn entry_op(name: &'static str, h: CK_SESSION_HANDLE, f: impl FnOnce(&Module) -> Result<()>) -> CK_RV {
+    guard(|| {
+        let m = module::get()?;
+        if let Err(rv) = m.before(name) {
+            m.end_operation(h, name);
+            return Err(rv);
+        }
+        f(&m)
+    })
+}
+
 fn not_supported(name: &'static str) -> CK_RV {
     entry(name, |_| Err(CKR_FUNCTION_NOT_SUPPORTED))
 }
@@ -438,7 +452,7 @@ unsafe fn crypt(
     buf: *mut CK_BYTE,
     len: *mut CK_ULONG,
 ) -> CK_RV {
-    entry(name, |m| {
+    entry_op(name, h, |m| {
         // SAFETY: the caller's input and output buffers.
         unsafe {
             let cap = capacity(buf, len)?;
@@ -532,7 +546,7 @@ unsafe extern "C" fn C_Digest(
     o: *mut CK_BYTE,
     l: *mut CK_ULONG,
 ) -> CK_RV {
-    entry("C_Digest", |m| {
+    entry_op("C_Digest", h, |m| {
         // SAFETY: the caller's buffers.
         unsafe {
             let cap = capacity(o, l)?;
@@ -543,15 +557,15 @@ unsafe extern "C" fn C_Digest(
 
 unsafe extern "C" fn C_DigestUpdate(h: CK_SESSION_HANDLE, d: *mut CK_BYTE, n: CK_ULONG) -> CK_RV {
     // SAFETY: the caller's input.
-    entry("C_DigestUpdate", |m| m.digest(h, Step::Update(unsafe { slice(d, n)? }), None).map(|_| ()))
+    entry_op("C_DigestUpdate", h, |m| m.digest(h, Step::Update(unsafe { slice(d, n)? }), None).map(|_| ()))
 }
 
 unsafe extern "C" fn C_DigestKey(h: CK_SESSION_HANDLE, key: CK_OBJECT_HANDLE) -> CK_RV {
-    entry("C_DigestKey", |m| m.digest_key(h, key))
+    entry_op("C_DigestKey", h, |m| m.digest_key(h, key))
 }
 
 unsafe extern "C" fn C_DigestFinal(h: CK_SESSION_HANDLE, o: *mut CK_BYTE, l: *mut CK_ULONG) -> CK_RV {
-    entry("C_DigestFinal", |m| {
+    entry_op("C_DigestFinal", h, |m| {
         // SAFETY: the caller's buffers.
         unsafe {
             let cap = capacity(o, l)?;
@@ -572,7 +586,7 @@ unsafe extern "C" fn C_Sign(
     o: *mut CK_BYTE,
     l: *mut CK_ULONG,
 ) -> CK_RV {
-    entry("C_Sign", |m| {
+    entry_op("C_Sign", h, |m| {
         // SAFETY: the caller's buffers.
         unsafe {
             let cap = capacity(o, l)?;
@@ -583,11 +597,11 @@ unsafe extern "C" fn C_Sign(
 
 unsafe extern "C" fn C_SignUpdate(h: CK_SESSION_HANDLE, d: *mut CK_BYTE, n: CK_ULONG) -> CK_RV {
     // SAFETY: the caller's input.
-    entry("C_SignUpdate", |m| m.sign(h, Step::Update(unsafe { slice(d, n)? }), None).map(|_| ()))
+    entry_op("C_SignUpdate", h, |m| m.sign(h, Step::Update(unsafe { slice(d, n)? }), None).map(|_| ()))
 }
 
 unsafe extern "C" fn C_SignFinal(h: CK_SESSION_HANDLE, o: *mut CK_BYTE, l: *mut CK_ULONG) -> CK_RV {
-    entry("C_SignFinal", |m| {
+    entry_op("C_SignFinal", h, |m| {
         // SAFETY: the caller's buffers.
         unsafe {
             let cap = capacity(o, l)?;
@@ -627,17 +641,17 @@ unsafe extern "C" fn C_Verify(
     sn: CK_ULONG,
 ) -> CK_RV {
     // SAFETY: the caller's data and signature.
-    entry("C_Verify", |m| m.verify(h, Some(unsafe { slice(d, n)? }), unsafe { slice(s, sn)? }))
+    entry_op("C_Verify", h, |m| m.verify(h, Some(unsafe { slice(d, n)? }), unsafe { slice(s, sn)? }))
 }
 
 unsafe extern "C" fn C_VerifyUpdate(h: CK_SESSION_HANDLE, d: *mut CK_BYTE, n: CK_ULONG) -> CK_RV {
     // SAFETY: the caller's data.
-    entry("C_VerifyUpdate", |m| m.verify_update(h, unsafe { slice(d, n)? }))
+    entry_op("C_VerifyUpdate", h, |m| m.verify_update(h, unsafe { slice(d, n)? }))
 }
 
 unsafe extern "C" fn C_VerifyFinal(h: CK_SESSION_HANDLE, s: *mut CK_BYTE, sn: CK_ULONG) -> CK_RV {
     // SAFETY: the caller's signature.
-    entry("C_VerifyFinal", |m| m.verify(h, None, unsafe { slice(s, sn)? }))
+    entry_op("C_VerifyFinal", h, |m| m.verify(h, None, unsafe { slice(s, sn)? }))
 }
 
 unsafe extern "C" fn C_VerifyRecoverInit(
