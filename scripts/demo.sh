@@ -228,10 +228,39 @@ cmp -s <(openssl x509 -in "$work/demo-cert.pem" -noout -pubkey) "$work/rsa-pub.p
     fail "certificate public key differs from the token's"
 ok
 
+begin "Users: an administrator (with the SO PIN) and an operator for group Demo"
+export P11SHIM_PASSWORD_ADMIN=demo-admin-pass P11SHIM_PASSWORD_OPERATOR=demo-operator-pass
+P11SHIM_SO_PIN=$so_pin P11SHIM_NEW_PASSWORD=$P11SHIM_PASSWORD_ADMIN \
+    "$cli" user add admin --perm 10000000 --group-regex '.*' --password | indent
+P11SHIM_NEW_PASSWORD=$P11SHIM_PASSWORD_OPERATOR \
+    "$cli" user add operator --perm 00000002 --group-regex 'Demo' --password --logon admin | indent
+"$cli" user list | indent
+ok
+
+begin "Back up group Demo under the MBK (p11shim backup), then verify the file completely"
+P11SHIM_USER_PIN=$user_pin "$cli" backup --group Demo --out "$work/demo.p11b" --logon operator | indent
+P11SHIM_USER_PIN=$user_pin "$cli" verify "$work/demo.p11b" | indent
+if grep -qa "PRIVATE KEY" "$work/demo.p11b"; then fail "clear key material in the backup"; fi
+ok
+
+begin "Lose the EC key (destroy it), restore it from the backup, sign again: the old public key verifies"
+p11_user --delete-object --type privkey --id 01 2>/dev/null | indent
+if p11_user --list-objects --type privkey 2>/dev/null | grep -q "demo-ec"; then fail "demo-ec still there"; fi
+P11SHIM_USER_PIN=$user_pin "$cli" restore "$work/demo.p11b" --logon operator | indent
+p11_user --sign --mechanism ECDSA --id 01 --signature-format openssl \
+    --input-file "$work/data.sha256" --output-file "$work/data.ecdsa.restored.sig" 2>&1 | indent
+openssl dgst -sha256 -verify "$work/ec-pub.pem" -signature "$work/data.ecdsa.restored.sig" "$work/data.bin" | indent
+ok
+
+begin "The audit log records it all, and its hash chain is intact"
+"$cli" audit show | indent
+"$cli" audit verify | indent
+ok
+
 begin "The shim's log ($work/p11shim.log) contains no PIN"
 if [[ -f $work/p11shim.log ]]; then
     echo "$(wc -l <"$work/p11shim.log") lines" | indent
-    if grep -qF -e "$user_pin" -e "$so_pin" "$work/p11shim.log"; then
+    if grep -qF -e "$user_pin" -e "$so_pin" -e demo-admin-pass -e demo-operator-pass "$work/p11shim.log"; then
         fail "a PIN appears in $work/p11shim.log"
     fi
 else
