@@ -158,9 +158,21 @@ fn row_line(r: &KeyRow) -> RowLine {
 }
 
 /// Restores a whole-store backup: checks the file completely first, then replaces every row and user it
-/// holds in one transaction (users one by one after it; a user that exists is replaced).
-pub fn restore(store: &dyn KeyStore, sealer: &dyn Sealer, file: &Path) -> Result<DbSummary> {
+/// holds in one transaction (users one by one after it; a user that exists is replaced). `users_denied` is
+/// why the logged-on users may not replace the users table (12000000), if they may not: a file that holds
+/// users is then refused before anything is changed.
+pub fn restore(
+    store: &dyn KeyStore,
+    sealer: &dyn Sealer,
+    file: &Path,
+    users_denied: Option<&str>,
+) -> Result<DbSummary> {
     let lines = read_checked(sealer, file)?;
+    if let Some(why) = users_denied {
+        if lines.iter().any(|l| l.starts_with("U ")) {
+            return Err(Error::Other(format!("import denied: {} holds the users table: {why}", file.display())));
+        }
+    }
     let mut tx = store.begin()?;
     let mut summary = DbSummary::default();
     let mut users = Vec::new();

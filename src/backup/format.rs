@@ -379,6 +379,7 @@ impl BackupWriter {
             .ok_or_else(|| FormatError::Invalid(format!("{}: not a file name", path.display())))?
             .to_string_lossy()
             .into_owned();
+        remove_abandoned_temps(&parent_dir(path), &name);
         let (tmp, file) = create_temp(&parent_dir(path), &name)?;
         header.count = 0;
         let magic = magic_line();
@@ -530,6 +531,23 @@ fn parent_dir(path: &Path) -> PathBuf {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
+    }
+}
+
+/// Removes `.NAME.tmp-PID…` files left by writers that were killed (their PID no longer runs): they hold
+/// wrapped keys and are never a backup. Best effort; a file that cannot be removed is left.
+fn remove_abandoned_temps(dir: &Path, name: &str) {
+    let prefix = format!(".{name}.tmp-");
+    let Ok(entries) = fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let file = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = file.strip_prefix(&prefix) else { continue };
+        let pid: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        let Ok(pid) = pid.parse::<u32>() else { continue };
+        let alive = pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists();
+        if !alive {
+            let _ = fs::remove_file(entry.path());
+        }
     }
 }
 

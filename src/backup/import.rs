@@ -75,14 +75,16 @@ fn run(store: &dyn KeyStore, work: &Work, who: &dyn Authorizer, opts: &ImportOpt
         let mut tx = store.begin()?;
         while let Some((_, record)) = reader.next_record(&sealer)? {
             report.records += 1;
-            let name = describe(&record.label, &record.id, &record.group);
-            let exists = tx.exists(&record.id)?;
+            let id = work::restored_id(&record, &work.token.label);
+            let name = describe(&record.label, &id, &record.group);
+            let exists = tx.exists(&id)?;
             if exists && !opts.overwrite {
                 report.skipped.push(name);
                 continue;
             }
             if !opts.dry_run {
                 let mut row = row_of_record(&record, &work.token.label);
+                row.id = id;
                 row.mac = sealer.seal(&crate::vault::mac_input(&row))?;
                 if exists {
                     tx.replace(&row)?;

@@ -132,6 +132,24 @@ pub fn row_of_record(record: &Record, token: &str) -> KeyRow {
     }
 }
 
+/// The row id a record gets when restored into the database slot `token`: its own id on the token it came
+/// from, else an id derived from the target token and that id. Ids are unique in the whole store, so a key
+/// restored into a second database slot of the same store must not take (or, with --overwrite, replace) the
+/// row of the slot it came from; deriving the id keeps a second restore into that slot finding it present.
+pub fn restored_id(record: &Record, token: &str) -> String {
+    if record.token == token {
+        return record.id.clone();
+    }
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"p11shim restored key id v1\0");
+    for part in [token.as_bytes(), record.id.as_bytes()] {
+        h.update((part.len() as u32).to_be_bytes());
+        h.update(part);
+    }
+    hex::encode(&h.finalize()[..16])
+}
+
 /// A readable name for a record or key in reports: its label, id and group.
 pub fn describe(label: &[u8], id: &str, group: &str) -> String {
     format!("{:?} (id {id}, group {group:?})", String::from_utf8_lossy(label))
@@ -157,6 +175,11 @@ pub fn hsm_template(attrs: &Template, class: u64, token: bool) -> Template {
     );
     t.set(Attr::bool(CKA_TOKEN, token));
     if secret {
+        // A secret the application made unextractable could never be read; made extractable here (under a
+        // trusted key only), it must at least be sensitive, or its CKA_VALUE would be readable in clear.
+        if attrs.bool(CKA_EXTRACTABLE) == Some(false) {
+            t.set(Attr::bool(CKA_SENSITIVE, true));
+        }
         t.set(Attr::bool(CKA_EXTRACTABLE, true));
         t.set(Attr::bool(CKA_WRAP_WITH_TRUSTED, true));
     }

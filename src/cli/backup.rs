@@ -106,6 +106,7 @@ pub enum DbCommand {
         pins: PinArgs,
     },
     /// Restore a whole-store backup (rows and users it holds replace those present): standard mode only.
+    /// Needs 02000000 (and 12000000 when the file holds the users table).
     Restore {
         file: PathBuf,
         #[command(flatten)]
@@ -274,13 +275,16 @@ pub fn db(config: &Config, command: DbCommand) -> CliResult {
                 return Err(e);
             }
             let work = Work::open(config, &token.label(config)?, &pins.user()?).map_err(|e| e.to_string())?;
-            let result = db::restore(store.as_ref(), &work.sealer(), &file).map_err(|e| e.to_string());
-            let outcome = match &result {
-                Ok(s) => format!("ok: {} keys, {} users", s.keys, s.users),
-                Err(e) => format!("failed: {e}"),
+            let users_denied = who.require(Need::UsersTable).err().map(|d| d.to_string());
+            let result =
+                db::restore(store.as_ref(), &work.sealer(), &file, users_denied.as_deref()).map_err(|e| e.to_string());
+            let (action, outcome) = match &result {
+                Ok(s) => ("db restore", format!("ok: {} keys, {} users", s.keys, s.users)),
+                Err(e) if e.starts_with("import denied") => ("refused: db restore", e.clone()),
+                Err(e) => ("db restore", format!("failed: {e}")),
             };
             let n = result.as_ref().map(|s| s.keys).unwrap_or(0);
-            audit(store.as_ref(), &who.who(), "db restore", "", n, &outcome).map_err(|e| e.to_string())?;
+            audit(store.as_ref(), &who.who(), action, "", n, &outcome).map_err(|e| e.to_string())?;
             let s = result?;
             println!("Whole-store backup {} restored: {} keys, {} users", file.display(), s.keys, s.users);
         }

@@ -1,0 +1,19 @@
+//! Backup, restore and verify under the MBK, users and permissions, modes, MBK cloning, crash safety and the
+//! audit log (issue C) with the embedded key store: SQLite. The cases are in tests/backup_cases.
+mod backup_cases;
+mod common;
+
+use backup_cases::Engine;
+
+backup_cases!(Engine::Sqlite;
+    round_trip_of_aes_generic_rsa_and_ec_keys,
+    restore_into_a_second_database_slot_of_the_same_store,
+    restore_merges_skips_overwrites_and_dry_run_changes_nothing,
+    damaged_backups_are_refused_and_change_nothing,
+    permissions_follow_the_cryptoserver_rules,
+    fips_and_cc_refuse_the_whole_store_and_cc_refuses_overwrite,
+    hsm_keys_are_wrapped_and_unwrappable_ones_listed,
+    mbk_clones_and_shares,
+    kill_9_during_backup_or_restore_changes_nothing,
+    audit_records_everything_and_detects_an_edit,
+);
