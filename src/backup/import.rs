@@ -25,9 +25,9 @@ pub struct ImportOptions<'a> {
 pub struct ImportReport {
     pub fingerprint: String,
     pub records: u64,
-    pub added: Vec<String>,
-    pub skipped: Vec<String>,
-    pub overwritten: Vec<String>,
+    pub added: KeyList,
+    pub skipped: KeyList,
+    pub overwritten: KeyList,
     pub dry_run: bool,
 }
 
@@ -47,6 +47,31 @@ pub fn import(store: &dyn KeyStore, work: &Work, who: &dyn Authorizer, opts: &Im
     };
     audit(store, &who.who(), action, &opts.file.display().to_string(), count, &outcome)?;
     result
+}
+
+/// How many keys, and the names of the first [`NAMES_KEPT`] of them: memory stays flat with the key count.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct KeyList {
+    pub count: u64,
+    pub names: Vec<String>,
+}
+
+/// How many names a report keeps per list.
+pub const NAMES_KEPT: usize = 10_000;
+
+impl KeyList {
+    fn push(&mut self, name: String) {
+        self.count += 1;
+        if self.names.len() < NAMES_KEPT {
+            self.names.push(name);
+        }
+    }
+    pub fn len(&self) -> usize {
+        self.count as usize
+    }
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
 }
 
 /// What restoring one record means on the target.
@@ -106,11 +131,14 @@ fn run(store: &dyn KeyStore, work: &Work, who: &dyn Authorizer, opts: &ImportOpt
     // A token's own objects: make them, and on any failure destroy what was made.
     let mut made: Vec<CK_OBJECT_HANDLE> = Vec::new();
     let mut replaced: Vec<CK_OBJECT_HANDLE> = Vec::new();
+    // One look at the token's objects, not a find per record: a find reads every object of the token
+    // (SoftHSM2 opens each object file), which made a restore quadratic.
+    let mut index = TokenIndex::read(work)?;
     let applied = (|| -> Result<()> {
         while let Some((number, record)) = reader.next_record(&sealer)? {
             report.records += 1;
             let name = describe(&record.label, &record.id, &record.group);
-            let plan = match present(work, &record)? {
+            let plan = match index.present(&record) {
                 existing if existing.is_empty() => Plan::Add,
                 _ if !opts.overwrite => Plan::Skip,
                 existing => Plan::Overwrite(existing),
@@ -123,6 +151,7 @@ fn run(store: &dyn KeyStore, work: &Work, who: &dyn Authorizer, opts: &ImportOpt
                     ))
                 })?;
                 made.push(h);
+                index.add(&record, h);
             }
             match plan {
                 Plan::Add => report.added.push(name),
@@ -174,16 +203,30 @@ pub fn check(work: &Work, file: &Path, each: &mut dyn FnMut(u64, &Record) -> Res
     Ok(header)
 }
 
-/// The target token's objects that are this record's key already (same class, label and CKA_ID).
-fn present(work: &Work, record: &Record) -> Result<Vec<CK_OBJECT_HANDLE>> {
-    let t = &work.token;
-    let template = Template(vec![
-        Attr::bool(CKA_TOKEN, true),
-        Attr::ulong(CKA_CLASS, record.class),
-        Attr::bytes(CKA_LABEL, &record.label),
-        Attr::bytes(CKA_ID, &record.ckid),
-    ]);
-    t.backend.find(t.session, &template)
+/// The target token's objects by (class, label, CKA_ID): a record's key is present when one matches.
+struct TokenIndex(std::collections::HashMap<(u64, Vec<u8>, Vec<u8>), Vec<CK_OBJECT_HANDLE>>);
+
+impl TokenIndex {
+    fn read(work: &Work) -> Result<TokenIndex> {
+        let t = &work.token;
+        let mut index = std::collections::HashMap::new();
+        for h in t.backend.find(t.session, &Template(vec![Attr::bool(CKA_TOKEN, true)]))? {
+            let a = t.backend.attributes(t.session, h, &[CKA_CLASS, CKA_LABEL, CKA_ID])?;
+            let Some(class) = a.ulong(CKA_CLASS) else { continue };
+            let key =
+                (class, a.bytes(CKA_LABEL).unwrap_or_default().to_vec(), a.bytes(CKA_ID).unwrap_or_default().to_vec());
+            index.entry(key).or_insert_with(Vec::new).push(h);
+        }
+        Ok(TokenIndex(index))
+    }
+
+    fn present(&self, record: &Record) -> Vec<CK_OBJECT_HANDLE> {
+        self.0.get(&(record.class, record.label.clone(), record.ckid.clone())).cloned().unwrap_or_default()
+    }
+
+    fn add(&mut self, record: &Record, handle: CK_OBJECT_HANDLE) {
+        self.0.entry((record.class, record.label.clone(), record.ckid.clone())).or_default().push(handle);
+    }
 }
 
 /// Makes a record's object in the HSM (a token object, or a session object to be destroyed after a check).

@@ -187,7 +187,9 @@ pub fn restore(config: &Config, a: RestoreArgs) -> CliResult {
         println!(
             "{}",
             json!({"file": a.file, "token": label, "dry_run": a.dry_run, "records": report.records,
-                   "added": report.added, "skipped": report.skipped, "overwritten": report.overwritten})
+                   "added": report.added.names, "skipped": report.skipped.names, "overwritten": report.overwritten.names,
+                   "added_count": report.added.count, "skipped_count": report.skipped.count,
+                   "overwritten_count": report.overwritten.count, "names_kept_per_list": import::NAMES_KEPT})
         );
     } else {
         println!("{} records in {} (MBK {})", report.records, a.file.display(), report.fingerprint);
@@ -195,7 +197,7 @@ pub fn restore(config: &Config, a: RestoreArgs) -> CliResult {
             [("added", &report.added), ("skipped (present)", &report.skipped), ("overwritten", &report.overwritten)]
         {
             println!("  {} {verb} {what}", list.len());
-            for k in list.iter().take(50) {
+            for k in list.names.iter().take(50) {
                 println!("    {k}");
             }
             if list.len() > 50 {

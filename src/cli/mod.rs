@@ -68,6 +68,10 @@ pub type CliResult = Result<Outcome, String>;
 
 /// Runs the command line of this process.
 pub fn main() -> ExitCode {
+    // Die quietly when the reader of our output goes away (`p11shim audit show | head`), as Unix tools do,
+    // rather than panic on a broken pipe. Every change a command makes is committed before it prints.
+    // SAFETY: setting a signal's disposition to the default, before any thread starts.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
     let result = config(cli.config).and_then(|config| match cli.command {
         Command::Mbk(c) => mbk::run(&config, c),
