@@ -295,18 +295,7 @@ pub fn export_shares(token: &Token, threshold: u8, shares: u8, dir: &Path) -> Re
     let kek = Zeroizing::new(random::<32>()?);
     // A trusted session key whose value the host knows: the MBK leaves the HSM wrapped under it, and the host
     // unwraps it in software.
-    let temp = token.backend.create_object(
-        token.session,
-        &Template(vec![
-            Attr::ulong(CKA_CLASS, CKO_SECRET_KEY),
-            Attr::ulong(CKA_KEY_TYPE, CKK_AES),
-            Attr::bool(CKA_TOKEN, false),
-            Attr::bool(CKA_PRIVATE, false),
-            Attr::bytes(CKA_VALUE, &kek[..]),
-            Attr::bool(CKA_WRAP, true),
-            Attr::bool(CKA_TRUSTED, true),
-        ]),
-    )?;
+    let temp = known_key(token, &kek[..], &[Attr::bool(CKA_WRAP, true), Attr::bool(CKA_TRUSTED, true)])?;
     let wrapped = (|| {
         let mech = set.wrap_mechanism();
         Ok::<_, Error>((
@@ -360,17 +349,7 @@ pub fn import_shares(token: &Token, files: &[PathBuf]) -> Result<MbkSet> {
     }
     let kek = Zeroizing::new(random::<32>()?);
     let blobs = [kwp_wrap(&kek[..], &secret[..32])?, kwp_wrap(&kek[..], &secret[32..])?];
-    let temp = token.backend.create_object(
-        token.session,
-        &Template(vec![
-            Attr::ulong(CKA_CLASS, CKO_SECRET_KEY),
-            Attr::ulong(CKA_KEY_TYPE, CKK_AES),
-            Attr::bool(CKA_TOKEN, false),
-            Attr::bool(CKA_PRIVATE, false),
-            Attr::bytes(CKA_VALUE, &kek[..]),
-            Attr::bool(CKA_UNWRAP, true),
-        ]),
-    )?;
+    let temp = known_key(token, &kek[..], &[Attr::bool(CKA_UNWRAP, true)])?;
     let mech = Mechanism::plain(mbk::wrap_mechanism(token.backend, token.slot)?);
     let result = install(token, &fingerprint, |template, which| {
         let blob = if which == MBK_LABEL { &blobs[0] } else { &blobs[1] };
@@ -378,6 +357,19 @@ pub fn import_shares(token: &Token, files: &[PathBuf]) -> Result<MbkSet> {
     });
     let _ = token.backend.destroy_object(token.session, temp);
     result
+}
+
+/// A session AES key whose value the host chose (for the shares path only), with `usage` attributes.
+fn known_key(token: &Token, value: &[u8], usage: &[Attr]) -> Result<CK_OBJECT_HANDLE> {
+    let mut template = Template(vec![
+        Attr::ulong(CKA_CLASS, CKO_SECRET_KEY),
+        Attr::ulong(CKA_KEY_TYPE, CKK_AES),
+        Attr::bool(CKA_TOKEN, false),
+        Attr::bool(CKA_PRIVATE, false),
+        Attr::bytes(CKA_VALUE, value),
+    ]);
+    template.0.extend_from_slice(usage);
+    token.backend.create_object(token.session, &template)
 }
 
 fn random<const N: usize>() -> Result<[u8; N]> {
