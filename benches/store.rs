@@ -1,0 +1,1495 @@
+//! What keeping token objects in the key store costs (issue B): stored keys used through the shim against
+//! SoftHSM2's own keys used directly, with the real SoftHSM2 and the real key store (SQLite, and PostgreSQL).
+//!
+//! `cargo bench --bench store` measures, for each engine:
+//! 1. warm use: C_SignInit+C_Sign / C_EncryptInit+C_Encrypt with a stored key that is already loaded (through
+//!    the shim) against a native SoftHSM2 session key of the same kind (called directly), and the same
+//!    native key through the shim (forwarding only); plus `KeyStore::generation()` and `KeyStore::get()`
+//!    alone;
+//! 2. first use (row read + MAC check + unwrap under the MBK): C_EncryptInit+C_Encrypt on a stored key that is
+//!    not loaded (C_Logout+C_Login between rounds, not timed), against a native C_UnwrapKey of an AES-256 key
+//!    with CKM_AES_KEY_WRAP_PAD;
+//! 3. C_FindObjects by label (Init + FindObjects + Final, one match) with 1k, 10k and 100k stored keys in the
+//!    slot, against SoftHSM2's file token store holding as many token objects;
+//! 4. creating stored AES keys through the shim (C_GenerateKey, CKA_TOKEN=true): keys per second, against
+//!    SoftHSM2 creating token objects.
+//!
+//! Each engine (and SoftHSM2's own token store) runs in a child process of this one (this binary started
+//! again with STORE_BENCH_PHASE set), with a SoftHSM2 token directory of its own: one shim configuration
+//! names one key store, and SoftHSM2 loads every object of a token directory at C_Initialize. In a child,
+//! SoftHSM2 is initialized directly first, then the shim, which accepts CKR_CRYPTOKI_ALREADY_INITIALIZED: one
+//! SoftHSM2 instance, so native and stored keys are measured in the same process, in alternating rounds.
+//! The parent prints a summary table of all phases (also written to target/bench-store/summary.txt).
+//!
+//! Set-up (under target/bench-store/, wiped at the start): tokens made with softhsm-config/setup-token.sh,
+//! the MBK with `target/release/p11shim mbk create`, the shim is target/release/libp11shim.so (build both
+//! first: `cargo build --release --lib --bins`). PostgreSQL: the server named by P11SHIM_BENCH_PG_URL (rows
+//! of the token `p11shim-bench` are deleted before and after), else a throwaway cluster started with
+//! scripts/pg-cluster.sh and stopped at the end.
+//!
+//! Environment knobs:
+//! - STORE_BENCH_SIZES=1000,10000,100000: key counts at which finds are measured (item 3);
+//! - STORE_BENCH_CREATE=10000: keys created for the creation rate (item 4; the population of item 3 grows
+//!   from these);
+//! - STORE_BENCH_ENGINES=sqlite,postgres,softhsm: which phases run;
+//! - STORE_BENCH_SOFTHSM_BUDGET=360: seconds SoftHSM2 may spend creating token objects; it stops at the
+//!   next batch boundary after that, and the sizes it did not reach are reported as not measured;
+//! - STORE_BENCH_FIRST_KEYS=100, STORE_BENCH_FIRST_ROUNDS=10: stored keys and log-in rounds of item 2;
+//! - STORE_BENCH_CRITERION=0: skip the criterion groups (only the summary);
+//! - SOFTHSM2_MODULE: libsofthsm2.so if it is not in a usual place.
+//!
+//! Criterion arguments work as usual (filters apply to the criterion groups; the summary always runs).
+//! Without `--bench` (cargo test --benches) every phase runs once with a few hundred keys.
+#![deny(unsafe_op_in_unsafe_fn)]
+
+use criterion::{black_box, BenchmarkId, Criterion};
+use cryptoki_sys::*;
+use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
+use p11shim::store;
+use std::collections::BTreeMap;
+use std::ffi::c_void;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::ptr::null_mut;
+use std::time::{Duration, Instant};
+
+const SO_PIN: &str = "12345678";
+const USER_PIN: &str = "123456";
+/// The token of native session keys (items 1 and 2).
+const PLAIN: &str = "plain";
+/// The database slot's token (stored keys).
+const DB: &str = "p11shim-bench";
+/// The token of SoftHSM2's own token objects (items 3 and 4, phase softhsm).
+const NATIVE: &str = "native";
+/// prime256v1 (1.2.840.10045.3.1.7), DER.
+const P256: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+/// Keys are created and timed in batches of this many (fewer when a size is smaller).
+const BATCH: usize = 1000;
+
+// -----------------------------------------------------------------------------------------------------------
+// Calling a module
+
+/// One module's 2.40 function list (SoftHSM2's own, or the shim's).
+#[derive(Clone, Copy)]
+struct Api {
+    f: &'static CK_FUNCTION_LIST,
+}
+
+macro_rules! call {
+    ($api:expr, $f:ident ( $($arg:expr),* $(,)? )) => {{
+        let f = $api.f.$f.expect(concat!(stringify!($f), " is NULL"));
+        // SAFETY: every call site passes arguments valid for the call.
+        unsafe { f($($arg),*) }
+    }};
+}
+
+fn ok(rv: CK_RV, what: &str) {
+    if rv != CKR_OK {
+        failed(rv, what);
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn failed(rv: CK_RV, what: &str) -> ! {
+    panic!("{what} failed: CK_RV {rv:#x}");
+}
+
+/// Loads a module with RTLD_NOW|RTLD_LOCAL, never to be unloaded, and returns its 2.40 function list.
+fn load(path: &Path) -> Api {
+    // SAFETY: loading a PKCS#11 module runs its initializers, which is what it is made for.
+    let lib = unsafe { Library::open(Some(path), RTLD_NOW | RTLD_LOCAL) }
+        .unwrap_or_else(|e| panic!("loading {}: {e}", path.display()));
+    type GetFunctionList = unsafe extern "C" fn(*mut *mut CK_FUNCTION_LIST) -> CK_RV;
+    // SAFETY: the PKCS#11 signature of C_GetFunctionList.
+    let get = *unsafe { lib.get::<GetFunctionList>(b"C_GetFunctionList\0") }.expect("C_GetFunctionList");
+    let mut list = null_mut();
+    // SAFETY: valid out pointer.
+    ok(unsafe { get(&mut list) }, "C_GetFunctionList");
+    std::mem::forget(lib);
+    // SAFETY: the list is static in the module, which stays loaded.
+    Api { f: unsafe { &*list } }
+}
+
+fn attr<T: ?Sized>(type_: CK_ATTRIBUTE_TYPE, value: &T) -> CK_ATTRIBUTE {
+    CK_ATTRIBUTE {
+        type_,
+        pValue: value as *const T as *const c_void as *mut c_void,
+        ulValueLen: std::mem::size_of_val(value) as CK_ULONG,
+    }
+}
+
+const YES: CK_BBOOL = CK_TRUE;
+const NO: CK_BBOOL = CK_FALSE;
+
+impl Api {
+    fn initialize(self, what: &str) {
+        let mut args = CK_C_INITIALIZE_ARGS {
+            CreateMutex: None,
+            DestroyMutex: None,
+            LockMutex: None,
+            UnlockMutex: None,
+            flags: CKF_OS_LOCKING_OK,
+            pReserved: null_mut(),
+        };
+        ok(call!(self, C_Initialize(&mut args as *mut _ as *mut c_void)), what);
+    }
+
+    /// The slot whose token is labelled `label`.
+    fn slot(self, label: &str) -> CK_SLOT_ID {
+        let mut n: CK_ULONG = 0;
+        ok(call!(self, C_GetSlotList(CK_TRUE, null_mut(), &mut n)), "C_GetSlotList");
+        let mut list = vec![0; n as usize];
+        ok(call!(self, C_GetSlotList(CK_TRUE, list.as_mut_ptr(), &mut n)), "C_GetSlotList");
+        let mut want = [b' '; 32];
+        want[..label.len()].copy_from_slice(label.as_bytes());
+        list.into_iter()
+            .take(n as usize)
+            .find(|&slot| {
+                // SAFETY: plain data.
+                let mut info: CK_TOKEN_INFO = unsafe { std::mem::zeroed() };
+                call!(self, C_GetTokenInfo(slot, &mut info)) == CKR_OK && info.label == want
+            })
+            .unwrap_or_else(|| panic!("no token labelled {label:?}"))
+    }
+
+    fn open(self, slot: CK_SLOT_ID) -> CK_SESSION_HANDLE {
+        let mut s = 0;
+        ok(
+            call!(self, C_OpenSession(slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, null_mut(), None, &mut s)),
+            "C_OpenSession",
+        );
+        s
+    }
+
+    fn login(self, s: CK_SESSION_HANDLE) {
+        let pin = USER_PIN.as_bytes().as_ptr() as *mut u8;
+        ok(call!(self, C_Login(s, CKU_USER, pin, USER_PIN.len() as CK_ULONG)), "C_Login");
+    }
+
+    fn logout(self, s: CK_SESSION_HANDLE) {
+        ok(call!(self, C_Logout(s)), "C_Logout");
+    }
+
+    fn generate_key(self, s: CK_SESSION_HANDLE, mechanism: CK_MECHANISM_TYPE, t: &mut [CK_ATTRIBUTE]) -> CK_ULONG {
+        let mut m = CK_MECHANISM { mechanism, pParameter: null_mut(), ulParameterLen: 0 };
+        let mut key = 0;
+        ok(call!(self, C_GenerateKey(s, &mut m, t.as_mut_ptr(), t.len() as CK_ULONG, &mut key)), "C_GenerateKey");
+        key
+    }
+
+    /// An AES-256 key: a token object when `token` (a stored key on a database slot), labelled `label`.
+    fn aes_key(self, s: CK_SESSION_HANDLE, token: bool, label: &[u8]) -> CK_OBJECT_HANDLE {
+        let len: CK_ULONG = 32;
+        let tok = if token { YES } else { NO };
+        let mut t = [
+            attr(CKA_TOKEN, &tok),
+            attr(CKA_LABEL, label),
+            attr(CKA_VALUE_LEN, &len),
+            attr(CKA_ENCRYPT, &YES),
+            attr(CKA_DECRYPT, &YES),
+            attr(CKA_SENSITIVE, &YES),
+        ];
+        self.generate_key(s, CKM_AES_KEY_GEN, &mut t)
+    }
+
+    /// A 32-byte generic secret for HMAC.
+    fn hmac_key(self, s: CK_SESSION_HANDLE, token: bool) -> CK_OBJECT_HANDLE {
+        let len: CK_ULONG = 32;
+        let tok = if token { YES } else { NO };
+        let mut t = [
+            attr(CKA_TOKEN, &tok),
+            attr(CKA_LABEL, b"hmac".as_slice()),
+            attr(CKA_VALUE_LEN, &len),
+            attr(CKA_SIGN, &YES),
+            attr(CKA_VERIFY, &YES),
+            attr(CKA_SENSITIVE, &YES),
+        ];
+        self.generate_key(s, CKM_GENERIC_SECRET_KEY_GEN, &mut t)
+    }
+
+    /// An EC P-256 key pair; returns the private key (a token object when `token`).
+    fn ec_key(self, s: CK_SESSION_HANDLE, token: bool) -> CK_OBJECT_HANDLE {
+        let tok = if token { YES } else { NO };
+        let mut public = [
+            attr(CKA_TOKEN, &tok),
+            attr(CKA_VERIFY, &YES),
+            attr(CKA_EC_PARAMS, &P256),
+            attr(CKA_LABEL, b"ec".as_slice()),
+        ];
+        let mut private = [
+            attr(CKA_TOKEN, &tok),
+            attr(CKA_PRIVATE, &YES),
+            attr(CKA_SENSITIVE, &YES),
+            attr(CKA_SIGN, &YES),
+            attr(CKA_LABEL, b"ec".as_slice()),
+        ];
+        let mut m = CK_MECHANISM { mechanism: CKM_EC_KEY_PAIR_GEN, pParameter: null_mut(), ulParameterLen: 0 };
+        let (mut pub_key, mut priv_key) = (0, 0);
+        let rv = call!(
+            self,
+            C_GenerateKeyPair(
+                s,
+                &mut m,
+                public.as_mut_ptr(),
+                public.len() as CK_ULONG,
+                private.as_mut_ptr(),
+                private.len() as CK_ULONG,
+                &mut pub_key,
+                &mut priv_key
+            )
+        );
+        ok(rv, "C_GenerateKeyPair(EC P-256)");
+        priv_key
+    }
+
+    /// Find by label: Init, one FindObjects, Final; the number of objects found.
+    fn find_label(self, s: CK_SESSION_HANDLE, label: &[u8]) -> usize {
+        let mut t = [attr(CKA_LABEL, label)];
+        ok(call!(self, C_FindObjectsInit(s, t.as_mut_ptr(), 1)), "C_FindObjectsInit");
+        let mut found = [0 as CK_OBJECT_HANDLE; 4];
+        let mut n: CK_ULONG = 0;
+        ok(call!(self, C_FindObjects(s, found.as_mut_ptr(), found.len() as CK_ULONG, &mut n)), "C_FindObjects");
+        ok(call!(self, C_FindObjectsFinal(s)), "C_FindObjectsFinal");
+        black_box(&found);
+        n as usize
+    }
+}
+
+// -----------------------------------------------------------------------------------------------------------
+// The operations of item 1
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Op {
+    AesEcb16,
+    AesCbc1k,
+    Hmac1k,
+    Ecdsa,
+}
+
+impl Op {
+    const ALL: [Op; 4] = [Op::AesEcb16, Op::AesCbc1k, Op::Hmac1k, Op::Ecdsa];
+
+    fn name(self) -> &'static str {
+        match self {
+            Op::AesEcb16 => "AES-256-ECB encrypt 16 B",
+            Op::AesCbc1k => "AES-256-CBC encrypt 1 KiB",
+            Op::Hmac1k => "HMAC-SHA256 sign 1 KiB",
+            Op::Ecdsa => "ECDSA P-256 sign 32 B",
+        }
+    }
+
+    fn id(self) -> &'static str {
+        match self {
+            Op::AesEcb16 => "aes_ecb_16",
+            Op::AesCbc1k => "aes_cbc_1k",
+            Op::Hmac1k => "hmac_sha256_1k",
+            Op::Ecdsa => "ecdsa_p256_sign",
+        }
+    }
+}
+
+/// One key per operation kind.
+#[derive(Clone, Copy)]
+struct Keys {
+    aes: CK_OBJECT_HANDLE,
+    hmac: CK_OBJECT_HANDLE,
+    ec: CK_OBJECT_HANDLE,
+}
+
+impl Keys {
+    fn make(api: Api, s: CK_SESSION_HANDLE, token: bool) -> Keys {
+        Keys { aes: api.aes_key(s, token, b"aes"), hmac: api.hmac_key(s, token), ec: api.ec_key(s, token) }
+    }
+
+    fn for_op(&self, op: Op) -> CK_OBJECT_HANDLE {
+        match op {
+            Op::AesEcb16 | Op::AesCbc1k => self.aes,
+            Op::Hmac1k => self.hmac,
+            Op::Ecdsa => self.ec,
+        }
+    }
+}
+
+/// One way of running the operations: a module, a session of it, and the keys.
+#[derive(Clone, Copy)]
+struct Path3 {
+    api: Api,
+    session: CK_SESSION_HANDLE,
+    keys: Keys,
+}
+
+#[inline(always)]
+fn run_op(p: Path3, op: Op) {
+    let key = p.keys.for_op(op);
+    match op {
+        Op::AesEcb16 => crypt(p.api, p.session, CKM_AES_ECB, &mut [], key, &[0x11; 16], &mut [0; 16]),
+        Op::AesCbc1k => crypt(p.api, p.session, CKM_AES_CBC, &mut [7; 16], key, &[0x22; 1024], &mut [0; 1024]),
+        Op::Hmac1k => sign(p.api, p.session, CKM_SHA256_HMAC, key, &[0xa5; 1024], &mut [0; 32]),
+        Op::Ecdsa => sign(p.api, p.session, CKM_ECDSA, key, &[0x5a; 32], &mut [0; 64]),
+    }
+}
+
+fn crypt(
+    api: Api,
+    s: CK_SESSION_HANDLE,
+    mechanism: CK_MECHANISM_TYPE,
+    param: &mut [u8],
+    key: CK_OBJECT_HANDLE,
+    data: &[u8],
+    out: &mut [u8],
+) {
+    let mut m = CK_MECHANISM {
+        mechanism,
+        pParameter: if param.is_empty() { null_mut() } else { param.as_mut_ptr() as *mut c_void },
+        ulParameterLen: param.len() as CK_ULONG,
+    };
+    ok(call!(api, C_EncryptInit(s, &mut m, key)), "C_EncryptInit");
+    let mut len = out.len() as CK_ULONG;
+    let rv = call!(
+        api,
+        C_Encrypt(s, black_box(data.as_ptr()) as *mut u8, data.len() as CK_ULONG, out.as_mut_ptr(), &mut len)
+    );
+    ok(rv, "C_Encrypt");
+    black_box(&out[..len as usize]);
+}
+
+fn sign(
+    api: Api,
+    s: CK_SESSION_HANDLE,
+    mechanism: CK_MECHANISM_TYPE,
+    key: CK_OBJECT_HANDLE,
+    data: &[u8],
+    out: &mut [u8],
+) {
+    let mut m = CK_MECHANISM { mechanism, pParameter: null_mut(), ulParameterLen: 0 };
+    ok(call!(api, C_SignInit(s, &mut m, key)), "C_SignInit");
+    let mut len = out.len() as CK_ULONG;
+    let rv =
+        call!(api, C_Sign(s, black_box(data.as_ptr()) as *mut u8, data.len() as CK_ULONG, out.as_mut_ptr(), &mut len));
+    ok(rv, "C_Sign");
+    black_box(&out[..len as usize]);
+}
+
+fn verify(api: Api, s: CK_SESSION_HANDLE, key: CK_OBJECT_HANDLE, data: &[u8], mac: &[u8]) {
+    let mut m = CK_MECHANISM { mechanism: CKM_SHA256_HMAC, pParameter: null_mut(), ulParameterLen: 0 };
+    ok(call!(api, C_VerifyInit(s, &mut m, key)), "C_VerifyInit");
+    let rv = call!(
+        api,
+        C_Verify(s, data.as_ptr() as *mut u8, data.len() as CK_ULONG, mac.as_ptr() as *mut u8, mac.len() as CK_ULONG)
+    );
+    ok(rv, "C_Verify");
+}
+
+fn time_ops(p: Path3, op: Op, iters: u64) -> Duration {
+    let start = Instant::now();
+    for _ in 0..iters {
+        run_op(p, op);
+    }
+    start.elapsed()
+}
+
+// -----------------------------------------------------------------------------------------------------------
+// Statistics and results
+
+fn sorted(v: &[f64]) -> Vec<f64> {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    v
+}
+
+/// The `q` quantile (0..=1) by nearest rank.
+fn quantile(v: &[f64], q: f64) -> f64 {
+    let v = sorted(v);
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[((v.len() - 1) as f64 * q).round() as usize]
+}
+
+fn median(v: &[f64]) -> f64 {
+    quantile(v, 0.5)
+}
+
+/// Named figures of one phase: written by the child as `key value` lines, read back by the parent.
+#[derive(Default)]
+struct Results {
+    map: BTreeMap<String, f64>,
+    file: Option<PathBuf>,
+}
+
+impl Results {
+    fn set(&mut self, key: impl Into<String>, value: f64) {
+        self.map.insert(key.into(), value);
+        self.save();
+    }
+
+    /// Median, 10th and 90th percentiles and count of `samples` under `key`.
+    fn spread(&mut self, key: &str, samples: &[f64]) {
+        self.map.insert(format!("{key}.median"), median(samples));
+        self.map.insert(format!("{key}.p10"), quantile(samples, 0.1));
+        self.map.insert(format!("{key}.p90"), quantile(samples, 0.9));
+        self.set(format!("{key}.n"), samples.len() as f64);
+    }
+
+    /// Written after every figure, so that what was measured before a failure is kept.
+    fn save(&self) {
+        if let Some(file) = &self.file {
+            let text: String = self.map.iter().map(|(k, v)| format!("{k} {v}\n")).collect();
+            std::fs::write(file, text).expect("write the results file");
+        }
+    }
+
+    fn load(file: &Path, prefix: &str, into: &mut BTreeMap<String, f64>) {
+        let Ok(text) = std::fs::read_to_string(file) else { return };
+        for line in text.lines() {
+            if let Some((k, v)) = line.split_once(' ') {
+                if let Ok(v) = v.parse() {
+                    into.insert(format!("{prefix}.{k}"), v);
+                }
+            }
+        }
+    }
+}
+
+/// A small deterministic generator for the labels to find.
+struct XorShift(u64);
+
+impl XorShift {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 % n as u64) as usize
+    }
+}
+
+// -----------------------------------------------------------------------------------------------------------
+// Knobs
+
+#[derive(Clone)]
+struct Knobs {
+    bench_mode: bool,
+    sizes: Vec<usize>,
+    create: usize,
+    phases: Vec<String>,
+    softhsm_max: usize,
+    softhsm_budget: Duration,
+    first_keys: usize,
+    first_rounds: usize,
+    criterion: bool,
+}
+
+fn env_num(name: &str, default: usize) -> usize {
+    match std::env::var(name) {
+        Ok(v) => v.trim().parse().unwrap_or_else(|_| panic!("{name}={v:?} is not a number")),
+        Err(_) => default,
+    }
+}
+
+impl Knobs {
+    fn from_env() -> Knobs {
+        let bench_mode = std::env::args().any(|a| a == "--bench");
+        // Under `cargo test --benches` (no --bench): every phase once, small.
+        let (sizes, create, first_keys, first_rounds) =
+            if bench_mode { ("1000,10000,100000", 10_000, 100, 10) } else { ("200", 200, 10, 2) };
+        let sizes = std::env::var("STORE_BENCH_SIZES").unwrap_or_else(|_| sizes.into());
+        let mut sizes: Vec<usize> = sizes
+            .split(',')
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| s.trim().parse().unwrap_or_else(|_| panic!("STORE_BENCH_SIZES: {s:?} is not a number")))
+            .collect();
+        sizes.sort_unstable();
+        sizes.dedup();
+        assert!(sizes.iter().all(|&n| n > 0), "STORE_BENCH_SIZES must be positive");
+        let phases = std::env::var("STORE_BENCH_ENGINES").unwrap_or_else(|_| "sqlite,postgres,softhsm".into());
+        let phases: Vec<String> = phases.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+        for p in &phases {
+            assert!(
+                ["sqlite", "postgres", "softhsm"].contains(&p.as_str()),
+                "unknown phase {p:?} in STORE_BENCH_ENGINES"
+            );
+        }
+        Knobs {
+            bench_mode,
+            sizes,
+            create: env_num("STORE_BENCH_CREATE", create),
+            phases,
+            softhsm_max: env_num("STORE_BENCH_SOFTHSM_MAX", 10_000),
+            softhsm_budget: Duration::from_secs(env_num("STORE_BENCH_SOFTHSM_BUDGET", 900) as u64),
+            first_keys: env_num("STORE_BENCH_FIRST_KEYS", first_keys).max(1),
+            first_rounds: env_num("STORE_BENCH_FIRST_ROUNDS", first_rounds).max(1),
+            criterion: std::env::var("STORE_BENCH_CRITERION").map_or(true, |v| v != "0"),
+        }
+    }
+
+    /// The population a key-creating phase builds: every find size, and the creation count.
+    fn population(&self) -> usize {
+        self.sizes.iter().copied().max().unwrap_or(0).max(self.create)
+    }
+
+    fn criterion(&self) -> Criterion {
+        Criterion::default()
+            .measurement_time(Duration::from_secs(3))
+            .warm_up_time(Duration::from_secs(1))
+            .sample_size(30)
+            .without_plots()
+            .configure_from_args()
+    }
+}
+
+// -----------------------------------------------------------------------------------------------------------
+// Paths and set-up
+
+/// <target>/<profile>, from <target>/<profile>/deps/store-<hash>.
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    exe.parent().and_then(Path::parent).expect("<target>/<profile>/deps/<bench>").to_path_buf()
+}
+
+fn scratch_dir() -> PathBuf {
+    profile_dir().parent().expect("<target>").join("bench-store")
+}
+
+fn softhsm_path() -> PathBuf {
+    [
+        std::env::var_os("SOFTHSM2_MODULE").map(PathBuf::from),
+        Some("/usr/lib/softhsm/libsofthsm2.so".into()),
+        Some("/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so".into()),
+        Some("/usr/local/lib/softhsm/libsofthsm2.so".into()),
+    ]
+    .into_iter()
+    .flatten()
+    .find(|p| p.exists())
+    .expect("libsofthsm2.so not found (apt-get install softhsm2, or set SOFTHSM2_MODULE)")
+}
+
+fn shim_path() -> PathBuf {
+    let path = profile_dir().join("libp11shim.so");
+    assert!(path.exists(), "{} is missing: cargo build --release --lib --bins", path.display());
+    path
+}
+
+fn cli_path() -> PathBuf {
+    let path = profile_dir().join("p11shim");
+    assert!(path.exists(), "{} is missing: cargo build --release --lib --bins", path.display());
+    path
+}
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `dir/softhsm2.conf` with `labels` initialized (softhsm-config/setup-token.sh); returns the conf path.
+fn make_tokens(dir: &Path, labels: &[&str]) -> PathBuf {
+    for label in labels {
+        let out = Command::new("bash")
+            .arg(repo().join("softhsm-config/setup-token.sh"))
+            .args([&dir.to_string_lossy(), *label, SO_PIN, USER_PIN])
+            .stderr(Stdio::null())
+            .output()
+            .expect("run setup-token.sh");
+        assert!(out.status.success(), "setup-token.sh {label} failed: {}", String::from_utf8_lossy(&out.stdout));
+    }
+    dir.join("softhsm2.conf")
+}
+
+/// A throwaway PostgreSQL cluster (scripts/pg-cluster.sh), stopped and removed when dropped.
+struct PgCluster {
+    dir: PathBuf,
+}
+
+impl PgCluster {
+    fn start() -> (PgCluster, String) {
+        // Short: the server's unix socket lives in this directory.
+        let dir = std::env::temp_dir().join(format!("p11shim-bench-pg-{}", std::process::id()));
+        let out = Command::new("bash")
+            .arg(repo().join("scripts/pg-cluster.sh"))
+            .arg("start")
+            .arg(&dir)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run pg-cluster.sh");
+        let cluster = PgCluster { dir };
+        assert!(
+            out.status.success(),
+            "pg-cluster.sh start failed (install postgresql, or set P11SHIM_BENCH_PG_URL): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (cluster, String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(repo().join("scripts/pg-cluster.sh"))
+            .arg("stop")
+            .arg(&self.dir)
+            .stdin(Stdio::null())
+            .output();
+    }
+}
+
+/// Deletes the benchmark token's rows from a PostgreSQL key store that is not ours to throw away.
+fn clear_pg_rows(url: &str) {
+    if let Ok(mut client) = postgres::Client::connect(url, postgres::NoTls) {
+        // The table does not exist before the shim first opened this database: nothing to clear then.
+        let _ = client.execute("DELETE FROM keys WHERE token = $1", &[&DB]);
+    }
+}
+
+/// Sets the PostgreSQL server's durability settings (our own throwaway cluster only: scripts/pg-cluster.sh
+/// starts it with fsync and synchronous_commit off). `durable`: every commit is flushed to disk, as SQLite's
+/// synchronous=FULL does, so that creation rates compare.
+fn pg_durability(url: &str, durable: bool) {
+    let mut client = postgres::Client::connect(url, postgres::NoTls).expect("connect to PostgreSQL");
+    let v = if durable { "on" } else { "off" };
+    for setting in ["fsync", "synchronous_commit", "full_page_writes"] {
+        client.batch_execute(&format!("ALTER SYSTEM SET {setting} = {v}")).expect("ALTER SYSTEM");
+    }
+    client.batch_execute("SELECT pg_reload_conf()").expect("pg_reload_conf");
+    // The reload is asynchronous: wait until this connection sees it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let fsync: String = client.query_one("SHOW fsync", &[]).expect("SHOW fsync").get(0);
+        if fsync == v {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Whether the server flushes commits: 1 when fsync and synchronous_commit are both on.
+fn pg_is_durable(url: &str) -> Option<f64> {
+    let mut client = postgres::Client::connect(url, postgres::NoTls).ok()?;
+    let mut on = |name: &str| -> Option<bool> {
+        let v: String = client.query_one(&format!("SHOW {name}"), &[]).ok()?.get(0);
+        Some(v == "on")
+    };
+    Some(if on("fsync")? && on("synchronous_commit")? { 1.0 } else { 0.0 })
+}
+
+// -----------------------------------------------------------------------------------------------------------
+// The parent: set-up, one child per phase, the summary
+
+fn parent(knobs: &Knobs) {
+    let root = scratch_dir();
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root).expect("create the scratch dir");
+    let started = Instant::now();
+    let mut all = BTreeMap::new();
+    let mut failures = Vec::new();
+    for phase in &knobs.phases {
+        let dir = root.join(phase);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut url = String::new();
+        let mut cluster = None;
+        let external_pg = std::env::var("P11SHIM_BENCH_PG_URL").ok().filter(|u| !u.is_empty());
+        let conf = if phase == "softhsm" {
+            make_tokens(&dir, &[NATIVE])
+        } else {
+            url = match phase.as_str() {
+                "sqlite" => format!("sqlite:{}", dir.join("keys.db").display()),
+                _ => match &external_pg {
+                    Some(url) => {
+                        clear_pg_rows(url);
+                        url.clone()
+                    }
+                    None => {
+                        let (c, url) = PgCluster::start();
+                        pg_durability(&url, true);
+                        cluster = Some(c);
+                        url
+                    }
+                },
+            };
+            let conf = make_tokens(&dir, &[PLAIN, DB]);
+            let config = format!(
+                "module = \"{}\"\nlog_file = \"shim.log\"\nlog_level = \"warn\"\n[store]\nurl = \"{url}\"\n\
+                 [[slot]]\ntoken = \"{DB}\"\nstorage = \"database\"\ndefault_group = \"bench\"\n",
+                softhsm_path().display()
+            );
+            std::fs::write(dir.join("p11shim.toml"), config).unwrap();
+            let out = Command::new(cli_path())
+                .args(["mbk", "create", "--token", DB])
+                .env("SOFTHSM2_CONF", &conf)
+                .env("P11SHIM_CONFIG", dir.join("p11shim.toml"))
+                .env_remove("P11SHIM_MODULE")
+                .env("P11SHIM_SO_PIN", SO_PIN)
+                .env("P11SHIM_USER_PIN", USER_PIN)
+                .output()
+                .expect("run p11shim mbk create");
+            assert!(out.status.success(), "p11shim mbk create: {}", String::from_utf8_lossy(&out.stderr));
+            conf
+        };
+        let results = dir.join("results.txt");
+        let what = if url.is_empty() { "SoftHSM2 token objects".to_string() } else { url.clone() };
+        println!("\n=== store bench phase {phase} ({what}) ===");
+        let t = Instant::now();
+        let status = Command::new(std::env::current_exe().unwrap())
+            .args(std::env::args().skip(1))
+            .env("STORE_BENCH_PHASE", phase)
+            .env("STORE_BENCH_DIR", &dir)
+            .env("STORE_BENCH_URL", &url)
+            .env("STORE_BENCH_RESULTS", &results)
+            .env("STORE_BENCH_OWN_PG", if cluster.is_some() { "1" } else { "0" })
+            .env("SOFTHSM2_CONF", &conf)
+            .env("P11SHIM_CONFIG", dir.join("p11shim.toml"))
+            .env_remove("P11SHIM_MODULE")
+            .status()
+            .expect("run the phase");
+        println!("=== phase {phase}: {:.0} s ===", t.elapsed().as_secs_f64());
+        if !status.success() {
+            failures.push(format!("phase {phase} failed ({status}); see above"));
+        }
+        Results::load(&results, phase, &mut all);
+        all.insert(format!("{phase}.phase_secs"), t.elapsed().as_secs_f64());
+        if phase == "postgres" {
+            if let Some(url) = &external_pg {
+                clear_pg_rows(url);
+            }
+        }
+        drop(cluster);
+    }
+    let table = summary(knobs, &all, started.elapsed());
+    println!("{table}");
+    let path = root.join("summary.txt");
+    let _ = std::fs::write(&path, &table);
+    println!("(also written to {})", path.display());
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+// -----------------------------------------------------------------------------------------------------------
+// A child: one engine (stored keys against native keys) or SoftHSM2's own token store; and the short-lived
+// processes a child starts (a key store probe, finds in a fresh process)
+
+/// SoftHSM2 initialized directly, then the shim over the same instance.
+fn modules() -> (Api, Api) {
+    let direct = load(&softhsm_path());
+    direct.initialize("SoftHSM2 C_Initialize");
+    let shim = load(&shim_path());
+    ok(call!(shim, C_Initialize(null_mut())), "shim C_Initialize over an initialized SoftHSM2");
+    (direct, shim)
+}
+
+fn child(knobs: &Knobs, phase: &str) {
+    let mut results =
+        Results { file: std::env::var_os("STORE_BENCH_RESULTS").map(PathBuf::from), ..Default::default() };
+    match phase {
+        "softhsm" => {
+            let mut c = knobs.criterion();
+            softhsm_phase(knobs, &mut results, &mut c);
+            c.final_summary();
+        }
+        "probe" => store_probe(&mut results),
+        "find" => fresh_finds(&mut results),
+        engine => {
+            let mut c = knobs.criterion();
+            engine_phase(knobs, engine, &mut results, &mut c);
+            c.final_summary();
+        }
+    }
+}
+
+/// Runs this binary as `phase` with the environment of this process (and `env`); its results, or none if
+/// it failed.
+fn run_helper(phase: &str, env: &[(&str, String)]) -> BTreeMap<String, f64> {
+    let dir = PathBuf::from(std::env::var("STORE_BENCH_DIR").expect("STORE_BENCH_DIR"));
+    let file = dir.join(format!("{phase}-results.txt"));
+    let _ = std::fs::remove_file(&file);
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args(std::env::args().skip(1)).env("STORE_BENCH_PHASE", phase).env("STORE_BENCH_RESULTS", &file);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let status = cmd.stdout(Stdio::null()).status().expect("run a helper process");
+    if !status.success() {
+        eprintln!("helper process {phase} failed ({status})");
+    }
+    let mut got = BTreeMap::new();
+    Results::load(&file, "x", &mut got);
+    got.into_iter().map(|(k, v)| (k["x.".len()..].to_string(), v)).collect()
+}
+
+fn engine_phase(knobs: &Knobs, engine: &str, results: &mut Results, c: &mut Criterion) {
+    let (direct, shim) = modules();
+    let plain = direct.slot(PLAIN);
+    let db = direct.slot(DB);
+    let native_session = direct.open(plain);
+    direct.login(native_session);
+    let forwarded_session = shim.open(plain);
+    let stored_session = shim.open(db);
+    shim.login(stored_session);
+    let url = std::env::var("STORE_BENCH_URL").expect("STORE_BENCH_URL");
+    if engine == "postgres" {
+        if let Some(d) = pg_is_durable(&url) {
+            results.set("pg_durable", d);
+        }
+    }
+
+    // Item 1: warm use.
+    let native_keys = Keys::make(direct, native_session, false);
+    let stored_keys = Keys::make(shim, stored_session, true);
+    assert!(stored_keys.aes & (1 << 63) != 0, "a stored key has a shim handle");
+    let native = Path3 { api: direct, session: native_session, keys: native_keys };
+    let forwarded = Path3 { api: shim, session: forwarded_session, keys: native_keys };
+    let stored = Path3 { api: shim, session: stored_session, keys: stored_keys };
+    for op in Op::ALL {
+        run_op(stored, op); // the first use loads the key
+        run_op(forwarded, op);
+    }
+    if knobs.criterion {
+        for op in Op::ALL {
+            let mut group = c.benchmark_group(format!("store_{engine}/warm/{}", op.id()));
+            for (name, p) in [("native", native), ("stored", stored)] {
+                group.bench_function(name, |b| b.iter_custom(|iters| time_ops(p, op, iters)));
+            }
+            group.finish();
+        }
+    }
+    if knobs.bench_mode {
+        warm_summary(results, native, forwarded, stored);
+    }
+    // The key store's own calls, from another process on the same store (see store_probe).
+    for (k, v) in run_helper("probe", &[]) {
+        results.set(format!("probe.{k}"), v);
+    }
+
+    // Item 2: first use against a native unwrap.
+    first_use(knobs, results, c, engine, direct, native_session, shim, stored_session);
+
+    // Items 3 and 4: create the population through the shim, find at each size, in this process (which
+    // has a handle for every key it created) and in a fresh one.
+    let own_pg = engine == "postgres" && std::env::var("STORE_BENCH_OWN_PG").is_ok_and(|v| v == "1");
+    let mut after_create = || {
+        if own_pg && knobs.population() > knobs.create {
+            // Item 4 is measured with durable commits; the rest of the population only needs to exist.
+            pg_durability(&url, false);
+            println!("(PostgreSQL: fsync off for the rest of the population)");
+        }
+    };
+    let mut at_size = |size: usize, results: &mut Results, c: &mut Criterion| {
+        find_at(results, knobs.criterion.then_some(c), engine, shim, stored_session, size);
+        for (k, v) in run_helper("find", &[("STORE_BENCH_FIND_SIZE", size.to_string())]) {
+            results.set(format!("fresh.{k}"), v);
+        }
+        if let Some(m) = results.map.get(&format!("fresh.find.{size:07}_us.median")) {
+            println!("find among {size} in a fresh process: median {m:.1} µs");
+        }
+    };
+    populate(results, c, knobs, shim, stored_session, knobs.population(), None, &mut after_create, &mut at_size);
+}
+
+/// Item 1's own measurement: alternating rounds, native / forwarded / stored.
+fn warm_summary(results: &mut Results, native: Path3, forwarded: Path3, stored: Path3) {
+    const ROUNDS: usize = 101;
+    const ROUND_TIME: Duration = Duration::from_millis(10);
+    for op in Op::ALL {
+        let paths = [native, forwarded, stored];
+        let mut n = 4u64;
+        let mut t = time_ops(native, op, n);
+        while t < ROUND_TIME / 4 {
+            n *= 2;
+            t = time_ops(native, op, n);
+        }
+        let iters = ((ROUND_TIME.as_secs_f64() / t.as_secs_f64()) * n as f64).max(1.0) as u64;
+        for p in paths {
+            time_ops(p, op, iters / 4 + 1);
+        }
+        let mut ns: [Vec<f64>; 3] = Default::default();
+        for round in 0..ROUNDS {
+            // Rotate which path goes first, so that none is favoured by drift within a round.
+            for k in 0..3 {
+                let i = (round + k) % 3;
+                ns[i].push(time_ops(paths[i], op, iters).as_nanos() as f64 / iters as f64);
+            }
+        }
+        let key = format!("warm.{}", op.id());
+        let ratio = |a: &[f64], b: &[f64]| -> Vec<f64> { a.iter().zip(b).map(|(a, b)| a / b).collect() };
+        let diff = |a: &[f64], b: &[f64]| -> Vec<f64> { a.iter().zip(b).map(|(a, b)| a - b).collect() };
+        results.spread(&format!("{key}.native_ns"), &ns[0]);
+        results.spread(&format!("{key}.forwarded_ns"), &ns[1]);
+        results.spread(&format!("{key}.stored_ns"), &ns[2]);
+        // Throughput ratio stored / native = native time / stored time, per round.
+        results.spread(&format!("{key}.throughput_ratio"), &ratio(&ns[0], &ns[2]));
+        results.spread(&format!("{key}.forwarded_ratio"), &ratio(&ns[0], &ns[1]));
+        results.spread(&format!("{key}.stored_minus_native_ns"), &diff(&ns[2], &ns[0]));
+        results.spread(&format!("{key}.stored_minus_forwarded_ns"), &diff(&ns[2], &ns[1]));
+        println!("warm {}: done", op.name());
+    }
+}
+
+/// A process of its own (started by the engine phase) that opens the same key store with the library's
+/// `p11shim::store::open` and times the two calls a use of a stored key makes: `generation()` (every use)
+/// and `get(id)` (a first use). Not in the engine phase's process: a second SQLite library there must not
+/// open the shim's file (closing its descriptor would drop the shim's POSIX locks).
+fn store_probe(results: &mut Results) {
+    let url = std::env::var("STORE_BENCH_URL").expect("STORE_BENCH_URL");
+    let store = store::open(&url).expect("open the key store");
+    let query = store::KeyQuery { token: DB.into(), label: Some(b"aes".to_vec()), ..Default::default() };
+    let rows = store.find(&query).expect("find the stored AES key");
+    let id = rows.first().expect("the stored key labelled aes").id.clone();
+    for _ in 0..1000 {
+        black_box(store.generation().expect("generation"));
+    }
+    // Per call, in batches of 100 calls (the clock's own cost stays out of the figure).
+    let generation: Vec<f64> = (0..300)
+        .map(|_| {
+            let t = Instant::now();
+            for _ in 0..100 {
+                black_box(store.generation().expect("generation"));
+            }
+            t.elapsed().as_nanos() as f64 / 100.0
+        })
+        .collect();
+    results.spread("generation_ns", &generation);
+    let get: Vec<f64> = (0..2000)
+        .map(|_| {
+            let t = Instant::now();
+            black_box(store.get(&id).expect("get").expect("the row"));
+            t.elapsed().as_nanos() as f64
+        })
+        .collect();
+    results.spread("get_ns", &get);
+}
+
+/// Item 2: per key and round, native C_UnwrapKey under a session and under a token wrapping key, the stored
+/// key's first use and then its warm use (C_EncryptInit + C_Encrypt AES-ECB 16 B), and native HMAC-SHA256
+/// verifies of 512 B (the size of a row's MAC input) with a session and with a token key.
+#[allow(clippy::too_many_arguments)]
+fn first_use(
+    knobs: &Knobs,
+    results: &mut Results,
+    c: &mut Criterion,
+    engine: &str,
+    direct: Api,
+    native_session: CK_SESSION_HANDLE,
+    shim: Api,
+    stored_session: CK_SESSION_HANDLE,
+) {
+    let keys: Vec<CK_OBJECT_HANDLE> =
+        (0..knobs.first_keys).map(|i| shim.aes_key(stored_session, true, format!("first{i:04}").as_bytes())).collect();
+    let unwrap_session = NativeUnwrap::new(direct, native_session, false);
+    let unwrap_token = NativeUnwrap::new(direct, native_session, true);
+    let mac_data = [0x42u8; 512];
+    let mac_keys = [direct.hmac_key(native_session, false), direct.hmac_key(native_session, true)];
+    let macs = mac_keys.map(|k| {
+        let mut mac = [0u8; 32];
+        sign(direct, native_session, CKM_SHA256_HMAC, k, &mac_data, &mut mac);
+        mac
+    });
+    let relogin = || {
+        shim.logout(stored_session);
+        shim.login(stored_session);
+    };
+    let use_key = |key: CK_OBJECT_HANDLE| {
+        let p = Path3 { api: shim, session: stored_session, keys: Keys { aes: key, hmac: 0, ec: 0 } };
+        run_op(p, Op::AesEcb16);
+    };
+    let timed = |f: &dyn Fn()| {
+        let t = Instant::now();
+        f();
+        t.elapsed().as_nanos() as f64 / 1000.0
+    };
+    let mut s: [Vec<f64>; 6] = Default::default();
+    let [first, warm, unwrap_s, unwrap_t, verify_s, verify_t] = &mut s;
+    for round in 0..knobs.first_rounds {
+        relogin();
+        for (i, &key) in keys.iter().enumerate() {
+            let native_first = (round + i) % 2 == 0;
+            if native_first {
+                unwrap_s.push(unwrap_session.time_us());
+                unwrap_t.push(unwrap_token.time_us());
+            }
+            first.push(timed(&|| use_key(key)));
+            warm.push(timed(&|| use_key(key)));
+            if !native_first {
+                unwrap_s.push(unwrap_session.time_us());
+                unwrap_t.push(unwrap_token.time_us());
+            }
+            verify_s.push(timed(&|| verify(direct, native_session, mac_keys[0], &mac_data, &macs[0])));
+            verify_t.push(timed(&|| verify(direct, native_session, mac_keys[1], &mac_data, &macs[1])));
+        }
+    }
+    let per = |a: &[f64], b: &[f64], f: fn(f64, f64) -> f64| -> Vec<f64> {
+        a.iter().zip(b).map(|(a, b)| f(*a, *b)).collect()
+    };
+    let load = per(first, warm, |f, w| f - w);
+    results.spread("first.stored_first_us", first);
+    results.spread("first.stored_warm_us", warm);
+    results.spread("first.load_us", &load);
+    results.spread("first.native_unwrap_us", unwrap_s);
+    results.spread("first.native_unwrap_token_us", unwrap_t);
+    results.spread("first.native_verify512_us", verify_s);
+    results.spread("first.native_verify512_token_us", verify_t);
+    results.spread("first.load_over_unwrap", &per(&load, unwrap_s, |l, u| l / u));
+    results.spread("first.load_over_unwrap_token", &per(&load, unwrap_t, |l, u| l / u));
+    results.spread("first.first_over_unwrap", &per(first, unwrap_s, |f, u| f / u));
+    results.spread("first.first_over_unwrap_token", &per(first, unwrap_t, |f, u| f / u));
+    println!("first use: done ({} samples)", first.len());
+
+    if knobs.criterion {
+        let mut group = c.benchmark_group(format!("store_{engine}/first_use"));
+        group.bench_function("native_unwrap", |b| {
+            b.iter_custom(|iters| (0..iters).map(|_| unwrap_session.time()).sum());
+        });
+        group.bench_function("native_unwrap_token_key", |b| {
+            b.iter_custom(|iters| (0..iters).map(|_| unwrap_token.time()).sum());
+        });
+        group.bench_function("stored_first_use", |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                let mut left = iters as usize;
+                while left > 0 {
+                    relogin();
+                    for &key in keys.iter().take(left) {
+                        let t = Instant::now();
+                        use_key(key);
+                        total += t.elapsed();
+                    }
+                    left = left.saturating_sub(keys.len());
+                }
+                total
+            });
+        });
+        group.finish();
+    }
+    relogin();
+}
+
+/// A native C_UnwrapKey of an AES-256 key (CKM_AES_KEY_WRAP_PAD under an AES-256 wrapping key: a session
+/// object, or a token object as the MBK is) into a session object with the attributes the shim gives its
+/// loaded copies; the object is destroyed after the clock stops.
+struct NativeUnwrap {
+    api: Api,
+    session: CK_SESSION_HANDLE,
+    wrapping: CK_OBJECT_HANDLE,
+    blob: Vec<u8>,
+}
+
+impl NativeUnwrap {
+    fn new(api: Api, session: CK_SESSION_HANDLE, token: bool) -> NativeUnwrap {
+        let len: CK_ULONG = 32;
+        let tok = if token { YES } else { NO };
+        let mut t = [
+            attr(CKA_TOKEN, &tok),
+            attr(CKA_PRIVATE, &YES),
+            attr(CKA_VALUE_LEN, &len),
+            attr(CKA_WRAP, &YES),
+            attr(CKA_UNWRAP, &YES),
+            attr(CKA_SENSITIVE, &YES),
+            attr(CKA_EXTRACTABLE, &NO),
+        ];
+        let wrapping = api.generate_key(session, CKM_AES_KEY_GEN, &mut t);
+        let mut t = [
+            attr(CKA_TOKEN, &NO),
+            attr(CKA_VALUE_LEN, &len),
+            attr(CKA_ENCRYPT, &YES),
+            attr(CKA_EXTRACTABLE, &YES),
+            attr(CKA_SENSITIVE, &YES),
+        ];
+        let key = api.generate_key(session, CKM_AES_KEY_GEN, &mut t);
+        let mut m = CK_MECHANISM { mechanism: CKM_AES_KEY_WRAP_PAD, pParameter: null_mut(), ulParameterLen: 0 };
+        let mut blob = vec![0u8; 64];
+        let mut n = blob.len() as CK_ULONG;
+        ok(call!(api, C_WrapKey(session, &mut m, wrapping, key, blob.as_mut_ptr(), &mut n)), "C_WrapKey");
+        blob.truncate(n as usize);
+        ok(call!(api, C_DestroyObject(session, key)), "C_DestroyObject");
+        NativeUnwrap { api, session, wrapping, blob }
+    }
+
+    fn time(&self) -> Duration {
+        let (class, key_type): (CK_OBJECT_CLASS, CK_KEY_TYPE) = (CKO_SECRET_KEY, CKK_AES);
+        let mut t = [
+            attr(CKA_CLASS, &class),
+            attr(CKA_KEY_TYPE, &key_type),
+            attr(CKA_TOKEN, &NO),
+            attr(CKA_PRIVATE, &YES),
+            attr(CKA_SENSITIVE, &YES),
+            attr(CKA_ENCRYPT, &YES),
+            attr(CKA_DECRYPT, &YES),
+            attr(CKA_EXTRACTABLE, &YES),
+            attr(CKA_WRAP_WITH_TRUSTED, &YES),
+            attr(CKA_LABEL, b"unwrapped".as_slice()),
+        ];
+        let mut m = CK_MECHANISM { mechanism: CKM_AES_KEY_WRAP_PAD, pParameter: null_mut(), ulParameterLen: 0 };
+        let mut key = 0;
+        let start = Instant::now();
+        let rv = call!(
+            self.api,
+            C_UnwrapKey(
+                self.session,
+                &mut m,
+                self.wrapping,
+                self.blob.as_ptr() as *mut u8,
+                self.blob.len() as CK_ULONG,
+                t.as_mut_ptr(),
+                t.len() as CK_ULONG,
+                &mut key
+            )
+        );
+        let elapsed = start.elapsed();
+        ok(rv, "C_UnwrapKey");
+        ok(call!(self.api, C_DestroyObject(self.session, key)), "C_DestroyObject");
+        elapsed
+    }
+
+    fn time_us(&self) -> f64 {
+        self.time().as_nanos() as f64 / 1000.0
+    }
+}
+
+/// Creates AES keys labelled k0000000… in batches, timing each batch, up to `target`; calls `after_create`
+/// once the creation count (item 4) is reached and `at_size` at each find size. `budget`: stop at the first
+/// batch boundary after this much creation time.
+#[allow(clippy::too_many_arguments)]
+fn populate(
+    results: &mut Results,
+    c: &mut Criterion,
+    knobs: &Knobs,
+    api: Api,
+    session: CK_SESSION_HANDLE,
+    target: usize,
+    budget: Option<Duration>,
+    after_create: &mut dyn FnMut(),
+    at_size: &mut dyn FnMut(usize, &mut Results, &mut Criterion),
+) {
+    let mut checkpoints: Vec<usize> = knobs.sizes.iter().copied().filter(|&n| n <= target).collect();
+    checkpoints.push(knobs.create.min(target));
+    checkpoints.push(target);
+    checkpoints.sort_unstable();
+    checkpoints.dedup();
+    let batch = BATCH.min(checkpoints[0]).max(1);
+    let (mut created, mut spent) = (0usize, Duration::ZERO);
+    let started = Instant::now();
+    for &checkpoint in &checkpoints {
+        while created < checkpoint {
+            if budget.is_some_and(|b| spent > b) {
+                results.set("create.capped_at", created as f64);
+                println!("stopped creating at {created} objects after {:.0} s (budget)", spent.as_secs_f64());
+                return;
+            }
+            let n = batch.min(checkpoint - created);
+            let t = Instant::now();
+            for i in created..created + n {
+                black_box(api.aes_key(session, true, label(i).as_bytes()));
+            }
+            let elapsed = t.elapsed();
+            spent += elapsed;
+            created += n;
+            results.set(format!("create.batch.{created:07}"), n as f64 / elapsed.as_secs_f64());
+            if created % (10 * batch) == 0 || created == checkpoint {
+                println!(
+                    "created {created} keys in {:.1} s ({:.0}/s in the last batch; {:.0} s wall)",
+                    spent.as_secs_f64(),
+                    n as f64 / elapsed.as_secs_f64(),
+                    started.elapsed().as_secs_f64()
+                );
+            }
+        }
+        if checkpoint == knobs.create.min(target) {
+            results.set("create.count", created as f64);
+            results.set("create.secs", spent.as_secs_f64());
+            after_create();
+        }
+        if knobs.sizes.contains(&checkpoint) {
+            at_size(checkpoint, results, c);
+        }
+    }
+    results.set("create.total", created as f64);
+    results.set("create.total_secs", spent.as_secs_f64());
+}
+
+fn label(i: usize) -> String {
+    format!("k{i:07}")
+}
+
+/// Item 3 at one size: finds of random existing labels, each timed (at least 50; at most 1000 or ~5 s).
+fn find_at(
+    results: &mut Results,
+    c: Option<&mut Criterion>,
+    who: &str,
+    api: Api,
+    session: CK_SESSION_HANDLE,
+    size: usize,
+) {
+    let mut rng = XorShift(0x9e37_79b9_7f4a_7c15 ^ size as u64);
+    for _ in 0..20 {
+        assert_eq!(api.find_label(session, label(rng.below(size)).as_bytes()), 1, "one key per label");
+    }
+    let mut us = Vec::new();
+    let start = Instant::now();
+    while us.len() < 1000 && (us.len() < 50 || start.elapsed() < Duration::from_secs(5)) {
+        let l = label(rng.below(size));
+        let t = Instant::now();
+        let n = api.find_label(session, l.as_bytes());
+        us.push(t.elapsed().as_nanos() as f64 / 1000.0);
+        assert_eq!(n, 1, "one key labelled {l}");
+    }
+    results.spread(&format!("find.{size:07}_us"), &us);
+    println!("find among {size}: median {:.1} µs over {}", median(&us), us.len());
+    if let Some(c) = c {
+        let mut group = c.benchmark_group(format!("store_{who}/find_by_label"));
+        if median(&us) > 2000.0 {
+            group.sample_size(10);
+        }
+        group.bench_function(BenchmarkId::from_parameter(size), |b| {
+            b.iter_custom(|iters| {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    black_box(api.find_label(session, label(rng.below(size)).as_bytes()));
+                }
+                start.elapsed()
+            })
+        });
+        group.finish();
+    }
+}
+
+/// Item 3 in a process of its own (started by the engine phase while it waits): the shim loaded alone, as
+/// an application would, which knows only the handles of the keys it finds.
+fn fresh_finds(results: &mut Results) {
+    let size = env_num("STORE_BENCH_FIND_SIZE", 0);
+    let shim = load(&shim_path());
+    ok(call!(shim, C_Initialize(null_mut())), "shim C_Initialize");
+    let session = shim.open(shim.slot(DB));
+    shim.login(session);
+    find_at(results, None, "fresh", shim, session, size);
+    ok(call!(shim, C_CloseSession(session)), "C_CloseSession");
+    ok(call!(shim, C_Finalize(null_mut())), "shim C_Finalize");
+}
+
+fn softhsm_phase(knobs: &Knobs, results: &mut Results, c: &mut Criterion) {
+    let direct = load(&softhsm_path());
+    direct.initialize("SoftHSM2 C_Initialize");
+    let session = direct.open(direct.slot(NATIVE));
+    direct.login(session);
+    let target = knobs.population().min(knobs.softhsm_max);
+    if target < knobs.population() {
+        results.set("create.max", target as f64);
+    }
+    let mut at_size = |size: usize, results: &mut Results, c: &mut Criterion| {
+        find_at(results, knobs.criterion.then_some(c), "softhsm", direct, session, size);
+    };
+    populate(results, c, knobs, direct, session, target, Some(knobs.softhsm_budget), &mut || {}, &mut at_size);
+}
+
+// -----------------------------------------------------------------------------------------------------------
+// The summary
+
+fn summary(knobs: &Knobs, r: &BTreeMap<String, f64>, took: Duration) -> String {
+    let mut out = String::new();
+    let get = |key: &str| r.get(key).copied();
+    let fmt = |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |v| format!("{v:.digits$}"));
+    // "median (p10-p90)" of a spread.
+    let spread = |key: &str, digits: usize| match get(&format!("{key}.median")) {
+        Some(m) => format!(
+            "{m:.digits$} ({}-{})",
+            fmt(get(&format!("{key}.p10")), digits),
+            fmt(get(&format!("{key}.p90")), digits)
+        ),
+        None => "-".to_string(),
+    };
+    let has = |p: &str| knobs.phases.iter().any(|x| x == p);
+    let engines: Vec<&str> = ["sqlite", "postgres"].into_iter().filter(|e| has(e)).collect();
+    let _ = writeln!(out, "\np11shim stored keys (issue B): summary ({:.0} s in all)", took.as_secs_f64());
+    for p in &knobs.phases {
+        let _ = write!(out, "  {p} {} s", fmt(get(&format!("{p}.phase_secs")), 0));
+    }
+    let _ = writeln!(out);
+
+    let _ = writeln!(
+        out,
+        "\n1. Warm use, ns per operation: 101 alternating rounds of ~10 ms per path; medians; diff and throughput are\n   \
+         medians of per-round pairs; throughput = native time / stored time (target >= 0.98); fwd = native time /\n   \
+         time of the same native key through the shim"
+    );
+    let _ = writeln!(
+        out,
+        "{:<26} {:<9} {:>8} {:>8} {:>8} {:>7} {:>24} {:>7}",
+        "operation", "engine", "native", "via shim", "stored", "diff", "throughput (p10-p90)", "fwd"
+    );
+    for op in Op::ALL {
+        for e in &engines {
+            let k = |f: &str| get(&format!("{e}.warm.{}.{f}.median", op.id()));
+            let _ = writeln!(
+                out,
+                "{:<26} {:<9} {:>8} {:>8} {:>8} {:>7} {:>24} {:>7}",
+                op.name(),
+                e,
+                fmt(k("native_ns"), 0),
+                fmt(k("forwarded_ns"), 0),
+                fmt(k("stored_ns"), 0),
+                fmt(k("stored_minus_native_ns"), 0),
+                spread(&format!("{e}.warm.{}.throughput_ratio", op.id()), 3),
+                fmt(k("forwarded_ratio"), 3),
+            );
+        }
+    }
+    let _ = writeln!(out, "\n   Key store calls alone (another process, same store), ns: median (p10-p90)");
+    for e in &engines {
+        let _ = writeln!(
+            out,
+            "   {e:<9} generation() {:<22} get(id) {}",
+            spread(&format!("{e}.probe.generation_ns"), 0),
+            spread(&format!("{e}.probe.get_ns"), 0)
+        );
+    }
+
+    let _ = writeln!(
+        out,
+        "\n2. First use (row read + MAC check + unwrap) vs native C_UnwrapKey (AES-256, CKM_AES_KEY_WRAP_PAD), µs,\n   \
+         medians; first and warm use: C_EncryptInit+C_Encrypt AES-ECB 16 B on a stored key; load = first - warm\n   \
+         per key; unwrap under a session wrapping key (s) and under a token wrapping key (t, as the MBK is);\n   \
+         target: load <= 2 x unwrap"
+    );
+    let _ = writeln!(
+        out,
+        "{:<9} {:>8} {:>8} {:>20} {:>6} {:>7} {:>8} {:>8} {:>8} {:>8} {:>11} {:>6}",
+        "engine",
+        "unwrap s",
+        "unwrap t",
+        "first (p10-p90)",
+        "warm",
+        "load",
+        "load/s",
+        "load/t",
+        "first/s",
+        "first/t",
+        "HMAC s / t",
+        "n"
+    );
+    for e in &engines {
+        let k = |f: &str| get(&format!("{e}.first.{f}.median"));
+        let _ = writeln!(
+            out,
+            "{:<9} {:>8} {:>8} {:>20} {:>6} {:>7} {:>8} {:>8} {:>8} {:>8} {:>11} {:>6}",
+            e,
+            fmt(k("native_unwrap_us"), 1),
+            fmt(k("native_unwrap_token_us"), 1),
+            spread(&format!("{e}.first.stored_first_us"), 1),
+            fmt(k("stored_warm_us"), 1),
+            fmt(k("load_us"), 1),
+            fmt(k("load_over_unwrap"), 2),
+            fmt(k("load_over_unwrap_token"), 2),
+            fmt(k("first_over_unwrap"), 2),
+            fmt(k("first_over_unwrap_token"), 2),
+            format!("{} / {}", fmt(k("native_verify512_us"), 1), fmt(k("native_verify512_token_us"), 1)),
+            fmt(get(&format!("{e}.first.stored_first_us.n")), 0),
+        );
+    }
+
+    let _ = writeln!(
+        out,
+        "\n3. C_FindObjects by label (Init + FindObjects + Final, one match), µs: median (p10-p90); target <= 1000 µs\n   \
+         and flat. \"creator\": the process that created the keys (it holds a handle for each); \"fresh\": a new\n   \
+         process that loads the shim and only finds"
+    );
+    let mut columns: Vec<(String, String)> = Vec::new();
+    for e in &engines {
+        columns.push((format!("{e} (creator)"), format!("{e}.find")));
+        columns.push((format!("{e} (fresh)"), format!("{e}.fresh.find")));
+    }
+    if has("softhsm") {
+        columns.push(("SoftHSM2 token objects".into(), "softhsm.find".into()));
+    }
+    let _ = write!(out, "{:>7}", "keys");
+    for (name, _) in &columns {
+        let _ = write!(out, " {name:>24}");
+    }
+    let _ = writeln!(out);
+    for size in &knobs.sizes {
+        let _ = write!(out, "{size:>7}");
+        for (_, key) in &columns {
+            let cell = spread(&format!("{key}.{size:07}_us"), 1);
+            let _ = write!(out, " {:>24}", if cell == "-" { "not measured" } else { &cell });
+        }
+        let _ = writeln!(out);
+    }
+    if let Some(max) = get("softhsm.create.max") {
+        let _ = writeln!(out, "   SoftHSM2 token objects capped at {max:.0} (STORE_BENCH_SOFTHSM_MAX)");
+        let rate = get("softhsm.create.total").zip(get("softhsm.create.total_secs")).map(|(n, s)| n / s);
+        let measured =
+            knobs.sizes.iter().rev().find_map(|&n| Some((n, get(&format!("softhsm.find.{n:07}_us.median"))?)));
+        if let (Some(rate), Some((n, us))) = (rate, measured) {
+            let want = knobs.population();
+            let _ = writeln!(
+                out,
+                "   at {want}: creating them would take ~{:.0} min at the rate measured ({rate:.0}/s); a find \
+                 ~{:.0} ms if it stays linear ({:.1} ms at {n}) - estimates, not measured",
+                want as f64 / rate / 60.0,
+                us / 1000.0 * want as f64 / n as f64,
+                us / 1000.0
+            );
+        }
+    }
+    if let Some(cap) = get("softhsm.create.capped_at") {
+        let _ = writeln!(out, "   SoftHSM2 stopped at {cap:.0} token objects (STORE_BENCH_SOFTHSM_BUDGET)");
+    }
+
+    let _ = writeln!(
+        out,
+        "\n4. Creating AES-256 keys one at a time (C_GenerateKey, CKA_TOKEN=true, one thread): keys per second;\n   \
+         batches of {BATCH}; \"all\": the whole population of the phase"
+    );
+    let _ = writeln!(
+        out,
+        "{:<24} {:>7} {:>8} {:>7} {:>24} {:>18} {:>11}",
+        "store", "keys", "seconds", "keys/s", "per batch med (min-max)", "all", "last batch"
+    );
+    for e in ["sqlite", "postgres", "softhsm"].into_iter().filter(|e| has(e)) {
+        let count = get(&format!("{e}.create.count"));
+        let secs = get(&format!("{e}.create.secs"));
+        let upto = count.unwrap_or(0.0) as usize;
+        let prefix = format!("{e}.create.batch.");
+        let batch = |k: &str| k.strip_prefix(&prefix).and_then(|n| n.parse::<usize>().ok());
+        let batches: Vec<f64> = r.iter().filter_map(|(k, v)| batch(k).filter(|&n| n <= upto).map(|_| *v)).collect();
+        let last = r.iter().rfind(|(k, _)| batch(k).is_some()).map(|(_, v)| *v);
+        let all = match (get(&format!("{e}.create.total")), get(&format!("{e}.create.total_secs"))) {
+            (Some(n), Some(s)) => format!("{n:.0} in {s:.0} s"),
+            _ => "-".into(),
+        };
+        let name = match e {
+            "softhsm" => "SoftHSM2 token objects".to_string(),
+            "postgres" => match get("postgres.pg_durable") {
+                Some(d) if d > 0.5 => "postgres (durable)".to_string(),
+                Some(_) => "postgres (fsync off)".to_string(),
+                None => "postgres".to_string(),
+            },
+            _ => "sqlite (synchronous=FULL)".to_string(),
+        };
+        let per_batch = format!(
+            "{} ({}-{})",
+            fmt((!batches.is_empty()).then(|| median(&batches)), 0),
+            fmt(batches.iter().copied().reduce(f64::min), 0),
+            fmt(batches.iter().copied().reduce(f64::max), 0)
+        );
+        let _ = writeln!(
+            out,
+            "{:<24} {:>7} {:>8} {:>7} {:>24} {:>18} {:>11}",
+            name,
+            fmt(count, 0),
+            fmt(secs, 1),
+            fmt(count.zip(secs).map(|(n, s)| n / s), 0),
+            per_batch,
+            all,
+            fmt(last, 0),
+        );
+    }
+    out
+}
+
+fn main() {
+    let knobs = Knobs::from_env();
+    match std::env::var("STORE_BENCH_PHASE") {
+        Ok(phase) => {
+            // Multi-threaded before anything is measured (see benches/forward.rs: glibc skips atomics while a
+            // process has only ever had one thread).
+            std::thread::spawn(|| ()).join().expect("a thread");
+            child(&knobs, &phase);
+        }
+        Err(_) => parent(&knobs),
+    }
+}
