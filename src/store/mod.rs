@@ -316,7 +316,9 @@ enum Param<'a> {
 
 /// `SELECT … FROM keys WHERE …` for `query` and its parameters, with `placeholder(n)` naming the n-th
 /// (1-based) parameter in the engine's syntax. Each field is an equality on an indexed (token, …) prefix.
-fn find_sql<'a>(query: &'a KeyQuery, placeholder: impl Fn(usize) -> String) -> (String, Vec<Param<'a>>) {
+/// `order` is the ORDER BY expression: SQLite needs `+id` (the unary plus keeps its planner from choosing the
+/// (token, id) index to avoid the sort, which turned a find by label into a scan of every row).
+fn find_sql<'a>(query: &'a KeyQuery, placeholder: impl Fn(usize) -> String, order: &str) -> (String, Vec<Param<'a>>) {
     let mut params = vec![Param::Text(&query.token)];
     let mut sql = format!("SELECT {COLUMNS} FROM keys WHERE token = {}", placeholder(1));
     let mut add = |column: &str, param: Param<'a>| {
@@ -338,7 +340,8 @@ fn find_sql<'a>(query: &'a KeyQuery, placeholder: impl Fn(usize) -> String) -> (
     if let Some(ckid) = &query.ckid {
         add("ckid", Param::Blob(ckid));
     }
-    sql.push_str(" ORDER BY id");
+    sql.push_str(" ORDER BY ");
+    sql.push_str(order);
     (sql, params)
 }
 

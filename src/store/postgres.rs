@@ -583,7 +583,7 @@ impl KeyStore for PostgresStore {
     }
 
     fn find(&self, query: &KeyQuery) -> StoreResult<Vec<KeyRow>> {
-        let (sql, params) = find_sql(query, |n| format!("${n}"));
+        let (sql, params) = find_sql(query, |n| format!("${n}"), "id");
         let params: Vec<&(dyn ToSql + Sync)> = params.iter().map(Param::as_pg).collect();
         let rows = self.run(true, |p| p.query(&sql, &params))?;
         Ok(rows.iter().map(read_row).collect())

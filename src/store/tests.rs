@@ -59,7 +59,7 @@ fn unreachable_postgres_server_is_unavailable_naming_it_without_the_password() {
 #[test]
 fn find_sql_uses_only_the_given_fields() {
     let query = KeyQuery { token: "t".into(), label: Some(b"l".to_vec()), class: Some(4), ..Default::default() };
-    let (sql, params) = find_sql(&query, |n| format!("${n}"));
+    let (sql, params) = find_sql(&query, |n| format!("${n}"), "id");
     assert!(sql.ends_with("WHERE token = $1 AND class = $2 AND label = $3 ORDER BY id"), "{sql}");
     assert_eq!(params.len(), 3);
 }
@@ -69,4 +69,24 @@ fn numbers_above_i64_max_round_trip() {
     for n in [0, 1, i64::MAX as u64, i64::MAX as u64 + 1, u64::MAX] {
         assert_eq!(from_db(to_db(n)), n);
     }
+}
+
+/// A find by label uses the (token, label) index, not a scan in id order (a regression once: SQLite chose
+/// the (token, id) index to avoid sorting).
+#[test]
+fn sqlite_find_by_label_uses_the_label_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.db");
+    drop(super::sqlite::SqliteStore::open(&path).unwrap());
+    let query = KeyQuery { token: "t".into(), label: Some(b"k".to_vec()), ..Default::default() };
+    let (sql, _) = find_sql(&query, |n| format!("?{n}"), "+id");
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let plan: Vec<String> = conn
+        .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+        .unwrap()
+        .query_map(["t".to_string(), "k".to_string()], |r| r.get::<_, String>(3))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert!(plan.iter().any(|p| p.contains("keys_token_label")), "plan: {plan:?}");
 }

@@ -61,10 +61,8 @@ impl Vault {
             // The MBK set is the shim's: learn its handles so the backend's find can leave it out.
             let _ = self.mbk(slot, &policy.token);
         }
-        let mut hidden: HashSet<CK_OBJECT_HANDLE> = self.mbk_handles(slot).into_iter().collect();
-        hidden.extend(
-            crate::objects::stored_keys().iter().filter(|k| k.slot == slot).filter_map(|k| lock(&k.state).loaded),
-        );
+        // The HSM copies of stored keys are hidden too, through `copies` (not a walk over every key).
+        let hidden: HashSet<CK_OBJECT_HANDLE> = self.mbk_handles(slot).into_iter().collect();
         lock(&self.finds).insert(session, FindState { stored, native, hidden });
         Ok(native.then_some(native_template))
     }
@@ -80,7 +78,8 @@ impl Vault {
 
     /// Whether a backend handle found in the session's find is the shim's own, not the application's.
     pub fn find_hides(&self, session: CK_SESSION_HANDLE, handle: CK_OBJECT_HANDLE) -> bool {
-        lock(&self.finds).get(&session).is_some_and(|s| s.hidden.contains(&handle))
+        lock(&self.copies).contains(&handle)
+            || lock(&self.finds).get(&session).is_some_and(|s| s.hidden.contains(&handle))
     }
 
     /// Ends the session's find; whether the backend's find was running (None: not the vault's find).

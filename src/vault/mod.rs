@@ -66,6 +66,8 @@ pub struct Vault {
     pool: Mutex<HashMap<CK_SLOT_ID, Vec<CK_SESSION_HANDLE>>>,
     mbks: Mutex<HashMap<CK_SLOT_ID, MbkSet>>,
     finds: Mutex<HashMap<CK_SESSION_HANDLE, FindState>>,
+    /// The HSM copies of stored keys this process holds: finds leave them out (they are the shim's).
+    copies: Mutex<std::collections::HashSet<CK_OBJECT_HANDLE>>,
 }
 
 static VAULT: RwLock<Option<Arc<Vault>>> = RwLock::new(None);
@@ -87,6 +89,7 @@ pub fn start(backend: &'static Backend, config: &Config) {
             pool: Mutex::new(HashMap::new()),
             mbks: Mutex::new(HashMap::new()),
             finds: Mutex::new(HashMap::new()),
+            copies: Mutex::new(std::collections::HashSet::new()),
         })
     });
     *VAULT.write().unwrap_or_else(|e| e.into_inner()) = vault;
@@ -248,6 +251,7 @@ impl Vault {
             }
         }
         let fresh = self.load(key.slot, &row)?;
+        lock(&self.copies).insert(fresh);
         let (keep, stale) = {
             let mut st = lock(&key.state);
             if st.gone {
@@ -264,6 +268,7 @@ impl Vault {
             }
         };
         if let Some(stale) = stale {
+            lock(&self.copies).remove(&stale);
             let _ = self.with_session(key.slot, |s| self.backend.destroy_object(s, stale));
         }
         keep.ok_or(Error::Rv(invalid))
@@ -278,6 +283,7 @@ impl Vault {
             st.loaded.take()
         };
         if let Some(h) = copy {
+            lock(&self.copies).remove(&h);
             let _ = self.with_session(key.slot, |s| self.backend.destroy_object(s, h));
         }
     }
