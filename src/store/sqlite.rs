@@ -87,6 +87,8 @@ pub struct SqliteStore {
     generation: Arc<AtomicU64>,
     /// When the watcher thread last looked for other processes' commits (nanoseconds since `epoch`).
     watched: Arc<AtomicU64>,
+    /// True while the watcher thread runs (it clears it when it stops for any reason).
+    watching: Arc<std::sync::atomic::AtomicBool>,
     epoch: Instant,
 }
 
@@ -164,6 +166,7 @@ impl SqliteStore {
             idle: Mutex::new(Vec::new()),
             generation: Arc::new(AtomicU64::new(0)),
             watched: Arc::new(AtomicU64::new(0)),
+            watching: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             epoch: Instant::now(),
         };
         let mut lease = store.lease()?;
@@ -180,11 +183,21 @@ impl SqliteStore {
     /// `generation()` does the check itself.
     fn watch(&self) {
         let (generation, watched) = (Arc::downgrade(&self.generation), Arc::downgrade(&self.watched));
+        let watching = self.watching.clone();
         let (path, epoch) = (self.path.clone(), self.epoch);
         let spawned = std::thread::Builder::new().name("p11shim-sqlite-watch".into()).spawn(move || {
+            // Whatever ends this thread (an error, the store dropped), `generation()` checks by itself again.
+            struct Stop(Arc<std::sync::atomic::AtomicBool>);
+            impl Drop for Stop {
+                fn drop(&mut self) {
+                    self.0.store(false, Ordering::Release);
+                }
+            }
+            let _stop = Stop(watching.clone());
             let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
             let Ok(conn) = rusqlite::Connection::open_with_flags(&path, flags) else { return };
             let mut seen = None;
+            let mut first = true;
             loop {
                 let (Some(generation), Some(watched)) = (generation.upgrade(), watched.upgrade()) else { return };
                 let Ok(now) = data_version(&conn) else { return };
@@ -194,6 +207,12 @@ impl SqliteStore {
                 seen = Some(now);
                 // Published after the bump: a fresh `watched` means every commit before it is counted.
                 watched.store(epoch.elapsed().as_nanos() as u64, Ordering::SeqCst);
+                if std::mem::take(&mut first) {
+                    // Commits between the store's opening and this first look are in `seen` already:
+                    // count them once, so nothing checked before this moment passes for current.
+                    generation.fetch_add(1, Ordering::SeqCst);
+                    watching.store(true, Ordering::Release);
+                }
                 drop((generation, watched));
                 std::thread::sleep(WATCH_EVERY);
             }
@@ -542,6 +561,12 @@ impl KeyStore for SqliteStore {
     /// so any generation read after a commit differs from every generation read before it, whichever
     /// pooled connection serves the call. Spurious bumps only cost a re-validation.
     fn generation(&self) -> StoreResult<u64> {
+        // While the watcher runs, an atomic load (reading the clock to check its last look would cost more
+        // than the rest of a warm use on some VMs, where clock_gettime is a system call). A watcher that
+        // ended, or was never started, leaves `watched` at 0 or old: then this call looks itself.
+        if self.watching.load(Ordering::Acquire) {
+            return Ok(self.generation.load(Ordering::Acquire));
+        }
         let watched = Duration::from_nanos(self.watched.load(Ordering::SeqCst));
         if self.epoch.elapsed().saturating_sub(watched) <= WATCH_FRESH {
             return Ok(self.generation.load(Ordering::SeqCst));

@@ -24,6 +24,7 @@ use crate::sessions;
 use crate::store::{self, KeyRow, KeyStore};
 use cryptoki_sys::*;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 /// A stored key as this process knows it: which row, and the HSM copy it may have loaded.
@@ -31,6 +32,35 @@ pub struct StoredKey {
     pub id: String,
     pub slot: CK_SLOT_ID,
     state: Mutex<KeyState>,
+    /// The warm path without a lock: the loaded copy and the generation it was last known current at,
+    /// published from `state` (0 and u64::MAX when there is nothing to use).
+    fast_handle: AtomicU64,
+    fast_generation: AtomicU64,
+}
+
+impl StoredKey {
+    /// Publishes `st` for the warm path; called with the state lock held, after every change to it.
+    fn publish(&self, st: &KeyState) {
+        match (st.gone, st.loaded, st.checked) {
+            (false, Some(h), Some(g)) => {
+                // The handle before the generation: a reader that sees this generation sees this handle.
+                self.fast_handle.store(h, Ordering::Release);
+                self.fast_generation.store(g, Ordering::Release);
+            }
+            _ => {
+                self.fast_generation.store(u64::MAX, Ordering::Release);
+                self.fast_handle.store(0, Ordering::Release);
+            }
+        }
+    }
+
+    /// The loaded copy, if it is known current at `generation`.
+    fn warm(&self, generation: u64) -> Option<CK_OBJECT_HANDLE> {
+        if self.fast_generation.load(Ordering::Acquire) != generation {
+            return None;
+        }
+        Some(self.fast_handle.load(Ordering::Acquire)).filter(|h| *h != 0)
+    }
 }
 
 #[derive(Default)]
@@ -117,6 +147,16 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// unknown or destroyed key is `invalid`; a store that cannot be reached is CKR_DEVICE_ERROR; a row that
 /// fails its MAC is CKR_GENERAL_ERROR.
 pub fn resolve(key: &StoredKey, invalid: CK_RV) -> std::result::Result<CK_OBJECT_HANDLE, CK_RV> {
+    {
+        // The warm path: no lock but the vault's read lock, no allocation, no reference count.
+        let guard = VAULT.read().unwrap_or_else(|e| e.into_inner());
+        let vault = guard.as_ref().ok_or(invalid)?;
+        if let Some(generation) = vault.store.get().and_then(|s| s.generation().ok()) {
+            if let Some(h) = key.warm(generation) {
+                return Ok(h);
+            }
+        }
+    }
     let vault = current().ok_or(invalid)?;
     vault.resolve(key, invalid).map_err(|e| e.rv())
 }
@@ -217,7 +257,13 @@ impl Vault {
         if let Some(h) = handles.get(id) {
             return *h;
         }
-        let key = Arc::new(StoredKey { id: id.to_string(), slot, state: Mutex::new(KeyState::default()) });
+        let key = Arc::new(StoredKey {
+            id: id.to_string(),
+            slot,
+            state: Mutex::new(KeyState::default()),
+            fast_handle: AtomicU64::new(0),
+            fast_generation: AtomicU64::new(u64::MAX),
+        });
         let h = objects::allocate(ShimObject::Stored(key));
         handles.insert(id.to_string(), h);
         h
@@ -247,6 +293,7 @@ impl Vault {
             let mut st = lock(&key.state);
             if let Some(h) = st.loaded.filter(|_| st.version == row.version) {
                 st.checked = Some(generation);
+                key.publish(&st);
                 return Ok(h);
             }
         }
@@ -254,7 +301,7 @@ impl Vault {
         lock(&self.copies).insert(fresh);
         let (keep, stale) = {
             let mut st = lock(&key.state);
-            if st.gone {
+            let result = if st.gone {
                 (None, Some(fresh))
             } else if st.loaded.is_some() && st.version == row.version {
                 // Another thread loaded the same version meanwhile: use its copy.
@@ -265,7 +312,9 @@ impl Vault {
                 st.version = row.version;
                 st.checked = Some(generation);
                 (Some(fresh), old)
-            }
+            };
+            key.publish(&st);
+            result
         };
         if let Some(stale) = stale {
             lock(&self.copies).remove(&stale);
@@ -280,7 +329,9 @@ impl Vault {
             let mut st = lock(&key.state);
             st.gone |= gone;
             st.checked = None;
-            st.loaded.take()
+            let copy = st.loaded.take();
+            key.publish(&st);
+            copy
         };
         if let Some(h) = copy {
             lock(&self.copies).remove(&h);
