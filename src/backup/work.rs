@@ -5,10 +5,10 @@
 use super::format::{Record, RecordKind, Sealer};
 use super::mbk::{self, MbkSet};
 use crate::admin::{Pin, Token};
-use crate::attrs::{self, Attr, Template};
+use crate::attrs::{Attr, Template};
 use crate::config::{Config, Storage};
 use crate::error::{Error, Result};
-use crate::store::{AuditDraft, KeyRow, KeyStore};
+use crate::store::{KeyRow, KeyStore};
 use cryptoki_sys::*;
 
 /// A logged-in session on the token a backup command works with, and that token's MBK set.
@@ -155,48 +155,13 @@ pub fn describe(label: &[u8], id: &str, group: &str) -> String {
     format!("{:?} (id {id}, group {group:?})", String::from_utf8_lossy(label))
 }
 
-/// The template that recreates a record's object in the HSM under the MBK: the settable attributes of the
-/// record, as a token or session object; secrets extractable only under a trusted key (the MBK's unwrap
-/// template demands it).
-pub fn hsm_template(attrs: &Template, class: u64, token: bool) -> Template {
-    let secret = attrs::has_secret(class);
-    let mut t = Template(
-        attrs
-            .0
-            .iter()
-            .filter(|a| attrs::SETTABLE.contains(&a.ty))
-            .filter(|a| {
-                !(class == CKO_PRIVATE_KEY
-                    && matches!(a.ty, CKA_MODULUS | CKA_PUBLIC_EXPONENT | CKA_EC_PARAMS | CKA_EC_POINT))
-            })
-            .filter(|a| !(secret && a.ty == CKA_VALUE))
-            .cloned()
-            .collect(),
-    );
-    t.set(Attr::bool(CKA_TOKEN, token));
-    if secret {
-        // A secret the application made unextractable could never be read; made extractable here (under a
-        // trusted key only), it must at least be sensitive, or its CKA_VALUE would be readable in clear.
-        if attrs.bool(CKA_EXTRACTABLE) == Some(false) {
-            t.set(Attr::bool(CKA_SENSITIVE, true));
-        }
-        t.set(Attr::bool(CKA_EXTRACTABLE, true));
-        t.set(Attr::bool(CKA_WRAP_WITH_TRUSTED, true));
-    }
-    t
-}
+pub use crate::vault::hsm_template;
 
 /// Appends to the audit trail; a failure to record is an error of the command.
 pub fn audit(store: &dyn KeyStore, who: &str, action: &str, group: &str, count: u64, result: &str) -> Result<()> {
-    let draft = AuditDraft {
-        time: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
-        who: who.to_string(),
-        action: action.to_string(),
-        group: group.to_string(),
-        count: count as i64,
-        result: result.to_string(),
-    };
-    store.audit_append(draft).map(|_| ()).map_err(|e| Error::Other(format!("cannot write the audit log: {e}")))
+    crate::audit::record(store, who, action, group, count as i64, result)
+        .map(|_| ())
+        .map_err(|e| Error::Other(format!("cannot write the audit log: {e}")))
 }
 
 /// The token objects of the HSM that a backup may hold: keys, not the MBK set.

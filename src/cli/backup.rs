@@ -2,7 +2,7 @@
 //! store, standard mode only).
 
 use super::pins::PinArgs;
-use super::users::{logons, LogonArgs};
+use super::users::{logons, open_store, LogonArgs};
 use super::{CliResult, Outcome};
 use crate::auth::{Logons, Need};
 use crate::backup::export::{self, ExportOptions};
@@ -10,7 +10,6 @@ use crate::backup::import::{self, ImportOptions};
 use crate::backup::work::{audit, Authorizer, Work};
 use crate::backup::{db, verify};
 use crate::config::{Config, Storage};
-use crate::store::KeyStore;
 use clap::{Args, Subcommand};
 use serde_json::json;
 use std::io::IsTerminal;
@@ -128,10 +127,6 @@ impl Authorizer for Users<'_> {
     fn who(&self) -> String {
         self.0.who()
     }
-}
-
-fn open_store(config: &Config) -> Result<Box<dyn KeyStore>, String> {
-    crate::store::open(&config.store_url).map_err(|e| e.to_string())
 }
 
 pub fn backup(config: &Config, a: BackupArgs) -> CliResult {

@@ -343,7 +343,7 @@ impl Vault {
     fn load(&self, slot: CK_SLOT_ID, row: &KeyRow) -> Result<CK_OBJECT_HANDLE> {
         let set = self.mbk(slot, &row.token)?;
         let attrs = self.check(slot, &set, row)?;
-        let template = load_template(&attrs, row.class);
+        let template = hsm_template(&attrs, row.class, false);
         self.with_session(slot, |s| {
             if attrs::has_secret(row.class) {
                 let mech = crate::hsm::Mechanism::plain(row.wrap_mech as CK_MECHANISM_TYPE);
@@ -440,11 +440,12 @@ pub fn mac_input(row: &KeyRow) -> Vec<u8> {
     out
 }
 
-/// The template that recreates a row's object in the HSM: the attributes one may give (the HSM sets the
-/// rest, which the application reads from the row), as a session object, extractable only under a
-/// trusted key (the MBK's unwrap template demands it).
-fn load_template(attrs: &Template, class: u64) -> Template {
-    let secret = attrs::has_secret(class as CK_OBJECT_CLASS);
+/// The template that recreates a key's object in the HSM from its attributes (a stored key loaded under the
+/// shim's session, or a backup record restored or checked): the attributes one may give (the HSM sets the
+/// rest, which the application reads from the row), as a token or session object; secrets extractable only
+/// under a trusted key (the MBK's unwrap template demands it).
+pub fn hsm_template(attrs: &Template, class: u64, token: bool) -> Template {
+    let secret = attrs::has_secret(class);
     let mut t = Template(
         attrs
             .0
@@ -452,15 +453,21 @@ fn load_template(attrs: &Template, class: u64) -> Template {
             .filter(|a| attrs::SETTABLE.contains(&a.ty))
             // SoftHSM2 unwraps private keys from PKCS#8 and refuses public components in the template.
             .filter(|a| {
-                !(class as CK_OBJECT_CLASS == CKO_PRIVATE_KEY
+                !(class == CKO_PRIVATE_KEY
                     && matches!(a.ty, CKA_MODULUS | CKA_PUBLIC_EXPONENT | CKA_EC_PARAMS | CKA_EC_POINT))
             })
             .filter(|a| !(secret && a.ty == CKA_VALUE))
             .cloned()
             .collect(),
     );
-    t.set(attrs::Attr::bool(CKA_TOKEN, false));
+    t.set(attrs::Attr::bool(CKA_TOKEN, token));
     if secret {
+        // A secret the application made unextractable could never be read; made extractable here (under a
+        // trusted key only), it must at least be sensitive, or its CKA_VALUE would be readable in clear
+        // (from this object, or from a session copy of it).
+        if attrs.bool(CKA_EXTRACTABLE) == Some(false) {
+            t.set(attrs::Attr::bool(CKA_SENSITIVE, true));
+        }
         t.set(attrs::Attr::bool(CKA_EXTRACTABLE, true));
         t.set(attrs::Attr::bool(CKA_WRAP_WITH_TRUSTED, true));
     }

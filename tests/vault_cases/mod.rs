@@ -391,6 +391,22 @@ pub fn attributes_follow_the_spec() {
     t[0] = Attribute::Token(false);
     t.push(group_attr("X"));
     assert_eq!(rv(s.generate_key(&Mechanism::AesKeyGen, &t).unwrap_err()), RvError::AttributeTypeInvalid);
+    // An unextractable, non-sensitive stored key: neither it nor a session copy of it shows its value.
+    let hidden = s
+        .generate_key(
+            &Mechanism::AesKeyGen,
+            &[
+                Attribute::Token(true),
+                Attribute::ValueLen(16.into()),
+                Attribute::Sensitive(false),
+                Attribute::Extractable(false),
+                Attribute::Encrypt(true),
+            ],
+        )
+        .unwrap();
+    assert_eq!(s.get_attributes(hidden, &[AttributeType::Value]).unwrap(), vec![]);
+    let copy = s.copy_object(hidden, &[Attribute::Token(false)]).expect("a session copy");
+    assert_eq!(s.get_attributes(copy, &[AttributeType::Value]).unwrap(), vec![], "the copy's value stays hidden");
 }
 
 pub fn destroy_deletes_the_row_and_other_processes_see_it() {
