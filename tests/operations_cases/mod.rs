@@ -1104,8 +1104,24 @@ fn get_attribute_value_length_protocol_equals_backend_direct() {
 
 #[test]
 fn set_attribute_value_and_read_only_attributes() {
-    let k = keys();
+    keys(); // logs the token in
     let s = session();
+    // A key of its own: SoftHSM2 reloads a token object's attributes from its file after a refused
+    // C_SetAttributeValue, and a thread reading the object meanwhile can find CKA_SIGN missing
+    // (CKR_KEY_FUNCTION_NOT_PERMITTED in another test's C_SignInit). The shared keys() stay untouched.
+    let (rsa_pub, rsa_priv) = s
+        .generate_key_pair(
+            &Mechanism::RsaPkcsKeyPairGen,
+            &[Attribute::Token(true), Attribute::ModulusBits(2048.into()), Attribute::PublicExponent(vec![1, 0, 1])],
+            &[
+                Attribute::Token(true),
+                Attribute::Private(true),
+                Attribute::Sensitive(true),
+                Attribute::Sign(true),
+                Attribute::Label("read-only attributes".into()),
+            ],
+        )
+        .expect("C_GenerateKeyPair RSA-2048");
     let h = s
         .create_object(&[
             Attribute::Class(ObjectClass::DATA),
@@ -1129,8 +1145,8 @@ fn set_attribute_value_and_read_only_attributes() {
     for (object, t, value) in [
         (h, CKA_CLASS, (CKO_SECRET_KEY as CK_ULONG).to_ne_bytes().to_vec()),
         (h, CKA_VALUE, vec![9, 9]),
-        (k.rsa_priv, CKA_SENSITIVE, vec![CK_FALSE]),
-        (k.rsa_priv, CKA_KEY_TYPE, (CKK_EC as CK_ULONG).to_ne_bytes().to_vec()),
+        (rsa_priv, CKA_SENSITIVE, vec![CK_FALSE]),
+        (rsa_priv, CKA_KEY_TYPE, (CKK_EC as CK_ULONG).to_ne_bytes().to_vec()),
     ] {
         let (mut v1, mut v2) = (value.clone(), value.clone());
         let a = set(shim, object, t, &mut v1);
@@ -1142,8 +1158,10 @@ fn set_attribute_value_and_read_only_attributes() {
             assert_ne!(a, CKR_OK, "C_SetAttributeValue(0x{t:x}) must be refused");
         }
     }
-    assert_eq!(attr(&s, k.rsa_priv, AttributeType::Sensitive), Attribute::Sensitive(true));
+    assert_eq!(attr(&s, rsa_priv, AttributeType::Sensitive), Attribute::Sensitive(true));
     s.destroy_object(h).unwrap();
+    s.destroy_object(rsa_priv).unwrap();
+    s.destroy_object(rsa_pub).unwrap();
 }
 
 #[test]
