@@ -6,9 +6,11 @@
 //!    the shim) against a native SoftHSM2 session key of the same kind (called directly), and the same
 //!    native key through the shim (forwarding only); plus `KeyStore::generation()` and `KeyStore::get()`
 //!    alone;
-//! 2. first use (row read + MAC check + unwrap under the MBK): C_EncryptInit+C_Encrypt on a stored key that is
-//!    not loaded (C_Logout+C_Login between rounds, not timed), against a native C_UnwrapKey of an AES-256 key
-//!    with CKM_AES_KEY_WRAP_PAD;
+//! 2. first use: C_EncryptInit+C_Encrypt on a stored key that is not loaded, against a native C_UnwrapKey of
+//!    an AES-256 key with CKM_AES_KEY_WRAP_PAD; twice: (a) in a fresh process, where the handle comes from a
+//!    find by label (which reads the row) and the first use checks the row's MAC in the HSM and unwraps the
+//!    key under the MBK; (b) in the process that made the keys, after C_Logout+C_Login (not timed), where
+//!    the shim holds each row and knows its MAC: the first use is the unwrap;
 //! 3. C_FindObjects by label (Init + FindObjects + Final, one match) with 1k, 10k and 100k stored keys in the
 //!    slot, against SoftHSM2's file token store holding as many token objects;
 //! 4. creating stored AES keys through the shim (C_GenerateKey, CKA_TOKEN=true): keys per second, against
@@ -246,6 +248,11 @@ impl Api {
 
     /// Find by label: Init, one FindObjects, Final; the number of objects found.
     fn find_label(self, s: CK_SESSION_HANDLE, label: &[u8]) -> usize {
+        self.find_handles(s, label).len()
+    }
+
+    /// Find by label: Init, one FindObjects, Final; the handles found (up to 4).
+    fn find_handles(self, s: CK_SESSION_HANDLE, label: &[u8]) -> Vec<CK_OBJECT_HANDLE> {
         let mut t = [attr(CKA_LABEL, label)];
         ok(call!(self, C_FindObjectsInit(s, t.as_mut_ptr(), 1)), "C_FindObjectsInit");
         let mut found = [0 as CK_OBJECT_HANDLE; 4];
@@ -253,7 +260,7 @@ impl Api {
         ok(call!(self, C_FindObjects(s, found.as_mut_ptr(), found.len() as CK_ULONG, &mut n)), "C_FindObjects");
         ok(call!(self, C_FindObjectsFinal(s)), "C_FindObjectsFinal");
         black_box(&found);
-        n as usize
+        found[..n as usize].to_vec()
     }
 }
 
@@ -784,6 +791,7 @@ fn child(knobs: &Knobs, phase: &str) {
             c.final_summary();
         }
         "probe" => store_probe(&mut results),
+        "cold" => cold_first_use(knobs, &mut results),
         "find" => fresh_finds(&mut results),
         engine => {
             let mut c = knobs.criterion();
@@ -857,8 +865,11 @@ fn engine_phase(knobs: &Knobs, engine: &str, results: &mut Results, c: &mut Crit
         results.set(format!("probe.{k}"), v);
     }
 
-    // Item 2: first use against a native unwrap.
+    // Item 2: first use against a native unwrap: in this process (rows held), then in a fresh one.
     first_use(knobs, results, c, engine, direct, native_session, shim, stored_session);
+    for (k, v) in run_helper("cold", &[]) {
+        results.set(format!("cold.{k}"), v);
+    }
 
     // Items 3 and 4: create the population through the shim, find at each size, in this process (which
     // has a handle for every key it created) and in a fresh one.
@@ -1250,6 +1261,65 @@ fn find_at(
 
 /// Item 3 in a process of its own (started by the engine phase while it waits): the shim loaded alone, as
 /// an application would, which knows only the handles of the keys it finds.
+/// Item 2 in a fresh process, as an application that starts: each key's handle comes from a find by label
+/// (which reads its row), and the first use then checks the row's MAC in the HSM and unwraps the key under
+/// the MBK. The keys are item 2's, created by the engine process; native unwraps alternate with them.
+fn cold_first_use(knobs: &Knobs, results: &mut Results) {
+    let (direct, shim) = modules();
+    let native_session = direct.open(direct.slot(PLAIN));
+    direct.login(native_session);
+    let stored_session = shim.open(shim.slot(DB));
+    shim.login(stored_session);
+    let unwrap_session = NativeUnwrap::new(direct, native_session, false);
+    let unwrap_token = NativeUnwrap::new(direct, native_session, true);
+    let timed = |f: &dyn Fn()| {
+        let t = Instant::now();
+        f();
+        t.elapsed().as_nanos() as f64 / 1000.0
+    };
+    let use_key = |key: CK_OBJECT_HANDLE| {
+        let p = Path3 { api: shim, session: stored_session, keys: Keys { aes: key, hmac: 0, ec: 0 } };
+        run_op(p, Op::AesEcb16);
+    };
+    let mut s: [Vec<f64>; 5] = Default::default();
+    let [find, first, warm, unwrap_s, unwrap_t] = &mut s;
+    for i in 0..knobs.first_keys {
+        let native_first = i % 2 == 0;
+        if native_first {
+            unwrap_s.push(unwrap_session.time_us());
+            unwrap_t.push(unwrap_token.time_us());
+        }
+        let label = format!("first{i:04}");
+        let t = Instant::now();
+        let found = shim.find_handles(stored_session, label.as_bytes());
+        find.push(t.elapsed().as_nanos() as f64 / 1000.0);
+        assert_eq!(found.len(), 1, "one key labelled {label}");
+        first.push(timed(&|| use_key(found[0])));
+        warm.push(timed(&|| use_key(found[0])));
+        if !native_first {
+            unwrap_s.push(unwrap_session.time_us());
+            unwrap_t.push(unwrap_token.time_us());
+        }
+    }
+    let per = |a: &[f64], b: &[f64], f: fn(f64, f64) -> f64| -> Vec<f64> {
+        a.iter().zip(b).map(|(a, b)| f(*a, *b)).collect()
+    };
+    let load = per(first, warm, |f, w| f - w);
+    results.spread("find_us", find);
+    results.spread("stored_first_us", first);
+    results.spread("stored_warm_us", warm);
+    results.spread("load_us", &load);
+    results.spread("native_unwrap_us", unwrap_s);
+    results.spread("native_unwrap_token_us", unwrap_t);
+    results.spread("load_over_unwrap", &per(&load, unwrap_s, |l, u| l / u));
+    results.spread("load_over_unwrap_token", &per(&load, unwrap_t, |l, u| l / u));
+    results.spread("first_over_unwrap", &per(first, unwrap_s, |f, u| f / u));
+    results.spread("first_over_unwrap_token", &per(first, unwrap_t, |f, u| f / u));
+    ok(call!(direct, C_DestroyObject(native_session, unwrap_token.wrapping)), "C_DestroyObject");
+    ok(call!(shim, C_CloseSession(stored_session)), "C_CloseSession");
+    ok(call!(shim, C_Finalize(null_mut())), "shim C_Finalize");
+}
+
 fn fresh_finds(results: &mut Results) {
     let size = env_num("STORE_BENCH_FIND_SIZE", 0);
     let shim = load(&shim_path());
@@ -1378,6 +1448,31 @@ fn summary(knobs: &Knobs, r: &BTreeMap<String, f64>, took: Duration) -> String {
             fmt(k("first_over_unwrap_token"), 2),
             format!("{} / {}", fmt(k("native_verify512_us"), 1), fmt(k("native_verify512_token_us"), 1)),
             fmt(get(&format!("{e}.first.stored_first_us.n")), 0),
+        );
+    }
+    let _ = writeln!(
+        out,
+        "   (rows: this process holds each key's row (made here, MAC known): after C_Logout/C_Login the first use is\n   \
+         the unwrap only)\n\n   In a fresh process: the handle comes from a find by label (which reads the row); the\n   \
+         first use checks the row's MAC in the HSM and unwraps (no second read)"
+    );
+    for e in &engines {
+        let k = |f: &str| get(&format!("{e}.cold.{f}.median"));
+        let _ = writeln!(
+            out,
+            "{:<9} {:>8} {:>8} {:>20} {:>6} {:>7} {:>8} {:>8} {:>8} {:>8} {:>11} {:>6}",
+            e,
+            fmt(k("native_unwrap_us"), 1),
+            fmt(k("native_unwrap_token_us"), 1),
+            spread(&format!("{e}.cold.stored_first_us"), 1),
+            fmt(k("stored_warm_us"), 1),
+            fmt(k("load_us"), 1),
+            fmt(k("load_over_unwrap"), 2),
+            fmt(k("load_over_unwrap_token"), 2),
+            fmt(k("first_over_unwrap"), 2),
+            fmt(k("first_over_unwrap_token"), 2),
+            format!("find {}", fmt(k("find_us"), 1)),
+            fmt(get(&format!("{e}.cold.stored_first_us.n")), 0),
         );
     }
 

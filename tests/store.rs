@@ -97,6 +97,7 @@ both_engines!(
     delete_removes_the_row,
     generation_changes_with_commits_of_other_connections_only,
     generation_changes_with_own_commits,
+    unchanged_since_tells_which_rows_may_have_changed,
     four_threads_insert_into_one_store,
     four_stores_opened_at_once_insert_concurrently,
     four_processes_insert_at_once,
@@ -321,6 +322,43 @@ fn generation_changes_with_own_commits(fx: &Fixture) {
     store.insert(&row(1, "tok", "g", "a")).unwrap();
     // At once, not when a notification comes back: the process that wrote must not use a stale cache.
     assert_ne!(store.generation().unwrap(), before);
+}
+
+/// Whether a row this process holds is still current after others' commits. PostgreSQL's notifications name
+/// the row, so commits to other rows leave it current; SQLite knows only that something changed.
+fn unchanged_since_tells_which_rows_may_have_changed(fx: &Fixture) {
+    let reader = fx.open();
+    let writer = fx.open();
+    let (a, mut b) = (row(1, "tok", "g", "a"), row(2, "tok", "g", "b"));
+    writer.insert(&a).unwrap();
+    writer.insert(&b).unwrap();
+    let at = settled(&*reader);
+    assert!(reader.unchanged_since(&a.id, 1, at, at), "no change at all");
+
+    b.version = 2;
+    assert!(writer.update(&b).unwrap());
+    let now = changed_from(&*reader, at);
+    let postgres = matches!(fx, Fixture::Postgres { .. });
+    assert_eq!(reader.unchanged_since(&a.id, 1, at, now), postgres, "another row was updated");
+    assert!(!reader.unchanged_since(&b.id, 1, at, now), "this row was updated");
+
+    let at = settled(&*reader);
+    assert!(writer.delete(&a.id).unwrap());
+    let now = changed_from(&*reader, at);
+    assert!(!reader.unchanged_since(&a.id, 1, at, now), "this row was deleted");
+
+    // The reader's own write: the row it wrote stays current, the version before does not; and the
+    // notification of its own commit, when it comes back, is not counted a second time.
+    let at = settled(&*reader);
+    b.version = 3;
+    assert!(reader.update(&b).unwrap());
+    let now = reader.generation().unwrap();
+    assert_ne!(now, at);
+    assert_eq!(reader.unchanged_since(&b.id, 3, at, now), postgres, "the version this store wrote");
+    assert!(!reader.unchanged_since(&b.id, 2, at, now), "the version before its write");
+    if postgres {
+        assert_eq!(settled(&*reader), now, "the notification of its own commit");
+    }
 }
 
 fn four_threads_insert_into_one_store(fx: &Fixture) {

@@ -4,6 +4,7 @@
 
 use std::fmt;
 
+pub mod changes;
 pub mod postgres;
 pub mod sqlite;
 
@@ -103,6 +104,14 @@ pub trait KeyStore: Send + Sync {
     /// equal values mean "nothing changed", different ones only "re-validate". For PostgreSQL another
     /// host's commit shows up with the notification's latency (normally well under a millisecond).
     fn generation(&self) -> StoreResult<u64>;
+    /// Whether row `id` at `version`, known current at generation `at`, is known current at generation
+    /// `now` too (both from `generation()`), so that it need not be read again. Equal generations always
+    /// are; otherwise an engine that knows which rows changed in between (PostgreSQL: notifications name
+    /// them) can say so. False means "read the row again", never "it changed".
+    fn unchanged_since(&self, id: &str, version: i64, at: u64, now: u64) -> bool {
+        let _ = (id, version);
+        at == now
+    }
     /// Whether a row with this id exists (a primary-key lookup).
     fn exists(&self, id: &str) -> StoreResult<bool>;
 
@@ -272,8 +281,9 @@ fn redact_password_param(url: &str) -> String {
 }
 
 /// The schema version this build creates and understands. Each engine keeps one migration per version:
-/// 1 keys, 2 users (and an index for whole-store scans), 3 audit.
-pub const SCHEMA_VERSION: i64 = 3;
+/// 1 keys, 2 users (and an index for whole-store scans), 3 audit, 4 notifications naming the changed row
+/// (PostgreSQL; nothing to change in SQLite).
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// The columns of `users` in the order both engines read and write them.
 const USER_COLUMNS: &str = "name, perm, group_regex, auth, secret, version";

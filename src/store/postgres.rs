@@ -6,6 +6,7 @@
 //! notifications a trigger sends on every change to `keys`, which makes [`KeyStore::generation`] free of
 //! round trips.
 
+use super::changes::{Change, ChangeLog};
 use super::{
     chain, find_sql, foreign_schema, from_db, newer_schema, redact, to_db, AuditDraft, AuditEntry, KeyQuery, KeyRow,
     KeyStore, Param, StoreError, StoreResult, StoreTx, UserRow, AUDIT_COLUMNS, COLUMNS, SCHEMA_VERSION, USER_COLUMNS,
@@ -13,8 +14,8 @@ use super::{
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::ToSql;
 use postgres::{Client, Config, NoTls, Statement};
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -102,6 +103,16 @@ const MIGRATIONS: &[(i64, &str)] = &[
         hash   BYTEA NOT NULL
     );"#,
     ),
+    (
+        4,
+        r#"-- The notification names the row, so a listener can tell which rows it holds are still current.
+    CREATE OR REPLACE FUNCTION p11shim_keys_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        PERFORM pg_notify('p11shim_keys', CASE WHEN TG_OP = 'DELETE' THEN OLD.id ELSE NEW.id END);
+        RETURN NULL;
+    END
+    $$;"#,
+    ),
 ];
 
 pub struct PostgresStore {
@@ -115,17 +126,40 @@ pub struct PostgresStore {
 }
 
 /// What the listener thread tells the store.
+#[derive(Default)]
 struct Changes {
-    /// Bumped for each notification, for each commit of this store, and when the listener reconnects.
-    generation: AtomicU64,
+    /// Bumped for each notification, for each commit of this store, and when the listener reconnects; with
+    /// the row each change concerns when that is known.
+    log: ChangeLog,
     /// Whether the listener is connected and LISTENing; while it is not, every generation is new.
     listening: AtomicBool,
+    /// The server process ids of this store's open connections: the notifications of their commits are
+    /// this store's own writes, already counted (with the version they wrote) when they committed. An id
+    /// is removed when its connection closes, before the server can give it to another client.
+    own: Mutex<HashSet<i32>>,
+}
+
+impl Changes {
+    fn own(&self) -> std::sync::MutexGuard<'_, HashSet<i32>> {
+        self.own.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 struct Pooled {
     client: Client,
     /// Statements prepared on this connection, by SQL text: saves a round trip per call.
     statements: HashMap<String, Statement>,
+    /// The connection's server process id, listed in `Changes::own` while the connection is open.
+    pid: i32,
+    changes: Weak<Changes>,
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        if let Some(changes) = self.changes.upgrade() {
+            changes.own().remove(&self.pid);
+        }
+    }
 }
 
 impl Pooled {
@@ -165,12 +199,7 @@ impl PostgresStore {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
-        let store = PostgresStore {
-            config,
-            name,
-            idle: Mutex::new(Vec::new()),
-            changes: Arc::new(Changes { generation: AtomicU64::new(0), listening: AtomicBool::new(false) }),
-        };
+        let store = PostgresStore { config, name, idle: Mutex::new(Vec::new()), changes: Arc::new(Changes::default()) };
         let mut pooled = store.connect()?;
         match migrate(&mut pooled.client) {
             Ok(Ok(())) => {}
@@ -193,8 +222,10 @@ impl PostgresStore {
     }
 
     fn connect(&self) -> StoreResult<Pooled> {
-        let client = self.config.connect(NoTls).map_err(|e| self.unavailable(&e))?;
-        Ok(Pooled { client, statements: HashMap::new() })
+        let mut client = self.config.connect(NoTls).map_err(|e| self.unavailable(&e))?;
+        let pid: i32 = client.query_one("SELECT pg_backend_pid()", &[]).map_err(|e| self.unavailable(&e))?.get(0);
+        self.changes.own().insert(pid);
+        Ok(Pooled { client, statements: HashMap::new(), pid, changes: Arc::downgrade(&self.changes) })
     }
 
     fn give_back(&self, pooled: Pooled) {
@@ -267,9 +298,9 @@ impl PostgresStore {
         }
     }
 
-    /// Counts a commit made through this store at once, without waiting for its notification to come back.
-    fn wrote(&self) {
-        self.changes.generation.fetch_add(1, Ordering::SeqCst);
+    /// Counts a commit made through this store at once (its notification is not counted again).
+    fn wrote(&self, change: Change) {
+        self.changes.log.bump(change);
     }
 }
 
@@ -337,7 +368,7 @@ fn listen_loop(weak: &Weak<Changes>, config: &Config, mut client: Option<Client>
                 Ok(c) => {
                     // Changes made while nobody listened are lost: one bump invalidates whatever callers
                     // cached before. It comes before `listening`, so no caller sees the old value again.
-                    changes.generation.fetch_add(1, Ordering::SeqCst);
+                    changes.log.bump(Change::Any);
                     changes.listening.store(true, Ordering::SeqCst);
                     client = Some(c);
                     backoff = LISTEN_BACKOFF_MIN;
@@ -358,8 +389,10 @@ fn wait(client: &mut Client, changes: &Changes, last_traffic: &mut Instant) -> R
     {
         let mut notifications = client.notifications();
         let mut iter = notifications.timeout_iter(LISTEN_POLL);
-        while iter.next().map_err(drop)?.is_some() {
-            changes.generation.fetch_add(1, Ordering::SeqCst);
+        while let Some(notification) = iter.next().map_err(drop)? {
+            if !changes.own().contains(&notification.process_id()) {
+                changes.log.bump(Change::row(notification.payload()));
+            }
             *last_traffic = Instant::now();
         }
     }
@@ -519,7 +552,7 @@ impl StoreTx for PostgresTx<'_> {
         if let Some(pooled) = pooled {
             self.store.give_back(pooled);
         }
-        self.store.wrote();
+        self.store.wrote(Change::Any);
         Ok(())
     }
 }
@@ -572,7 +605,7 @@ impl KeyStore for PostgresStore {
         if inserted == 0 {
             return Err(StoreError::Duplicate { store: self.name.clone(), id: row.id.clone() });
         }
-        self.wrote();
+        self.wrote(Change::own(&row.id, Some(row.version)));
         Ok(())
     }
 
@@ -618,7 +651,7 @@ impl KeyStore for PostgresStore {
             )
         })?;
         if updated > 0 {
-            self.wrote();
+            self.wrote(Change::own(&row.id, Some(row.version)));
         }
         Ok(updated > 0)
     }
@@ -626,7 +659,7 @@ impl KeyStore for PostgresStore {
     fn delete(&self, id: &str) -> StoreResult<bool> {
         let deleted = self.run(false, |p| p.execute("DELETE FROM keys WHERE id = $1", &[&id]))?;
         if deleted > 0 {
-            self.wrote();
+            self.wrote(Change::own(id, None));
         }
         Ok(deleted > 0)
     }
@@ -640,10 +673,16 @@ impl KeyStore for PostgresStore {
     fn generation(&self) -> StoreResult<u64> {
         let changes = &self.changes;
         if changes.listening.load(Ordering::SeqCst) {
-            Ok(changes.generation.load(Ordering::SeqCst))
+            Ok(changes.log.current())
         } else {
-            Ok(changes.generation.fetch_add(1, Ordering::SeqCst) + 1)
+            Ok(changes.log.bump(Change::Any))
         }
+    }
+
+    /// From the change log: other hosts' commits are known by row (the notification names it), this
+    /// store's own by row and version.
+    fn unchanged_since(&self, id: &str, version: i64, at: u64, now: u64) -> bool {
+        self.changes.log.unchanged_since(id, version, at, now)
     }
 
     fn exists(&self, id: &str) -> StoreResult<bool> {

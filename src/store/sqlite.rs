@@ -74,6 +74,8 @@ const MIGRATIONS: &[(i64, &str)] = &[
         hash   BLOB NOT NULL
     );",
     ),
+    // PostgreSQL's notifications name the changed row from version 4; SQLite has nothing to change.
+    (4, ""),
 ];
 
 pub struct SqliteStore {

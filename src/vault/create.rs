@@ -73,8 +73,11 @@ impl Vault {
         if let Err(e) = self.backend.destroy_object(session, temp) {
             crate::warn!("destroying the temporary copy of a new stored key failed: {e}");
         }
-        let row = stored?;
-        Ok(self.handle_for(&row.id, slot))
+        let (row, at) = stored?;
+        let (handle, key) = self.handle_for(&row.id, slot);
+        // This process made the row: its first use needs neither a read nor a MAC check.
+        self.keep(&key, std::sync::Arc::new(row), at, true);
+        Ok(handle)
     }
 
     fn store_row(
@@ -84,7 +87,7 @@ impl Vault {
         set: &MbkSet,
         temp: CK_OBJECT_HANDLE,
         request: &Request,
-    ) -> Result<KeyRow> {
+    ) -> Result<(KeyRow, u64)> {
         let store = self.store()?;
         let (view, wrapped, class) = self.with_session(slot, |s| {
             let class = self
@@ -119,9 +122,10 @@ impl Vault {
             version: 1,
         };
         self.seal(slot, set, &mut row)?;
+        let at = self.logged("checking the key store for changes", store.generation())?;
         self.logged("storing a new key", store.insert(&row))?;
         crate::debug!("stored key {} (group {:?}) created", row.id, row.group);
-        Ok(row)
+        Ok((row, at))
     }
 }
 

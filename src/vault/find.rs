@@ -45,14 +45,20 @@ impl Vault {
                 label: template.bytes(CKA_LABEL).map(<[u8]>::to_vec),
                 ckid: template.bytes(CKA_ID).map(<[u8]>::to_vec),
             };
-            let rows = self.logged("finding stored keys", self.store()?.find(&query))?;
+            let store = self.store()?;
+            // Read before the rows: they are current at this generation (or later).
+            let generation = self.logged("checking the key store for changes", store.generation())?;
+            let rows = self.logged("finding stored keys", store.find(&query))?;
             for row in rows {
                 let Some(attrs) = Template::decode(&row.attrs) else { continue };
                 let visible = logged_in || attrs.bool(CKA_PRIVATE) == Some(false);
                 let mut own = attrs;
                 own.set(crate::attrs::Attr::bool(CKA_TOKEN, true));
                 if visible && own.matches(&native_template) {
-                    stored.push_back(self.handle_for(&row.id, slot));
+                    let (handle, key) = self.handle_for(&row.id, slot);
+                    // Its first use needs no second read of the row (its MAC is checked then).
+                    self.keep(&key, std::sync::Arc::new(row), generation, false);
+                    stored.push_back(handle);
                 }
             }
         }

@@ -24,7 +24,7 @@ use crate::sessions;
 use crate::store::{self, KeyRow, KeyStore};
 use cryptoki_sys::*;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 /// A stored key as this process knows it: which row, and the HSM copy it may have loaded.
@@ -73,6 +73,49 @@ struct KeyState {
     checked: Option<u64>,
     /// The row is gone (destroyed here or elsewhere): the handle stays invalid.
     gone: bool,
+    /// The key's row as this process last read or wrote it, if memory allows.
+    kept: Option<Kept>,
+}
+
+/// A row this process holds, and the store generation at which it was known current: while the store
+/// says nothing that concerns it changed since, a use needs no read of the store (with PostgreSQL, no
+/// round trip). Rows come from finds, creations and loads; together they take at most KEPT_BUDGET bytes.
+struct Kept {
+    row: Arc<KeyRow>,
+    at: u64,
+    /// Its MAC was checked in the HSM, or this process made it: a load need not check it again.
+    verified: bool,
+    bytes: usize,
+}
+
+/// Memory for kept rows, for all keys of the process together; beyond it, rows are read when used.
+const KEPT_BUDGET: usize = 32 << 20;
+static KEPT_BYTES: AtomicUsize = AtomicUsize::new(0);
+
+impl Kept {
+    /// Takes `row` if the budget allows.
+    fn new(row: Arc<KeyRow>, at: u64, verified: bool) -> Option<Kept> {
+        let bytes = 160
+            + row.id.len()
+            + row.token.len()
+            + row.group.len()
+            + row.label.len()
+            + row.ckid.len()
+            + row.attrs.len()
+            + row.wrapped.len()
+            + row.mbk.len()
+            + row.mac.len();
+        let reserved = KEPT_BYTES.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+            (used + bytes <= KEPT_BUDGET).then_some(used + bytes)
+        });
+        reserved.is_ok().then_some(Kept { row, at, verified, bytes })
+    }
+}
+
+impl Drop for Kept {
+    fn drop(&mut self) {
+        KEPT_BYTES.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
 }
 
 impl std::fmt::Debug for StoredKey {
@@ -91,7 +134,7 @@ pub struct Vault {
     /// Backend slot id → index into `slots` (None: not a database slot), learned from token labels.
     policy: RwLock<HashMap<CK_SLOT_ID, Option<usize>>>,
     /// Row id → the handle the application knows it by, so a key keeps one handle.
-    handles: Mutex<HashMap<String, CK_OBJECT_HANDLE>>,
+    handles: Mutex<HashMap<String, (CK_OBJECT_HANDLE, Arc<StoredKey>)>>,
     /// Idle sessions of the shim's own, per slot (operations on them are never concurrent).
     pool: Mutex<HashMap<CK_SLOT_ID, Vec<CK_SESSION_HANDLE>>>,
     mbks: Mutex<HashMap<CK_SLOT_ID, MbkSet>>,
@@ -131,6 +174,8 @@ pub fn stop(forked: bool) {
     let old = VAULT.write().unwrap_or_else(|e| e.into_inner()).take();
     if forked {
         std::mem::forget(old);
+        // The parent's kept rows are leaked with it: none of that memory is the child's to count.
+        KEPT_BYTES.store(0, Ordering::Relaxed);
     }
 }
 
@@ -252,10 +297,10 @@ impl Vault {
     }
 
     /// The application's handle for a row, the same one every time.
-    fn handle_for(&self, id: &str, slot: CK_SLOT_ID) -> CK_OBJECT_HANDLE {
+    fn handle_for(&self, id: &str, slot: CK_SLOT_ID) -> (CK_OBJECT_HANDLE, Arc<StoredKey>) {
         let mut handles = lock(&self.handles);
-        if let Some(h) = handles.get(id) {
-            return *h;
+        if let Some((h, key)) = handles.get(id) {
+            return (*h, key.clone());
         }
         let key = Arc::new(StoredKey {
             id: id.to_string(),
@@ -264,29 +309,29 @@ impl Vault {
             fast_handle: AtomicU64::new(0),
             fast_generation: AtomicU64::new(u64::MAX),
         });
-        let h = objects::allocate(ShimObject::Stored(key));
-        handles.insert(id.to_string(), h);
-        h
+        let h = objects::allocate(ShimObject::Stored(key.clone()));
+        handles.insert(id.to_string(), (h, key.clone()));
+        (h, key)
     }
 
     fn resolve(&self, key: &StoredKey, invalid: CK_RV) -> Result<CK_OBJECT_HANDLE> {
         let store = self.store()?;
         let generation = self.logged("checking the key store for changes", store.generation())?;
         {
-            let st = lock(&key.state);
+            let mut st = lock(&key.state);
             if st.gone {
                 return Err(Error::Rv(invalid));
             }
             if let (Some(h), Some(checked)) = (st.loaded, st.checked) {
-                if checked == generation {
+                if store.unchanged_since(&key.id, st.version, checked, generation) {
+                    st.checked = Some(generation);
+                    key.publish(&st);
                     return Ok(h);
                 }
             }
         }
         // Something changed somewhere: is this key still there, and still the version we loaded?
-        let Some(row) = self.logged("reading a stored key", store.get(&key.id))? else {
-            crate::info!("stored key {} was destroyed (by this or another process); its handle is now invalid", key.id);
-            self.forget_copy(key, true);
+        let Some((row, verified)) = self.current_row(store, key, generation)? else {
             return Err(Error::Rv(invalid));
         };
         {
@@ -297,7 +342,8 @@ impl Vault {
                 return Ok(h);
             }
         }
-        let fresh = self.load(key.slot, &row)?;
+        let fresh = self.load(key.slot, &row, verified)?;
+        self.keep(key, row.clone(), generation, true);
         lock(&self.copies).insert(fresh);
         let (keep, stale) = {
             let mut st = lock(&key.state);
@@ -323,11 +369,59 @@ impl Vault {
         keep.ok_or(Error::Rv(invalid))
     }
 
-    /// Drops this process's HSM copy of a key (and marks the key gone when its row is).
+    /// The key's row as current at `generation` (read before), and whether its MAC is known good: the
+    /// row this process holds if the store says nothing concerning it changed since, else the row read
+    /// from the store. None when the row is gone (the key is then marked gone here).
+    fn current_row(
+        &self,
+        store: &dyn KeyStore,
+        key: &StoredKey,
+        generation: u64,
+    ) -> Result<Option<(Arc<KeyRow>, bool)>> {
+        let held = {
+            let st = lock(&key.state);
+            st.kept.as_ref().map(|k| (k.row.clone(), k.at, k.verified))
+        };
+        if let Some((row, at, verified)) = &held {
+            if store.unchanged_since(&key.id, row.version, *at, generation) {
+                return Ok(Some((row.clone(), *verified)));
+            }
+        }
+        let Some(read) = self.logged("reading a stored key", store.get(&key.id))? else {
+            crate::info!("stored key {} was destroyed (by this or another process); its handle is now invalid", key.id);
+            self.forget_copy(key, true);
+            return Ok(None);
+        };
+        // The same bytes as a row whose MAC was checked need no second check.
+        let verified = held.is_some_and(|(row, _, verified)| verified && *row == read);
+        let read = Arc::new(read);
+        self.keep(key, read.clone(), generation, verified);
+        Ok(Some((read, verified)))
+    }
+
+    /// Remembers `row` as the key's row, current at generation `at` (read before it was read or written).
+    fn keep(&self, key: &StoredKey, row: Arc<KeyRow>, at: u64, verified: bool) {
+        let mut st = lock(&key.state);
+        if st.gone {
+            return;
+        }
+        if let Some(k) = st.kept.as_mut().filter(|k| *k.row == *row) {
+            k.at = at;
+            k.verified |= verified;
+            return;
+        }
+        st.kept = None;
+        st.kept = Kept::new(row, at, verified);
+    }
+
+    /// Drops this process's HSM copy of a key (and marks the key gone when its row is, dropping its row).
     fn forget_copy(&self, key: &StoredKey, gone: bool) {
         let copy = {
             let mut st = lock(&key.state);
             st.gone |= gone;
+            if gone {
+                st.kept = None;
+            }
             st.checked = None;
             let copy = st.loaded.take();
             key.publish(&st);
@@ -339,10 +433,11 @@ impl Vault {
         }
     }
 
-    /// Checks a row's MAC and recreates its object in the HSM as a session object of the shim's.
-    fn load(&self, slot: CK_SLOT_ID, row: &KeyRow) -> Result<CK_OBJECT_HANDLE> {
+    /// Checks a row's MAC (unless `verified`) and recreates its object in the HSM as a session object of
+    /// the shim's.
+    fn load(&self, slot: CK_SLOT_ID, row: &KeyRow, verified: bool) -> Result<CK_OBJECT_HANDLE> {
         let set = self.mbk(slot, &row.token)?;
-        let attrs = self.check(slot, &set, row)?;
+        let attrs = if verified { self.decode(&set, row)? } else { self.check(slot, &set, row)? };
         let template = hsm_template(&attrs, row.class, false);
         self.with_session(slot, |s| {
             if attrs::has_secret(row.class) {
@@ -358,34 +453,41 @@ impl Vault {
     /// Verifies a row's MAC in the HSM and that it was wrapped under this token's MBK; returns its
     /// attributes. A row changed outside p11shim is refused with one clear log line and CKR_GENERAL_ERROR.
     fn check(&self, slot: CK_SLOT_ID, set: &MbkSet, row: &KeyRow) -> Result<Template> {
-        let refuse = |why: &str| {
-            let message = format!(
-                "stored key {} (label {:?}, group {:?}) in {}: {why}; the key is refused",
-                row.id,
-                String::from_utf8_lossy(&row.label),
-                row.group,
-                self.store.get().map(|s| s.describe()).unwrap_or_default()
-            );
-            crate::error!("{message}");
-            Error::Other(message)
-        };
         let verified = self.with_session(slot, |s| {
             self.backend.verify(s, &MbkSet::mac_mechanism(), set.mac, &mac_input(row), &row.mac)
         });
         match verified {
             Ok(()) => {}
             Err(Error::Rv(CKR_SIGNATURE_INVALID | CKR_SIGNATURE_LEN_RANGE)) => {
-                return Err(refuse("its MAC does not match: the row was changed outside p11shim"))
+                return Err(self.refuse(row, "its MAC does not match: the row was changed outside p11shim"))
             }
             Err(e) => return Err(e),
         }
+        self.decode(set, row)
+    }
+
+    /// A row's attributes, once its MAC is known good; refused if another MBK wrapped it.
+    fn decode(&self, set: &MbkSet, row: &KeyRow) -> Result<Template> {
         if row.mbk != set.fingerprint {
-            return Err(refuse(&format!(
-                "it was wrapped under MBK {}, but this token's MBK is {}",
-                row.mbk, set.fingerprint
-            )));
+            return Err(self.refuse(
+                row,
+                &format!("it was wrapped under MBK {}, but this token's MBK is {}", row.mbk, set.fingerprint),
+            ));
         }
-        Template::decode(&row.attrs).ok_or_else(|| refuse("its attributes cannot be decoded"))
+        Template::decode(&row.attrs).ok_or_else(|| self.refuse(row, "its attributes cannot be decoded"))
+    }
+
+    /// A stored key refused: one clear log line naming it, its store and why.
+    fn refuse(&self, row: &KeyRow, why: &str) -> Error {
+        let message = format!(
+            "stored key {} (label {:?}, group {:?}) in {}: {why}; the key is refused",
+            row.id,
+            String::from_utf8_lossy(&row.label),
+            row.group,
+            self.store.get().map(|s| s.describe()).unwrap_or_default()
+        );
+        crate::error!("{message}");
+        Error::Other(message)
     }
 
     /// Computes a row's MAC in the HSM.

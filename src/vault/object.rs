@@ -6,6 +6,7 @@ use crate::attrs::{self, Attr, Template, CKA_P11SHIM_GROUP};
 use crate::error::{Error, Result};
 use crate::store::KeyRow;
 use cryptoki_sys::*;
+use std::sync::Arc;
 
 /// The answer for one attribute of a stored key.
 #[derive(Debug, PartialEq, Eq)]
@@ -21,21 +22,28 @@ pub enum Answer {
 
 impl Vault {
     /// The row of a key the session may see, its MAC checked, and its attributes.
-    fn row_of(&self, session: CK_SESSION_HANDLE, key: &StoredKey) -> Result<(KeyRow, Template)> {
+    /// Also returns the store generation the row is current at.
+    fn row_of(&self, session: CK_SESSION_HANDLE, key: &StoredKey) -> Result<(Arc<KeyRow>, Template, u64)> {
         if lock(&key.state).gone {
             return Err(Error::Rv(CKR_OBJECT_HANDLE_INVALID));
         }
         let store = self.store()?;
-        let Some(row) = self.logged("reading a stored key", store.get(&key.id))? else {
-            self.forget_copy(key, true);
+        let generation = self.logged("checking the key store for changes", store.generation())?;
+        let Some((row, verified)) = self.current_row(store, key, generation)? else {
             return Err(Error::Rv(CKR_OBJECT_HANDLE_INVALID));
         };
         let set = self.mbk(key.slot, &row.token)?;
-        let attrs = self.check(key.slot, &set, &row)?;
+        let attrs = if verified {
+            self.decode(&set, &row)?
+        } else {
+            let attrs = self.check(key.slot, &set, &row)?;
+            self.keep(key, row.clone(), generation, true);
+            attrs
+        };
         if attrs.bool(CKA_PRIVATE) != Some(false) && !self.user_logged_in(session)? {
             return Err(Error::Rv(CKR_OBJECT_HANDLE_INVALID));
         }
-        Ok((row, attrs))
+        Ok((row, attrs, generation))
     }
 
     pub fn get_attributes(
@@ -44,7 +52,7 @@ impl Vault {
         key: &StoredKey,
         types: &[CK_ATTRIBUTE_TYPE],
     ) -> Result<Vec<Answer>> {
-        let (row, attrs) = self.row_of(session, key)?;
+        let (row, attrs, _) = self.row_of(session, key)?;
         let hidden = attrs.bool(CKA_SENSITIVE) == Some(true) || attrs.bool(CKA_EXTRACTABLE) == Some(false);
         Ok(types
             .iter()
@@ -68,7 +76,7 @@ impl Vault {
 
     /// The size the application is told: what the row holds for the key.
     pub fn object_size(&self, session: CK_SESSION_HANDLE, key: &StoredKey) -> Result<CK_ULONG> {
-        let (row, _) = self.row_of(session, key)?;
+        let (row, _, _) = self.row_of(session, key)?;
         Ok((row.attrs.len() + row.wrapped.len()) as CK_ULONG)
     }
 
@@ -76,7 +84,7 @@ impl Vault {
     /// one atomic update of the row (retried if another process changed it meanwhile).
     pub fn set_attributes(&self, session: CK_SESSION_HANDLE, key: &StoredKey, changes: &Template) -> Result<()> {
         for _attempt in 0..5 {
-            let (row, attrs) = self.row_of(session, key)?;
+            let (row, attrs, at) = self.row_of(session, key)?;
             if self.backend.session_info(session)?.flags & CKF_RW_SESSION == 0 {
                 return Err(Error::Rv(CKR_SESSION_READ_ONLY));
             }
@@ -91,11 +99,13 @@ impl Vault {
                 attrs: attrs.encode(),
                 group,
                 version: row.version + 1,
-                ..row
+                ..KeyRow::clone(&row)
             };
             self.seal(key.slot, &set, &mut updated)?;
             if self.logged("updating a stored key", self.store()?.update(&updated))? {
-                // The HSM copy carries the old flags: load the new version on next use.
+                // The row as written, current when `row` was (the update checked that it still was); the HSM
+                // copy carries the old flags: the next use loads the new version.
+                self.keep(key, Arc::new(updated), at, true);
                 self.forget_copy(key, false);
                 return Ok(());
             }
@@ -106,7 +116,7 @@ impl Vault {
 
     /// C_DestroyObject on a stored key: deletes its row; the handle is invalid afterwards everywhere.
     pub fn destroy(&self, session: CK_SESSION_HANDLE, handle: CK_OBJECT_HANDLE, key: &StoredKey) -> Result<()> {
-        let (_, attrs) = self.row_of(session, key)?;
+        let (_, attrs, _) = self.row_of(session, key)?;
         if self.backend.session_info(session)?.flags & CKF_RW_SESSION == 0 {
             return Err(Error::Rv(CKR_SESSION_READ_ONLY));
         }
@@ -127,7 +137,7 @@ impl Vault {
     /// C_WrapKey of a stored key: refused when the application made it unextractable (the HSM copy is
     /// extractable, but only under a trusted key).
     pub fn check_wrappable(&self, session: CK_SESSION_HANDLE, key: &StoredKey) -> Result<()> {
-        let (_, attrs) = self.row_of(session, key)?;
+        let (_, attrs, _) = self.row_of(session, key)?;
         if attrs.bool(CKA_EXTRACTABLE) == Some(false) {
             return Err(Error::Rv(CKR_KEY_UNEXTRACTABLE));
         }
@@ -136,11 +146,11 @@ impl Vault {
 
     /// What a copy of a stored key inherits: its group, and whether it may be copied and extracted.
     pub fn copy_source(&self, session: CK_SESSION_HANDLE, key: &StoredKey) -> Result<(String, bool)> {
-        let (row, attrs) = self.row_of(session, key)?;
+        let (row, attrs, _) = self.row_of(session, key)?;
         if attrs.bool(CKA_COPYABLE) == Some(false) {
             return Err(Error::Rv(CKR_ACTION_PROHIBITED));
         }
-        Ok((row.group, attrs.bool(CKA_EXTRACTABLE).unwrap_or(true)))
+        Ok((row.group.clone(), attrs.bool(CKA_EXTRACTABLE).unwrap_or(true)))
     }
 }
 
