@@ -30,6 +30,7 @@ vault_cases!(
     kill_during_create_leaves_no_half_row,
     plain_slot_is_untouched,
     every_creation_path_stores,
+    held_rows_spare_the_store,
 );
 
 /// The database going away: stored-key calls fail with CKR_DEVICE_ERROR and a log line; native keys go on

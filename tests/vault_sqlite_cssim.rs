@@ -27,4 +27,5 @@ vault_cases!(
     kill_during_create_leaves_no_half_row,
     plain_slot_is_untouched,
     every_creation_path_stores,
+    held_rows_spare_the_store,
 );

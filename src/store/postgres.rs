@@ -275,7 +275,7 @@ impl PostgresStore {
                 Err(self.unavailable(&e))
             }
             Err(e) => {
-                drop(pooled);
+                self.lost(pooled);
                 let stale = std::mem::take(&mut *self.idle.lock().unwrap_or_else(|e| e.into_inner()));
                 drop(stale); // closed outside the lock
                 if !retry() || fresh {
@@ -288,7 +288,9 @@ impl PostgresStore {
                         Ok(value)
                     }
                     Err(e) => {
-                        if !broken(&e, &pooled.client) {
+                        if broken(&e, &pooled.client) {
+                            self.lost(pooled);
+                        } else {
                             self.give_back(pooled);
                         }
                         Err(self.unavailable(&e))
@@ -301,6 +303,14 @@ impl PostgresStore {
     /// Counts a commit made through this store at once (its notification is not counted again).
     fn wrote(&self, change: Change) {
         self.changes.log.bump(change);
+    }
+
+    /// Closes a connection that failed. A write on it may have committed without this store hearing so,
+    /// and its notification may already have been passed over as this store's own: count a change to
+    /// anything.
+    fn lost(&self, pooled: Pooled) {
+        self.wrote(Change::Any);
+        drop(pooled);
     }
 }
 
@@ -522,7 +532,9 @@ impl PostgresTx<'_> {
             Ok(value) => Ok(value),
             Err(e) => {
                 if broken(&e, &pooled.client) {
-                    self.pooled = None;
+                    if let Some(pooled) = self.pooled.take() {
+                        self.store.lost(pooled);
+                    }
                 }
                 Err(self.store.unavailable(&e))
             }

@@ -387,6 +387,7 @@ impl Vault {
                 return Ok(Some((row.clone(), *verified)));
             }
         }
+        crate::debug!("stored key {}: reading its row from the key store", key.id);
         let Some(read) = self.logged("reading a stored key", store.get(&key.id))? else {
             crate::info!("stored key {} was destroyed (by this or another process); its handle is now invalid", key.id);
             self.forget_copy(key, true);

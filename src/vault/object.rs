@@ -109,6 +109,8 @@ impl Vault {
                 self.forget_copy(key, false);
                 return Ok(());
             }
+            // Changed meanwhile: the row held here may be older than the store knows yet; read it again.
+            lock(&key.state).kept = None;
         }
         crate::warn!("stored key {}: changed by others five times while being updated; giving up", key.id);
         Err(Error::Rv(CKR_FUNCTION_FAILED))

@@ -35,7 +35,7 @@ pub fn init(url: impl FnOnce() -> String) {
         common::setup();
         let dir = common::test_dir();
         let mut config = format!(
-            "module = \"{}\"\nlog_file = \"shim.log\"\nlog_level = \"info\"\n[store]\nurl = \"{url}\"\n",
+            "module = \"{}\"\nlog_file = \"shim.log\"\nlog_level = \"debug\"\n[store]\nurl = \"{url}\"\n",
             common::backend_path().display()
         );
         for i in 1..=40 {
@@ -537,9 +537,72 @@ pub fn edited_rows_are_refused() {
         store_op("update", &encode_row(&edited));
         let e = s.encrypt(&Mechanism::AesEcb, key, &[0u8; 16]).unwrap_err();
         assert_eq!(rv(e), RvError::GeneralError, "edited {what}: refused");
-        assert!(shim_log().contains(&row.id), "edited {what}: the log names the key {}", row.id);
+        let log = shim_log();
+        assert!(
+            log.lines().any(|l| l.contains(&row.id) && l.contains("the key is refused")),
+            "edited {what}: a log line names the key {} and says it is refused",
+            row.id
+        );
         encrypt_roundtrip(&s, good).unwrap_or_else(|e| panic!("after editing {what}, other keys still work: {e}"));
     }
+}
+
+/// Runs pkcs11-tool through the shim, logged in on token `token`, with `args`.
+fn pkcs11_tool(token: &str, args: &[&str]) {
+    let out = Command::new("pkcs11-tool")
+        .args([
+            "--module",
+            &common::shim_path().to_string_lossy(),
+            "--token-label",
+            token,
+            "--login",
+            "--pin",
+            USER_PIN,
+        ])
+        .args(args)
+        .output()
+        .expect("pkcs11-tool");
+    assert!(out.status.success(), "pkcs11-tool {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// The rows the shim holds. A first use after a create or a find reads nothing more from the store while
+/// nothing that concerns the key changed. With PostgreSQL, whose notifications name the changed row,
+/// another process's new key does not make this one read again; SQLite knows only that something changed
+/// and reads the row once more. A key destroyed elsewhere is read again (and found gone) with both.
+pub fn held_rows_spare_the_store() {
+    let (_slot, s) = db_token("db13");
+    let made = new_aes(&s, "made");
+    new_aes(&s, "found");
+    let id = |label: &str| rows("db13").into_iter().find(|r| r.label == label.as_bytes()).expect("row").id;
+    let (made_id, found_id) = (id("made"), id("found"));
+    // This process's reads (pkcs11-tool's shim logs to the same file).
+    let reads = |id: &str| {
+        let (me, line) = (format!("p11shim[{}]", std::process::id()), format!("stored key {id}: reading its row"));
+        shim_log().lines().filter(|l| l.contains(&me) && l.contains(&line)).count()
+    };
+    let found = s.find_objects(&[Attribute::Label(b"found".to_vec())]).unwrap();
+    assert_eq!(found.len(), 1);
+    // Another process makes a key in the same store.
+    pkcs11_tool("db13", &["--keygen", "--key-type", "AES:32", "--label", "elsewhere"]);
+    std::thread::sleep(std::time::Duration::from_millis(300)); // its change has been heard of here
+    encrypt_roundtrip(&s, made).expect("first use of the key made here");
+    encrypt_roundtrip(&s, found[0]).expect("first use of the key found here");
+    let postgres = store_url().starts_with("postgres");
+    for (what, id) in [("made", &made_id), ("found", &found_id)] {
+        let n = reads(id);
+        if postgres {
+            assert_eq!(n, 0, "{what}: another key's change does not make the row be read again");
+        } else {
+            assert!(n <= 1, "{what}: read at most once ({n})");
+        }
+    }
+    let before = reads(&found_id);
+    pkcs11_tool("db13", &["--delete-object", "--type", "secrkey", "--label", "found"]);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let e = s.encrypt(&Mechanism::AesEcb, found[0], &[0u8; 16]).unwrap_err();
+    assert_eq!(rv(e), RvError::KeyHandleInvalid, "destroyed elsewhere");
+    assert_eq!(reads(&found_id), before + 1, "its row was read again, and found gone");
+    encrypt_roundtrip(&s, made).expect("the other key is unaffected");
 }
 
 /// Four processes create keys at once into one store: none lost, none doubled.
