@@ -76,6 +76,7 @@ both_engines!(
     the_last_user_administrator_cannot_be_deleted,
     public_key_files_in_three_formats,
     cli_first_user_needs_the_so_pin,
+    cli_four_first_users_at_once_make_one,
     cli_user_commands_end_to_end,
     cli_stacked_logon_failure_runs_nothing,
 );
@@ -595,6 +596,70 @@ fn cli_first_user_needs_the_so_pin(fx: &Fixture) {
             "admin | user add bob",
         ]
     );
+}
+
+/// Four processes add a first user at once, each with the SO PIN: one of them becomes the first user, the
+/// others are refused (the SO PIN creates only the first user), and the audit log says so.
+fn cli_four_first_users_at_once_make_one(fx: &Fixture) {
+    let cli = Cli::new(fx);
+    let pin_file = fx.dir().join("so.pin");
+    std::fs::write(&pin_file, format!("{SO_PIN}\n")).unwrap();
+    // Each process gets a copy of the token: SoftHSM2 is not safe with several processes on one token
+    // directory. The store, where the race is, is the one they share.
+    let confs: Vec<String> = (0..4)
+        .map(|i| {
+            let copy = fx.dir().join(format!("hsm{i}"));
+            let status = Command::new("cp").arg("-a").arg(fx.dir().join("hsm")).arg(&copy).status().unwrap();
+            assert!(status.success(), "copy the token directory");
+            let conf = copy.join("softhsm2.conf");
+            let text = format!(
+                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+                copy.join("tokens").display()
+            );
+            std::fs::write(&conf, text).unwrap();
+            conf.display().to_string()
+        })
+        .collect();
+    let outputs: Vec<Output> = std::thread::scope(|s| {
+        let runs: Vec<_> = confs
+            .iter()
+            .enumerate()
+            .map(|(i, conf)| {
+                let (cli, pin_file) = (&cli, &pin_file);
+                s.spawn(move || {
+                    let name = format!("admin{i}");
+                    let args = [
+                        "user",
+                        "add",
+                        &name,
+                        "--perm",
+                        "12000000",
+                        "--group-regex",
+                        ".*",
+                        "--password",
+                        "--so-pin-file",
+                    ];
+                    cli.run(
+                        &[&args[..], &[pin_file.to_str().unwrap()]].concat(),
+                        &[("P11SHIM_NEW_PASSWORD", "first password"), ("SOFTHSM2_CONF", conf)],
+                    )
+                })
+            })
+            .collect();
+        runs.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    let added = outputs.iter().filter(|o| o.status.success()).count();
+    let errors: Vec<_> = outputs.iter().map(|o| String::from_utf8_lossy(&o.stderr).into_owned()).collect();
+    assert_eq!(added, 1, "exactly one first user: {errors:?}");
+    for o in outputs.iter().filter(|o| !o.status.success()) {
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("the SO PIN creates only the first user"), "{err}");
+    }
+    let store = fx.open();
+    assert_eq!(store.user_list().unwrap().len(), 1);
+    let log = actions(&*store);
+    assert_eq!(log.iter().filter(|a| a.starts_with("SO of users | user add admin")).count(), 1, "{log:?}");
+    assert_eq!(log.iter().filter(|a| a.contains("refused: user add admin")).count(), 3, "{log:?}");
 }
 
 fn cli_user_commands_end_to_end(fx: &Fixture) {

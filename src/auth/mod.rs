@@ -403,6 +403,18 @@ pub fn add_user(store: &dyn KeyStore, logons: &Logons, so: Option<&SoLogon>, use
         }
     };
     let row = user_row(&user)?;
+    if first {
+        // Only if the table is still empty: another first user may have been added meanwhile.
+        if !store.user_insert_first(&row)? {
+            let reason = format!(
+                "{action} denied: another user was created meanwhile, and the SO PIN creates only the first user; \
+                 log on as a user administrator (10000000)"
+            );
+            return Err(AuthError::Refused(audit::record_refusal(store, &who, &action, &user.group_regex, &reason)));
+        }
+        done(store, &who, &action, &row.group_regex)?;
+        return Ok(UserInfo::from(&row));
+    }
     match store.user_insert(&row) {
         Ok(()) => {}
         Err(StoreError::Duplicate { .. }) => {

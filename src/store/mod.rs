@@ -128,6 +128,10 @@ pub trait KeyStore: Send + Sync {
 
     /// Users (issue C): insert a new user; `Duplicate` (id = name) if the name exists.
     fn user_insert(&self, user: &UserRow) -> StoreResult<()>;
+    /// Inserts `user` only if there is no user at all (the first user, whom the SO PIN creates): true if
+    /// inserted, false if a user exists (nothing written). Concurrent calls, from any process or host, make
+    /// one first user.
+    fn user_insert_first(&self, user: &UserRow) -> StoreResult<bool>;
     /// Replaces a user if its stored version is `user.version - 1`; false if gone or changed meanwhile.
     fn user_update(&self, user: &UserRow) -> StoreResult<bool>;
     fn user_get(&self, name: &str) -> StoreResult<Option<UserRow>>;

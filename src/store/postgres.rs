@@ -29,6 +29,8 @@ const CHANNEL: &str = "p11shim_keys";
 const MIGRATION_LOCK: i64 = 0x0070_3131_7368_696d;
 /// Serializes audit appenders between processes and hosts ("p11audit" in ASCII).
 const AUDIT_LOCK: i64 = 0x7031_3161_7564_6974;
+/// Serializes the creation of the first user between processes and hosts ("p11users" in ASCII).
+const FIRST_USER_LOCK: i64 = 0x7031_3175_7365_7273;
 /// Rows fetched per round trip by the streaming reads (scan, audit_scan).
 const SCAN_BATCH: i32 = 1000;
 /// Reconnect delays of the listener: doubled from MIN to MAX while the server stays away.
@@ -736,6 +738,27 @@ impl KeyStore for PostgresStore {
             return Err(StoreError::Duplicate { store: self.name.clone(), id: user.name.clone() });
         }
         Ok(())
+    }
+
+    fn user_insert_first(&self, user: &UserRow) -> StoreResult<bool> {
+        let insert = format!("INSERT INTO users ({USER_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6)");
+        self.run(false, |p| {
+            let (lock, any, insert) = (
+                p.statement("SELECT pg_advisory_xact_lock($1)")?,
+                p.statement("SELECT EXISTS (SELECT 1 FROM users)")?,
+                p.statement(&insert)?,
+            );
+            let mut tx = p.client.transaction()?;
+            // Held until commit: a second first user waits here, then sees the first one (READ COMMITTED
+            // takes a new snapshot per statement).
+            tx.execute(&lock, &[&FIRST_USER_LOCK])?;
+            if tx.query_one(&any, &[])?.get::<_, bool>(0) {
+                return Ok(false);
+            }
+            tx.execute(&insert, &[&user.name, &user.perm, &user.group_regex, &user.auth, &user.secret, &user.version])?;
+            tx.commit()?;
+            Ok(true)
+        })
     }
 
     fn user_update(&self, user: &UserRow) -> StoreResult<bool> {

@@ -618,6 +618,29 @@ impl KeyStore for SqliteStore {
         Ok(())
     }
 
+    fn user_insert_first(&self, user: &UserRow) -> StoreResult<bool> {
+        let sql = format!("INSERT INTO users ({USER_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)");
+        self.lease()?.run(|p| {
+            // IMMEDIATE: the write lock is taken before the table is looked at, so two first users cannot
+            // both find it empty.
+            let tx = p.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let any: bool = tx.prepare_cached("SELECT EXISTS (SELECT 1 FROM users)")?.query_row([], |r| r.get(0))?;
+            if any {
+                return Ok(false);
+            }
+            tx.prepare_cached(&sql)?.execute(rusqlite::params![
+                user.name,
+                user.perm,
+                user.group_regex,
+                user.auth,
+                user.secret,
+                user.version
+            ])?;
+            tx.commit()?;
+            Ok(true)
+        })
+    }
+
     fn user_update(&self, user: &UserRow) -> StoreResult<bool> {
         let sql = "UPDATE users SET perm = ?2, group_regex = ?3, auth = ?4, secret = ?5, version = ?6 \
                    WHERE name = ?1 AND version = ?7";
