@@ -74,6 +74,7 @@ both_engines!(
     invalid_names_masks_and_regexes_are_refused_by_name,
     passwd_by_the_user_or_an_admin_only,
     the_last_user_administrator_cannot_be_deleted,
+    two_admins_deleting_each_other_at_once_leave_one,
     public_key_files_in_three_formats,
     cli_first_user_needs_the_so_pin,
     cli_four_first_users_at_once_make_one,
@@ -459,6 +460,40 @@ fn the_last_user_administrator_cannot_be_deleted(fx: &Fixture) {
     let err = auth::delete_user(&*store, &admin, "admin").unwrap_err();
     assert!(err.to_string().contains("no user administrator"), "{err}");
     assert!(store.user_get("admin").unwrap().is_some());
+}
+
+/// Two administrators delete each other at once, from two connections (as two processes would): one
+/// deletion goes through, the other is refused, and an administrator remains. 20 rounds.
+fn two_admins_deleting_each_other_at_once_leave_one(fx: &Fixture) {
+    for round in 0..20 {
+        let (a, b) = (format!("a{round}"), format!("b{round}"));
+        let setup = fx.open();
+        seed(&*setup, &a, "10000000", ".*");
+        seed(&*setup, &b, "10000000", ".*");
+        seed(&*setup, &format!("u{round}"), "00000002", ".*");
+        let barrier = std::sync::Barrier::new(2);
+        let results: Vec<bool> = std::thread::scope(|s| {
+            let runs: Vec<_> = [(&a, &b), (&b, &a)]
+                .into_iter()
+                .map(|(me, victim)| {
+                    let (barrier, store) = (&barrier, fx.open());
+                    s.spawn(move || {
+                        let me = logons(&*store, &[me.as_str()]);
+                        barrier.wait();
+                        auth::delete_user(&*store, &me, victim).is_ok()
+                    })
+                })
+                .collect();
+            runs.into_iter().map(|r| r.join().unwrap()).collect()
+        });
+        assert_eq!(results.iter().filter(|ok| **ok).count(), 1, "round {round}: {results:?}");
+        let admins = setup.user_list().unwrap().into_iter().filter(|u| u.perm.starts_with('1')).count();
+        assert_eq!(admins, 1, "round {round}: one administrator remains");
+        // The next round starts from no administrator of this round's.
+        for u in setup.user_list().unwrap() {
+            setup.user_delete(&u.name).unwrap();
+        }
+    }
 }
 
 fn public_key_files_in_three_formats(fx: &Fixture) {

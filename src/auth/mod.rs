@@ -18,7 +18,7 @@ pub use perm::{Denied, Need, Perm};
 use crate::admin::{Pin, Token};
 use crate::audit::{self, AuditError};
 use crate::config::{Config, Storage};
-use crate::store::{KeyStore, StoreError, UserRow};
+use crate::store::{KeyStore, StoreError, UserDelete, UserRow};
 use argon2::password_hash::{PasswordHasher, PasswordVerifier};
 use argon2::Argon2;
 use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
@@ -450,26 +450,21 @@ pub fn delete_user(store: &dyn KeyStore, logons: &Logons, name: &str) -> Result<
         let reason = format!("{action} denied: {}", denied.doing("user administration"));
         return Err(refused(store, logons, &action, "", &reason));
     }
-    let users = store.user_list()?;
-    let Some(victim) = users.iter().find(|u| u.name == name) else {
-        return Err(AuthError::Failed(format!("no user {name}")));
+    // The check and the deletion are one transaction: two deletions at once cannot remove the last two
+    // administrators.
+    let admins_remain = |rest: &[UserRow]| {
+        rest.iter().filter_map(|u| Perm::parse(&u.perm).ok()).map(|p| u32::from(p.level(7))).sum::<u32>() >= 1
     };
-    let admin_levels: u32 = users
-        .iter()
-        .filter(|u| u.name != name)
-        .filter_map(|u| Perm::parse(&u.perm).ok())
-        .map(|p| u32::from(p.level(7)))
-        .sum();
-    if admin_levels < 1 {
-        let reason = format!(
-            "{action} denied: it would leave no user administrator (slot 7 ≥ 1, e.g. 10000000); add another first"
-        );
-        return Err(refused(store, logons, &action, &victim.group_regex, &reason));
+    match store.user_delete_if(name, &admins_remain)? {
+        UserDelete::NotFound => Err(AuthError::Failed(format!("no user {name}"))),
+        UserDelete::Refused(victim) => {
+            let reason = format!(
+                "{action} denied: it would leave no user administrator (slot 7 ≥ 1, e.g. 10000000); add another first"
+            );
+            Err(refused(store, logons, &action, &victim.group_regex, &reason))
+        }
+        UserDelete::Deleted(victim) => done(store, &logons.who(), &action, &victim.group_regex),
     }
-    if !store.user_delete(name)? {
-        return Err(AuthError::Failed(format!("no user {name} (deleted meanwhile)")));
-    }
-    done(store, &logons.who(), &action, &victim.group_regex)
 }
 
 /// Changes a user's password or key (and so possibly how the user logs on): by a user administrator, or by

@@ -139,6 +139,10 @@ pub trait KeyStore: Send + Sync {
     fn user_list(&self) -> StoreResult<Vec<UserRow>>;
     /// Deletes the user; false if it was not there.
     fn user_delete(&self, name: &str) -> StoreResult<bool>;
+    /// Deletes the user if `allowed` accepts the users that would remain, all in one transaction that
+    /// concurrent calls (and [`KeyStore::user_insert_first`]) from any process or host wait for: so two
+    /// deletions at once cannot together break what each checked (at least one user administrator).
+    fn user_delete_if(&self, name: &str, allowed: &dyn Fn(&[UserRow]) -> bool) -> StoreResult<UserDelete>;
 
     /// Appends to the audit log in one transaction that serializes appenders (SQLite: BEGIN IMMEDIATE;
     /// PostgreSQL: an advisory transaction lock): reads the last entry, and inserts `entry` with
@@ -188,6 +192,21 @@ impl fmt::Debug for UserRow {
             .field("version", &self.version)
             .finish_non_exhaustive()
     }
+}
+
+/// What [`KeyStore::user_delete_if`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UserDelete {
+    Deleted(UserRow),
+    NotFound,
+    /// Not deleted: the users that would remain were not allowed.
+    Refused(UserRow),
+}
+
+/// Splits `users` into the one named `name` and the others, for [`KeyStore::user_delete_if`].
+fn split_user(users: Vec<UserRow>, name: &str) -> (Option<UserRow>, Vec<UserRow>) {
+    let (victim, rest): (Vec<UserRow>, Vec<UserRow>) = users.into_iter().partition(|u| u.name == name);
+    (victim.into_iter().next(), rest)
 }
 
 /// An audit entry before the store places it in the chain.

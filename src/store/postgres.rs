@@ -8,8 +8,9 @@
 
 use super::changes::{Change, ChangeLog};
 use super::{
-    chain, find_sql, foreign_schema, from_db, newer_schema, redact, to_db, AuditDraft, AuditEntry, KeyQuery, KeyRow,
-    KeyStore, Param, StoreError, StoreResult, StoreTx, UserRow, AUDIT_COLUMNS, COLUMNS, SCHEMA_VERSION, USER_COLUMNS,
+    chain, find_sql, foreign_schema, from_db, newer_schema, redact, split_user, to_db, AuditDraft, AuditEntry,
+    KeyQuery, KeyRow, KeyStore, Param, StoreError, StoreResult, StoreTx, UserDelete, UserRow, AUDIT_COLUMNS, COLUMNS,
+    SCHEMA_VERSION, USER_COLUMNS,
 };
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::ToSql;
@@ -29,8 +30,9 @@ const CHANNEL: &str = "p11shim_keys";
 const MIGRATION_LOCK: i64 = 0x0070_3131_7368_696d;
 /// Serializes audit appenders between processes and hosts ("p11audit" in ASCII).
 const AUDIT_LOCK: i64 = 0x7031_3161_7564_6974;
-/// Serializes the creation of the first user between processes and hosts ("p11users" in ASCII).
-const FIRST_USER_LOCK: i64 = 0x7031_3175_7365_7273;
+/// Serializes the creation of the first user and deletions of users between processes and hosts
+/// ("p11users" in ASCII).
+const USERS_LOCK: i64 = 0x7031_3175_7365_7273;
 /// Rows fetched per round trip by the streaming reads (scan, audit_scan).
 const SCAN_BATCH: i32 = 1000;
 /// Reconnect delays of the listener: doubled from MIN to MAX while the server stays away.
@@ -751,7 +753,7 @@ impl KeyStore for PostgresStore {
             let mut tx = p.client.transaction()?;
             // Held until commit: a second first user waits here, then sees the first one (READ COMMITTED
             // takes a new snapshot per statement).
-            tx.execute(&lock, &[&FIRST_USER_LOCK])?;
+            tx.execute(&lock, &[&USERS_LOCK])?;
             if tx.query_one(&any, &[])?.get::<_, bool>(0) {
                 return Ok(false);
             }
@@ -786,6 +788,29 @@ impl KeyStore for PostgresStore {
 
     fn user_delete(&self, name: &str) -> StoreResult<bool> {
         Ok(self.run(false, |p| p.execute("DELETE FROM users WHERE name = $1", &[&name]))? > 0)
+    }
+
+    fn user_delete_if(&self, name: &str, allowed: &dyn Fn(&[UserRow]) -> bool) -> StoreResult<UserDelete> {
+        let list = format!("SELECT {USER_COLUMNS} FROM users ORDER BY name");
+        self.run(false, |p| {
+            let (lock, list, delete) = (
+                p.statement("SELECT pg_advisory_xact_lock($1)")?,
+                p.statement(&list)?,
+                p.statement("DELETE FROM users WHERE name = $1")?,
+            );
+            let mut tx = p.client.transaction()?;
+            // Held until commit: a concurrent deletion waits here, then reads what this one left.
+            tx.execute(&lock, &[&USERS_LOCK])?;
+            let users = tx.query(&list, &[])?.iter().map(read_user).collect();
+            let (victim, rest) = split_user(users, name);
+            let Some(victim) = victim else { return Ok(UserDelete::NotFound) };
+            if !allowed(&rest) {
+                return Ok(UserDelete::Refused(victim));
+            }
+            tx.execute(&delete, &[&name])?;
+            tx.commit()?;
+            Ok(UserDelete::Deleted(victim))
+        })
     }
 
     fn audit_append(&self, draft: AuditDraft) -> StoreResult<AuditEntry> {

@@ -7,8 +7,9 @@
 //! last entry and append after it, under the write lock).
 
 use super::{
-    chain, find_sql, foreign_schema, from_db, newer_schema, to_db, AuditDraft, AuditEntry, KeyQuery, KeyRow, KeyStore,
-    Param, StoreError, StoreResult, StoreTx, UserRow, AUDIT_COLUMNS, COLUMNS, SCHEMA_VERSION, USER_COLUMNS,
+    chain, find_sql, foreign_schema, from_db, newer_schema, split_user, to_db, AuditDraft, AuditEntry, KeyQuery,
+    KeyRow, KeyStore, Param, StoreError, StoreResult, StoreTx, UserDelete, UserRow, AUDIT_COLUMNS, COLUMNS,
+    SCHEMA_VERSION, USER_COLUMNS,
 };
 use rusqlite::{ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior};
 use std::path::{Path, PathBuf};
@@ -672,6 +673,23 @@ impl KeyStore for SqliteStore {
         let deleted =
             self.lease()?.run(|p| p.conn.prepare_cached("DELETE FROM users WHERE name = ?1")?.execute([name]))?;
         Ok(deleted > 0)
+    }
+
+    fn user_delete_if(&self, name: &str, allowed: &dyn Fn(&[UserRow]) -> bool) -> StoreResult<UserDelete> {
+        let sql = format!("SELECT {USER_COLUMNS} FROM users ORDER BY name");
+        self.lease()?.run(|p| {
+            // IMMEDIATE: the write lock is taken before the users are read.
+            let tx = p.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let users = tx.prepare_cached(&sql)?.query_map([], read_user)?.collect::<rusqlite::Result<Vec<_>>>()?;
+            let (victim, rest) = split_user(users, name);
+            let Some(victim) = victim else { return Ok(UserDelete::NotFound) };
+            if !allowed(&rest) {
+                return Ok(UserDelete::Refused(victim));
+            }
+            tx.prepare_cached("DELETE FROM users WHERE name = ?1")?.execute([name])?;
+            tx.commit()?;
+            Ok(UserDelete::Deleted(victim))
+        })
     }
 
     fn audit_append(&self, draft: AuditDraft) -> StoreResult<AuditEntry> {
