@@ -15,5 +15,6 @@ backup_cases!(Engine::Sqlite;
     hsm_keys_are_wrapped_and_unwrappable_ones_listed,
     mbk_clones_and_shares,
     kill_9_during_backup_or_restore_changes_nothing,
+    kill_9_during_a_native_restore_is_rolled_back_by_the_next,
     audit_records_everything_and_detects_an_edit,
 );

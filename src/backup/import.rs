@@ -2,9 +2,11 @@
 //! stay; a key already present is skipped unless `--overwrite` (refused in CC mode). The whole file is
 //! checked first (wrong MBK, a bad MAC anywhere, truncation, an unknown version → nothing modified, and the
 //! error names the first bad record); then it is applied all or nothing: one transaction for a database
-//! slot, and for a token's own objects every object made is destroyed again if a later record fails.
+//! slot, and for a token's own objects every object made is destroyed again if a later record fails, and a
+//! journal (src/backup/journal.rs) lets the next restore roll back one that was killed.
 
 use super::format::{BackupReader, Header, Record, Sealer};
+use super::journal::{self, Journal, Triple};
 use super::work::{self, audit, describe, row_of_record, Authorizer, Work};
 use crate::attrs::{self, Attr, Template};
 use crate::config::Mode;
@@ -29,6 +31,8 @@ pub struct ImportReport {
     pub skipped: KeyList,
     pub overwritten: KeyList,
     pub dry_run: bool,
+    /// An interrupted restore into the same token that this one rolled back or finished first.
+    pub recovered: Option<String>,
 }
 
 pub fn import(store: &dyn KeyStore, work: &Work, who: &dyn Authorizer, opts: &ImportOptions) -> Result<ImportReport> {
@@ -72,13 +76,6 @@ impl KeyList {
     pub fn is_empty(&self) -> bool {
         self.count == 0
     }
-}
-
-/// What restoring one record means on the target.
-enum Plan {
-    Add,
-    Skip,
-    Overwrite(Vec<CK_OBJECT_HANDLE>),
 }
 
 fn run(store: &dyn KeyStore, work: &Work, who: &dyn Authorizer, opts: &ImportOptions) -> Result<ImportReport> {
@@ -128,52 +125,81 @@ fn run(store: &dyn KeyStore, work: &Work, who: &dyn Authorizer, opts: &ImportOpt
         }
         return Ok(report);
     }
-    // A token's own objects: make them, and on any failure destroy what was made.
-    let mut made: Vec<CK_OBJECT_HANDLE> = Vec::new();
-    let mut replaced: Vec<CK_OBJECT_HANDLE> = Vec::new();
+    // A token's own objects. First the lock and the journal: a restore into this token that died is rolled
+    // back (or finished) before anything else.
+    let (mut journal, recovered) = Journal::open(work, &work.state_dir)?;
+    report.recovered = recovered;
     // One look at the token's objects, not a find per record: a find reads every object of the token
     // (SoftHSM2 opens each object file), which made a restore quadratic.
-    let mut index = TokenIndex::read(work)?;
+    let index = TokenIndex::read(work)?;
+    // The plan, record by record: what is made (and what it replaces). A (class, label, CKA_ID) that an
+    // earlier record of the file takes is present for the later ones.
+    let mut planned: std::collections::HashSet<Triple> = std::collections::HashSet::new();
+    let mut make_list: Vec<Triple> = Vec::new();
+    let mut replaced: Vec<(Triple, CK_OBJECT_HANDLE)> = Vec::new();
+    while let Some((_, record)) = reader.next_record(&sealer)? {
+        report.records += 1;
+        let name = describe(&record.label, &record.id, &record.group);
+        let triple = Triple::new(record.class, &record.label, &record.ckid);
+        let existing = index.present(&record);
+        if planned.contains(&triple) || (!existing.is_empty() && !opts.overwrite) {
+            report.skipped.push(name);
+            continue;
+        }
+        planned.insert(triple.clone());
+        make_list.push(triple.clone());
+        if existing.is_empty() {
+            report.added.push(name);
+        } else {
+            replaced.extend(existing.into_iter().map(|h| (triple.clone(), h)));
+            report.overwritten.push(name);
+        }
+    }
+    if opts.dry_run || make_list.is_empty() {
+        return Ok(report);
+    }
+    let old = replaced
+        .iter()
+        .map(|(triple, h)| Ok((triple.clone(), journal::fingerprint(work, *h, triple.class)?)))
+        .collect::<Result<Vec<_>>>()?;
+    journal.begin(work, make_list.clone(), old)?;
+    // Make them; on any failure destroy what was made (and if that fails too, the journal stays for the
+    // next restore to roll back).
+    let t = &work.token;
+    let mut made: Vec<CK_OBJECT_HANDLE> = Vec::new();
+    let mut reader = BackupReader::open(opts.file)?;
+    let mut next = make_list.iter();
+    let mut expected = next.next();
     let applied = (|| -> Result<()> {
         while let Some((number, record)) = reader.next_record(&sealer)? {
-            report.records += 1;
+            let Some(want) = expected else { break };
+            if Triple::new(record.class, &record.label, &record.ckid) != *want {
+                continue;
+            }
             let name = describe(&record.label, &record.id, &record.group);
-            let plan = match index.present(&record) {
-                existing if existing.is_empty() => Plan::Add,
-                _ if !opts.overwrite => Plan::Skip,
-                existing => Plan::Overwrite(existing),
-            };
-            if !opts.dry_run && !matches!(plan, Plan::Skip) {
-                let h = make(work, &record, true).map_err(|e| {
-                    Error::Other(format!(
-                        "record {number} ({name}): cannot be made on token {:?}: {e}",
-                        work.token.label
-                    ))
-                })?;
-                made.push(h);
-                index.add(&record, h);
-            }
-            match plan {
-                Plan::Add => report.added.push(name),
-                Plan::Skip => report.skipped.push(name),
-                Plan::Overwrite(old) => {
-                    replaced.extend(old);
-                    report.overwritten.push(name)
-                }
-            }
+            let h = make(work, &record, true).map_err(|e| {
+                Error::Other(format!("record {number} ({name}): cannot be made on token {:?}: {e}", t.label))
+            })?;
+            made.push(h);
+            expected = next.next();
         }
-        Ok(())
+        match expected {
+            None => Ok(()),
+            Some(_) => Err(Error::Other(format!("{} changed during the restore", opts.file.display()))),
+        }
     })();
-    let t = &work.token;
     if let Err(e) = applied {
-        for h in made {
-            let _ = t.backend.destroy_object(t.session, h);
+        let cleaned = made.iter().all(|h| t.backend.destroy_object(t.session, *h).is_ok());
+        if cleaned {
+            journal.end()?;
         }
         return Err(e);
     }
-    for h in replaced {
+    journal.commit()?;
+    for (_, h) in replaced {
         t.backend.destroy_object(t.session, h)?;
     }
+    journal.end()?;
     Ok(report)
 }
 
@@ -222,10 +248,6 @@ impl TokenIndex {
 
     fn present(&self, record: &Record) -> Vec<CK_OBJECT_HANDLE> {
         self.0.get(&(record.class, record.label.clone(), record.ckid.clone())).cloned().unwrap_or_default()
-    }
-
-    fn add(&mut self, record: &Record, handle: CK_OBJECT_HANDLE) {
-        self.0.entry((record.class, record.label.clone(), record.ckid.clone())).or_default().push(handle);
     }
 }
 

@@ -5,6 +5,7 @@ pub mod db;
 pub mod export;
 pub mod format;
 pub mod import;
+pub mod journal;
 pub mod mbk;
 pub mod shamir;
 pub mod verify;

@@ -19,6 +19,19 @@ pub struct Work {
     pub database: bool,
     /// The group of the token's own (HSM-resident) keys: its slot's default_group, else its label.
     pub slot_group: String,
+    /// Where a restore into the token's own objects keeps its journal: the config file's directory.
+    pub state_dir: std::path::PathBuf,
+    /// The session is this command's own (not an application's): a restore may roll back an interrupted
+    /// one with it, which looks at every object the session sees.
+    pub own_session: bool,
+}
+
+/// The directory of the config file (the current directory for a bare file name).
+fn state_dir(config: &Config) -> std::path::PathBuf {
+    match config.source.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    }
 }
 
 impl Work {
@@ -32,6 +45,8 @@ impl Work {
         Ok(Work {
             database: slot.is_some_and(|s| s.storage == Storage::Database),
             slot_group: slot.map(|s| s.default_group.clone()).unwrap_or_else(|| label.to_string()),
+            state_dir: state_dir(config),
+            own_session: true,
             token,
             set,
         })
@@ -45,6 +60,8 @@ impl Work {
         Ok(Work {
             database: slot.is_some_and(|s| s.storage == Storage::Database),
             slot_group: slot.map(|s| s.default_group.clone()).unwrap_or_else(|| token.label.clone()),
+            state_dir: state_dir(config),
+            own_session: false,
             token,
             set,
         })

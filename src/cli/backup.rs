@@ -177,6 +177,9 @@ pub fn restore(config: &Config, a: RestoreArgs) -> CliResult {
     let work = Work::open(config, &label, &a.pins.user()?).map_err(|e| e.to_string())?;
     let opts = ImportOptions { file: &a.file, overwrite: a.overwrite, dry_run: a.dry_run, mode: config.mode };
     let report = import::import(store.as_ref(), &work, &Users(&users), &opts).map_err(|e| e.to_string())?;
+    if let Some(recovered) = &report.recovered {
+        eprintln!("p11shim: first {recovered}");
+    }
     let verb = if a.dry_run { "would be" } else { "were" };
     if a.json {
         println!(
@@ -184,7 +187,8 @@ pub fn restore(config: &Config, a: RestoreArgs) -> CliResult {
             json!({"file": a.file, "token": label, "dry_run": a.dry_run, "records": report.records,
                    "added": report.added.names, "skipped": report.skipped.names, "overwritten": report.overwritten.names,
                    "added_count": report.added.count, "skipped_count": report.skipped.count,
-                   "overwritten_count": report.overwritten.count, "names_kept_per_list": import::NAMES_KEPT})
+                   "overwritten_count": report.overwritten.count, "names_kept_per_list": import::NAMES_KEPT,
+                   "recovered": report.recovered})
         );
     } else {
         println!("{} records in {} (MBK {})", report.records, a.file.display(), report.fingerprint);

@@ -1494,6 +1494,57 @@ pub fn kill_9_during_backup_or_restore_changes_nothing(engine: Engine) {
 
 // ---- 9. audit ----------------------------------------------------------------------------------------------
 
+/// kill -9 during a restore into a token's own objects (a pass-through slot): the HSM keeps what the
+/// killed restore made, but its journal is left behind, and the next restore into that token rolls it
+/// back before anything else, so the token is as before; then a full restore makes every key once.
+pub fn kill_9_during_a_native_restore_is_rolled_back_by_the_next(engine: Engine) {
+    const KEYS: usize = 600;
+    let lab = Lab::new(engine, "kill9native");
+    lab.db_token("src", "Src");
+    lab.mbk_create("src");
+    lab.admin("src");
+    let u = lab.user("u", "00000002", "Src");
+    lab.bulk_keys("src", "k", KEYS);
+    let file = lab.p("src.p11b");
+    lab.p11shim(&["backup", "--group", "Src", "--out", &file, "--token", "src", "--logon", &u]).ok();
+    lab.native_token("far", "Far");
+    lab.clone_mbk("src", "far");
+    let objects = |lab: &Lab| lab.hsm_objects("far").matches("label:").count();
+    let before = lab.hsm_objects("far");
+    let journal = lab.config_path().parent().unwrap().join(format!(".p11shim-restore-{}.journal", hex::encode("far")));
+    let mut child = lab
+        .cmd(&["restore", &file, "--token", "far", "--logon", &u])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !journal.exists() && Instant::now() < deadline && child.try_wait().unwrap().is_none() {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    // Making {KEYS} token objects takes SoftHSM2 seconds: 300 ms into it, some are made.
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = child.kill();
+    let status = child.wait().unwrap();
+    assert!(
+        status.signal() == Some(9) && journal.exists(),
+        "the restore was to be killed while making objects: it ended with {status}"
+    );
+    let partial = objects(&lab);
+    let base = before.matches("label:").count();
+    assert!(partial > base && partial < base + KEYS, "killed mid-way: {base} objects before, {partial} now");
+    // The next restore (a dry run here) rolls the killed one back first, and says so.
+    let dry = lab.p11shim(&["restore", &file, "--token", "far", "--logon", &u, "--dry-run", "--json"]).ok();
+    assert!(dry.stderr.contains("rolled back an interrupted restore into token \"far\""), "{}", dry.stderr);
+    assert_eq!(n(&dry.json(), "added_count"), KEYS as u64);
+    assert_eq!(lab.hsm_objects("far"), before, "the token is as it was before the killed restore");
+    assert!(!journal.exists(), "the journal is gone once rolled back");
+    let done = lab.p11shim(&["restore", &file, "--token", "far", "--logon", &u, "--json"]).ok();
+    assert_eq!(n(&done.json(), "added_count"), KEYS as u64);
+    assert_eq!(objects(&lab), base + KEYS, "every key made once");
+    assert!(!journal.exists(), "a restore that ends removes its journal");
+}
+
 pub fn audit_records_everything_and_detects_an_edit(engine: Engine) {
     let lab = Lab::new(engine, "audit");
     lab.db_token("prod", "ProdKey");
