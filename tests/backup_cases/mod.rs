@@ -1498,7 +1498,7 @@ pub fn kill_9_during_backup_or_restore_changes_nothing(engine: Engine) {
 /// killed restore made, but its journal is left behind, and the next restore into that token rolls it
 /// back before anything else, so the token is as before; then a full restore makes every key once.
 pub fn kill_9_during_a_native_restore_is_rolled_back_by_the_next(engine: Engine) {
-    const KEYS: usize = 600;
+    const KEYS: usize = 400;
     let lab = Lab::new(engine, "kill9native");
     lab.db_token("src", "Src");
     lab.mbk_create("src");
@@ -1543,6 +1543,33 @@ pub fn kill_9_during_a_native_restore_is_rolled_back_by_the_next(engine: Engine)
     assert_eq!(n(&done.json(), "added_count"), KEYS as u64);
     assert_eq!(objects(&lab), base + KEYS, "every key made once");
     assert!(!journal.exists(), "a restore that ends removes its journal");
+
+    // --overwrite killed once every object is made (the journal says "committed") and it is destroying the
+    // ones it replaces: the next restore finishes it, so each key is there once, in its new object.
+    let mut child = lab
+        .cmd(&["restore", &file, "--token", "far", "--logon", &u, "--overwrite"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let committed = || std::fs::read_to_string(&journal).is_ok_and(|j| j.contains("\"committed\":true"));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !committed() && Instant::now() < deadline && child.try_wait().unwrap().is_none() {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let _ = child.kill();
+    let status = child.wait().unwrap();
+    assert!(
+        status.signal() == Some(9) && committed(),
+        "the restore was to be killed while destroying replaced objects: it ended with {status}"
+    );
+    let between = objects(&lab);
+    assert!(between > base + KEYS, "replaced objects were left when it was killed: {between}");
+    let dry = lab.p11shim(&["restore", &file, "--token", "far", "--logon", &u, "--dry-run", "--json"]).ok();
+    assert!(dry.stderr.contains("finished an interrupted restore into token \"far\""), "{}", dry.stderr);
+    assert_eq!(n(&dry.json(), "skipped_count"), KEYS as u64, "every key is present");
+    assert_eq!(objects(&lab), base + KEYS, "each key once: the replaced objects are gone");
+    assert!(!journal.exists());
 }
 
 pub fn audit_records_everything_and_detects_an_edit(engine: Engine) {
