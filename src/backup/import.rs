@@ -189,8 +189,8 @@ fn run(store: &dyn KeyStore, work: &Work, who: &dyn Authorizer, opts: &ImportOpt
         }
     })();
     if let Err(e) = applied {
-        let cleaned = made.iter().all(|h| t.backend.destroy_object(t.session, *h).is_ok());
-        if cleaned {
+        let failed = made.iter().filter(|h| t.backend.destroy_object(t.session, **h).is_err()).count();
+        if failed == 0 {
             journal.end()?;
         }
         return Err(e);

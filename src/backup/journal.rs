@@ -280,7 +280,7 @@ impl Journal {
             old,
             blank,
         });
-        self.write()
+        self.write("nothing was modified")
     }
 
     /// Every object is made: from here on, an interruption is finished, not rolled back.
@@ -288,7 +288,7 @@ impl Journal {
         if let Some(body) = self.body.as_mut() {
             body.committed = true;
         }
-        self.write()
+        self.write("the objects made are rolled back by the next restore into this token")
     }
 
     /// The restore ended (done, or failed and cleaned up after itself): the journal goes.
@@ -297,10 +297,10 @@ impl Journal {
         remove(&self.path())
     }
 
-    fn write(&self) -> Result<()> {
+    /// Writes the journal durably (temporary file, fsync, rename); `otherwise` says what a failure leaves.
+    fn write(&self, otherwise: &str) -> Result<()> {
         let path = self.path();
-        let fail =
-            |e: std::io::Error| Error::Other(format!("restore journal {}: {e}; nothing was modified", path.display()));
+        let fail = |e: std::io::Error| Error::Other(format!("restore journal {}: {e}; {otherwise}", path.display()));
         let temp = self.dir.join(format!("{}.tmp", name(&self.token, "journal")));
         let text = serde_json::to_vec(&self.body).map_err(|e| Error::Other(e.to_string()))?;
         let mut f = File::create(&temp).map_err(fail)?;
