@@ -995,15 +995,7 @@ fn first_use(
         shim.logout(stored_session);
         shim.login(stored_session);
     };
-    let use_key = |key: CK_OBJECT_HANDLE| {
-        let p = Path3 { api: shim, session: stored_session, keys: Keys { aes: key, hmac: 0, ec: 0 } };
-        run_op(p, Op::AesEcb16);
-    };
-    let timed = |f: &dyn Fn()| {
-        let t = Instant::now();
-        f();
-        t.elapsed().as_nanos() as f64 / 1000.0
-    };
+    let use_key = |key: CK_OBJECT_HANDLE| use_aes(shim, stored_session, key);
     let mut s: [Vec<f64>; 6] = Default::default();
     let [first, warm, unwrap_s, unwrap_t, verify_s, verify_t] = &mut s;
     for round in 0..knobs.first_rounds {
@@ -1024,21 +1016,9 @@ fn first_use(
             verify_t.push(timed(&|| verify(direct, native_session, mac_keys[1], &mac_data, &macs[1])));
         }
     }
-    let per = |a: &[f64], b: &[f64], f: fn(f64, f64) -> f64| -> Vec<f64> {
-        a.iter().zip(b).map(|(a, b)| f(*a, *b)).collect()
-    };
-    let load = per(first, warm, |f, w| f - w);
-    results.spread("first.stored_first_us", first);
-    results.spread("first.stored_warm_us", warm);
-    results.spread("first.load_us", &load);
-    results.spread("first.native_unwrap_us", unwrap_s);
-    results.spread("first.native_unwrap_token_us", unwrap_t);
+    first_use_spreads(results, "first.", first, warm, unwrap_s, unwrap_t);
     results.spread("first.native_verify512_us", verify_s);
     results.spread("first.native_verify512_token_us", verify_t);
-    results.spread("first.load_over_unwrap", &per(&load, unwrap_s, |l, u| l / u));
-    results.spread("first.load_over_unwrap_token", &per(&load, unwrap_t, |l, u| l / u));
-    results.spread("first.first_over_unwrap", &per(first, unwrap_s, |f, u| f / u));
-    results.spread("first.first_over_unwrap_token", &per(first, unwrap_t, |f, u| f / u));
     println!("first use: done ({} samples)", first.len());
 
     if knobs.criterion {
@@ -1261,6 +1241,40 @@ fn find_at(
 
 /// Item 3 in a process of its own (started by the engine phase while it waits): the shim loaded alone, as
 /// an application would, which knows only the handles of the keys it finds.
+/// Microseconds `f` takes.
+fn timed(f: &dyn Fn()) -> f64 {
+    let t = Instant::now();
+    f();
+    t.elapsed().as_nanos() as f64 / 1000.0
+}
+
+/// One use of an AES key: C_EncryptInit + C_Encrypt, AES-ECB of 16 B.
+fn use_aes(api: Api, session: CK_SESSION_HANDLE, key: CK_OBJECT_HANDLE) {
+    run_op(Path3 { api, session, keys: Keys { aes: key, hmac: 0, ec: 0 } }, Op::AesEcb16);
+}
+
+/// Item 2's figures from paired samples (first and warm use of each key, native unwraps beside them), as
+/// `{prefix}stored_first_us`, `{prefix}load_us` (first − warm), `{prefix}load_over_unwrap` and so on.
+fn first_use_spreads(results: &mut Results, prefix: &str, first: &[f64], warm: &[f64], us: &[f64], ut: &[f64]) {
+    let per = |a: &[f64], b: &[f64], f: fn(f64, f64) -> f64| -> Vec<f64> {
+        a.iter().zip(b).map(|(a, b)| f(*a, *b)).collect()
+    };
+    let load = per(first, warm, |f, w| f - w);
+    for (name, samples) in [
+        ("stored_first_us", first.to_vec()),
+        ("stored_warm_us", warm.to_vec()),
+        ("native_unwrap_us", us.to_vec()),
+        ("native_unwrap_token_us", ut.to_vec()),
+        ("load_over_unwrap", per(&load, us, |l, u| l / u)),
+        ("load_over_unwrap_token", per(&load, ut, |l, u| l / u)),
+        ("first_over_unwrap", per(first, us, |f, u| f / u)),
+        ("first_over_unwrap_token", per(first, ut, |f, u| f / u)),
+    ] {
+        results.spread(&format!("{prefix}{name}"), &samples);
+    }
+    results.spread(&format!("{prefix}load_us"), &load);
+}
+
 /// Item 2 in a fresh process, as an application that starts: each key's handle comes from a find by label
 /// (which reads its row), and the first use then checks the row's MAC in the HSM and unwraps the key under
 /// the MBK. The keys are item 2's, created by the engine process; native unwraps alternate with them.
@@ -1272,15 +1286,7 @@ fn cold_first_use(knobs: &Knobs, results: &mut Results) {
     shim.login(stored_session);
     let unwrap_session = NativeUnwrap::new(direct, native_session, false);
     let unwrap_token = NativeUnwrap::new(direct, native_session, true);
-    let timed = |f: &dyn Fn()| {
-        let t = Instant::now();
-        f();
-        t.elapsed().as_nanos() as f64 / 1000.0
-    };
-    let use_key = |key: CK_OBJECT_HANDLE| {
-        let p = Path3 { api: shim, session: stored_session, keys: Keys { aes: key, hmac: 0, ec: 0 } };
-        run_op(p, Op::AesEcb16);
-    };
+    let use_key = |key: CK_OBJECT_HANDLE| use_aes(shim, stored_session, key);
     let mut s: [Vec<f64>; 5] = Default::default();
     let [find, first, warm, unwrap_s, unwrap_t] = &mut s;
     for i in 0..knobs.first_keys {
@@ -1301,20 +1307,8 @@ fn cold_first_use(knobs: &Knobs, results: &mut Results) {
             unwrap_t.push(unwrap_token.time_us());
         }
     }
-    let per = |a: &[f64], b: &[f64], f: fn(f64, f64) -> f64| -> Vec<f64> {
-        a.iter().zip(b).map(|(a, b)| f(*a, *b)).collect()
-    };
-    let load = per(first, warm, |f, w| f - w);
     results.spread("find_us", find);
-    results.spread("stored_first_us", first);
-    results.spread("stored_warm_us", warm);
-    results.spread("load_us", &load);
-    results.spread("native_unwrap_us", unwrap_s);
-    results.spread("native_unwrap_token_us", unwrap_t);
-    results.spread("load_over_unwrap", &per(&load, unwrap_s, |l, u| l / u));
-    results.spread("load_over_unwrap_token", &per(&load, unwrap_t, |l, u| l / u));
-    results.spread("first_over_unwrap", &per(first, unwrap_s, |f, u| f / u));
-    results.spread("first_over_unwrap_token", &per(first, unwrap_t, |f, u| f / u));
+    first_use_spreads(results, "", first, warm, unwrap_s, unwrap_t);
     ok(call!(direct, C_DestroyObject(native_session, unwrap_token.wrapping)), "C_DestroyObject");
     ok(call!(shim, C_CloseSession(stored_session)), "C_CloseSession");
     ok(call!(shim, C_Finalize(null_mut())), "shim C_Finalize");
@@ -1431,24 +1425,31 @@ fn summary(knobs: &Knobs, r: &BTreeMap<String, f64>, took: Duration) -> String {
         "HMAC s / t",
         "n"
     );
-    for e in &engines {
-        let k = |f: &str| get(&format!("{e}.first.{f}.median"));
+    // One row of item 2 for engine `e` and the results under `which` ("first" or "cold"); `last` fills the
+    // second-to-last column.
+    let first_row = |out: &mut String, e: &str, which: &str, last: String| {
+        let k = |f: &str| get(&format!("{e}.{which}.{f}.median"));
         let _ = writeln!(
             out,
             "{:<9} {:>8} {:>8} {:>20} {:>6} {:>7} {:>8} {:>8} {:>8} {:>8} {:>11} {:>6}",
             e,
             fmt(k("native_unwrap_us"), 1),
             fmt(k("native_unwrap_token_us"), 1),
-            spread(&format!("{e}.first.stored_first_us"), 1),
+            spread(&format!("{e}.{which}.stored_first_us"), 1),
             fmt(k("stored_warm_us"), 1),
             fmt(k("load_us"), 1),
             fmt(k("load_over_unwrap"), 2),
             fmt(k("load_over_unwrap_token"), 2),
             fmt(k("first_over_unwrap"), 2),
             fmt(k("first_over_unwrap_token"), 2),
-            format!("{} / {}", fmt(k("native_verify512_us"), 1), fmt(k("native_verify512_token_us"), 1)),
-            fmt(get(&format!("{e}.first.stored_first_us.n")), 0),
+            last,
+            fmt(get(&format!("{e}.{which}.stored_first_us.n")), 0),
         );
+    };
+    for e in &engines {
+        let k = |f: &str| get(&format!("{e}.first.{f}.median"));
+        let hmac = format!("{} / {}", fmt(k("native_verify512_us"), 1), fmt(k("native_verify512_token_us"), 1));
+        first_row(&mut out, e, "first", hmac);
     }
     let _ = writeln!(
         out,
@@ -1457,23 +1458,7 @@ fn summary(knobs: &Knobs, r: &BTreeMap<String, f64>, took: Duration) -> String {
          first use checks the row's MAC in the HSM and unwraps (no second read)"
     );
     for e in &engines {
-        let k = |f: &str| get(&format!("{e}.cold.{f}.median"));
-        let _ = writeln!(
-            out,
-            "{:<9} {:>8} {:>8} {:>20} {:>6} {:>7} {:>8} {:>8} {:>8} {:>8} {:>11} {:>6}",
-            e,
-            fmt(k("native_unwrap_us"), 1),
-            fmt(k("native_unwrap_token_us"), 1),
-            spread(&format!("{e}.cold.stored_first_us"), 1),
-            fmt(k("stored_warm_us"), 1),
-            fmt(k("load_us"), 1),
-            fmt(k("load_over_unwrap"), 2),
-            fmt(k("load_over_unwrap_token"), 2),
-            fmt(k("first_over_unwrap"), 2),
-            fmt(k("first_over_unwrap_token"), 2),
-            format!("find {}", fmt(k("find_us"), 1)),
-            fmt(get(&format!("{e}.cold.stored_first_us.n")), 0),
-        );
+        first_row(&mut out, e, "cold", format!("find {}", fmt(get(&format!("{e}.cold.find_us.median")), 1)));
     }
 
     let _ = writeln!(
