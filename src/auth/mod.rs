@@ -412,15 +412,14 @@ pub fn add_user(store: &dyn KeyStore, logons: &Logons, so: Option<&SoLogon>, use
             );
             return Err(AuthError::Refused(audit::record_refusal(store, &who, &action, &user.group_regex, &reason)));
         }
-        done(store, &who, &action, &row.group_regex)?;
-        return Ok(UserInfo::from(&row));
-    }
-    match store.user_insert(&row) {
-        Ok(()) => {}
-        Err(StoreError::Duplicate { .. }) => {
-            return Err(AuthError::Failed(format!("user {} already exists", user.name)));
+    } else {
+        match store.user_insert(&row) {
+            Ok(()) => {}
+            Err(StoreError::Duplicate { .. }) => {
+                return Err(AuthError::Failed(format!("user {} already exists", user.name)));
+            }
+            Err(e) => return Err(e.into()),
         }
-        Err(e) => return Err(e.into()),
     }
     done(store, &who, &action, &row.group_regex)?;
     Ok(UserInfo::from(&row))

@@ -211,19 +211,9 @@ impl Journal {
         if !body.committed {
             // Roll back: of each triple, keep the objects the dead restore found there (matched by
             // fingerprint), destroy the rest; and the blank objects a killed C_UnwrapKey may have left.
-            let mut keep: Vec<&str> = body.blank.iter().map(String::as_str).collect();
-            for (h, fp) in blank_objects(work)? {
-                match keep.iter().position(|k| *k == fp) {
-                    Some(i) => {
-                        keep.swap_remove(i);
-                    }
-                    None => destroy(h)?,
-                }
-            }
-            for triple in made_per.keys() {
-                let mut keep: Vec<&str> = old_per.get(triple).cloned().unwrap_or_default();
-                for h in t.backend.find(t.session, &triple.template()?)? {
-                    let fp = fingerprint(work, h, triple.class)?;
+            // `keep`: fingerprints of objects that were there before, each matching one object at most.
+            let mut destroy_new = |objects: Vec<(CK_OBJECT_HANDLE, String)>, mut keep: Vec<&str>| -> Result<()> {
+                for (h, fp) in objects {
                     match keep.iter().position(|k| *k == fp) {
                         Some(i) => {
                             keep.swap_remove(i);
@@ -231,6 +221,17 @@ impl Journal {
                         None => destroy(h)?,
                     }
                 }
+                Ok(())
+            };
+            destroy_new(blank_objects(work)?, body.blank.iter().map(String::as_str).collect())?;
+            for triple in made_per.keys() {
+                let objects = t
+                    .backend
+                    .find(t.session, &triple.template()?)?
+                    .into_iter()
+                    .map(|h| Ok((h, fingerprint(work, h, triple.class)?)))
+                    .collect::<Result<Vec<_>>>()?;
+                destroy_new(objects, old_per.get(triple).cloned().unwrap_or_default())?;
             }
         } else {
             // Finish: of each triple, destroy the replaced objects, keeping as many as the restore made.

@@ -181,6 +181,16 @@ impl Pooled {
         self.client.execute(&statement, params)
     }
 
+    /// A transaction holding the advisory lock `key` until it ends: callers on every connection and host
+    /// queue for it, and each then sees what the one before committed (READ COMMITTED takes a new snapshot
+    /// per statement).
+    fn locked(&mut self, key: i64) -> Result<postgres::Transaction<'_>, postgres::Error> {
+        let lock = self.statement("SELECT pg_advisory_xact_lock($1)")?;
+        let mut tx = self.client.transaction()?;
+        tx.execute(&lock, &[&key])?;
+        Ok(tx)
+    }
+
     fn query(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<postgres::Row>, postgres::Error> {
         let statement = self.statement(sql)?;
         self.client.query(&statement, params)
@@ -745,15 +755,9 @@ impl KeyStore for PostgresStore {
     fn user_insert_first(&self, user: &UserRow) -> StoreResult<bool> {
         let insert = format!("INSERT INTO users ({USER_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6)");
         self.run(false, |p| {
-            let (lock, any, insert) = (
-                p.statement("SELECT pg_advisory_xact_lock($1)")?,
-                p.statement("SELECT EXISTS (SELECT 1 FROM users)")?,
-                p.statement(&insert)?,
-            );
-            let mut tx = p.client.transaction()?;
-            // Held until commit: a second first user waits here, then sees the first one (READ COMMITTED
-            // takes a new snapshot per statement).
-            tx.execute(&lock, &[&USERS_LOCK])?;
+            let (any, insert) = (p.statement("SELECT EXISTS (SELECT 1 FROM users)")?, p.statement(&insert)?);
+            // A second first user waits here, then sees the first one.
+            let mut tx = p.locked(USERS_LOCK)?;
             if tx.query_one(&any, &[])?.get::<_, bool>(0) {
                 return Ok(false);
             }
@@ -793,14 +797,9 @@ impl KeyStore for PostgresStore {
     fn user_delete_if(&self, name: &str, allowed: &dyn Fn(&[UserRow]) -> bool) -> StoreResult<UserDelete> {
         let list = format!("SELECT {USER_COLUMNS} FROM users ORDER BY name");
         self.run(false, |p| {
-            let (lock, list, delete) = (
-                p.statement("SELECT pg_advisory_xact_lock($1)")?,
-                p.statement(&list)?,
-                p.statement("DELETE FROM users WHERE name = $1")?,
-            );
-            let mut tx = p.client.transaction()?;
-            // Held until commit: a concurrent deletion waits here, then reads what this one left.
-            tx.execute(&lock, &[&USERS_LOCK])?;
+            let (list, delete) = (p.statement(&list)?, p.statement("DELETE FROM users WHERE name = $1")?);
+            // A concurrent deletion waits here, then reads what this one left.
+            let mut tx = p.locked(USERS_LOCK)?;
             let users = tx.query(&list, &[])?.iter().map(read_user).collect();
             let (victim, rest) = split_user(users, name);
             let Some(victim) = victim else { return Ok(UserDelete::NotFound) };
@@ -817,12 +816,10 @@ impl KeyStore for PostgresStore {
         let insert = format!("INSERT INTO audit ({AUDIT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)");
         self.run(false, |p| {
             let last_sql = "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1";
-            let (lock, last, insert) =
-                (p.statement("SELECT pg_advisory_xact_lock($1)")?, p.statement(last_sql)?, p.statement(&insert)?);
-            let mut tx = p.client.transaction()?;
-            // Held until commit: appenders on every connection and host queue here, and each reads the
-            // entry its predecessor committed (READ COMMITTED takes a new snapshot per statement).
-            tx.execute(&lock, &[&AUDIT_LOCK])?;
+            let (last, insert) = (p.statement(last_sql)?, p.statement(&insert)?);
+            // Appenders on every connection and host queue here, and each reads the entry its predecessor
+            // committed.
+            let mut tx = p.locked(AUDIT_LOCK)?;
             let last = tx.query_opt(&last, &[])?.map(|r| (r.get(0), r.get(1)));
             let entry = chain(last, draft.clone());
             let d = &entry.draft;
