@@ -248,7 +248,21 @@ impl SqliteStore {
             conn.set_prepared_statement_cache_capacity(48);
             Ok((conn, mode))
         };
-        let (conn, mode) = setup().map_err(|e| self.error(e))?;
+        // Switching a new file to WAL takes an exclusive lock that SQLite does not wait for (the busy handler
+        // is not called there): processes opening a fresh store at once get SQLITE_BUSY. Try again for as
+        // long as a statement would wait.
+        let started = Instant::now();
+        let (conn, mode) = loop {
+            match setup() {
+                Err(e)
+                    if matches!(e.sqlite_error_code(), Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked))
+                        && started.elapsed() < BUSY_TIMEOUT =>
+                {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                other => break other.map_err(|e| self.error(e))?,
+            }
+        };
         if !mode.eq_ignore_ascii_case("wal") {
             // e.g. a file system without shared memory: refuse rather than silently lose concurrency.
             return Err(StoreError::Unavailable {
