@@ -11,6 +11,9 @@ packages=(
     openssl
     postgresql                # server binaries for the throwaway test cluster (scripts/pg-cluster.sh)
     libp11-kit-dev            # pkcs11.h for the C program that tests include/p11shim.h (tests/c_api.rs)
+    openjdk-17-jdk-headless   # keytool, jarsigner, jar: Java's SunPKCS11 provider in tests/dbtools_cases
+    gnutls-bin                # p11tool (GnuTLS), listings in tests/dbtools_cases
+    python3-pykcs11           # PyKCS11 for Debian's /usr/bin/python3, listings in tests/dbtools_cases
 )
 # A C toolchain only when there is none (some crates build C code).
 if ! command -v cc >/dev/null; then
