@@ -483,13 +483,19 @@ impl Module {
                 }
             }
             CKU_CONTEXT_SPECIFIC => {
-                // CKA_ALWAYS_AUTHENTICATE is not enforced; re-authentication checks the PIN of who is logged in.
-                let pin_hash = match current {
-                    Some(CKU_SO) => Some(&token.so_pin),
-                    Some(_) => token.user_pin.as_ref(),
-                    None => return Err(CKR_USER_NOT_LOGGED_IN),
-                };
-                return if pin_hash.is_some_and(|p| p.verify(pin)) { Ok(()) } else { Err(CKR_PIN_INCORRECT) };
+                // Authorizes one use of a CKA_ALWAYS_AUTHENTICATE key (2.40 §4.9): the operation initialized
+                // last that waits for it; the login state of the session does not change.
+                let mut ops = s.ops();
+                let wait = ops.awaiting_login().ok_or(CKR_OPERATION_NOT_INITIALIZED)?;
+                if current != Some(CKU_USER) {
+                    return Err(CKR_USER_NOT_LOGGED_IN);
+                }
+                let pin_hash = token.user_pin.as_ref().ok_or(CKR_USER_PIN_NOT_INITIALIZED)?;
+                if !pin_hash.verify(pin) {
+                    return Err(CKR_PIN_INCORRECT);
+                }
+                *wait = None;
+                return Ok(());
             }
             _ => return Err(CKR_USER_TYPE_INVALID),
         }
@@ -721,8 +727,12 @@ impl Module {
         }
         let cipher = Cipher::new(mechanism, Key::from_object(&object)?, encrypt)?;
         let mut ops = s.ops();
+        let mut op = Op::new(cipher);
+        if object.bool(CKA_ALWAYS_AUTHENTICATE) {
+            op.awaiting_login = ops.await_login();
+        }
         let slot = if encrypt { &mut ops.encrypt } else { &mut ops.decrypt };
-        *slot = Some(Op::new(cipher));
+        *slot = Some(op);
         Ok(())
     }
 
@@ -732,6 +742,11 @@ impl Module {
         let mut ops = s.ops();
         let slot = if encrypt { &mut ops.encrypt } else { &mut ops.decrypt };
         let op = slot.as_mut().ok_or(CKR_OPERATION_NOT_INITIALIZED)?;
+        if op.awaiting_login.is_some() {
+            // As SoftHSM2: every step, a length query included, ends the operation.
+            *slot = None;
+            return Err(CKR_USER_NOT_LOGGED_IN);
+        }
         let r = produce(&mut op.pending, capacity, || match step {
             Step::Single(data) => op.state.single(data),
             Step::Update(data) => op.state.update(data),
@@ -818,7 +833,11 @@ impl Module {
         let signer = Signer::new(mechanism, Key::from_object(&object)?, sign)?;
         let mut ops = s.ops();
         if sign {
-            ops.sign = Some(Op::new(signer));
+            let mut op = Op::new(signer);
+            if object.bool(CKA_ALWAYS_AUTHENTICATE) {
+                op.awaiting_login = ops.await_login();
+            }
+            ops.sign = Some(op);
         } else {
             ops.verify = Some(signer);
         }
@@ -829,6 +848,11 @@ impl Module {
         let s = self.inner().session(h)?;
         let mut ops = s.ops();
         let op = ops.sign.as_mut().ok_or(CKR_OPERATION_NOT_INITIALIZED)?;
+        if op.awaiting_login.is_some() {
+            // As SoftHSM2: every step, a length query included, ends the operation.
+            ops.sign = None;
+            return Err(CKR_USER_NOT_LOGGED_IN);
+        }
         let r = match step {
             Step::Update(data) => {
                 op.state.update(data);

@@ -450,7 +450,17 @@ impl Object {
             }
         }
         obj.token_set(origin);
+        obj.check_consistency()?;
         Ok(obj)
+    }
+
+    /// Rules between attributes: a key needing a PIN for each use is a private object, so that whoever uses
+    /// it is logged in as the user (CKR_TEMPLATE_INCONSISTENT, as SoftHSM2).
+    fn check_consistency(&self) -> Result<()> {
+        if self.bool(CKA_ALWAYS_AUTHENTICATE) && !self.is_private() {
+            return Err(CKR_TEMPLATE_INCONSISTENT);
+        }
+        Ok(())
     }
 
     /// The attributes the token keeps: CKA_LOCAL, CKA_ALWAYS_SENSITIVE, CKA_NEVER_EXTRACTABLE,
@@ -552,6 +562,7 @@ impl Object {
         for (ty, value) in template {
             copy.attrs.insert(*ty, value.clone());
         }
+        copy.check_consistency()?;
         Ok(copy)
     }
 }
@@ -661,6 +672,26 @@ mod tests {
         let r = o.apply_changes(&vec![(CKA_LABEL, Attr::bytes(b"x".to_vec())), (CKA_CLASS, Attr::ulong(0))], false);
         assert_eq!(r, Err(CKR_ATTRIBUTE_READ_ONLY));
         assert_eq!(o.label(), b"");
+    }
+
+    #[test]
+    fn always_authenticate_keys_are_private_objects() {
+        let ec = |extra: &[(CK_ATTRIBUTE_TYPE, Attr)]| {
+            let mut t = vec![
+                (CKA_CLASS, Attr::ulong(CKO_PRIVATE_KEY)),
+                (CKA_KEY_TYPE, Attr::ulong(CKK_EC)),
+                (CKA_EC_PARAMS, Attr::bytes(vec![6, 8])),
+                (CKA_VALUE, Attr::bytes(vec![1; 32])),
+            ];
+            t.extend(extra.iter().cloned());
+            Object::build(&t, vec![], Origin::Create, false)
+        };
+        let key = ec(&[(CKA_ALWAYS_AUTHENTICATE, Attr::bool(true))]).unwrap();
+        assert!(key.is_private() && key.bool(CKA_ALWAYS_AUTHENTICATE));
+        let public = [(CKA_ALWAYS_AUTHENTICATE, Attr::bool(true)), (CKA_PRIVATE, Attr::bool(false))];
+        assert_eq!(ec(&public), Err(CKR_TEMPLATE_INCONSISTENT));
+        assert_eq!(key.copy_with(&vec![(CKA_PRIVATE, Attr::bool(false))], false), Err(CKR_TEMPLATE_INCONSISTENT));
+        assert!(!ec(&[]).unwrap().bool(CKA_ALWAYS_AUTHENTICATE));
     }
 
     #[test]
