@@ -501,7 +501,7 @@ impl Object {
     }
 
     /// Checks one change of C_SetAttributeValue or of a C_CopyObject template (`copy`: CKA_TOKEN,
-    /// CKA_PRIVATE and CKA_MODIFIABLE may change too).
+    /// CKA_PRIVATE and CKA_MODIFIABLE may change too, unless the object is unmodifiable).
     fn check_change(
         &self,
         schema: &[(CK_ATTRIBUTE_TYPE, u8)],
@@ -513,6 +513,11 @@ impl Object {
         let flags = flags_of(schema, ty).ok_or(CKR_ATTRIBUTE_TYPE_INVALID)?;
         check_shape(ty, value)?;
         let current = self.attrs.get(&ty);
+        if copy && !self.bool(CKA_MODIFIABLE) {
+            // As SoftHSM2: the copy of an unmodifiable object is the object itself, and repeating a value
+            // changes nothing.
+            return if current == Some(value) { Ok(()) } else { Err(CKR_ATTRIBUTE_READ_ONLY) };
+        }
         let new_true = value.as_bytes().is_some_and(|b| b.first().is_some_and(|v| *v != 0));
         let copy_may = copy && matches!(ty, CKA_TOKEN | CKA_PRIVATE | CKA_MODIFIABLE);
         if flags & M == 0 && !copy_may {
@@ -672,6 +677,19 @@ mod tests {
         let r = o.apply_changes(&vec![(CKA_LABEL, Attr::bytes(b"x".to_vec())), (CKA_CLASS, Attr::ulong(0))], false);
         assert_eq!(r, Err(CKR_ATTRIBUTE_READ_ONLY));
         assert_eq!(o.label(), b"");
+    }
+
+    #[test]
+    fn copies_of_unmodifiable_objects_change_nothing() {
+        let fixed = Object::build(&aes_template(&[(CKA_MODIFIABLE, Attr::bool(false))]), vec![], Origin::Create, false)
+            .unwrap();
+        let copy = |t: Template| fixed.copy_with(&t, false);
+        assert_eq!(copy(vec![(CKA_DECRYPT, Attr::bool(false))]), Err(CKR_ATTRIBUTE_READ_ONLY));
+        assert_eq!(copy(vec![(CKA_TOKEN, Attr::bool(true))]), Err(CKR_ATTRIBUTE_READ_ONLY));
+        assert_eq!(copy(vec![(CKA_MODULUS, Attr::bytes(vec![1]))]), Err(CKR_ATTRIBUTE_TYPE_INVALID));
+        assert_eq!(copy(vec![(CKA_DECRYPT, Attr::bool(true)), (CKA_TOKEN, Attr::bool(false))]), Ok(fixed.clone()));
+        let open = Object::build(&aes_template(&[]), vec![], Origin::Create, false).unwrap();
+        assert!(!open.copy_with(&vec![(CKA_DECRYPT, Attr::bool(false))], false).unwrap().bool(CKA_DECRYPT));
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! Rules measured on SoftHSM2 2.6.1 that the simulator follows: keys with CKA_ALWAYS_AUTHENTICATE and
-//! C_Login(CKU_CONTEXT_SPECIFIC).
+//! C_Login(CKU_CONTEXT_SPECIFIC), copies of unmodifiable objects.
 
 mod common;
 
@@ -335,5 +335,124 @@ fn copy_v(v: &V) -> V {
     match v {
         V::B(b) => V::B(b.clone()),
         V::T(t) => V::T(t.clone()),
+    }
+}
+
+/// Every attribute of a secret key that the simulator keeps, as read back.
+fn secret_key_attributes(raw: &Raw, h: CK_SESSION_HANDLE, key: CK_OBJECT_HANDLE) -> Vec<(CK_ULONG, Vec<u8>)> {
+    [
+        CKA_CLASS,
+        CKA_TOKEN,
+        CKA_PRIVATE,
+        CKA_MODIFIABLE,
+        CKA_COPYABLE,
+        CKA_DESTROYABLE,
+        CKA_LABEL,
+        CKA_ID,
+        CKA_ENCRYPT,
+        CKA_DECRYPT,
+        CKA_SIGN,
+        CKA_VERIFY,
+        CKA_WRAP,
+        CKA_UNWRAP,
+        CKA_DERIVE,
+        CKA_SENSITIVE,
+        CKA_EXTRACTABLE,
+        CKA_VALUE,
+        CKA_CHECK_VALUE,
+    ]
+    .into_iter()
+    .map(|ty| (ty, raw.get(h, key, ty).1.unwrap_or_else(|| panic!("attribute {ty:#x}"))))
+    .collect()
+}
+
+#[test]
+fn copy_of_an_unmodifiable_object_changes_nothing() {
+    let (_dir, m) = setup("copy-unmodifiable");
+    let s = user_session(m.p11());
+    let h = s.handle();
+    let raw = Raw::new();
+    let fixed = s
+        .create_object(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::Value(vec![1; 16]),
+            Attribute::Modifiable(false),
+            Attribute::Decrypt(false),
+            Attribute::Extractable(true),
+            Attribute::Label(b"fixed".to_vec()),
+        ])
+        .unwrap();
+    // Any change is refused, even towards less (CKA_TOKEN) or more protection (CKA_DECRYPT false → true is
+    // a new use).
+    for change in [
+        Attribute::Decrypt(true),
+        Attribute::Token(true),
+        Attribute::Private(false),
+        Attribute::Modifiable(true),
+        Attribute::Label(b"other".to_vec()),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Copyable(false),
+    ] {
+        assert_eq!(rv(s.copy_object(fixed, std::slice::from_ref(&change))), CKR_ATTRIBUTE_READ_ONLY, "{change:?}");
+    }
+    // The other answers come first, as for any copy.
+    assert_eq!(raw_copy(h, fixed.handle(), &[(CKA_MODULUS, by(&[1]))]), Err(CKR_ATTRIBUTE_TYPE_INVALID));
+    assert_eq!(raw_copy(h, fixed.handle(), &[(CKA_DECRYPT, by(&[1, 1]))]), Err(CKR_ATTRIBUTE_VALUE_INVALID));
+    // Values equal to the object's are no change: the copy is the object.
+    let same = [
+        Attribute::Decrypt(false),
+        Attribute::Token(false),
+        Attribute::Modifiable(false),
+        Attribute::Label(b"fixed".to_vec()),
+    ];
+    for template in [&same[..], &[]] {
+        let copy = s.copy_object(fixed, template).unwrap();
+        assert_ne!(copy.handle(), fixed.handle());
+        assert_eq!(secret_key_attributes(&raw, h, copy.handle()), secret_key_attributes(&raw, h, fixed.handle()));
+        assert_eq!(rv(s.decrypt(&Mechanism::AesEcb, copy, &[0; 16])), CKR_KEY_FUNCTION_NOT_PERMITTED);
+    }
+    // CKA_COPYABLE false still wins over everything.
+    let locked = s
+        .create_object(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::Value(vec![1; 16]),
+            Attribute::Modifiable(false),
+            Attribute::Copyable(false),
+        ])
+        .unwrap();
+    assert_eq!(rv(s.copy_object(locked, &[Attribute::Decrypt(true)])), CKR_ACTION_PROHIBITED);
+    assert_eq!(rv(s.copy_object(locked, &[])), CKR_ACTION_PROHIBITED);
+    // A modifiable object's copy still takes changes, and may be made unmodifiable.
+    let open = s
+        .create_object(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::Value(vec![1; 16]),
+            Attribute::Decrypt(false),
+        ])
+        .unwrap();
+    let copy = s.copy_object(open, &[Attribute::Decrypt(true), Attribute::Modifiable(false)]).unwrap();
+    assert_eq!(s.decrypt(&Mechanism::AesEcb, copy, &[0; 16]).unwrap().len(), 16);
+    assert_eq!(rv(s.copy_object(copy, &[Attribute::Decrypt(false)])), CKR_ATTRIBUTE_READ_ONLY);
+}
+
+fn raw_copy(
+    h: CK_SESSION_HANDLE,
+    obj: CK_OBJECT_HANDLE,
+    t: &[(CK_ATTRIBUTE_TYPE, V)],
+) -> Result<CK_OBJECT_HANDLE, CK_RV> {
+    let mut t = raw_template(t);
+    let mut copy = 0;
+    // SAFETY: a valid template and out pointer.
+    let rv = unsafe {
+        functions().C_CopyObject.unwrap()(h, obj, t.attrs.as_mut_ptr(), t.attrs.len() as CK_ULONG, &mut copy)
+    };
+    if rv == CKR_OK {
+        Ok(copy)
+    } else {
+        Err(rv)
     }
 }
