@@ -9,7 +9,9 @@ use cryptoki_sys::*;
 use std::collections::BTreeMap;
 use std::mem::size_of;
 
-/// The caller's `len` items at `ptr` (NULL is fine for zero items).
+/// The caller's `len` items at `ptr` (NULL is fine for zero items). A misaligned pointer or a length past
+/// the address space is CKR_ARGUMENTS_BAD: no caller's memory can be like that, and building the slice
+/// would be undefined (debug builds abort).
 ///
 /// # Safety
 /// `ptr` must be NULL or point to `len` readable items that outlive the returned slice.
@@ -17,12 +19,32 @@ pub unsafe fn slice<'a, T>(ptr: *const T, len: CK_ULONG) -> Result<&'a [T]> {
     if len == 0 {
         return Ok(&[]);
     }
-    if ptr.is_null() {
+    let len = checked_len::<T>(ptr, len)?;
+    // SAFETY: the caller guarantees `len` readable items at `ptr`, checked non-NULL, aligned and addressable.
+    Ok(unsafe { std::slice::from_raw_parts(ptr, len) })
+}
+
+/// As [`slice`], writable.
+///
+/// # Safety
+/// `ptr` must be NULL or point to `len` writable items that outlive the returned slice.
+pub unsafe fn slice_mut<'a, T>(ptr: *mut T, len: CK_ULONG) -> Result<&'a mut [T]> {
+    if len == 0 {
+        return Ok(&mut []);
+    }
+    let len = checked_len::<T>(ptr, len)?;
+    // SAFETY: the caller guarantees `len` writable items at `ptr`, checked non-NULL, aligned and addressable.
+    Ok(unsafe { std::slice::from_raw_parts_mut(ptr, len) })
+}
+
+/// `len` items at `ptr` as a slice length, if such a slice can exist.
+fn checked_len<T>(ptr: *const T, len: CK_ULONG) -> Result<usize> {
+    let len = usize::try_from(len).map_err(|_| CKR_ARGUMENTS_BAD)?;
+    let fits = len.checked_mul(size_of::<T>()).is_some_and(|bytes| bytes <= isize::MAX as usize);
+    if ptr.is_null() || !ptr.is_aligned() || !fits {
         return Err(CKR_ARGUMENTS_BAD);
     }
-    let len = usize::try_from(len).map_err(|_| CKR_ARGUMENTS_BAD)?;
-    // SAFETY: the caller guarantees `len` readable items at the non-NULL `ptr`.
-    Ok(unsafe { std::slice::from_raw_parts(ptr, len) })
+    Ok(len)
 }
 
 /// A required out pointer.
@@ -34,7 +56,15 @@ pub unsafe fn out<'a, T>(ptr: *mut T) -> Result<&'a mut T> {
     unsafe { ptr.as_mut() }.ok_or(CKR_ARGUMENTS_BAD)
 }
 
-/// Copies a template (attribute arrays of CKA_WRAP_TEMPLATE… included).
+/// Template values longer than this are refused: no attribute comes near it (p11shim has the same limit),
+/// and a length that cannot be the caller's buffer must not be read.
+const MAX_VALUE_LEN: CK_ULONG = 1 << 24;
+
+/// Copies a template (attribute arrays of CKA_WRAP_TEMPLATE… included). Malformed values are
+/// CKR_ATTRIBUTE_VALUE_INVALID: a NULL value with a length, a length of CK_UNAVAILABLE_INFORMATION or past
+/// [`MAX_VALUE_LEN`], an attribute array whose length is not a whole number of CK_ATTRIBUTEs or that holds
+/// another attribute array, a mechanism list (CKA_ALLOWED_MECHANISMS) whose length is not a whole number of
+/// CK_MECHANISM_TYPEs.
 ///
 /// # Safety
 /// `ptr` must point to `count` CK_ATTRIBUTEs whose values are readable for their lengths.
@@ -45,23 +75,60 @@ pub unsafe fn template(ptr: *const CK_ATTRIBUTE, count: CK_ULONG) -> Result<Temp
         .iter()
         .map(|a| {
             let value = if kind(a.type_) == Kind::Template {
-                let n = a.ulValueLen as usize / size_of::<CK_ATTRIBUTE>();
-                // SAFETY: an attribute array's value is `n` CK_ATTRIBUTEs (PKCS#11 2.40 §4.1.2).
-                let inner = unsafe { slice(a.pValue as *const CK_ATTRIBUTE, n as CK_ULONG)? };
-                let mut map = BTreeMap::new();
-                for i in inner {
-                    // SAFETY: each inner attribute's value is readable for its length.
-                    let v = unsafe { slice(i.pValue as *const u8, i.ulValueLen)? };
-                    map.insert(i.type_, Bytes(v.to_vec()));
-                }
-                Attr::Template(map)
+                // SAFETY: forwarded from the caller.
+                Attr::Template(unsafe { attribute_array(a)? })
             } else {
-                // SAFETY: the value is readable for its length.
-                Attr::bytes(unsafe { slice(a.pValue as *const u8, a.ulValueLen)? }.to_vec())
+                // SAFETY: forwarded from the caller.
+                Attr::Bytes(unsafe { value_bytes(a)? })
             };
             Ok((a.type_, value))
         })
         .collect()
+}
+
+/// The elements of an attribute array, each a plain value (arrays nest one level only).
+///
+/// # Safety
+/// `a.pValue` must be NULL or hold `a.ulValueLen` readable bytes of CK_ATTRIBUTEs with readable values.
+unsafe fn attribute_array(a: &CK_ATTRIBUTE) -> Result<BTreeMap<CK_ATTRIBUTE_TYPE, Bytes>> {
+    let elem = size_of::<CK_ATTRIBUTE>() as CK_ULONG;
+    if !valid_len(a) || !a.ulValueLen.is_multiple_of(elem) {
+        return Err(CKR_ATTRIBUTE_VALUE_INVALID);
+    }
+    let base = a.pValue as *const CK_ATTRIBUTE;
+    let mut map = BTreeMap::new();
+    for i in 0..(a.ulValueLen / elem) as usize {
+        // SAFETY: element i lies within the caller's `ulValueLen` bytes; a void pointer promises no alignment.
+        let inner = unsafe { std::ptr::read_unaligned(base.add(i)) };
+        if kind(inner.type_) == Kind::Template {
+            return Err(CKR_ATTRIBUTE_VALUE_INVALID);
+        }
+        // SAFETY: each element's value is readable for its length (the caller's promise).
+        map.insert(inner.type_, unsafe { value_bytes(&inner)? });
+    }
+    Ok(map)
+}
+
+/// A plain value.
+///
+/// # Safety
+/// `a.pValue` must be NULL or readable for `a.ulValueLen` bytes.
+unsafe fn value_bytes(a: &CK_ATTRIBUTE) -> Result<Bytes> {
+    if !valid_len(a) {
+        return Err(CKR_ATTRIBUTE_VALUE_INVALID);
+    }
+    if kind(a.type_) == Kind::MechanismList && !a.ulValueLen.is_multiple_of(size_of::<CK_MECHANISM_TYPE>() as CK_ULONG)
+    {
+        return Err(CKR_ATTRIBUTE_VALUE_INVALID);
+    }
+    // SAFETY: forwarded from the caller; the length is bounded and the pointer non-NULL when it is not 0.
+    let v = unsafe { slice(a.pValue as *const u8, a.ulValueLen) }.map_err(|_| CKR_ATTRIBUTE_VALUE_INVALID)?;
+    Ok(Bytes(v.to_vec()))
+}
+
+/// Whether a template value's length can be read at all.
+fn valid_len(a: &CK_ATTRIBUTE) -> bool {
+    a.ulValueLen <= MAX_VALUE_LEN && !(a.pValue.is_null() && a.ulValueLen > 0)
 }
 
 /// Reads a parameter structure of exactly its size.
@@ -271,12 +338,16 @@ pub unsafe fn write_attributes(attrs: &mut [CK_ATTRIBUTE], values: Vec<Result<At
                     a.ulValueLen = CK_UNAVAILABLE_INFORMATION;
                     note(CKR_BUFFER_TOO_SMALL);
                 } else {
-                    // SAFETY: the caller's value is an array of at least t.len() CK_ATTRIBUTEs.
-                    let inner = unsafe { std::slice::from_raw_parts_mut(a.pValue as *mut CK_ATTRIBUTE, t.len()) };
-                    for (i, (ty, v)) in inner.iter_mut().zip(t.iter()) {
-                        i.type_ = *ty;
-                        // SAFETY: each inner value is the caller's, NULL or writable for its length.
-                        unsafe { write_value(i, &v.0) }.unwrap_or_else(&mut note);
+                    let base = a.pValue as *mut CK_ATTRIBUTE;
+                    for (i, (ty, v)) in t.iter().enumerate() {
+                        // SAFETY: the caller's value holds at least t.len() CK_ATTRIBUTEs; a void pointer
+                        // promises no alignment.
+                        let mut inner = unsafe { std::ptr::read_unaligned(base.add(i)) };
+                        inner.type_ = *ty;
+                        // SAFETY: each element's value is the caller's, NULL or writable for its length.
+                        unsafe { write_value(&mut inner, &v.0) }.unwrap_or_else(&mut note);
+                        // SAFETY: as the read above.
+                        unsafe { std::ptr::write_unaligned(base.add(i), inner) };
                     }
                     a.ulValueLen = need as CK_ULONG;
                 }

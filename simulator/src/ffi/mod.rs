@@ -12,7 +12,9 @@ mod args;
 
 use crate::module::{self, Module, Step};
 use crate::Result;
-use args::{capacity, mechanism, out, slice, template, write_attributes, write_bytes, write_list, write_out};
+use args::{
+    capacity, mechanism, out, slice, slice_mut, template, write_attributes, write_bytes, write_list, write_out,
+};
 use cryptoki_sys::*;
 use std::ffi::c_void;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -373,15 +375,8 @@ unsafe extern "C" fn C_GetAttributeValue(
     count: CK_ULONG,
 ) -> CK_RV {
     entry("C_GetAttributeValue", |m| {
-        if t.is_null() && count > 0 {
-            return Err(CKR_ARGUMENTS_BAD);
-        }
-        let attrs: &mut [CK_ATTRIBUTE] = if count == 0 {
-            &mut []
-        } else {
-            // SAFETY: `count` writable attributes at the non-NULL `t`.
-            unsafe { std::slice::from_raw_parts_mut(t, count as usize) }
-        };
+        // SAFETY: `count` writable attributes at `t` (a NULL, misaligned or impossible array is refused).
+        let attrs = unsafe { slice_mut(t, count)? };
         let types: Vec<CK_ATTRIBUTE_TYPE> = attrs.iter().map(|a| a.type_).collect();
         let values = m.attribute_values(h, obj, &types)?;
         // SAFETY: the caller's attribute values are NULL or writable for their lengths.
@@ -818,15 +813,8 @@ unsafe extern "C" fn C_SeedRandom(h: CK_SESSION_HANDLE, seed: *mut CK_BYTE, len:
 
 unsafe extern "C" fn C_GenerateRandom(h: CK_SESSION_HANDLE, buf: *mut CK_BYTE, len: CK_ULONG) -> CK_RV {
     entry("C_GenerateRandom", |m| {
-        if buf.is_null() && len > 0 {
-            return Err(CKR_ARGUMENTS_BAD);
-        }
-        let out: &mut [u8] = if len == 0 {
-            &mut []
-        } else {
-            // SAFETY: `len` writable bytes at the non-NULL `buf`.
-            unsafe { std::slice::from_raw_parts_mut(buf, len as usize) }
-        };
+        // SAFETY: `len` writable bytes at `buf` (NULL or an impossible length is refused).
+        let out = unsafe { slice_mut(buf, len)? };
         m.generate_random(h, out)
     })
 }
