@@ -10,9 +10,55 @@ pub const CKA_P11SHIM_GROUP: CK_ATTRIBUTE_TYPE = CKA_VENDOR_DEFINED | 0x0053_480
 
 #[derive(Clone, PartialEq, Eq)]
 pub enum Value {
+    /// Plain values, and mechanism arrays (CKA_ALLOWED_MECHANISMS) as the CK_MECHANISM_TYPEs' bytes in
+    /// native order, as they lie in memory: see [`Attr::mechanisms`].
     Bytes(Zeroizing<Vec<u8>>),
-    /// CKF_ARRAY_ATTRIBUTE types (CKA_WRAP_TEMPLATE, CKA_UNWRAP_TEMPLATE, CKA_DERIVE_TEMPLATE).
+    /// Attribute arrays ([`Layout::Attributes`]: CKA_WRAP_TEMPLATE, CKA_UNWRAP_TEMPLATE, CKA_DERIVE_TEMPLATE).
     Array(Vec<Attr>),
+}
+
+/// How an attribute's value lies in a CK_ATTRIBUTE. The CKF_ARRAY_ATTRIBUTE bit of a type says that its
+/// value is an array, not of what: the three template attributes hold CK_ATTRIBUTEs, CKA_ALLOWED_MECHANISMS
+/// holds CK_MECHANISM_TYPEs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// Bytes: every type not named below, vendor types with the array bit included (their layout is the
+    /// vendor's, so the shim passes their bytes as they are).
+    Bytes,
+    /// An array of CK_ATTRIBUTE (a template inside the attribute; PKCS#11 allows one level of nesting).
+    Attributes,
+    /// An array of CK_MECHANISM_TYPE.
+    Mechanisms,
+}
+
+/// The one table of array layouts: every reader and writer of templates asks it.
+pub fn layout(ty: CK_ATTRIBUTE_TYPE) -> Layout {
+    match ty {
+        CKA_WRAP_TEMPLATE | CKA_UNWRAP_TEMPLATE | CKA_DERIVE_TEMPLATE => Layout::Attributes,
+        CKA_ALLOWED_MECHANISMS => Layout::Mechanisms,
+        _ => Layout::Bytes,
+    }
+}
+
+/// Whether an attribute type's value is an array of attributes (a template attribute).
+pub fn is_template_type(ty: CK_ATTRIBUTE_TYPE) -> bool {
+    layout(ty) == Layout::Attributes
+}
+
+/// The size of one element of a mechanism array.
+pub const MECHANISM_SIZE: usize = std::mem::size_of::<CK_MECHANISM_TYPE>();
+
+/// A mechanism array's bytes as mechanism types; `None` unless the length is a whole number of them.
+pub fn mechanisms_from_bytes(bytes: &[u8]) -> Option<Vec<CK_MECHANISM_TYPE>> {
+    if bytes.len() % MECHANISM_SIZE != 0 {
+        return None;
+    }
+    bytes.chunks_exact(MECHANISM_SIZE).map(|m| Some(CK_MECHANISM_TYPE::from_ne_bytes(m.try_into().ok()?))).collect()
+}
+
+/// Mechanism types as a mechanism array's bytes.
+pub fn mechanisms_to_bytes(list: &[CK_MECHANISM_TYPE]) -> Vec<u8> {
+    list.iter().flat_map(|m| m.to_ne_bytes()).collect()
 }
 
 #[derive(Clone, PartialEq, Eq)]
@@ -41,6 +87,10 @@ impl Attr {
     pub fn array(ty: CK_ATTRIBUTE_TYPE, attrs: Vec<Attr>) -> Attr {
         Attr { ty, value: Value::Array(attrs) }
     }
+    /// A mechanism array (CKA_ALLOWED_MECHANISMS).
+    pub fn mechanisms(ty: CK_ATTRIBUTE_TYPE, list: &[CK_MECHANISM_TYPE]) -> Attr {
+        Attr { ty, value: Value::Bytes(Zeroizing::new(mechanisms_to_bytes(list))) }
+    }
     pub fn as_bytes(&self) -> Option<&[u8]> {
         match &self.value {
             Value::Bytes(b) => Some(b),
@@ -56,9 +106,15 @@ impl Attr {
     pub fn as_ulong(&self) -> Option<CK_ULONG> {
         Some(CK_ULONG::from_ne_bytes(self.as_bytes()?.try_into().ok()?))
     }
+    /// The value as a mechanism array; `None` if it is not bytes of whole mechanism types.
+    pub fn as_mechanisms(&self) -> Option<Vec<CK_MECHANISM_TYPE>> {
+        mechanisms_from_bytes(self.as_bytes()?)
+    }
 }
 
-/// Whether an attribute type's value is an array of attributes.
+/// Whether an attribute type has the CKF_ARRAY_ATTRIBUTE bit. The bit does not say how the value is laid
+/// out (CKA_ALLOWED_MECHANISMS has it and holds mechanism types, not attributes): to read or write a value,
+/// or to ask whether it is a template attribute, use [`layout`] or [`is_template_type`].
 pub fn is_array_type(ty: CK_ATTRIBUTE_TYPE) -> bool {
     ty & CKF_ARRAY_ATTRIBUTE != 0
 }
@@ -79,6 +135,9 @@ impl Template {
     }
     pub fn ulong(&self, ty: CK_ATTRIBUTE_TYPE) -> Option<CK_ULONG> {
         self.get(ty)?.as_ulong()
+    }
+    pub fn mechanisms(&self, ty: CK_ATTRIBUTE_TYPE) -> Option<Vec<CK_MECHANISM_TYPE>> {
+        self.get(ty)?.as_mechanisms()
     }
     /// Sets `attr`, replacing any attribute of the same type.
     pub fn set(&mut self, attr: Attr) {
@@ -317,6 +376,70 @@ mod tests {
     fn the_group_attribute_is_a_plain_vendor_attribute() {
         const { assert!(CKA_P11SHIM_GROUP >= CKA_VENDOR_DEFINED) };
         assert!(!is_array_type(CKA_P11SHIM_GROUP));
+    }
+
+    #[test]
+    fn the_layout_table_names_each_array_attribute() {
+        for ty in [CKA_WRAP_TEMPLATE, CKA_UNWRAP_TEMPLATE, CKA_DERIVE_TEMPLATE] {
+            assert_eq!(layout(ty), Layout::Attributes, "{ty:#x}");
+            assert!(is_template_type(ty));
+        }
+        assert_eq!(layout(CKA_ALLOWED_MECHANISMS), Layout::Mechanisms);
+        assert!(!is_template_type(CKA_ALLOWED_MECHANISMS));
+        // The array bit alone says nothing about the layout: a vendor type with it is bytes.
+        let vendor_array = CKA_VENDOR_DEFINED | CKF_ARRAY_ATTRIBUTE | 0x42;
+        assert!(is_array_type(vendor_array));
+        assert_eq!(layout(vendor_array), Layout::Bytes);
+        for ty in [CKA_LABEL, CKA_VALUE, CKA_CLASS, CKA_P11SHIM_GROUP] {
+            assert_eq!(layout(ty), Layout::Bytes, "{ty:#x}");
+        }
+        // Every type the table names has the bit, as PKCS#11 defines them.
+        for ty in [CKA_WRAP_TEMPLATE, CKA_UNWRAP_TEMPLATE, CKA_DERIVE_TEMPLATE, CKA_ALLOWED_MECHANISMS] {
+            assert!(is_array_type(ty), "{ty:#x}");
+        }
+    }
+
+    #[test]
+    fn mechanism_arrays_are_native_mechanism_types() {
+        let list = [CKM_RSA_PKCS_PSS, CKM_SHA256_RSA_PKCS_PSS, CKM_RSA_PKCS];
+        let a = Attr::mechanisms(CKA_ALLOWED_MECHANISMS, &list);
+        assert_eq!(a.as_bytes().map(<[u8]>::len), Some(3 * MECHANISM_SIZE));
+        assert_eq!(a.as_bytes().map(<[u8]>::to_vec), Some(mechanisms_to_bytes(&list)));
+        assert_eq!(a.as_mechanisms(), Some(list.to_vec()));
+        assert_eq!(Template(vec![a]).mechanisms(CKA_ALLOWED_MECHANISMS), Some(list.to_vec()));
+        assert_eq!(mechanisms_from_bytes(&[]), Some(vec![]));
+        assert_eq!(mechanisms_from_bytes(&[0; MECHANISM_SIZE + 1]), None, "not a whole number of mechanisms");
+        assert_eq!(Attr::array(CKA_WRAP_TEMPLATE, vec![]).as_mechanisms(), None);
+    }
+
+    /// The encoding is covered by the MACs of stored rows: these bytes must never change.
+    #[test]
+    fn the_encoding_is_fixed() {
+        let t = Template(vec![
+            Attr::bool(CKA_SIGN, true),
+            Attr::mechanisms(CKA_ALLOWED_MECHANISMS, &[CKM_ECDSA]),
+            Attr::array(CKA_UNWRAP_TEMPLATE, vec![Attr::bool(CKA_WRAP_WITH_TRUSTED, true)]),
+        ]);
+        let expected = concat!(
+            "0000000000000108",
+            "00",
+            "00000001",
+            "01",
+            "0000000040000212",
+            "01",
+            "0000000e",
+            "0000000000000210",
+            "00",
+            "00000001",
+            "01",
+            "0000000040000600",
+            "00",
+            "00000008",
+            "4110000000000000",
+        );
+        assert_eq!(hex::encode(t.encode()), expected);
+        let back = Template::decode(&t.encode()).expect("decodes");
+        assert!(back.matches(&t) && t.matches(&back));
     }
 
     #[test]
