@@ -1,7 +1,7 @@
 //! The calls the shim makes into the backend for itself (stored keys, the MBK, the CLI), with safe types.
 //! Like `backend`, this is a boundary: the raw pointers built here live only for the duration of a call.
 
-use crate::attrs::{Attr, Template, Value};
+use crate::attrs::{layout, mechanisms_from_bytes, Attr, Layout, Template, Value};
 use crate::backend::Backend;
 use crate::error::{rv_ok, Error, Result};
 use cryptoki_sys::*;
@@ -66,10 +66,15 @@ impl Mechanism {
     }
 }
 
-/// A template laid out as CK_ATTRIBUTEs pointing into `Template` (which must outlive it).
+/// A template laid out as CK_ATTRIBUTEs pointing into `Template` (which must outlive it), each value as its
+/// type's layout says: attribute arrays as arrays of CK_ATTRIBUTE, mechanism arrays as arrays of
+/// CK_MECHANISM_TYPE (aligned for them), the rest as bytes.
 struct Raw {
     attrs: Vec<CK_ATTRIBUTE>,
+    /// The attribute arrays' elements, which `attrs` point into.
     _nested: Vec<Raw>,
+    /// The mechanism arrays, which `attrs` point into.
+    _mechanisms: Vec<Vec<CK_MECHANISM_TYPE>>,
 }
 
 impl Raw {
@@ -78,17 +83,28 @@ impl Raw {
     }
     fn of(list: &[Attr]) -> Raw {
         let mut nested = Vec::new();
+        let mut mechanisms = Vec::new();
         let mut attrs = Vec::with_capacity(list.len());
         for a in list {
-            let (ptr, len) = match &a.value {
-                Value::Bytes(b) => (b.as_ptr() as *mut c_void, b.len()),
-                Value::Array(inner) => {
+            let (ptr, len) = match (&a.value, layout(a.ty)) {
+                (Value::Array(inner), _) => {
                     let raw = Raw::of(inner);
                     let p = raw.attrs.as_ptr() as *mut c_void;
                     let len = raw.attrs.len() * std::mem::size_of::<CK_ATTRIBUTE>();
                     nested.push(raw);
                     (p, len)
                 }
+                // The bytes of a Vec<u8> promise no alignment; a backend reads CK_MECHANISM_TYPEs.
+                (Value::Bytes(b), Layout::Mechanisms) => match mechanisms_from_bytes(b) {
+                    Some(list) => {
+                        let p = list.as_ptr() as *mut c_void;
+                        mechanisms.push(list);
+                        (p, b.len())
+                    }
+                    // Not whole mechanism types: given as they are, for the backend to refuse.
+                    None => (b.as_ptr() as *mut c_void, b.len()),
+                },
+                (Value::Bytes(b), _) => (b.as_ptr() as *mut c_void, b.len()),
             };
             attrs.push(CK_ATTRIBUTE {
                 type_: a.ty,
@@ -96,7 +112,7 @@ impl Raw {
                 ulValueLen: len as CK_ULONG,
             });
         }
-        Raw { attrs, _nested: nested }
+        Raw { attrs, _nested: nested, _mechanisms: mechanisms }
     }
     fn ptr(&mut self) -> (*mut CK_ATTRIBUTE, CK_ULONG) {
         (
@@ -105,6 +121,91 @@ impl Raw {
         )
     }
 }
+
+/// One attribute being read by [`Backend::attributes`]: a buffer for a value, or for an attribute array its
+/// elements (as the backend describes them) and their buffers.
+struct Fetched {
+    ty: CK_ATTRIBUTE_TYPE,
+    value: Zeroizing<Vec<u8>>,
+    elements: Vec<CK_ATTRIBUTE>,
+    element_values: Vec<Zeroizing<Vec<u8>>>,
+}
+
+impl Fetched {
+    fn new(ty: CK_ATTRIBUTE_TYPE, len: usize) -> Fetched {
+        let (value, elements) = match layout(ty) {
+            Layout::Attributes => {
+                let n = len / std::mem::size_of::<CK_ATTRIBUTE>();
+                let none = CK_ATTRIBUTE { type_: 0, pValue: std::ptr::null_mut(), ulValueLen: 0 };
+                (Zeroizing::new(Vec::new()), vec![none; n])
+            }
+            _ => (Zeroizing::new(vec![0u8; len]), Vec::new()),
+        };
+        Fetched { ty, value, elements, element_values: Vec::new() }
+    }
+
+    fn is_array(&self) -> bool {
+        layout(self.ty) == Layout::Attributes
+    }
+
+    fn has_elements(&self) -> bool {
+        !self.elements.is_empty()
+    }
+
+    /// The CK_ATTRIBUTE asking for this attribute, pointing into `self`.
+    fn raw(&mut self) -> CK_ATTRIBUTE {
+        let (ptr, len) = if self.is_array() {
+            let bytes = self.elements.len() * std::mem::size_of::<CK_ATTRIBUTE>();
+            (self.elements.as_mut_ptr() as *mut c_void, bytes)
+        } else {
+            (self.value.as_mut_ptr() as *mut c_void, self.value.len())
+        };
+        CK_ATTRIBUTE {
+            type_: self.ty,
+            pValue: if len == 0 { std::ptr::null_mut() } else { ptr },
+            ulValueLen: len as CK_ULONG,
+        }
+    }
+
+    /// After the call that filled in the plain value, or the array's element types and lengths: the value's
+    /// length, and buffers for the elements' values.
+    fn answered(&mut self, len: CK_ULONG) -> Result<()> {
+        if !self.is_array() {
+            self.value.truncate(len as usize);
+            return Ok(());
+        }
+        for e in &mut self.elements {
+            // An element the backend cannot describe would leave the array half read.
+            if e.ulValueLen == CK_UNAVAILABLE_INFORMATION || e.ulValueLen > MAX_ELEMENT {
+                return Err(Error::Rv(CKR_GENERAL_ERROR));
+            }
+            let mut buffer = Zeroizing::new(vec![0u8; e.ulValueLen as usize]);
+            e.pValue = if buffer.is_empty() { std::ptr::null_mut() } else { buffer.as_mut_ptr() as *mut c_void };
+            self.element_values.push(buffer);
+        }
+        Ok(())
+    }
+
+    fn into_attr(self) -> Attr {
+        if !self.is_array() {
+            return Attr { ty: self.ty, value: Value::Bytes(self.value) };
+        }
+        let inner = self
+            .elements
+            .iter()
+            .zip(self.element_values)
+            .map(|(e, mut value)| {
+                value.truncate(e.ulValueLen as usize);
+                Attr { ty: e.type_, value: Value::Bytes(value) }
+            })
+            .collect();
+        Attr::array(self.ty, inner)
+    }
+}
+
+/// The longest element value of an attribute array the shim reads from the backend (as for templates the
+/// application passes).
+const MAX_ELEMENT: CK_ULONG = 1 << 24;
 
 fn func<T>(f: Option<T>) -> Result<T> {
     f.ok_or(Error::Rv(CKR_FUNCTION_NOT_SUPPORTED))
@@ -326,7 +427,9 @@ impl Backend {
         rv_ok(unsafe { f(session, object, p, n) })
     }
 
-    /// The values of `types` on `object`; an attribute the object lacks or hides is left out.
+    /// The values of `types` on `object`; an attribute the object lacks or hides is left out. Attribute arrays
+    /// are read by C_GetAttributeValue's protocol for them (PKCS#11 3.0 §5.7.5): their lengths, then their
+    /// elements' types and lengths, then the values; mechanism arrays are bytes like other values.
     pub fn attributes(
         &self,
         session: CK_SESSION_HANDLE,
@@ -341,38 +444,27 @@ impl Backend {
         if !matches!(rv, CKR_OK | CKR_ATTRIBUTE_SENSITIVE | CKR_ATTRIBUTE_TYPE_INVALID) {
             return Err(Error::Rv(rv));
         }
-        let wanted: Vec<(CK_ATTRIBUTE_TYPE, usize)> = query
+        let mut fetch: Vec<Fetched> = query
             .iter()
-            .filter(|a| a.ulValueLen != CK_UNAVAILABLE_INFORMATION && !crate::attrs::is_array_type(a.type_))
-            .map(|a| (a.type_, a.ulValueLen as usize))
+            .filter(|a| a.ulValueLen != CK_UNAVAILABLE_INFORMATION)
+            .map(|a| Fetched::new(a.type_, a.ulValueLen as usize))
             .collect();
-        let mut buffers: Vec<Zeroizing<Vec<u8>>> = wanted.iter().map(|(_, n)| Zeroizing::new(vec![0u8; *n])).collect();
-        let mut fetch: Vec<CK_ATTRIBUTE> = wanted
-            .iter()
-            .zip(buffers.iter_mut())
-            .map(|((t, n), b)| CK_ATTRIBUTE {
-                type_: *t,
-                pValue: if *n == 0 { std::ptr::null_mut() } else { b.as_mut_ptr() as *mut c_void },
-                ulValueLen: *n as CK_ULONG,
-            })
-            .collect();
-        if !fetch.is_empty() {
-            // SAFETY: each value points to a buffer of the length announced.
-            let rv = unsafe { f(session, object, fetch.as_mut_ptr(), fetch.len() as CK_ULONG) };
-            if rv != CKR_OK {
-                return Err(Error::Rv(rv));
-            }
+        // Plain values, and each attribute array's elements with NULL values (asking their types and lengths).
+        let mut raw: Vec<CK_ATTRIBUTE> = fetch.iter_mut().map(Fetched::raw).collect();
+        if !raw.is_empty() {
+            // SAFETY: each value points to a buffer of the length announced (an array: its elements).
+            rv_ok(unsafe { f(session, object, raw.as_mut_ptr(), raw.len() as CK_ULONG) })?;
         }
-        Ok(Template(
-            fetch
-                .iter()
-                .zip(buffers)
-                .map(|(a, mut b)| {
-                    b.truncate(a.ulValueLen as usize);
-                    Attr { ty: a.type_, value: Value::Bytes(b) }
-                })
-                .collect(),
-        ))
+        for (fetched, answered) in fetch.iter_mut().zip(&raw) {
+            fetched.answered(answered.ulValueLen)?;
+        }
+        // The attribute arrays' values, into buffers of the lengths just announced.
+        let mut arrays: Vec<CK_ATTRIBUTE> = fetch.iter_mut().filter(|a| a.has_elements()).map(Fetched::raw).collect();
+        if !arrays.is_empty() {
+            // SAFETY: each array points to its elements, each element to a buffer of the length announced.
+            rv_ok(unsafe { f(session, object, arrays.as_mut_ptr(), arrays.len() as CK_ULONG) })?;
+        }
+        Ok(Template(fetch.into_iter().map(Fetched::into_attr).collect()))
     }
 
     pub fn find(&self, session: CK_SESSION_HANDLE, template: &Template) -> Result<Vec<CK_OBJECT_HANDLE>> {
