@@ -104,6 +104,8 @@ pub(crate) unsafe extern "C" fn C_CreateObject(
             return create_stored(s, &db, parsed, secret, object, |t| backend.create_object(s, t));
         }
         let f = backend.f.C_CreateObject.ok_or(CKR_FUNCTION_NOT_SUPPORTED)?;
+        // SAFETY: the application's template (checked, not copied: it goes to the backend as it is).
+        unsafe { args::check_template(template, count, args::TemplateKind::Input) }?;
         // SAFETY: the application's arguments, unchanged.
         let rv = unsafe { f(s, template, count, object) };
         Ok(out_handle(rv, object))
@@ -127,6 +129,8 @@ pub(crate) unsafe extern "C" fn C_GenerateKey(
             return create_stored(s, &db, parsed, true, key, |t| backend.generate_key_app(s, mech, t));
         }
         let f = backend.f.C_GenerateKey.ok_or(CKR_FUNCTION_NOT_SUPPORTED)?;
+        // SAFETY: the application's template (checked, not copied: it goes to the backend as it is).
+        unsafe { args::check_template(template, count, args::TemplateKind::Input) }?;
         // SAFETY: the application's arguments, unchanged.
         let rv = unsafe { f(s, mechanism, template, count, key) };
         Ok(out_handle(rv, key))
@@ -157,6 +161,8 @@ pub(crate) unsafe extern "C" fn C_UnwrapKey(
             });
         }
         let f = backend.f.C_UnwrapKey.ok_or(CKR_FUNCTION_NOT_SUPPORTED)?;
+        // SAFETY: the application's template (checked, not copied: it goes to the backend as it is).
+        unsafe { args::check_template(template, count, args::TemplateKind::Input) }?;
         // SAFETY: the application's arguments, with the unwrapping key translated.
         let rv = unsafe { f(s, mechanism, unwrapping, wrapped, wrapped_len, template, count, key) };
         Ok(out_handle(rv, key))
@@ -183,6 +189,8 @@ pub(crate) unsafe extern "C" fn C_DeriveKey(
             return create_stored(s, &db, parsed, secret, key, |t| backend.derive_key_app(s, mech, base, t));
         }
         let f = backend.f.C_DeriveKey.ok_or(CKR_FUNCTION_NOT_SUPPORTED)?;
+        // SAFETY: the application's template (checked, not copied: it goes to the backend as it is).
+        unsafe { args::check_template(template, count, args::TemplateKind::Input) }?;
         // SAFETY: the application's arguments, with the base key translated.
         let rv = unsafe { f(s, mechanism, base, template, count, key) };
         Ok(out_handle(rv, key))
@@ -208,6 +216,10 @@ pub(crate) unsafe extern "C" fn C_GenerateKeyPair(
         let private = unsafe { stored_creation(s, private_template, private_count) }?;
         if public.is_none() && private.is_none() {
             let f = backend.f.C_GenerateKeyPair.ok_or(CKR_FUNCTION_NOT_SUPPORTED)?;
+            // SAFETY: the application's templates (checked, not copied: they go to the backend as they are).
+            unsafe { args::check_template(public_template, public_count, args::TemplateKind::Input) }?;
+            // SAFETY: as above.
+            unsafe { args::check_template(private_template, private_count, args::TemplateKind::Input) }?;
             // SAFETY: the application's arguments, unchanged.
             let rv = unsafe {
                 f(s, mechanism, public_template, public_count, private_template, private_count, public_key, private_key)
@@ -297,6 +309,8 @@ pub(crate) unsafe extern "C" fn C_CopyObject(
             let token = db.is_some() && unsafe { args::template(template, count) }?.bool(CKA_TOKEN) == Some(true);
             if !token {
                 let f = backend.f.C_CopyObject.ok_or(CKR_FUNCTION_NOT_SUPPORTED)?;
+                // SAFETY: the application's template (checked, not copied: it goes to the backend as it is).
+                unsafe { args::check_template(template, count, args::TemplateKind::Input) }?;
                 // SAFETY: the application's arguments, with the object translated.
                 let rv = unsafe { f(s, source, template, count, new_object) };
                 return Ok(out_handle(rv, new_object));
@@ -409,6 +423,8 @@ pub(crate) unsafe extern "C" fn C_GetAttributeValue(
     guard("C_GetAttributeValue", || {
         let backend = active()?;
         let f = backend.f.C_GetAttributeValue.ok_or(CKR_FUNCTION_NOT_SUPPORTED)?;
+        // SAFETY: the application's template: a query for the backend or the row, checked, never copied.
+        unsafe { args::check_template(template, count, args::TemplateKind::Query) }?;
         if let Some(key) = objects::stored_key(object) {
             let vault = vault::current().ok_or(CKR_OBJECT_HANDLE_INVALID)?;
             // SAFETY: the application's template array, `count` entries.
@@ -512,6 +528,8 @@ pub(crate) unsafe extern "C" fn C_SetAttributeValue(
             return Err(group_not_here());
         }
         let f = backend.f.C_SetAttributeValue.ok_or(CKR_FUNCTION_NOT_SUPPORTED)?;
+        // SAFETY: the application's template (checked, not copied: it goes to the backend as it is).
+        unsafe { args::check_template(template, count, args::TemplateKind::Input) }?;
         // SAFETY: the application's arguments, with the object translated.
         Ok(unsafe { f(s, object, template, count) })
     })
@@ -555,6 +573,8 @@ pub(crate) unsafe extern "C" fn C_FindObjectsInit(
             if unsafe { args::names(template, count, CKA_P11SHIM_GROUP) } {
                 return Err(group_not_here());
             }
+            // SAFETY: the application's template (checked, not copied: it goes to the backend as it is).
+            unsafe { args::check_template(template, count, args::TemplateKind::Input) }?;
             // SAFETY: the application's arguments, unchanged.
             return Ok(unsafe { f(s, template, count) });
         };
