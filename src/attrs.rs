@@ -264,25 +264,33 @@ pub const KEPT: &[CK_ATTRIBUTE_TYPE] = &[
     CKA_URL,
     CKA_HASH_OF_SUBJECT_PUBLIC_KEY,
     CKA_HASH_OF_ISSUER_PUBLIC_KEY,
+    CKA_ALLOWED_MECHANISMS,
+    CKA_WRAP_TEMPLATE,
+    CKA_UNWRAP_TEMPLATE,
+    CKA_DERIVE_TEMPLATE,
+    CKA_PRIME,
+    CKA_SUBPRIME,
+    CKA_BASE,
+    CKA_VALUE_BITS,
 ];
 
 /// Attributes that are public on public objects (public keys, certificates, data) and kept in the row for
 /// them, but secret on secret and private keys and never kept there.
 pub const PUBLIC_VALUES: &[CK_ATTRIBUTE_TYPE] = &[CKA_VALUE];
 
-/// Secret components: never stored, never answered from a row.
-pub const SECRET_PARTS: &[CK_ATTRIBUTE_TYPE] = &[
-    CKA_VALUE,
-    CKA_PRIVATE_EXPONENT,
-    CKA_PRIME_1,
-    CKA_PRIME_2,
-    CKA_EXPONENT_1,
-    CKA_EXPONENT_2,
-    CKA_COEFFICIENT,
-    CKA_PRIME,
-    CKA_SUBPRIME,
-    CKA_BASE,
-];
+/// The secret components of a key of this class and type: never stored, never answered from a row (a stored
+/// key's are always sensitive). An attribute the key type does not have is not one of them (an RSA private
+/// key has no CKA_VALUE), and domain parameters (CKA_PRIME, CKA_SUBPRIME, CKA_BASE) are public.
+pub fn secret_parts(class: CK_OBJECT_CLASS, key_type: CK_KEY_TYPE) -> &'static [CK_ATTRIBUTE_TYPE] {
+    match (class, key_type) {
+        (CKO_SECRET_KEY, _) => &[CKA_VALUE],
+        (CKO_PRIVATE_KEY, CKK_RSA) => {
+            &[CKA_PRIVATE_EXPONENT, CKA_PRIME_1, CKA_PRIME_2, CKA_EXPONENT_1, CKA_EXPONENT_2, CKA_COEFFICIENT]
+        }
+        (CKO_PRIVATE_KEY, _) => &[CKA_VALUE],
+        _ => &[],
+    }
+}
 
 /// Whether objects of this class hold a secret that is kept wrapped under the MBK.
 pub fn has_secret(class: CK_OBJECT_CLASS) -> bool {
@@ -310,8 +318,10 @@ pub const MODIFIABLE: &[CK_ATTRIBUTE_TYPE] = &[
 ];
 
 /// Attributes that can be given when the shim recreates an object in the HSM from its row (C_CreateObject
-/// for public objects, C_UnwrapKey for secrets): the rest (CKA_LOCAL, CKA_KEY_GEN_MECHANISM, …) are the
-/// HSM's to set, and are answered from the row.
+/// for public objects, C_UnwrapKey for secrets): everything the HSM enforces on the key's use. The rest
+/// (CKA_LOCAL, CKA_KEY_GEN_MECHANISM, CKA_ALWAYS_SENSITIVE, CKA_NEVER_EXTRACTABLE, …) are the HSM's to set,
+/// and are answered from the row. CKA_MODIFIABLE, CKA_COPYABLE and CKA_DESTROYABLE are not given either:
+/// the shim enforces them on the row, and the HSM copy is the shim's own, which the application cannot name.
 pub const SETTABLE: &[CK_ATTRIBUTE_TYPE] = &[
     CKA_CLASS,
     CKA_KEY_TYPE,
@@ -331,6 +341,13 @@ pub const SETTABLE: &[CK_ATTRIBUTE_TYPE] = &[
     CKA_SIGN_RECOVER,
     CKA_UNWRAP,
     CKA_SENSITIVE,
+    CKA_EXTRACTABLE,
+    CKA_WRAP_WITH_TRUSTED,
+    CKA_ALWAYS_AUTHENTICATE,
+    CKA_ALLOWED_MECHANISMS,
+    CKA_WRAP_TEMPLATE,
+    CKA_UNWRAP_TEMPLATE,
+    CKA_DERIVE_TEMPLATE,
     CKA_MODULUS,
     CKA_PUBLIC_EXPONENT,
     CKA_EC_PARAMS,

@@ -2,6 +2,11 @@
 //! the shim (issue B puts stored keys there). A backend that itself hands out a handle with the top bit set
 //! gets an alias in the shim's range, so the two spaces never collide whatever values the backend uses.
 //! The lookup costs one branch for ordinary handles: no lock, no allocation.
+//!
+//! Backend objects that are the shim's own (the MBK set, the HSM copies of stored keys, objects it makes
+//! while creating a stored key) are *owned*: an application naming one gets the invalid-handle CK_RV of the
+//! argument, as if it did not exist. While the shim owns nothing (every process without database slots)
+//! that check is one atomic load.
 
 use cryptoki_sys::{CK_OBJECT_HANDLE, CK_RV, CK_ULONG};
 use std::collections::HashMap;
@@ -41,9 +46,38 @@ pub fn is_shim_handle(handle: CK_OBJECT_HANDLE) -> bool {
 #[inline]
 pub fn to_backend(handle: CK_OBJECT_HANDLE, invalid: CK_RV) -> Result<CK_OBJECT_HANDLE, CK_RV> {
     if !is_shim_handle(handle) {
+        if OWNED_ANY.load(Ordering::Acquire) && is_owned(handle) {
+            return Err(invalid);
+        }
         return Ok(handle);
     }
     resolve(handle, invalid)
+}
+
+/// How many backend objects the shim owns, and which: see the module comment.
+static OWNED_ANY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static OWNED: RwLock<Option<std::collections::HashSet<CK_OBJECT_HANDLE>>> = RwLock::new(None);
+
+/// Marks a backend object as the shim's own: from now on the application cannot name it.
+pub fn own(backend: CK_OBJECT_HANDLE) {
+    let mut owned = OWNED.write().unwrap_or_else(|e| e.into_inner());
+    owned.get_or_insert_with(Default::default).insert(backend);
+    OWNED_ANY.store(true, Ordering::Release);
+}
+
+/// Gives up a backend object the shim destroyed (its handle may be the backend's to reuse).
+pub fn disown(backend: CK_OBJECT_HANDLE) {
+    let mut owned = OWNED.write().unwrap_or_else(|e| e.into_inner());
+    if let Some(set) = owned.as_mut() {
+        set.remove(&backend);
+        OWNED_ANY.store(!set.is_empty(), Ordering::Release);
+    }
+}
+
+/// Whether a backend object is the shim's own.
+#[cold]
+pub fn is_owned(backend: CK_OBJECT_HANDLE) -> bool {
+    OWNED.read().unwrap_or_else(|e| e.into_inner()).as_ref().is_some_and(|s| s.contains(&backend))
 }
 
 #[cold]
@@ -144,9 +178,11 @@ pub fn forget(handle: CK_OBJECT_HANDLE) {
     }
 }
 
-/// Drops every shim handle (C_Finalize, or C_Initialize in a forked child).
+/// Drops every shim handle and every owned object (C_Finalize, or C_Initialize in a forked child).
 pub fn clear() {
     *TABLE.write().unwrap_or_else(|e| e.into_inner()) = None;
+    *OWNED.write().unwrap_or_else(|e| e.into_inner()) = None;
+    OWNED_ANY.store(false, Ordering::Release);
 }
 
 #[cfg(test)]
@@ -170,6 +206,18 @@ mod tests {
         assert_eq!(to_backend(a, CKR_KEY_HANDLE_INVALID), Ok(backend));
         forget(a);
         assert_eq!(to_backend(a, CKR_OBJECT_HANDLE_INVALID), Err(CKR_OBJECT_HANDLE_INVALID));
+    }
+
+    #[test]
+    fn owned_backend_objects_are_invalid_to_the_application() {
+        let h = 0x7777_0001;
+        assert_eq!(to_backend(h, CKR_KEY_HANDLE_INVALID), Ok(h));
+        own(h);
+        assert_eq!(to_backend(h, CKR_KEY_HANDLE_INVALID), Err(CKR_KEY_HANDLE_INVALID));
+        assert_eq!(to_backend(h, CKR_OBJECT_HANDLE_INVALID), Err(CKR_OBJECT_HANDLE_INVALID));
+        assert_eq!(to_backend(h + 1, CKR_KEY_HANDLE_INVALID), Ok(h + 1), "only that object");
+        disown(h);
+        assert_eq!(to_backend(h, CKR_KEY_HANDLE_INVALID), Ok(h));
     }
 
     #[test]

@@ -245,45 +245,46 @@ pub fn accept(token: &Token, resp: &CloneResponse) -> Result<MbkSet> {
     Ok(set)
 }
 
-/// Makes the MBK set on `token` with `unwrap(template, label)`: first as session objects, to check the
-/// fingerprint against `expected`, then as the token's permanent, undestroyable keys.
+/// Makes the MBK set on `token` with `unwrap(template, label)`: as session objects first, to check the
+/// fingerprint against `expected`, then copied into the token's permanent, unmodifiable, undestroyable keys
+/// (SoftHSM2 refuses CKA_MODIFIABLE=false on an unwrapped key, not on a copy), and the load key made from the
+/// MBK. Nothing is left in the token when the fingerprint differs.
 fn install(
     token: &Token,
     expected: &str,
     unwrap: impl Fn(&Template, &str) -> Result<CK_OBJECT_HANDLE>,
 ) -> Result<MbkSet> {
     let wrap = mbk::wrap_mechanism(token.backend, token.slot)?;
-    let templates = |permanent: bool| {
-        [(MBK_LABEL, mbk::mbk_template()), (MAC_LABEL, mbk::mac_template())].map(|(label, mut t)| {
-            t.remove(CKA_VALUE_LEN);
-            // SoftHSM2 refuses CKA_MODIFIABLE=false on an unwrapped key (CKR_ATTRIBUTE_READ_ONLY); mbk::find
-            // refuses a set whose usage was widened later, which is what unmodifiable would prevent.
-            t.remove(CKA_MODIFIABLE);
-            if !permanent {
-                t.set(Attr::bool(CKA_TOKEN, false));
-                t.set(Attr::bool(CKA_DESTROYABLE, true));
-            }
-            (label, t)
-        })
+    let (b, so) = (token.backend, token.session);
+    let session_mbk = unwrap(&mbk::session_form(mbk::mbk_template(wrap)), MBK_LABEL)?;
+    let session_mac = match unwrap(&mbk::session_form(mbk::mac_template()), MAC_LABEL) {
+        Ok(h) => h,
+        Err(e) => {
+            let _ = b.destroy_object(so, session_mbk);
+            return Err(e);
+        }
     };
-    let [(l1, t1), (l2, t2)] = templates(false);
-    let trial_mbk = unwrap(&t1, l1)?;
-    let trial = unwrap(&t2, l2).and_then(|trial_mac| {
-        let fp = mbk::fingerprint(token.backend, token.session, trial_mbk, trial_mac, wrap);
-        let _ = token.backend.destroy_object(token.session, trial_mac);
-        fp
-    });
-    let _ = token.backend.destroy_object(token.session, trial_mbk);
-    let fingerprint = trial?;
-    if fingerprint != expected {
-        return Err(Error::Other(format!(
-            "the MBK set received has fingerprint {fingerprint}, not {expected}: refused, nothing installed"
-        )));
+    let fingerprint = mbk::fingerprint(b, so, session_mbk, session_mac, wrap);
+    if fingerprint.as_deref().ok() != Some(expected) {
+        for h in [session_mbk, session_mac] {
+            let _ = b.destroy_object(so, h);
+        }
+        return Err(match fingerprint {
+            Ok(got) => Error::Other(format!(
+                "the MBK set received has fingerprint {got}, not {expected}: refused, nothing installed"
+            )),
+            Err(e) => e,
+        });
     }
-    let [(l1, t1), (l2, t2)] = templates(true);
-    let mbk_handle = unwrap(&t1, l1)?;
-    let mac_handle = unwrap(&t2, l2)?;
-    Ok(MbkSet { mbk: mbk_handle, mac: mac_handle, wrap, fingerprint })
+    let mbk_handle = match mbk::permanent(b, so, session_mbk) {
+        Ok(h) => h,
+        Err(e) => {
+            let _ = b.destroy_object(so, session_mac);
+            return Err(e);
+        }
+    };
+    let mac_handle = mbk::permanent(b, so, session_mac)?;
+    mbk::complete(b, so, mbk_handle, mac_handle, wrap)
 }
 
 /// `mbk export-shares` (SO logged in): the MBK set in clear on the host, split into `shares` Shamir shares of

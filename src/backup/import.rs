@@ -8,7 +8,7 @@
 use super::format::{BackupReader, Header, Record, Sealer};
 use super::journal::{self, Journal, Triple};
 use super::work::{self, audit, describe, row_of_record, Authorizer, Work};
-use crate::attrs::{self, Attr, Template};
+use crate::attrs::{Attr, Template};
 use crate::config::Mode;
 use crate::error::{Error, Result};
 use crate::store::KeyStore;
@@ -107,6 +107,9 @@ fn run(store: &dyn KeyStore, work: &Work, who: &dyn Authorizer, opts: &ImportOpt
             if !opts.dry_run {
                 let mut row = row_of_record(&record, &work.token.label);
                 row.id = id;
+                if let Some(attrs) = Template::decode(&row.attrs) {
+                    row.attrs = crate::vault::restorable(&attrs, row.class).encode();
+                }
                 row.mac = sealer.seal(&crate::vault::mac_input(&row))?;
                 if exists {
                     tx.replace(&row)?;
@@ -251,15 +254,13 @@ impl TokenIndex {
     }
 }
 
-/// Makes a record's object in the HSM (a token object, or a session object to be destroyed after a check).
+/// Makes a record's object in the HSM (a token object, or a session object to be destroyed after a check):
+/// exactly as the record describes it where custody allows, else as the closest object it allows (see
+/// vault::Recipe::restorable).
 pub fn make(work: &Work, record: &Record, token: bool) -> Result<CK_OBJECT_HANDLE> {
     let attrs = Template::decode(&record.attrs).ok_or_else(|| Error::Other("attributes cannot be decoded".into()))?;
-    let template = work::hsm_template(&attrs, record.class, token);
+    let set = work.set.current(&work.token.label)?;
+    let recipe = crate::vault::Recipe::restorable(set, &attrs, record.class, token);
     let t = &work.token;
-    if attrs::has_secret(record.class) {
-        let mech = crate::hsm::Mechanism::plain(record.wrap_mech);
-        t.backend.unwrap_key(t.session, &mech, work.set.mbk, &record.wrapped, &template)
-    } else {
-        t.backend.create_object(t.session, &template)
-    }
+    recipe.make(t.backend, t.session, crate::vault::unwrap_mechanism(set, record.wrap_mech), &record.wrapped)
 }

@@ -1,12 +1,24 @@
 //! The master backup key set on a token: the MBK (AES-256, wrap/unwrap only, trusted, extractable only under
-//! a trusted key) and the MAC key (HMAC-SHA256, sign/verify only) that authenticates key store rows and
-//! backup records. Both are made inside the HSM by the SO and never leave it in clear.
+//! a trusted key), the MAC key (HMAC-SHA256, sign/verify only) that authenticates key store rows and backup
+//! records, and the load key: the MBK's value once more, which only unwraps. All are made inside the HSM by
+//! the SO and never leave it in clear.
+//!
+//! Custody is the HSM's to enforce, whoever holds the user PIN: every key of the set is unmodifiable and
+//! allowed one mechanism only (so a widened usage flag cannot turn the MBK into an AES decryptor of RFC 5649
+//! blobs), and each unwrapping key carries an unwrap template that the HSM checks against the caller's
+//! template. The MBK unwraps only into sensitive, wrap-with-trusted, private objects; the load key only into
+//! unextractable, private objects. So no unwrap of a stored key's blob, by anyone, yields an object whose
+//! value can be read or wrapped under an untrusted key, and none works without the user's login. Two
+//! unwrapping keys are needed because one template cannot say "sensitive or unextractable": a key the
+//! application made unextractable (sensitive or not) loads under the load key, an extractable one (sensitive
+//! and wrap-with-trusted) under the MBK, each exactly as the application made it.
 //!
 //! The fingerprint identifies the set without revealing anything about it: SHA-256 over the MAC key wrapped
 //! under the MBK (RFC 5649 is deterministic), truncated to 128 bits. Both keys go into it, so two HSMs show
-//! the same fingerprint exactly when they hold the same set (issue C clones it between HSMs).
+//! the same fingerprint exactly when they hold the same set (issue C clones it between HSMs). The load key is
+//! made from the MBK on each token, so it is not part of what is cloned.
 
-use crate::attrs::{Attr, Template};
+use crate::attrs::{Attr, Template, Value};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::hsm::Mechanism;
@@ -15,14 +27,19 @@ use sha2::{Digest, Sha256};
 
 pub const MBK_LABEL: &str = "p11shim-mbk";
 pub const MAC_LABEL: &str = "p11shim-mbk-mac";
+pub const LOAD_LABEL: &str = "p11shim-mbk-load";
 
 /// A key set found on a token, with the wrap mechanism the backend offers for RFC 5649.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MbkSet {
     pub mbk: CK_OBJECT_HANDLE,
     pub mac: CK_OBJECT_HANDLE,
+    /// The load key (None in a set made by an earlier version).
+    pub load: Option<CK_OBJECT_HANDLE>,
     pub wrap: CK_MECHANISM_TYPE,
     pub fingerprint: String,
+    /// Why the set cannot be trusted to keep custody (made by an earlier version of p11shim); None when it can.
+    pub outdated: Option<String>,
 }
 
 impl MbkSet {
@@ -32,6 +49,49 @@ impl MbkSet {
     pub fn mac_mechanism() -> Mechanism {
         Mechanism::plain(CKM_SHA256_HMAC)
     }
+    /// Every object of the set (the application may name none of them).
+    pub fn handles(&self) -> Vec<CK_OBJECT_HANDLE> {
+        [Some(self.mbk), Some(self.mac), self.load].into_iter().flatten().collect()
+    }
+    /// The set, if it keeps custody; else an error that says how to replace it. Needed before anything is
+    /// unwrapped under it.
+    pub fn current(&self, token: &str) -> Result<&MbkSet> {
+        match &self.outdated {
+            None => Ok(self),
+            Some(why) => {
+                let message = outdated(token, &self.fingerprint, why);
+                crate::error!("{message}");
+                Err(Error::Other(message))
+            }
+        }
+    }
+    /// The key that unwraps a blob into an object with these attributes, as asked: the load key for an
+    /// unextractable key, the MBK for a sensitive, wrap-with-trusted one; None when neither may (a key whose
+    /// value could be read, or one any key could wrap). Either makes a private object, whatever CKA_PRIVATE
+    /// the application gave: nobody without the user's login may use a stored key.
+    pub fn unwrapper_for(&self, attrs: &Template) -> Option<CK_OBJECT_HANDLE> {
+        match (attrs.bool(CKA_EXTRACTABLE), attrs.bool(CKA_SENSITIVE), attrs.bool(CKA_WRAP_WITH_TRUSTED)) {
+            (Some(false), _, _) => self.load,
+            (Some(true), Some(true), Some(true)) => Some(self.mbk),
+            _ => None,
+        }
+    }
+}
+
+/// What the MBK's unwrap template forces on every object unwrapped under it.
+pub fn mbk_unwrap_template() -> Vec<Attr> {
+    vec![Attr::bool(CKA_SENSITIVE, true), Attr::bool(CKA_WRAP_WITH_TRUSTED, true), Attr::bool(CKA_PRIVATE, true)]
+}
+
+/// What the load key's unwrap template forces on every object unwrapped under it.
+pub fn load_unwrap_template() -> Vec<Attr> {
+    vec![Attr::bool(CKA_EXTRACTABLE, false), Attr::bool(CKA_PRIVATE, true)]
+}
+
+fn outdated(token: &str, fingerprint: &str, why: &str) -> String {
+    format!(
+        "token {token:?}: its MBK set (fingerprint {fingerprint}) was made by an earlier version of p11shim and does not keep custody ({why}): a holder of the user PIN could unwrap stored keys into readable objects, so p11shim refuses to unwrap under it. Replace it: `p11shim mbk export-shares` (or clone it to another token), re-initialize the token with the HSM vendor's tool (not through p11shim, which would destroy the token's stored keys), then `p11shim mbk import-shares`; stored keys and backups stay valid (same fingerprint)"
+    )
 }
 
 /// Why an operation that needs the MBK cannot have it; the message says how to fix it.
@@ -49,8 +109,8 @@ pub fn wrap_mechanism(backend: &Backend, slot: CK_SLOT_ID) -> Result<CK_MECHANIS
     })
 }
 
-/// Refuses a key of the set whose usage was widened (a cloned MBK stays modifiable on SoftHSM2, which
-/// refuses CKA_MODIFIABLE=false on an unwrapped key; a user could give it CKA_DECRYPT and unwrap by hand).
+/// Refuses a key of the set whose usage was widened (by someone with the SO PIN, or in a set an earlier
+/// version left modifiable).
 fn check_usage(
     backend: &Backend,
     session: CK_SESSION_HANDLE,
@@ -73,6 +133,34 @@ fn check_usage(
     Err(Error::Other(message))
 }
 
+/// Why a key of the set does not enforce what custody needs (None when it does): unmodifiable, allowed only
+/// `mechanism`, and an unwrap template holding at least `forces`.
+fn custody_gap(
+    backend: &Backend,
+    session: CK_SESSION_HANDLE,
+    key: CK_OBJECT_HANDLE,
+    label: &str,
+    mechanism: CK_MECHANISM_TYPE,
+    forces: &[Attr],
+) -> Result<Option<String>> {
+    let got = backend.attributes(session, key, &[CKA_MODIFIABLE, CKA_ALLOWED_MECHANISMS, CKA_UNWRAP_TEMPLATE])?;
+    if got.bool(CKA_MODIFIABLE) != Some(false) {
+        return Ok(Some(format!("{label} is modifiable")));
+    }
+    if got.bytes(CKA_ALLOWED_MECHANISMS) != Some(&mechanism.to_ne_bytes()[..]) {
+        crate::debug!("{label}: allowed mechanisms {:?}", got.bytes(CKA_ALLOWED_MECHANISMS));
+        return Ok(Some(format!("{label} is not limited to one mechanism ({mechanism:#x})")));
+    }
+    let template = match got.get(CKA_UNWRAP_TEMPLATE).map(|a| &a.value) {
+        Some(Value::Array(inner)) => inner.as_slice(),
+        _ => &[],
+    };
+    Ok(forces
+        .iter()
+        .find(|want| !template.contains(want))
+        .map(|missing| format!("{label}'s unwrap template does not force {}", crate::error::attr_name(missing.ty))))
+}
+
 fn find_one(backend: &Backend, session: CK_SESSION_HANDLE, label: &str) -> Result<Option<CK_OBJECT_HANDLE>> {
     let template = Template(vec![Attr::ulong(CKA_CLASS, CKO_SECRET_KEY), Attr::bytes(CKA_LABEL, label.as_bytes())]);
     let found = backend.find(session, &template)?;
@@ -83,17 +171,40 @@ fn find_one(backend: &Backend, session: CK_SESSION_HANDLE, label: &str) -> Resul
     }
 }
 
-/// The key set on the session's token, if there is one (both keys are public objects: no login needed).
+/// The key set on the session's token, if there is one (every key is a public object: no login needed). A
+/// set made by an earlier version is returned with `outdated` saying why nothing may be unwrapped under it.
 pub fn find(backend: &Backend, session: CK_SESSION_HANDLE, slot: CK_SLOT_ID) -> Result<Option<MbkSet>> {
     let (Some(mbk), Some(mac)) = (find_one(backend, session, MBK_LABEL)?, find_one(backend, session, MAC_LABEL)?)
     else {
         return Ok(None);
     };
+    let load = find_one(backend, session, LOAD_LABEL)?;
     check_usage(backend, session, mbk, MBK_LABEL, &[CKA_WRAP, CKA_UNWRAP])?;
     check_usage(backend, session, mac, MAC_LABEL, &[CKA_SIGN, CKA_VERIFY])?;
+    if let Some(load) = load {
+        check_usage(backend, session, load, LOAD_LABEL, &[CKA_UNWRAP])?;
+    }
     let wrap = wrap_mechanism(backend, slot)?;
+    let outdated = match load {
+        None => Some(format!("it has no {LOAD_LABEL}")),
+        Some(load) => {
+            let keys = [
+                (mbk, MBK_LABEL, wrap, mbk_unwrap_template()),
+                (load, LOAD_LABEL, wrap, load_unwrap_template()),
+                (mac, MAC_LABEL, CKM_SHA256_HMAC, Vec::new()),
+            ];
+            let mut gap = None;
+            for (key, label, mechanism, forces) in keys {
+                gap = custody_gap(backend, session, key, label, mechanism, &forces)?;
+                if gap.is_some() {
+                    break;
+                }
+            }
+            gap
+        }
+    };
     let fingerprint = fingerprint(backend, session, mbk, mac, wrap)?;
-    Ok(Some(MbkSet { mbk, mac, wrap, fingerprint }))
+    Ok(Some(MbkSet { mbk, mac, load, wrap, fingerprint, outdated }))
 }
 
 pub(crate) fn fingerprint(
@@ -113,11 +224,11 @@ fn format_fingerprint(bytes: &[u8]) -> String {
     bytes.chunks(4).map(hex::encode).collect::<Vec<_>>().join("-")
 }
 
-/// The MBK's template: AES-256 that only wraps and unwraps, sensitive, trusted (SO only), extractable only
-/// under a trusted key, and whose unwrap template makes every key it unwraps extractable only that way too.
-/// Not modifiable (a user could otherwise give it CKA_DECRYPT and unwrap by hand), not copyable, not
-/// destroyable. A public object: SoftHSM2 requires that of a trusted key (see README, security model).
-pub(crate) fn mbk_template() -> Template {
+/// The MBK's template: AES-256 that only wraps and unwraps, with `wrap` only, sensitive, trusted (SO only),
+/// extractable only under a trusted key, and whose unwrap template forces what custody needs on every key it
+/// unwraps. Not modifiable, not copyable, not destroyable. A public object: SoftHSM2 requires that of a
+/// trusted key (see README, security model).
+pub(crate) fn mbk_template(wrap: CK_MECHANISM_TYPE) -> Template {
     let mut t = common(MBK_LABEL);
     t.0.extend([
         Attr::ulong(CKA_KEY_TYPE, CKK_AES),
@@ -127,7 +238,8 @@ pub(crate) fn mbk_template() -> Template {
         Attr::bool(CKA_SIGN, false),
         Attr::bool(CKA_VERIFY, false),
         Attr::bool(CKA_TRUSTED, true),
-        Attr::array(CKA_UNWRAP_TEMPLATE, vec![Attr::bool(CKA_WRAP_WITH_TRUSTED, true)]),
+        Attr::bytes(CKA_ALLOWED_MECHANISMS, &wrap.to_ne_bytes()),
+        Attr::array(CKA_UNWRAP_TEMPLATE, mbk_unwrap_template()),
     ]);
     t
 }
@@ -142,7 +254,26 @@ pub(crate) fn mac_template() -> Template {
         Attr::bool(CKA_UNWRAP, false),
         Attr::bool(CKA_SIGN, true),
         Attr::bool(CKA_VERIFY, true),
+        Attr::bytes(CKA_ALLOWED_MECHANISMS, &CKM_SHA256_HMAC.to_ne_bytes()),
     ]);
+    t
+}
+
+/// The load key as a session object (made permanent by [`permanent`]): unwrap only, with `wrap` only, never
+/// extractable, and an unwrap template that forces unextractable, private objects.
+fn load_template(wrap: CK_MECHANISM_TYPE) -> Template {
+    let mut t = session_form(common(LOAD_LABEL));
+    t.0.extend([
+        Attr::ulong(CKA_KEY_TYPE, CKK_AES),
+        Attr::bool(CKA_WRAP, false),
+        Attr::bool(CKA_UNWRAP, true),
+        Attr::bool(CKA_SIGN, false),
+        Attr::bool(CKA_VERIFY, false),
+        Attr::bytes(CKA_ALLOWED_MECHANISMS, &wrap.to_ne_bytes()),
+        Attr::array(CKA_UNWRAP_TEMPLATE, load_unwrap_template()),
+    ]);
+    t.set(Attr::bool(CKA_EXTRACTABLE, false));
+    t.remove(CKA_WRAP_WITH_TRUSTED);
     t
 }
 
@@ -164,6 +295,68 @@ fn common(label: &str) -> Template {
     ])
 }
 
+/// A key of the set as the session object that [`permanent`] copies into the token. SoftHSM2 refuses
+/// CKA_MODIFIABLE=false on an unwrapped key but accepts it on a copy; a copy of an unmodifiable key can
+/// change nothing, so the copyable flag the copy keeps gives nothing away.
+pub(crate) fn session_form(mut t: Template) -> Template {
+    t.remove(CKA_VALUE_LEN);
+    t.remove(CKA_MODIFIABLE);
+    t.remove(CKA_COPYABLE);
+    t.set(Attr::bool(CKA_TOKEN, false));
+    t.set(Attr::bool(CKA_DESTROYABLE, true));
+    t
+}
+
+/// Copies a session key of the set into the token as its permanent, unmodifiable, undestroyable form, and
+/// destroys the session key. CKA_MODIFIABLE comes last: SoftHSM2 applies a copy's template in order and
+/// refuses every change after it.
+pub(crate) fn permanent(backend: &Backend, so: CK_SESSION_HANDLE, key: CK_OBJECT_HANDLE) -> Result<CK_OBJECT_HANDLE> {
+    let copied = backend.copy_object(
+        so,
+        key,
+        &Template(vec![
+            Attr::bool(CKA_TOKEN, true),
+            Attr::bool(CKA_DESTROYABLE, false),
+            Attr::bool(CKA_MODIFIABLE, false),
+        ]),
+    );
+    let _ = backend.destroy_object(so, key);
+    copied
+}
+
+/// Makes the load key from the MBK (SO logged in): the MBK is wrapped under a trusted session key and
+/// unwrapped again as the load key, inside the HSM. The transport key is destroyed whatever happens.
+fn make_load(
+    backend: &Backend,
+    so: CK_SESSION_HANDLE,
+    mbk: CK_OBJECT_HANDLE,
+    wrap: CK_MECHANISM_TYPE,
+) -> Result<CK_OBJECT_HANDLE> {
+    let transport = backend.generate_key(
+        so,
+        &Mechanism::plain(CKM_AES_KEY_GEN),
+        &Template(vec![
+            Attr::ulong(CKA_CLASS, CKO_SECRET_KEY),
+            Attr::ulong(CKA_VALUE_LEN, 32),
+            Attr::bool(CKA_TOKEN, false),
+            Attr::bool(CKA_PRIVATE, false),
+            Attr::bool(CKA_SENSITIVE, true),
+            Attr::bool(CKA_EXTRACTABLE, false),
+            Attr::bool(CKA_WRAP, true),
+            Attr::bool(CKA_UNWRAP, true),
+            Attr::bool(CKA_TRUSTED, true),
+        ]),
+    )?;
+    let made = (|| {
+        let mech = Mechanism::plain(wrap);
+        let blob = backend.wrap_key(so, &mech, transport, mbk)?;
+        let key = backend.unwrap_key(so, &mech, transport, &blob, &load_template(wrap))?;
+        permanent(backend, so, key)
+    })();
+    let _ = backend.destroy_object(so, transport);
+    made
+}
+
 /// Creates the key set in a session where the SO is logged in. Refuses if one exists already.
 pub fn create(backend: &Backend, so_session: CK_SESSION_HANDLE, slot: CK_SLOT_ID) -> Result<MbkSet> {
     if let Some(existing) = find(backend, so_session, slot)? {
@@ -173,7 +366,7 @@ pub fn create(backend: &Backend, so_session: CK_SESSION_HANDLE, slot: CK_SLOT_ID
         )));
     }
     let wrap = wrap_mechanism(backend, slot)?;
-    let mbk = backend.generate_key(so_session, &Mechanism::plain(CKM_AES_KEY_GEN), &mbk_template())?;
+    let mbk = backend.generate_key(so_session, &Mechanism::plain(CKM_AES_KEY_GEN), &mbk_template(wrap))?;
     let mac = match backend.generate_key(so_session, &Mechanism::plain(CKM_GENERIC_SECRET_KEY_GEN), &mac_template()) {
         Ok(mac) => mac,
         Err(e) => {
@@ -182,12 +375,28 @@ pub fn create(backend: &Backend, so_session: CK_SESSION_HANDLE, slot: CK_SLOT_ID
             return Err(e);
         }
     };
-    let fingerprint = fingerprint(backend, so_session, mbk, mac, wrap)?;
-    Ok(MbkSet { mbk, mac, wrap, fingerprint })
+    complete(backend, so_session, mbk, mac, wrap)
 }
 
-/// Checks, as a logged-in user, that the set does what the key store needs: a key the user makes can be
-/// wrapped under the MBK, unwrapped again under its unwrap template, and a MAC made and checked.
+/// The set once its MBK and MAC key are in the token (made, cloned or rebuilt from shares): makes the load
+/// key and the fingerprint.
+pub(crate) fn complete(
+    backend: &Backend,
+    so_session: CK_SESSION_HANDLE,
+    mbk: CK_OBJECT_HANDLE,
+    mac: CK_OBJECT_HANDLE,
+    wrap: CK_MECHANISM_TYPE,
+) -> Result<MbkSet> {
+    let load = make_load(backend, so_session, mbk, wrap).inspect_err(|e| {
+        crate::error!("making the MBK's load key failed ({e}); the MBK and MAC key were created and must be removed by re-initializing the token")
+    })?;
+    let fingerprint = fingerprint(backend, so_session, mbk, mac, wrap)?;
+    Ok(MbkSet { mbk, mac, load: Some(load), wrap, fingerprint, outdated: None })
+}
+
+/// Checks, as a logged-in user, that the set does what the key store needs and refuses what custody forbids:
+/// a key the user makes is wrapped under the MBK and unwrapped again under each unwrapping key as stored keys
+/// are loaded, never into a readable object, and a MAC is made and checked.
 pub fn self_test(backend: &Backend, user_session: CK_SESSION_HANDLE, set: &MbkSet) -> Result<()> {
     let probe = Template(vec![
         Attr::ulong(CKA_CLASS, CKO_SECRET_KEY),
@@ -201,11 +410,28 @@ pub fn self_test(backend: &Backend, user_session: CK_SESSION_HANDLE, set: &MbkSe
     ]);
     let key = backend.generate_key(user_session, &Mechanism::plain(CKM_AES_KEY_GEN), &probe)?;
     let result = (|| {
+        let load = set.load.ok_or_else(|| Error::Other(format!("the set has no {LOAD_LABEL}")))?;
         let wrapped = backend.wrap_key(user_session, &set.wrap_mechanism(), set.mbk, key)?;
         let mut back = probe.clone();
         back.remove(CKA_VALUE_LEN);
-        let copy = backend.unwrap_key(user_session, &set.wrap_mechanism(), set.mbk, &wrapped, &back)?;
-        let _ = backend.destroy_object(user_session, copy);
+        back.set(Attr::bool(CKA_PRIVATE, true));
+        let mut unextractable = back.clone();
+        unextractable.set(Attr::bool(CKA_EXTRACTABLE, false));
+        unextractable.set(Attr::bool(CKA_SENSITIVE, false));
+        for (unwrapper, template) in [(set.mbk, &back), (load, &unextractable)] {
+            let copy = backend.unwrap_key(user_session, &set.wrap_mechanism(), unwrapper, &wrapped, template)?;
+            let _ = backend.destroy_object(user_session, copy);
+        }
+        let mut readable = back.clone();
+        readable.set(Attr::bool(CKA_SENSITIVE, false));
+        for unwrapper in [set.mbk, load] {
+            if let Ok(copy) = backend.unwrap_key(user_session, &set.wrap_mechanism(), unwrapper, &wrapped, &readable) {
+                let _ = backend.destroy_object(user_session, copy);
+                return Err(Error::Other(
+                    "the HSM unwrapped a key into a readable object under the MBK set: it does not enforce the set's unwrap templates, so p11shim cannot keep custody on it".into(),
+                ));
+            }
+        }
         let mac = backend.sign(user_session, &MbkSet::mac_mechanism(), set.mac, &wrapped)?;
         backend.verify(user_session, &MbkSet::mac_mechanism(), set.mac, &wrapped, &mac)
     })();
@@ -224,7 +450,7 @@ mod tests {
 
     #[test]
     fn mbk_only_wraps_and_is_trusted() {
-        let t = mbk_template();
+        let t = mbk_template(CKM_AES_KEY_WRAP_PAD);
         for (ty, want) in [
             (CKA_WRAP, true),
             (CKA_UNWRAP, true),
@@ -239,5 +465,42 @@ mod tests {
             assert_eq!(t.bool(ty), Some(want), "attribute {ty:#x}");
         }
         assert_eq!(t.ulong(CKA_VALUE_LEN), Some(32));
+        assert_eq!(t.bytes(CKA_ALLOWED_MECHANISMS), Some(&CKM_AES_KEY_WRAP_PAD.to_ne_bytes()[..]));
+        let load = load_template(CKM_AES_KEY_WRAP_PAD);
+        assert_eq!(load.bool(CKA_WRAP), Some(false), "the load key only unwraps");
+        assert_eq!(load.bool(CKA_EXTRACTABLE), Some(false), "and never leaves the HSM, not even wrapped");
+    }
+
+    #[test]
+    fn each_unwrapping_key_loads_exactly_what_it_may() {
+        let set = MbkSet {
+            mbk: 1,
+            mac: 2,
+            load: Some(3),
+            wrap: CKM_AES_KEY_WRAP_PAD,
+            fingerprint: String::new(),
+            outdated: None,
+        };
+        let key = |s: bool, x: bool, w: bool, p: bool| {
+            Template(vec![
+                Attr::bool(CKA_SENSITIVE, s),
+                Attr::bool(CKA_EXTRACTABLE, x),
+                Attr::bool(CKA_WRAP_WITH_TRUSTED, w),
+                Attr::bool(CKA_PRIVATE, p),
+            ])
+        };
+        assert_eq!(set.unwrapper_for(&key(false, false, false, true)), Some(3), "unextractable: the load key");
+        assert_eq!(set.unwrapper_for(&key(true, false, false, true)), Some(3));
+        assert_eq!(set.unwrapper_for(&key(true, true, true, true)), Some(1), "extractable: the MBK");
+        assert_eq!(set.unwrapper_for(&key(false, true, true, true)), None, "a readable value");
+        assert_eq!(set.unwrapper_for(&key(true, true, false, true)), None, "wrappable under any key");
+        assert_eq!(set.unwrapper_for(&key(true, false, false, false)), Some(3), "public: loaded private");
+        // What each unwrap template forces is what the choice above relies on.
+        assert!(mbk_unwrap_template().contains(&Attr::bool(CKA_SENSITIVE, true)));
+        assert!(mbk_unwrap_template().contains(&Attr::bool(CKA_WRAP_WITH_TRUSTED, true)));
+        assert!(load_unwrap_template().contains(&Attr::bool(CKA_EXTRACTABLE, false)));
+        for t in [mbk_unwrap_template(), load_unwrap_template()] {
+            assert!(t.contains(&Attr::bool(CKA_PRIVATE, true)));
+        }
     }
 }

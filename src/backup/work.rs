@@ -172,8 +172,6 @@ pub fn describe(label: &[u8], id: &str, group: &str) -> String {
     format!("{:?} (id {id}, group {group:?})", String::from_utf8_lossy(label))
 }
 
-pub use crate::vault::hsm_template;
-
 /// Appends to the audit trail; a failure to record is an error of the command.
 pub fn audit(store: &dyn KeyStore, who: &str, action: &str, group: &str, count: u64, result: &str) -> Result<()> {
     crate::audit::record(store, who, action, group, count as i64, result)
@@ -186,8 +184,9 @@ pub fn hsm_keys(work: &Work) -> Result<Vec<CK_OBJECT_HANDLE>> {
     let t = &work.token;
     let all = t.backend.find(t.session, &Template(vec![Attr::bool(CKA_TOKEN, true)]))?;
     let mut keys = Vec::new();
+    let own = work.set.handles();
     for h in all {
-        if h == work.set.mbk || h == work.set.mac {
+        if own.contains(&h) {
             continue;
         }
         let class = t.backend.attributes(t.session, h, &[CKA_CLASS])?.ulong(CKA_CLASS);

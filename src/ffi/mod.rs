@@ -6,9 +6,11 @@ pub mod args;
 pub mod backup;
 pub mod exports;
 pub mod lifecycle;
+pub mod mechanism;
 pub mod objects;
 pub mod sessions;
 pub mod table;
+pub mod token;
 
 use cryptoki_sys::{CKR_GENERAL_ERROR, CK_RV};
 use std::panic::{catch_unwind, AssertUnwindSafe};

@@ -5,12 +5,11 @@
 //! plus one check of the template for the group attribute.
 
 use super::{args, guard, lifecycle::active};
-use crate::attrs::{self, Attr, Template, CKA_P11SHIM_GROUP};
-use crate::backend::Backend;
+use crate::attrs::{Attr, Template, Value, CKA_P11SHIM_GROUP};
 use crate::config::SlotConfig;
 use crate::hsm::AppMechanism;
 use crate::objects;
-use crate::vault::{self, Answer, Vault};
+use crate::vault::{self, Answer, Made, PublicHalf, Request, Vault};
 use cryptoki_sys::*;
 use std::sync::Arc;
 
@@ -47,7 +46,7 @@ unsafe fn stored_creation(
     session: CK_SESSION_HANDLE,
     template: *const CK_ATTRIBUTE,
     count: CK_ULONG,
-) -> Result<Option<(Database, Template)>, CK_RV> {
+) -> Result<Option<(Database, Request)>, CK_RV> {
     // SAFETY: the caller's promise.
     let has_group = unsafe { args::names(template, count, CKA_P11SHIM_GROUP) };
     let db = match database(session) {
@@ -60,33 +59,30 @@ unsafe fn stored_creation(
     if parsed.bool(CKA_TOKEN) != Some(true) {
         return if has_group { Err(group_not_here()) } else { Ok(None) };
     }
-    Ok(Some((db, parsed)))
+    let request = db.vault.request(&db.policy, parsed)?;
+    Ok(Some((db, request)))
 }
 
-/// Makes a stored object: `make` creates the temporary HSM object from the prepared template.
+/// Makes a token object of the application's in a database slot (stored, or kept in the HSM) with `make`,
+/// and writes its handle.
 fn create_stored(
     session: CK_SESSION_HANDLE,
     db: &Database,
-    template: Template,
-    secret: bool,
+    request: &Request,
+    shape: Option<Vec<u8>>,
     out: *mut CK_OBJECT_HANDLE,
-    make: impl FnOnce(&Template) -> crate::error::Result<CK_OBJECT_HANDLE>,
+    make: &dyn Fn(&Template) -> crate::error::Result<CK_OBJECT_HANDLE>,
 ) -> Rv {
     if out.is_null() {
         return Err(CKR_ARGUMENTS_BAD);
     }
-    let set = db.vault.ready(session, db.slot, &db.policy)?;
-    let prepared = db.vault.prepare(&db.policy, template, secret)?;
-    let temp = make(&prepared.template)?;
-    let handle = db.vault.adopt(session, db.slot, &db.policy, &set, temp, &prepared)?;
+    let class = request.exact.ulong(CKA_CLASS);
+    let made = db.vault.create(session, db.slot, &db.policy, request, class, shape, &PublicHalf::Plain, &|t| {
+        make(t).map(|key| Made { key, public: None })
+    })?;
     // SAFETY: checked non-NULL; the application passes room for a handle.
-    unsafe { args::write_out(out, handle) }?;
+    unsafe { args::write_out(out, made.key) }?;
     Ok(CKR_OK)
-}
-
-/// Whether a class holds a secret; unknown classes count as secret (the safer template).
-fn secret_class(template: &Template) -> bool {
-    template.ulong(CKA_CLASS).is_none_or(attrs::has_secret)
 }
 
 /// C_CreateObject (§5.7).
@@ -99,9 +95,8 @@ pub(crate) unsafe extern "C" fn C_CreateObject(
     guard("C_CreateObject", || {
         let backend = active()?;
         // SAFETY: the application's template.
-        if let Some((db, parsed)) = unsafe { stored_creation(s, template, count) }? {
-            let secret = secret_class(&parsed);
-            return create_stored(s, &db, parsed, secret, object, |t| backend.create_object(s, t));
+        if let Some((db, request)) = unsafe { stored_creation(s, template, count) }? {
+            return create_stored(s, &db, &request, None, object, &|t| backend.create_object(s, t));
         }
         let f = backend.f.C_CreateObject.ok_or(CKR_FUNCTION_NOT_SUPPORTED)?;
         // SAFETY: the application's template (checked, not copied: it goes to the backend as it is).
@@ -123,10 +118,12 @@ pub(crate) unsafe extern "C" fn C_GenerateKey(
     guard("C_GenerateKey", || {
         let backend = active()?;
         // SAFETY: the application's template.
-        if let Some((db, parsed)) = unsafe { stored_creation(s, template, count) }? {
+        if let Some((db, request)) = unsafe { stored_creation(s, template, count) }? {
             // SAFETY: the application's mechanism, valid during this call.
             let mech = unsafe { AppMechanism::new(mechanism) };
-            return create_stored(s, &db, parsed, true, key, |t| backend.generate_key_app(s, mech, t));
+            let kind = mech.kind().ok_or(CKR_ARGUMENTS_BAD)?;
+            let shape = vault::shape_key(db.slot, kind, &[&request.exact]);
+            return create_stored(s, &db, &request, Some(shape), key, &|t| backend.generate_key_app(s, mech, t));
         }
         let f = backend.f.C_GenerateKey.ok_or(CKR_FUNCTION_NOT_SUPPORTED)?;
         // SAFETY: the application's template (checked, not copied: it goes to the backend as it is).
@@ -152,11 +149,10 @@ pub(crate) unsafe extern "C" fn C_UnwrapKey(
         let backend = active()?;
         let unwrapping = objects::to_backend(unwrapping_key, CKR_UNWRAPPING_KEY_HANDLE_INVALID)?;
         // SAFETY: the application's template.
-        if let Some((db, parsed)) = unsafe { stored_creation(s, template, count) }? {
+        if let Some((db, request)) = unsafe { stored_creation(s, template, count) }? {
             // SAFETY: the application's mechanism and wrapped bytes, valid during this call.
             let (mech, blob) = unsafe { (AppMechanism::new(mechanism), args::bytes(wrapped, wrapped_len)?) };
-            let secret = secret_class(&parsed);
-            return create_stored(s, &db, parsed, secret, key, |t| {
+            return create_stored(s, &db, &request, None, key, &|t| {
                 backend.unwrap_key_app(s, mech, unwrapping, blob, t)
             });
         }
@@ -169,7 +165,8 @@ pub(crate) unsafe extern "C" fn C_UnwrapKey(
     })
 }
 
-/// C_DeriveKey (§5.13).
+/// C_DeriveKey (§5.13). Handles inside the mechanism's parameter are checked and translated like the base
+/// key (see `mechanism`).
 pub(crate) unsafe extern "C" fn C_DeriveKey(
     s: CK_SESSION_HANDLE,
     mechanism: *mut CK_MECHANISM,
@@ -181,23 +178,26 @@ pub(crate) unsafe extern "C" fn C_DeriveKey(
     guard("C_DeriveKey", || {
         let backend = active()?;
         let base = objects::to_backend(base_key, CKR_KEY_HANDLE_INVALID)?;
+        // SAFETY: the application's mechanism, valid during this call.
+        let mut translated = unsafe { super::mechanism::Translated::new(mechanism) }?;
+        let mechanism = translated.as_ptr();
         // SAFETY: the application's template.
-        if let Some((db, parsed)) = unsafe { stored_creation(s, template, count) }? {
-            // SAFETY: the application's mechanism, valid during this call.
+        if let Some((db, request)) = unsafe { stored_creation(s, template, count) }? {
+            // SAFETY: the (translated) mechanism, valid during this call.
             let mech = unsafe { AppMechanism::new(mechanism) };
-            let secret = secret_class(&parsed);
-            return create_stored(s, &db, parsed, secret, key, |t| backend.derive_key_app(s, mech, base, t));
+            return create_stored(s, &db, &request, None, key, &|t| backend.derive_key_app(s, mech, base, t));
         }
         let f = backend.f.C_DeriveKey.ok_or(CKR_FUNCTION_NOT_SUPPORTED)?;
         // SAFETY: the application's template (checked, not copied: it goes to the backend as it is).
         unsafe { args::check_template(template, count, args::TemplateKind::Input) }?;
-        // SAFETY: the application's arguments, with the base key translated.
+        // SAFETY: the application's arguments, with the base key (and any handle in the parameter) translated.
         let rv = unsafe { f(s, mechanism, base, template, count, key) };
         Ok(out_handle(rv, key))
     })
 }
 
-/// C_GenerateKeyPair (§5.13): each half that is a token object in a database slot is stored.
+/// C_GenerateKeyPair (§5.13): each half that is a token object in a database slot is stored (or kept in the
+/// HSM when it cannot be); the private half decides how the pair is made.
 pub(crate) unsafe extern "C" fn C_GenerateKeyPair(
     s: CK_SESSION_HANDLE,
     mechanism: *mut CK_MECHANISM,
@@ -232,37 +232,38 @@ pub(crate) unsafe extern "C" fn C_GenerateKeyPair(
         }
         // SAFETY: the application's mechanism, valid during this call.
         let mech = unsafe { AppMechanism::new(mechanism) };
-        let db = public.as_ref().or(private.as_ref()).map(|(d, _)| d.clone()).expect("one half is stored");
-        let set = db.vault.ready(s, db.slot, &db.policy)?;
-        // Each half: prepared for storing, or the application's template as it is.
-        let half =
-            |stored: Option<(Database, Template)>, raw: *mut CK_ATTRIBUTE, n: CK_ULONG, secret: bool| match stored {
-                Some((d, t)) => {
-                    d.vault.prepare(&d.policy, t, secret).map(|p| (p.template.clone(), Some(p))).map_err(CK_RV::from)
-                }
-                // SAFETY: the application's template.
-                None => unsafe { args::template(raw, n) }.map(|t| (t, None)),
-            };
-        let (pt, public_prepared) = half(public, public_template, public_count, false)?;
-        let (qt, private_prepared) = half(private, private_template, private_count, true)?;
-        let (pt, qt) = (&pt, &qt);
-        let (hp, hq) = backend.generate_key_pair_app(s, mech, pt, qt)?;
-        let adopt = |temp: CK_OBJECT_HANDLE, prepared: &Option<vault::Prepared>| match prepared {
-            Some(p) => db.vault.adopt(s, db.slot, &db.policy, &set, temp, p),
-            None => Ok(objects::from_backend(temp)),
+        let kind = mech.kind().ok_or(CKR_ARGUMENTS_BAD)?;
+        let (pt, public_half, db) = match public {
+            Some((db, request)) => (request.exact.clone(), PublicHalf::Stored(request), Some(db)),
+            // SAFETY: the application's template.
+            None => (unsafe { args::template(public_template, public_count) }?, PublicHalf::Plain, None),
         };
-        let q = match adopt(hq, &private_prepared) {
-            Ok(q) => q,
-            Err(e) => {
-                let _ = backend.destroy_object(s, hp);
-                return Err(e.rv());
+        let (p, q) = match private {
+            Some((db, request)) => {
+                let shape = vault::shape_key(db.slot, kind, &[&pt, &request.exact]);
+                let made = db.vault.create(
+                    s,
+                    db.slot,
+                    &db.policy,
+                    &request,
+                    Some(CKO_PRIVATE_KEY),
+                    Some(shape),
+                    &public_half,
+                    &|t| backend.generate_key_pair_app(s, mech, &pt, t).map(|(p, q)| Made { key: q, public: Some(p) }),
+                )?;
+                (made.public.ok_or(CKR_GENERAL_ERROR)?, made.key)
             }
-        };
-        let p = match adopt(hp, &public_prepared) {
-            Ok(p) => p,
-            Err(e) => {
-                discard(backend, s, q);
-                return Err(e.rv());
+            None => {
+                let (PublicHalf::Stored(request), Some(db)) = (&public_half, db) else {
+                    return Err(CKR_GENERAL_ERROR);
+                };
+                // SAFETY: the application's template.
+                let qt = unsafe { args::template(private_template, private_count) }?;
+                let (hp, hq) = backend.generate_key_pair_app(s, mech, &pt, &qt)?;
+                let p = db.vault.store_public(s, db.slot, &db.policy, request, hp).inspect_err(|_| {
+                    let _ = backend.destroy_object(s, hq);
+                })?;
+                (p, objects::from_backend(hq))
             }
         };
         // SAFETY: both checked non-NULL above.
@@ -274,22 +275,9 @@ pub(crate) unsafe extern "C" fn C_GenerateKeyPair(
     })
 }
 
-/// Removes a half-made key pair's first half (a stored key or a session object).
-fn discard(backend: &Backend, session: CK_SESSION_HANDLE, handle: CK_OBJECT_HANDLE) {
-    match (objects::stored_key(handle), vault::current()) {
-        (Some(key), Some(v)) => {
-            let _ = v.destroy(session, handle, &key);
-        }
-        _ => {
-            if let Ok(h) = objects::to_backend(handle, CKR_OBJECT_HANDLE_INVALID) {
-                let _ = backend.destroy_object(session, h);
-            }
-        }
-    }
-}
-
-/// C_CopyObject (§5.7): a copy of a stored key is stored unless CKA_TOKEN=false; a copy of a backend
-/// object is stored when the template asks for a token object in a database slot.
+/// C_CopyObject (§5.7): a copy of a stored key is stored unless CKA_TOKEN=false; a copy of a backend object
+/// is stored (or kept in the HSM, see vault::create) when the template asks for a token object in a database
+/// slot.
 pub(crate) unsafe extern "C" fn C_CopyObject(
     s: CK_SESSION_HANDLE,
     object: CK_OBJECT_HANDLE,
@@ -316,53 +304,41 @@ pub(crate) unsafe extern "C" fn C_CopyObject(
                 return Ok(out_handle(rv, new_object));
             }
         }
+        if new_object.is_null() {
+            return Err(CKR_ARGUMENTS_BAD);
+        }
         // SAFETY: the application's template.
-        let mut parsed = unsafe { args::template(template, count) }?;
+        let parsed = unsafe { args::template(template, count) }?;
         let Some(db) = db else {
             return Err(if has_group { group_not_here() } else { CKR_OBJECT_HANDLE_INVALID });
         };
-        let class = backend.attributes(s, source, &[CKA_CLASS]).map_err(CK_RV::from)?.ulong(CKA_CLASS);
-        if let Some(key) = &stored {
-            if parsed.bool(CKA_TOKEN) == Some(false) {
-                if has_group {
-                    return Err(group_not_here());
-                }
-                let copy = backend.copy_object(s, source, &parsed)?;
-                // SAFETY: the application's out pointer.
-                unsafe { args::write_out(new_object, objects::from_backend(copy)) }?;
-                return Ok(CKR_OK);
+        if stored.is_some() && parsed.bool(CKA_TOKEN) == Some(false) {
+            if has_group {
+                return Err(group_not_here());
             }
-            let (group, extractable) = db.vault.copy_source(s, key)?;
-            if parsed.get(CKA_P11SHIM_GROUP).is_none() {
-                parsed.set(Attr::bytes(CKA_P11SHIM_GROUP, group.as_bytes()));
-            }
-            if parsed.get(CKA_EXTRACTABLE).is_none() {
-                parsed.set(Attr::bool(CKA_EXTRACTABLE, extractable));
-            }
-            parsed.set(Attr::bool(CKA_TOKEN, true));
+            let copy = backend.copy_object(s, source, &parsed)?;
+            // SAFETY: the application's out pointer, checked non-NULL.
+            unsafe { args::write_out(new_object, objects::from_backend(copy)) }?;
+            return Ok(CKR_OK);
         }
-        let secret = class.is_none_or(attrs::has_secret);
-        // What the source already is need not (and, for one-way attributes, may not) be asked again.
-        let source_flags =
-            backend.attributes(s, source, &[CKA_EXTRACTABLE, CKA_WRAP_WITH_TRUSTED]).map_err(CK_RV::from)?;
-        if secret && stored.is_none() && source_flags.bool(CKA_EXTRACTABLE) == Some(false) {
-            crate::warn!(
-                "C_CopyObject: a key that is not extractable cannot become a stored key (it could not be wrapped under the MBK); refused"
-            );
-            return Err(CKR_ACTION_PROHIBITED);
-        }
-        create_stored(s, &db, parsed, secret, new_object, |t| {
-            let mut t = t.clone();
-            for ty in [CKA_EXTRACTABLE, CKA_WRAP_WITH_TRUSTED] {
-                if source_flags.bool(ty) == Some(true) && t.bool(ty) == Some(true) {
-                    t.remove(ty);
-                }
+        let mut parsed = parsed;
+        parsed.set(Attr::bool(CKA_TOKEN, true));
+        let request = db.vault.request(&db.policy, parsed)?;
+        let make = |t: &Template| backend.copy_object(s, source, t);
+        let handle = match &stored {
+            Some(key) => db.vault.copy_stored(s, db.slot, &db.policy, key, &request, &make)?,
+            None => {
+                let class = backend.attributes(s, source, &[CKA_CLASS]).map_err(CK_RV::from)?.ulong(CKA_CLASS);
+                let made =
+                    db.vault.create(s, db.slot, &db.policy, &request, class, None, &PublicHalf::Plain, &|t| {
+                        make(t).map(|key| Made { key, public: None })
+                    })?;
+                made.key
             }
-            // The temporary copy only needs to be extractable, to be wrapped under the MBK once; SoftHSM2
-            // refuses CKA_WRAP_WITH_TRUSTED in a copy's template, and every later load sets it anyway.
-            t.remove(CKA_WRAP_WITH_TRUSTED);
-            backend.copy_object(s, source, &t)
-        })
+        };
+        // SAFETY: checked non-NULL.
+        unsafe { args::write_out(new_object, handle) }?;
+        Ok(CKR_OK)
     })
 }
 
@@ -435,7 +411,7 @@ pub(crate) unsafe extern "C" fn C_GetAttributeValue(
             for (entry, answer) in entries.iter_mut().zip(answers) {
                 let this = match answer {
                     // SAFETY: the entry's buffer is the application's, valid for its stated length.
-                    Answer::Value(v) => unsafe { answer_value(entry, &v) },
+                    Answer::Value(v) => unsafe { args::answer(entry, &v) },
                     Answer::Sensitive => {
                         entry.ulValueLen = CK_UNAVAILABLE_INFORMATION;
                         CKR_ATTRIBUTE_SENSITIVE
@@ -444,15 +420,13 @@ pub(crate) unsafe extern "C" fn C_GetAttributeValue(
                         entry.ulValueLen = CK_UNAVAILABLE_INFORMATION;
                         CKR_ATTRIBUTE_TYPE_INVALID
                     }
-                    Answer::Hsm => {
-                        let copy = objects::to_backend(object, CKR_OBJECT_HANDLE_INVALID)?;
-                        // SAFETY: one application entry, its buffer as given.
-                        unsafe { f(s, copy, entry, 1) }
-                    }
                 };
-                if this != CKR_OK {
-                    rv = this;
-                }
+                // The spec's order of precedence: sensitive and invalid before too small.
+                rv = match (rv, this) {
+                    (CKR_OK, x)
+                    | (CKR_BUFFER_TOO_SMALL, x @ (CKR_ATTRIBUTE_SENSITIVE | CKR_ATTRIBUTE_TYPE_INVALID)) => x,
+                    (r, _) => r,
+                };
             }
             return Ok(rv);
         }
@@ -462,7 +436,9 @@ pub(crate) unsafe extern "C" fn C_GetAttributeValue(
             // SAFETY: the application's arguments, with the object translated.
             return Ok(unsafe { f(s, object, template, count) });
         }
-        // A backend object has no group: answer that entry here and ask the backend the rest.
+        // A backend object's group is the shim's to answer: the token's group for a token object of a database
+        // slot (the HSM keeps it), none otherwise. The backend answers the rest.
+        let group = token_group(s, object);
         // SAFETY: the application's template array, `count` entries.
         let entries = unsafe { args::slice_mut(template, count) }.ok_or(CKR_ARGUMENTS_BAD)?;
         let mut others: Vec<CK_ATTRIBUTE> = entries.iter().filter(|a| a.type_ != CKA_P11SHIM_GROUP).copied().collect();
@@ -476,34 +452,36 @@ pub(crate) unsafe extern "C" fn C_GetAttributeValue(
             return Ok(rv);
         }
         let mut answered = others.into_iter();
+        let mut group_rv = CKR_OK;
         for entry in entries.iter_mut() {
             if entry.type_ == CKA_P11SHIM_GROUP {
-                entry.ulValueLen = CK_UNAVAILABLE_INFORMATION;
+                group_rv = match &group {
+                    // SAFETY: the entry's buffer is the application's, valid for its stated length.
+                    Some(g) => unsafe { args::answer(entry, &Value::Bytes(g.as_bytes().to_vec().into())) },
+                    None => {
+                        entry.ulValueLen = CK_UNAVAILABLE_INFORMATION;
+                        CKR_ATTRIBUTE_TYPE_INVALID
+                    }
+                };
             } else if let Some(a) = answered.next() {
                 entry.ulValueLen = a.ulValueLen;
             }
         }
-        Ok(if rv == CKR_OK { CKR_ATTRIBUTE_TYPE_INVALID } else { rv })
+        Ok(match (rv, group_rv) {
+            (CKR_OK, g) => g,
+            (CKR_BUFFER_TOO_SMALL, g @ CKR_ATTRIBUTE_TYPE_INVALID) => g,
+            (r, _) => r,
+        })
     })
 }
 
-/// Writes one value with the length-query protocol (§5.7 C_GetAttributeValue).
-///
-/// # Safety
-/// `entry.pValue` is NULL or valid for `entry.ulValueLen` bytes.
-unsafe fn answer_value(entry: &mut CK_ATTRIBUTE, value: &[u8]) -> CK_RV {
-    if entry.pValue.is_null() {
-        entry.ulValueLen = value.len() as CK_ULONG;
-        return CKR_OK;
-    }
-    if (entry.ulValueLen as usize) < value.len() {
-        entry.ulValueLen = CK_UNAVAILABLE_INFORMATION;
-        return CKR_BUFFER_TOO_SMALL;
-    }
-    // SAFETY: the buffer holds at least value.len() bytes (checked above).
-    unsafe { std::ptr::copy_nonoverlapping(value.as_ptr(), entry.pValue as *mut u8, value.len()) };
-    entry.ulValueLen = value.len() as CK_ULONG;
-    CKR_OK
+/// The group of a backend object as the shim answers it: the token's group for a token object of a
+/// database slot (a key the HSM keeps itself), None otherwise.
+fn token_group(session: CK_SESSION_HANDLE, object: CK_OBJECT_HANDLE) -> Option<String> {
+    let db = database(session)?;
+    let backend = active().ok()?;
+    let token = backend.attributes(session, object, &[CKA_TOKEN]).ok()?.bool(CKA_TOKEN)?;
+    token.then(|| db.policy.default_group.clone())
 }
 
 /// C_SetAttributeValue (§5.7).
@@ -523,11 +501,21 @@ pub(crate) unsafe extern "C" fn C_SetAttributeValue(
             return Ok(CKR_OK);
         }
         let object = objects::to_backend(object, CKR_OBJECT_HANDLE_INVALID)?;
+        let f = backend.f.C_SetAttributeValue.ok_or(CKR_FUNCTION_NOT_SUPPORTED)?;
         // SAFETY: the application's template.
         if unsafe { args::names(template, count, CKA_P11SHIM_GROUP) } {
-            return Err(group_not_here());
+            // SAFETY: as above.
+            let mut changes = unsafe { args::template(template, count) }?;
+            let asked = changes.remove(CKA_P11SHIM_GROUP);
+            let Some(group) = token_group(s, object) else { return Err(group_not_here()) };
+            if asked.as_ref().and_then(|a| a.as_bytes()) != Some(group.as_bytes()) {
+                crate::warn!(
+                    "a key the HSM keeps itself belongs to its token's group {group:?}; its CKA_P11SHIM_GROUP cannot change (move it into the key store with C_CopyObject if it can be stored): refused with CKR_ATTRIBUTE_READ_ONLY"
+                );
+                return Err(CKR_ATTRIBUTE_READ_ONLY);
+            }
+            return backend.set_attributes(s, object, &changes).map(|_| CKR_OK).map_err(CK_RV::from);
         }
-        let f = backend.f.C_SetAttributeValue.ok_or(CKR_FUNCTION_NOT_SUPPORTED)?;
         // SAFETY: the application's template (checked, not copied: it goes to the backend as it is).
         unsafe { args::check_template(template, count, args::TemplateKind::Input) }?;
         // SAFETY: the application's arguments, with the object translated.
@@ -535,8 +523,8 @@ pub(crate) unsafe extern "C" fn C_SetAttributeValue(
     })
 }
 
-/// C_WrapKey (§5.13): a stored key the application made unextractable is refused here (its HSM copy is
-/// extractable under the MBK only, which the application cannot use anyway).
+/// C_WrapKey (§5.13): a stored key's HSM copy carries the application's CKA_EXTRACTABLE and
+/// CKA_WRAP_WITH_TRUSTED, so the backend decides, as for its own keys.
 pub(crate) unsafe extern "C" fn C_WrapKey(
     s: CK_SESSION_HANDLE,
     mechanism: *mut CK_MECHANISM,
@@ -547,10 +535,6 @@ pub(crate) unsafe extern "C" fn C_WrapKey(
 ) -> CK_RV {
     guard("C_WrapKey", || {
         let backend = active()?;
-        if let Some(stored) = objects::stored_key(key) {
-            let vault = vault::current().ok_or(CKR_KEY_HANDLE_INVALID)?;
-            vault.check_wrappable(s, &stored)?;
-        }
         let wrapping = objects::to_backend(wrapping_key, CKR_WRAPPING_KEY_HANDLE_INVALID)?;
         let key = objects::to_backend(key, CKR_KEY_HANDLE_INVALID)?;
         let f = backend.f.C_WrapKey.ok_or(CKR_FUNCTION_NOT_SUPPORTED)?;
@@ -621,7 +605,7 @@ pub(crate) unsafe extern "C" fn C_FindObjects(
                     if n == 0 {
                         break;
                     }
-                    let got = batch.iter().take(n as usize).filter(|h| !vault.find_hides(session, **h));
+                    let got = batch.iter().take(n as usize).filter(|h| !vault.find_hides(**h));
                     found.extend(got.map(|h| objects::from_backend(*h)));
                 }
                 // SAFETY: the application's array holds max_count handles; found.len() ≤ max_count.
@@ -681,6 +665,8 @@ pub(crate) unsafe extern "C" fn C_Logout(s: CK_SESSION_HANDLE) -> CK_RV {
 /// C_Login (§5.6): a login that succeeds is a new one. HSM copies of stored keys loaded under an earlier login
 /// may be gone with it (ended by C_Logout, or by the device closing every session of the process, which
 /// also ends its logins), so the copies on the slot are dropped; their handles stay valid and load again.
+/// A context-specific login (CKU_CONTEXT_SPECIFIC, for a key with CKA_ALWAYS_AUTHENTICATE) is not a new
+/// login: it authorizes the operation just started with such a key's copy, which must stay.
 pub(crate) unsafe extern "C" fn C_Login(
     s: CK_SESSION_HANDLE,
     user: CK_USER_TYPE,
@@ -692,7 +678,7 @@ pub(crate) unsafe extern "C" fn C_Login(
         let f = backend.f.C_Login.ok_or(CKR_FUNCTION_NOT_SUPPORTED)?;
         // SAFETY: the application's arguments go to the backend unchanged.
         let rv = unsafe { f(s, user, pin, pin_len) };
-        if rv == CKR_OK {
+        if rv == CKR_OK && user != CKU_CONTEXT_SPECIFIC {
             if let Some(db) = database(s) {
                 db.vault.logout(db.slot);
             }

@@ -5,7 +5,7 @@
 //! C_GetInterface; and in `objects`, where stored keys (issue B) and the group attribute are handled:
 //! C_Login, C_Logout, C_CreateObject, C_CopyObject, C_DestroyObject, C_GetObjectSize, C_GetAttributeValue,
 //! C_SetAttributeValue, C_FindObjectsInit, C_FindObjects, C_FindObjectsFinal, C_GenerateKey,
-//! C_GenerateKeyPair, C_WrapKey, C_UnwrapKey, C_DeriveKey.
+//! C_GenerateKeyPair, C_WrapKey, C_UnwrapKey, C_DeriveKey; and C_InitToken in `token`.
 //!
 //! Argument marks: `#[handle(CKR_X)]` an object handle going in (a shim handle is turned into the backend's;
 //! an unknown one fails with CKR_X); `#[out]` a pointer to an object handle coming out (a backend handle in
@@ -21,6 +21,7 @@ use super::objects::{
     C_UnwrapKey, C_WrapKey,
 };
 use super::sessions::{C_CloseAllSessions, C_CloseSession, C_OpenSession};
+use super::token::C_InitToken;
 use crate::objects;
 use cryptoki_sys::*;
 use std::ffi::c_void;
@@ -81,7 +82,6 @@ forward! { f;
     C_GetTokenInfo(slot: CK_SLOT_ID, info: *mut CK_TOKEN_INFO);
     C_GetMechanismList(slot: CK_SLOT_ID, list: *mut CK_MECHANISM_TYPE, count: *mut CK_ULONG);
     C_GetMechanismInfo(slot: CK_SLOT_ID, mechanism: CK_MECHANISM_TYPE, info: *mut CK_MECHANISM_INFO);
-    C_InitToken(slot: CK_SLOT_ID, pin: *mut CK_UTF8CHAR, pin_len: CK_ULONG, label: *mut CK_UTF8CHAR);
     C_InitPIN(s: CK_SESSION_HANDLE, pin: *mut CK_UTF8CHAR, pin_len: CK_ULONG);
     C_SetPIN(s: CK_SESSION_HANDLE, old: *mut CK_UTF8CHAR, old_len: CK_ULONG, new: *mut CK_UTF8CHAR, new_len: CK_ULONG);
     C_GetSessionInfo(s: CK_SESSION_HANDLE, info: *mut CK_SESSION_INFO);

@@ -1,6 +1,7 @@
 //! C_FindObjects on database slots: stored keys matching the template (from the store, with indexed
-//! columns narrowing the query), then the backend's own objects, less the shim's (the MBK set and the HSM
-//! copies of stored keys, which are the shim's business).
+//! columns narrowing the query), then the backend's own objects, less the shim's own (the MBK set, the HSM
+//! copies of stored keys, objects being made). The token's own token objects belong to the token's group, so
+//! a find by that group finds them too.
 
 use super::{lock, Vault};
 use crate::attrs::{Template, CKA_P11SHIM_GROUP};
@@ -8,19 +9,18 @@ use crate::config::SlotConfig;
 use crate::error::{Error, Result};
 use crate::store::KeyQuery;
 use cryptoki_sys::*;
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 
 /// One application session's find in progress.
 pub struct FindState {
     stored: VecDeque<CK_OBJECT_HANDLE>,
     /// Whether the backend's own objects can match (then its find runs too).
     native: bool,
-    hidden: HashSet<CK_OBJECT_HANDLE>,
 }
 
 impl Vault {
     /// Starts a find; returns the template to pass to the backend's C_FindObjectsInit, or None when only
-    /// stored keys can match (a template naming a group).
+    /// stored keys can match (a template naming a group other than the token's).
     pub fn find_init(
         &self,
         session: CK_SESSION_HANDLE,
@@ -62,14 +62,20 @@ impl Vault {
                 }
             }
         }
-        let native = template.get(CKA_P11SHIM_GROUP).is_none();
-        if native {
-            // The MBK set is the shim's: learn its handles so the backend's find can leave it out.
-            let _ = self.mbk(slot, &policy.token);
+        let native = match template.get(CKA_P11SHIM_GROUP) {
+            None => true,
+            // Session objects have no group; the token's own objects have the token's.
+            Some(_) if template.bool(CKA_TOKEN) == Some(false) => false,
+            Some(g) => g.as_bytes() == Some(policy.default_group.as_bytes()),
+        };
+        if native && template.get(CKA_P11SHIM_GROUP).is_some() {
+            native_template.set(crate::attrs::Attr::bool(CKA_TOKEN, true));
         }
-        // The HSM copies of stored keys are hidden too, through `copies` (not a walk over every key).
-        let hidden: HashSet<CK_OBJECT_HANDLE> = self.mbk_handles(slot).into_iter().collect();
-        lock(&self.finds).insert(session, FindState { stored, native, hidden });
+        if native {
+            // The MBK set is the shim's: its keys must be known as such before the backend's find lists them.
+            self.claim_mbk(slot);
+        }
+        lock(&self.finds).insert(session, FindState { stored, native });
         Ok(native.then_some(native_template))
     }
 
@@ -82,10 +88,9 @@ impl Vault {
         Some((state.stored.drain(..n).collect(), state.native))
     }
 
-    /// Whether a backend handle found in the session's find is the shim's own, not the application's.
-    pub fn find_hides(&self, session: CK_SESSION_HANDLE, handle: CK_OBJECT_HANDLE) -> bool {
-        lock(&self.copies).contains(&handle)
-            || lock(&self.finds).get(&session).is_some_and(|s| s.hidden.contains(&handle))
+    /// Whether a backend handle found by the backend's find is the shim's own, not the application's.
+    pub fn find_hides(&self, handle: CK_OBJECT_HANDLE) -> bool {
+        crate::objects::is_owned(handle)
     }
 
     /// Ends the session's find; whether the backend's find was running (None: not the vault's find).

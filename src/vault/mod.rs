@@ -8,9 +8,10 @@
 
 mod create;
 mod find;
+mod init;
 mod object;
 
-pub use create::Prepared;
+pub use create::{shape_key, Created, Made, PublicHalf, Request};
 pub use find::FindState;
 pub use object::Answer;
 
@@ -139,8 +140,8 @@ pub struct Vault {
     pool: Mutex<HashMap<CK_SLOT_ID, Vec<CK_SESSION_HANDLE>>>,
     mbks: Mutex<HashMap<CK_SLOT_ID, MbkSet>>,
     finds: Mutex<HashMap<CK_SESSION_HANDLE, FindState>>,
-    /// The HSM copies of stored keys this process holds: finds leave them out (they are the shim's).
-    copies: Mutex<std::collections::HashSet<CK_OBJECT_HANDLE>>,
+    /// What the backend makes of each shape of key generation request (see `create`).
+    shapes: Mutex<HashMap<Vec<u8>, create::Shape>>,
 }
 
 static VAULT: RwLock<Option<Arc<Vault>>> = RwLock::new(None);
@@ -162,7 +163,7 @@ pub fn start(backend: &'static Backend, config: &Config) {
             pool: Mutex::new(HashMap::new()),
             mbks: Mutex::new(HashMap::new()),
             finds: Mutex::new(HashMap::new()),
-            copies: Mutex::new(std::collections::HashSet::new()),
+            shapes: Mutex::new(HashMap::new()),
         })
     });
     *VAULT.write().unwrap_or_else(|e| e.into_inner()) = vault;
@@ -276,7 +277,8 @@ impl Vault {
         result
     }
 
-    /// The token's MBK set; an error that says how to create it if there is none.
+    /// The token's MBK set; an error that says how to create it if there is none, or how to replace one that
+    /// does not keep custody. Its keys are the shim's own from then on: the application cannot name them.
     fn mbk(&self, slot: CK_SLOT_ID, token: &str) -> Result<MbkSet> {
         if let Some(set) = lock(&self.mbks).get(&slot) {
             return Ok(set.clone());
@@ -287,13 +289,28 @@ impl Vault {
             crate::error!("{message}");
             return Err(Error::Other(message));
         };
+        for h in set.handles() {
+            objects::own(h);
+        }
+        set.current(token)?;
         lock(&self.mbks).insert(slot, set.clone());
         Ok(set)
     }
 
-    /// The handles of the MBK set, which the application does not see in finds on database slots.
-    fn mbk_handles(&self, slot: CK_SLOT_ID) -> Vec<CK_OBJECT_HANDLE> {
-        lock(&self.mbks).get(&slot).map(|s| vec![s.mbk, s.mac]).unwrap_or_default()
+    /// Learns the slot's MBK set if it has one, so that its keys are the shim's own before the application
+    /// can see them (a find, an attribute read). A missing or outdated set is not an error here.
+    pub fn claim_mbk(&self, slot: CK_SLOT_ID) {
+        if lock(&self.mbks).contains_key(&slot) {
+            return;
+        }
+        if let Ok(Some(set)) = self.with_session(slot, |s| mbk::find(self.backend, s, slot)) {
+            for h in set.handles() {
+                objects::own(h);
+            }
+            if set.outdated.is_none() {
+                lock(&self.mbks).insert(slot, set);
+            }
+        }
     }
 
     /// The application's handle for a row, the same one every time.
@@ -344,7 +361,6 @@ impl Vault {
         }
         let fresh = self.load(key.slot, &row, verified)?;
         self.keep(key, row.clone(), generation, true);
-        lock(&self.copies).insert(fresh);
         let (keep, stale) = {
             let mut st = lock(&key.state);
             let result = if st.gone {
@@ -363,8 +379,7 @@ impl Vault {
             result
         };
         if let Some(stale) = stale {
-            lock(&self.copies).remove(&stale);
-            let _ = self.with_session(key.slot, |s| self.backend.destroy_object(s, stale));
+            self.destroy_own(key.slot, stale);
         }
         keep.ok_or(Error::Rv(invalid))
     }
@@ -429,26 +444,39 @@ impl Vault {
             copy
         };
         if let Some(h) = copy {
-            lock(&self.copies).remove(&h);
-            let _ = self.with_session(key.slot, |s| self.backend.destroy_object(s, h));
+            self.destroy_own(key.slot, h);
         }
     }
 
-    /// Checks a row's MAC (unless `verified`) and recreates its object in the HSM as a session object of
-    /// the shim's.
+    /// Destroys an object of the shim's own (in one of its sessions) and gives up its handle.
+    fn destroy_own(&self, slot: CK_SLOT_ID, handle: CK_OBJECT_HANDLE) {
+        let _ = self.with_session(slot, |s| self.backend.destroy_object(s, handle));
+        objects::disown(handle);
+    }
+
+    /// Checks a row's MAC (unless `verified`) and recreates its object in the HSM, exactly as the application
+    /// made it, as a session object of the shim's own.
     fn load(&self, slot: CK_SLOT_ID, row: &KeyRow, verified: bool) -> Result<CK_OBJECT_HANDLE> {
         let set = self.mbk(slot, &row.token)?;
         let attrs = if verified { self.decode(&set, row)? } else { self.check(slot, &set, row)? };
-        let template = hsm_template(&attrs, row.class, false);
-        self.with_session(slot, |s| {
-            if attrs::has_secret(row.class) {
-                let mech = crate::hsm::Mechanism::plain(row.wrap_mech as CK_MECHANISM_TYPE);
-                self.backend.unwrap_key(s, &mech, set.mbk, &row.wrapped, &template)
-            } else {
-                self.backend.create_object(s, &template)
+        let Some(recipe) = Recipe::exact(&set, &attrs, row.class, false) else {
+            return Err(self.refuse(
+                row,
+                "its attributes describe a key whose value could be read or wrapped under any key, which no stored key may be (the row was forged, or made by an earlier version)",
+            ));
+        };
+        let mech = unwrap_mechanism(&set, row.wrap_mech);
+        let made = self.with_session(slot, |s| recipe.make(self.backend, s, mech, &row.wrapped));
+        match made {
+            Ok(h) => {
+                objects::own(h);
+                Ok(h)
             }
-        })
-        .inspect_err(|e| crate::warn!("loading stored key {} into the HSM failed: {e}", row.id))
+            Err(e) => {
+                crate::warn!("loading stored key {} into the HSM failed: {e}", row.id);
+                Err(e)
+            }
+        }
     }
 
     /// Verifies a row's MAC in the HSM and that it was wrapped under this token's MBK; returns its
@@ -543,11 +571,86 @@ pub fn mac_input(row: &KeyRow) -> Vec<u8> {
     out
 }
 
-/// The template that recreates a key's object in the HSM from its attributes (a stored key loaded under the
-/// shim's session, or a backup record restored or checked): the attributes one may give (the HSM sets the
-/// rest, which the application reads from the row), as a token or session object; secrets extractable only
-/// under a trusted key (the MBK's unwrap template demands it).
-pub fn hsm_template(attrs: &Template, class: u64, token: bool) -> Template {
+/// How a key's object is made again in the HSM from its attributes (a stored key loaded for use, or a backup
+/// record restored or checked): the template, and for a secret the key that unwraps its blob.
+pub struct Recipe {
+    pub template: Template,
+    /// The MBK or the load key, for a secret; None for a public object, made with C_CreateObject.
+    pub unwrapper: Option<CK_OBJECT_HANDLE>,
+}
+
+impl Recipe {
+    /// The object as `attrs` describe it (as a token or session object): every attribute one may give at
+    /// creation, so the HSM enforces the key's sensitivity, extractability, usage, allowed mechanisms and
+    /// re-authentication as the application set them; a secret is private, whatever it says (a stored key is
+    /// usable only after login). None for a secret no unwrapping key of the set may give (see
+    /// MbkSet::unwrapper_for).
+    pub fn exact(set: &MbkSet, attrs: &Template, class: u64, token: bool) -> Option<Recipe> {
+        let unwrapper = if attrs::has_secret(class) { Some(set.unwrapper_for(attrs)?) } else { None };
+        Some(Recipe { template: settable(attrs, class, token), unwrapper })
+    }
+
+    /// As [`Recipe::exact`] for the attributes [`restorable`] gives a backup record: only backups restore
+    /// this way.
+    pub fn restorable(set: &MbkSet, attrs: &Template, class: u64, token: bool) -> Recipe {
+        let attrs = restorable(attrs, class);
+        let unwrapper = if attrs::has_secret(class) { set.unwrapper_for(&attrs).or(Some(set.mbk)) } else { None };
+        Recipe { template: settable(&attrs, class, token), unwrapper }
+    }
+}
+
+/// A backup record's attributes as custody lets its key come back: a key the HSM held itself may have been
+/// backed up with a value one could read (or wrap under any key); no unwrap may give that, so it comes back
+/// sensitive and extractable under trusted keys only, and its row says so.
+pub fn restorable(attrs: &Template, class: u64) -> Template {
+    let mut attrs = attrs.clone();
+    if attrs::has_secret(class) && attrs.bool(CKA_EXTRACTABLE) != Some(false) {
+        attrs.set(attrs::Attr::bool(CKA_SENSITIVE, true));
+        attrs.set(attrs::Attr::bool(CKA_WRAP_WITH_TRUSTED, true));
+        attrs.set(attrs::Attr::bool(CKA_EXTRACTABLE, true));
+    }
+    attrs
+}
+
+impl Recipe {
+    /// Makes the object in `session`: unwraps `wrapped` (made with `wrap_mech`) or creates it.
+    pub fn make(
+        &self,
+        backend: &Backend,
+        session: CK_SESSION_HANDLE,
+        wrap_mech: CK_MECHANISM_TYPE,
+        wrapped: &[u8],
+    ) -> Result<CK_OBJECT_HANDLE> {
+        match self.unwrapper {
+            Some(unwrapper) => {
+                let mech = crate::hsm::Mechanism::plain(wrap_mech);
+                backend.unwrap_key(session, &mech, unwrapper, wrapped, &self.template)
+            }
+            None => backend.create_object(session, &self.template),
+        }
+    }
+}
+
+/// The mechanism that unwraps a blob recorded as made with `recorded`: RFC 5649 as this backend names it (the
+/// set's keys are allowed that one mechanism; a backup from an HSM that names it otherwise says the other).
+pub fn unwrap_mechanism(set: &MbkSet, recorded: CK_MECHANISM_TYPE) -> CK_MECHANISM_TYPE {
+    if matches!(recorded, CKM_AES_KEY_WRAP_PAD | CKM_AES_KEY_WRAP_KWP) {
+        set.wrap
+    } else {
+        recorded
+    }
+}
+
+fn is_empty(a: &attrs::Attr) -> bool {
+    match &a.value {
+        attrs::Value::Bytes(b) => b.is_empty(),
+        attrs::Value::Array(inner) => inner.is_empty(),
+    }
+}
+
+/// The attributes of `attrs` one may give when making the object again (the HSM sets the rest, which the
+/// application reads from the row), as a token or session object.
+fn settable(attrs: &Template, class: u64, token: bool) -> Template {
     let secret = attrs::has_secret(class);
     let mut t = Template(
         attrs
@@ -560,19 +663,19 @@ pub fn hsm_template(attrs: &Template, class: u64, token: bool) -> Template {
                     && matches!(a.ty, CKA_MODULUS | CKA_PUBLIC_EXPONENT | CKA_EC_PARAMS | CKA_EC_POINT))
             })
             .filter(|a| !(secret && a.ty == CKA_VALUE))
+            .filter(|a| secret || !matches!(a.ty, CKA_SENSITIVE | CKA_EXTRACTABLE | CKA_WRAP_WITH_TRUSTED))
+            // An empty list of allowed mechanisms or an empty template is the backend's default (no limit), and
+            // SoftHSM2 refuses one given explicitly.
+            .filter(|a| {
+                !(matches!(attrs::layout(a.ty), attrs::Layout::Attributes | attrs::Layout::Mechanisms) && is_empty(a))
+            })
             .cloned()
             .collect(),
     );
     t.set(attrs::Attr::bool(CKA_TOKEN, token));
     if secret {
-        // A secret the application made unextractable could never be read; made extractable here (under a
-        // trusted key only), it must at least be sensitive, or its CKA_VALUE would be readable in clear
-        // (from this object, or from a session copy of it).
-        if attrs.bool(CKA_EXTRACTABLE) == Some(false) {
-            t.set(attrs::Attr::bool(CKA_SENSITIVE, true));
-        }
-        t.set(attrs::Attr::bool(CKA_EXTRACTABLE, true));
-        t.set(attrs::Attr::bool(CKA_WRAP_WITH_TRUSTED, true));
+        // Both unwrapping keys make private objects only (see backup::mbk).
+        t.set(attrs::Attr::bool(CKA_PRIVATE, true));
     }
     t
 }

@@ -2,28 +2,36 @@
 //! written back atomically, destroy deletes the row.
 
 use super::{create::group_value, lock, StoredKey, Vault};
-use crate::attrs::{self, Attr, Template, CKA_P11SHIM_GROUP};
+use crate::attrs::{self, Attr, Template, Value, CKA_P11SHIM_GROUP};
 use crate::error::{Error, Result};
 use crate::store::KeyRow;
 use cryptoki_sys::*;
 use std::sync::Arc;
 
 /// The answer for one attribute of a stored key.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(PartialEq, Eq)]
 pub enum Answer {
-    Value(Vec<u8>),
-    /// A secret part of a sensitive or unextractable key.
+    Value(Value),
+    /// A secret part: no stored key's can be read (a key whose value may be read is kept in the HSM).
     Sensitive,
     /// The object has no such attribute.
     Invalid,
-    /// A secret part the application may read (not sensitive, extractable): the HSM copy answers it.
-    Hsm,
+}
+
+impl std::fmt::Debug for Answer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Answer::Value(_) => f.write_str("Value(..)"),
+            Answer::Sensitive => f.write_str("Sensitive"),
+            Answer::Invalid => f.write_str("Invalid"),
+        }
+    }
 }
 
 impl Vault {
     /// The row of a key the session may see, its MAC checked, and its attributes.
     /// Also returns the store generation the row is current at.
-    fn row_of(&self, session: CK_SESSION_HANDLE, key: &StoredKey) -> Result<(Arc<KeyRow>, Template, u64)> {
+    pub(super) fn row_of(&self, session: CK_SESSION_HANDLE, key: &StoredKey) -> Result<(Arc<KeyRow>, Template, u64)> {
         if lock(&key.state).gone {
             return Err(Error::Rv(CKR_OBJECT_HANDLE_INVALID));
         }
@@ -53,21 +61,20 @@ impl Vault {
         types: &[CK_ATTRIBUTE_TYPE],
     ) -> Result<Vec<Answer>> {
         let (row, attrs, _) = self.row_of(session, key)?;
-        let hidden = attrs.bool(CKA_SENSITIVE) == Some(true) || attrs.bool(CKA_EXTRACTABLE) == Some(false);
         Ok(types
             .iter()
             .map(|&ty| {
                 if ty == CKA_P11SHIM_GROUP {
-                    return Answer::Value(row.group.as_bytes().to_vec());
+                    return Answer::Value(Value::Bytes(row.group.as_bytes().to_vec().into()));
                 }
                 if ty == CKA_TOKEN {
-                    return Answer::Value(vec![CK_TRUE]);
+                    return Answer::Value(Value::Bytes(vec![CK_TRUE].into()));
                 }
-                if let Some(v) = attrs.bytes(ty) {
-                    return Answer::Value(v.to_vec());
+                if let Some(a) = attrs.get(ty) {
+                    return Answer::Value(a.value.clone());
                 }
-                if attrs::has_secret(row.class as CK_OBJECT_CLASS) && attrs::SECRET_PARTS.contains(&ty) {
-                    return if hidden { Answer::Sensitive } else { Answer::Hsm };
+                if attrs::secret_parts(row.class as CK_OBJECT_CLASS, row.key_type as CK_KEY_TYPE).contains(&ty) {
+                    return Answer::Sensitive;
                 }
                 Answer::Invalid
             })
@@ -134,25 +141,6 @@ impl Vault {
         } else {
             Err(Error::Rv(CKR_OBJECT_HANDLE_INVALID))
         }
-    }
-
-    /// C_WrapKey of a stored key: refused when the application made it unextractable (the HSM copy is
-    /// extractable, but only under a trusted key).
-    pub fn check_wrappable(&self, session: CK_SESSION_HANDLE, key: &StoredKey) -> Result<()> {
-        let (_, attrs, _) = self.row_of(session, key)?;
-        if attrs.bool(CKA_EXTRACTABLE) == Some(false) {
-            return Err(Error::Rv(CKR_KEY_UNEXTRACTABLE));
-        }
-        Ok(())
-    }
-
-    /// What a copy of a stored key inherits: its group, and whether it may be copied and extracted.
-    pub fn copy_source(&self, session: CK_SESSION_HANDLE, key: &StoredKey) -> Result<(String, bool)> {
-        let (row, attrs, _) = self.row_of(session, key)?;
-        if attrs.bool(CKA_COPYABLE) == Some(false) {
-            return Err(Error::Rv(CKR_ACTION_PROHIBITED));
-        }
-        Ok((row.group.clone(), attrs.bool(CKA_EXTRACTABLE).unwrap_or(true)))
     }
 }
 
