@@ -31,7 +31,11 @@ pub unsafe fn init_args(ptr: *const std::ffi::c_void) -> Option<CK_C_INITIALIZE_
 /// # Safety
 /// `ptr` is NULL or valid for `len` elements.
 pub unsafe fn slice_mut<'a, T>(ptr: *mut T, len: CK_ULONG) -> Option<&'a mut [T]> {
-    if ptr.is_null() {
+    // A misaligned array, or one longer than any address space, cannot be what the application has.
+    if ptr.is_null()
+        || !ptr.is_aligned()
+        || (len as usize).checked_mul(std::mem::size_of::<T>()).is_none_or(|n| n > isize::MAX as usize)
+    {
         return None;
     }
     // SAFETY: non-NULL, and the caller promises `len` valid elements.

@@ -148,7 +148,11 @@ impl Vault {
 fn apply_changes(mut attrs: Template, group: &str, changes: &Template) -> Result<(Template, String)> {
     let mut group = group.to_string();
     for change in &changes.0 {
-        let value = change.as_bytes().ok_or(Error::Rv(CKR_ATTRIBUTE_VALUE_INVALID))?;
+        // Template attributes are fixed when a key is made (the backends answer so too).
+        let value = change.as_bytes().ok_or(Error::Rv(CKR_ATTRIBUTE_READ_ONLY))?;
+        if change.ty == CKA_ALLOWED_MECHANISMS && attrs.bytes(CKA_ALLOWED_MECHANISMS) != Some(value) {
+            return Err(Error::Rv(CKR_ATTRIBUTE_READ_ONLY));
+        }
         let current = attrs.bytes(change.ty).map(<[u8]>::to_vec);
         let flag = change.as_bool();
         match change.ty {
