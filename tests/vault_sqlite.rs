@@ -27,4 +27,11 @@ vault_cases!(
     plain_slot_is_untouched,
     every_creation_path_stores,
     held_rows_spare_the_store,
+    custody_holds_against_a_pin_holder,
+    custody_holds_without_the_pin,
+    forged_rows_never_give_the_value,
+    always_authenticate_needs_a_context_login,
+    unwrappable_keys_are_kept_by_the_hsm,
+    init_token_empties_a_database_slot,
+    same_attributes_as_pass_through,
 );

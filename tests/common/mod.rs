@@ -150,10 +150,18 @@ pub fn cssim_path() -> PathBuf {
     let path = profile_dir().join("libcssim.so");
     assert!(path.exists(), "{} does not exist: run `cargo build --workspace --lib` first", path.display());
     let built = std::fs::metadata(&path).and_then(|m| m.modified()).expect("library mtime");
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("simulator").join("src");
-    for entry in std::fs::read_dir(&src).expect("read simulator/src").flatten() {
-        if entry.metadata().and_then(|m| m.modified()).is_ok_and(|t| t > built) {
-            panic!("{} is newer than {}: run `cargo build --workspace --lib`", entry.path().display(), path.display());
+    let mut stack = vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("simulator").join("src")];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).expect("read simulator/src").flatten() {
+            if entry.path().is_dir() {
+                stack.push(entry.path());
+            } else if entry.metadata().and_then(|m| m.modified()).is_ok_and(|t| t > built) {
+                panic!(
+                    "{} is newer than {}: run `cargo build --workspace --lib`",
+                    entry.path().display(),
+                    path.display()
+                );
+            }
         }
     }
     path
@@ -279,12 +287,41 @@ pub fn rv_name(rv: CK_RV) -> String {
 }
 
 /// Initializes a fresh token labelled `label` (unique in this binary) through the shim, sets its user
-/// PIN to [`USER_PIN`] (SO PIN [`SO_PIN`]) and returns its slot.
+/// PIN to [`USER_PIN`] (SO PIN [`SO_PIN`]) and returns its slot. (Through the shim, a token whose label
+/// names a database slot gets its MBK set from C_InitToken.)
 ///
 /// SoftHSM2 keeps one slot with an uninitialized token and renumbers after C_InitToken; the simulator has
 /// [`SIM_SLOTS`] fixed slots. Either way the token is initialized on a slot with an uninitialized token and
 /// then found again by its label. Serialized by a mutex.
 pub fn new_token(label: &str) -> Slot {
+    make_token(label, |slot| pkcs11().init_token(slot, &AuthPin::new(SO_PIN.into()), label).map_err(|e| e.to_string()))
+}
+
+/// As [`new_token`], but C_InitToken goes to the backend directly, as an HSM vendor's tool would: the shim
+/// does nothing for it (no MBK set is made).
+pub fn new_token_on_backend(label: &str) -> Slot {
+    make_token(label, |slot| {
+        let f = functions(&backend_path());
+        let mut padded = [b' '; 32];
+        padded[..label.len()].copy_from_slice(label.as_bytes());
+        // SAFETY: the PIN and the 32-byte label live for the call.
+        let rv = unsafe {
+            f.C_InitToken.expect("C_InitToken")(
+                slot.id(),
+                SO_PIN.as_ptr() as *mut u8,
+                SO_PIN.len() as cryptoki_sys::CK_ULONG,
+                padded.as_mut_ptr(),
+            )
+        };
+        if rv == cryptoki_sys::CKR_OK {
+            Ok(())
+        } else {
+            Err(rv_name(rv))
+        }
+    })
+}
+
+fn make_token(label: &str, init: impl FnOnce(Slot) -> Result<(), String>) -> Slot {
     static LOCK: Mutex<()> = Mutex::new(());
     assert!(label.len() <= 32, "token label {label:?} is longer than 32 bytes");
     let p = pkcs11();
@@ -299,7 +336,7 @@ pub fn new_token(label: &str) -> Slot {
         }
     }
     let empty = empty.unwrap_or_else(|| panic!("{:?} offers no slot with an uninitialized token", backend()));
-    p.init_token(empty, &AuthPin::new(SO_PIN.into()), label).unwrap_or_else(|e| panic!("C_InitToken({label}): {e}"));
+    init(empty).unwrap_or_else(|e| panic!("C_InitToken({label}): {e}"));
     let slot = find_token(label).unwrap_or_else(|| panic!("token {label:?} not found after C_InitToken"));
     let session = p.open_rw_session(slot).expect("C_OpenSession");
     session.login(UserType::So, Some(&AuthPin::new(SO_PIN.into()))).expect("C_Login(SO)");

@@ -19,6 +19,11 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::OnceLock;
 
+mod custody;
+mod same;
+pub use custody::*;
+pub use same::*;
+
 /// CKA_P11SHIM_GROUP (include/p11shim.h).
 pub const GROUP: u64 = 0x8000_0000 | 0x0053_4801;
 
@@ -149,11 +154,12 @@ pub fn cli() -> Command {
     c
 }
 
-/// A fresh database token `label` with its MBK, and a logged-in R/W session on it.
+/// A fresh database token `label` with its MBK (made by C_InitToken through the shim), and a logged-in R/W
+/// session on it.
 pub fn db_token(label: &str) -> (Slot, Session) {
     let slot = new_token(label);
-    let out = cli().args(["mbk", "create", "--token", label]).output().expect("run p11shim");
-    assert!(out.status.success(), "p11shim mbk create: {}", String::from_utf8_lossy(&out.stderr));
+    let out = cli().args(["mbk", "show", "--token", label]).output().expect("run p11shim");
+    assert!(out.status.success(), "p11shim mbk show after C_InitToken: {}", String::from_utf8_lossy(&out.stderr));
     (slot, user_session(slot))
 }
 
@@ -501,8 +507,9 @@ pub fn handles_survive_close_all_sessions_and_logout() {
     encrypt_roundtrip(&s, key).expect("after logout and a new login");
 }
 
+/// A database token initialized with the HSM's own tool has no MBK set until an operator makes one.
 pub fn missing_mbk_says_how_to_create_it() {
-    let slot = new_token("db08");
+    let slot = common::new_token_on_backend("db08");
     let s = user_session(slot);
     let e = s.generate_key(&Mechanism::AesKeyGen, &aes_template("x")).unwrap_err();
     assert_eq!(rv(e), RvError::GeneralError);
@@ -841,15 +848,53 @@ pub fn every_creation_path_stores() {
         s.encrypt(&Mechanism::AesEcb, copy, &block).unwrap(),
         s.encrypt(&Mechanism::AesEcb, native, &block).unwrap()
     );
+    // An unextractable key cannot be wrapped into the store (nor made extractable by a copy): the HSM keeps the
+    // copy as an ordinary token object of the token's group, and the log says why.
+    let kept = s
+        .copy_object(native, &[Attribute::Token(true), Attribute::Label(b"kept".to_vec())])
+        .expect("an unextractable key copied as a token object");
+    assert!(kept.handle() & (1 << 63) == 0, "a backend handle: the HSM holds it");
     assert_eq!(
-        rv(s.copy_object(native, &[Attribute::Token(true)]).unwrap_err()),
-        RvError::ActionProhibited,
-        "an unextractable key cannot be wrapped into the store"
+        s.encrypt(&Mechanism::AesEcb, kept, &block).unwrap(),
+        s.encrypt(&Mechanism::AesEcb, native, &block).unwrap()
     );
+    assert_eq!(
+        s.get_attributes(kept, &[AttributeType::Token, AttributeType::Extractable]).unwrap(),
+        vec![Attribute::Token(true), Attribute::Extractable(false)]
+    );
+    assert!(
+        shim_log().contains("kept in the HSM as an ordinary token object (group \"G12\")"),
+        "a log line says why: {}",
+        shim_log()
+    );
+    // A key whose value may be read cannot be stored (nothing may load it readable): the HSM keeps its copy.
+    let readable = s
+        .copy_object(wrapping_native, &[Attribute::Token(true), Attribute::Label(b"readable".to_vec())])
+        .expect("copy a readable native key → token");
+    assert!(readable.handle() & (1 << 63) == 0, "kept in the HSM");
+    assert!(shim_log().contains("because its value can be read"), "{}", shim_log());
+    // A sensitive key extractable under trusted keys only is wrapped into the store as it is.
+    let adoptable = s
+        .generate_key(
+            &Mechanism::AesKeyGen,
+            &[
+                Attribute::Token(false),
+                Attribute::ValueLen(32.into()),
+                Attribute::Encrypt(true),
+                Attribute::Sensitive(true),
+                Attribute::Extractable(true),
+                Attribute::WrapWithTrusted(true),
+            ],
+        )
+        .unwrap();
     let adopted = s
-        .copy_object(wrapping_native, &[Attribute::Token(true), Attribute::Label(b"adopted".to_vec())])
+        .copy_object(adoptable, &[Attribute::Token(true), Attribute::Label(b"adopted".to_vec())])
         .expect("copy native → token");
     assert!(adopted.handle() & (1 << 63) != 0);
+    assert_eq!(
+        s.encrypt(&Mechanism::AesEcb, adopted, &block).unwrap(),
+        s.encrypt(&Mechanism::AesEcb, adoptable, &block).unwrap()
+    );
     let mut labels: Vec<String> = rows("db12").iter().map(|r| String::from_utf8_lossy(&r.label).into_owned()).collect();
     labels.sort();
     assert_eq!(labels, ["adopted", "alice", "alice", "copy", "derived", "imported", "kek", "note", "unwrapped"]);
@@ -882,6 +927,10 @@ macro_rules! vault_cases {
     #[test]
     fn store_child() {
         vault_cases::store_child();
+    }
+    #[test]
+    fn custody_child() {
+        vault_cases::custody_child();
     }
     $(
         #[test]
