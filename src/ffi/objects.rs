@@ -292,9 +292,17 @@ pub(crate) unsafe extern "C" fn C_CopyObject(
         // SAFETY: the application's template.
         let has_group = unsafe { args::names(template, count, CKA_P11SHIM_GROUP) };
         let db = database(s);
-        if stored.is_none() && !has_group {
-            // SAFETY: as above.
-            let token = db.is_some() && unsafe { args::template(template, count) }?.bool(CKA_TOKEN) == Some(true);
+        if stored.is_none() {
+            // A copy is a token object when the template says so, else when its source is one.
+            let token = db.is_some()
+                // SAFETY: as above.
+                && match unsafe { args::template(template, count) }?.bool(CKA_TOKEN) {
+                    Some(token) => token,
+                    None => backend.attributes(s, source, &[CKA_TOKEN]).map_err(CK_RV::from)?.bool(CKA_TOKEN) == Some(true),
+                };
+            if has_group && !token {
+                return Err(group_not_here());
+            }
             if !token {
                 let f = backend.f.C_CopyObject.ok_or(CKR_FUNCTION_NOT_SUPPORTED)?;
                 // SAFETY: the application's template (checked, not copied: it goes to the backend as it is).

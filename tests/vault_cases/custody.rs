@@ -660,6 +660,11 @@ pub fn unwrappable_keys_are_kept_by_the_hsm() {
     );
     s.update_attributes(private, &[group_attr("G25"), Attribute::Label(b"ed2".to_vec())])
         .expect("same group, new label");
+    // A session copy has no group to be given.
+    assert_eq!(
+        rv(s.copy_object(private, &[Attribute::Token(false), group_attr("G25")]).unwrap_err()),
+        RvError::AttributeTypeInvalid
+    );
     // Asking for another group at creation is refused, and nothing is made.
     let before = s.find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY)]).unwrap().len();
     let other = s.generate_key_pair(
