@@ -15,6 +15,7 @@ backup_cases!(Engine::Postgres;
     permissions_follow_the_cryptoserver_rules,
     fips_and_cc_refuse_the_whole_store_and_cc_refuses_overwrite,
     hsm_keys_are_wrapped_and_unwrappable_ones_listed,
+    keys_kept_in_the_hsm_are_listed_by_backup,
     kill_9_during_backup_or_restore_changes_nothing,
     audit_records_everything_and_detects_an_edit,
 );

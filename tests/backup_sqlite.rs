@@ -13,6 +13,7 @@ backup_cases!(Engine::Sqlite;
     permissions_follow_the_cryptoserver_rules,
     fips_and_cc_refuse_the_whole_store_and_cc_refuses_overwrite,
     hsm_keys_are_wrapped_and_unwrappable_ones_listed,
+    keys_kept_in_the_hsm_are_listed_by_backup,
     mbk_clones_and_shares,
     kill_9_during_backup_or_restore_changes_nothing,
     kill_9_during_a_native_restore_is_rolled_back_by_the_next,

@@ -1276,6 +1276,31 @@ pub fn hsm_keys_are_wrapped_and_unwrappable_ones_listed(engine: Engine) {
     assert_eq!(std::fs::read(lab.path("ct3")).unwrap(), std::fs::read(lab.path("ct")).unwrap(), "same key in vault");
 }
 
+/// Keys a database slot keeps in the HSM (here an EdDSA private key, which SoftHSM2 cannot wrap) belong to the
+/// token's group: a backup of that group holds the stored keys and lists the one it cannot export.
+pub fn keys_kept_in_the_hsm_are_listed_by_backup(engine: Engine) {
+    let lab = Lab::new(engine, "kept");
+    lab.db_token("vault", "Vault");
+    lab.mbk_create("vault");
+    lab.admin("vault");
+    let op = lab.user("op", "00000002", "Vault");
+    lab.tool("vault", &["--keypairgen", "--key-type", "EC:edwards25519", "--label", "ed", "--id", "01"]).ok();
+    lab.tool("vault", &["--keygen", "--key-type", "AES:32", "--label", "aes", "--id", "02", "--sensitive"]).ok();
+    let mut stored = lab.labels_of("vault");
+    stored.sort();
+    assert_eq!(stored, ["aes", "ed"], "the AES key and the EdDSA public key are rows; the private key is not");
+    let file = lab.p("vault.p11b");
+    let r = lab.p11shim(&["backup", "--group", "Vault", "--out", &file, "--token", "vault", "--logon", &op, "--json"]);
+    let report = r.status(3).json();
+    assert_eq!((n(&report, "stored"), n(&report, "hsm")), (2, 0), "{report}");
+    let skipped = report["not_exported"].as_array().unwrap();
+    assert_eq!(skipped.len(), 1, "{report}");
+    let (key, why) = (skipped[0]["key"].as_str().unwrap(), skipped[0]["why"].as_str().unwrap());
+    assert!(key.contains("\"ed\"") && key.contains("HSM key"), "{report}");
+    // pkcs11-tool made it unextractable, as the HSM keeps it.
+    assert!(why.contains("not extractable"), "{report}");
+}
+
 // ---- 7. the MBK between HSMs -----------------------------------------------------------------------------
 
 pub fn mbk_clones_and_shares(engine: Engine) {
