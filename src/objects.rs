@@ -54,30 +54,70 @@ pub fn to_backend(handle: CK_OBJECT_HANDLE, invalid: CK_RV) -> Result<CK_OBJECT_
     resolve(handle, invalid)
 }
 
-/// How many backend objects the shim owns, and which: see the module comment.
+/// Whether the shim owns any backend object (see the module comment): one atomic load, false in every process
+/// without database slots.
 static OWNED_ANY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-static OWNED: RwLock<Option<std::collections::HashSet<CK_OBJECT_HANDLE>>> = RwLock::new(None);
+
+/// The owned objects. Readers (every key-taking call with a backend handle, in a process with database
+/// slots) must not take a lock: they look at `FILTER`, a bit per hash bucket set while any owned handle falls
+/// in it, with atomic loads only; a handle whose bit is clear is not owned. Only a set bit (an owned handle,
+/// or another in its bucket) leads to the exact set, under its lock. Writers (a key loaded, destroyed or made)
+/// keep a count per bucket, so a bit is cleared only when its last owned handle goes.
+struct Owned {
+    set: std::collections::HashSet<CK_OBJECT_HANDLE>,
+    buckets: Vec<u32>,
+}
+
+const FILTER_BITS: usize = 16384;
+static FILTER: [AtomicU64; FILTER_BITS / 64] = [const { AtomicU64::new(0) }; FILTER_BITS / 64];
+static OWNED: std::sync::Mutex<Option<Owned>> = std::sync::Mutex::new(None);
+
+/// A handle's filter bucket (Fibonacci hashing: backends hand out small consecutive numbers).
+#[inline]
+fn bucket(handle: CK_OBJECT_HANDLE) -> usize {
+    (handle.wrapping_mul(0x9e37_79b9_7f4a_7c15_u64 as CK_ULONG) >> (CK_ULONG::BITS - FILTER_BITS.trailing_zeros()))
+        as usize
+}
+
+fn owned() -> std::sync::MutexGuard<'static, Option<Owned>> {
+    OWNED.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// Marks a backend object as the shim's own: from now on the application cannot name it.
 pub fn own(backend: CK_OBJECT_HANDLE) {
-    let mut owned = OWNED.write().unwrap_or_else(|e| e.into_inner());
-    owned.get_or_insert_with(Default::default).insert(backend);
-    OWNED_ANY.store(true, Ordering::Release);
+    let mut guard = owned();
+    let owned = guard.get_or_insert_with(|| Owned { set: Default::default(), buckets: vec![0; FILTER_BITS] });
+    if owned.set.insert(backend) {
+        let b = bucket(backend);
+        owned.buckets[b] += 1;
+        // Before the call returns, so that no later call can miss it.
+        FILTER[b / 64].fetch_or(1 << (b % 64), Ordering::Release);
+        OWNED_ANY.store(true, Ordering::Release);
+    }
 }
 
 /// Gives up a backend object the shim destroyed (its handle may be the backend's to reuse).
 pub fn disown(backend: CK_OBJECT_HANDLE) {
-    let mut owned = OWNED.write().unwrap_or_else(|e| e.into_inner());
-    if let Some(set) = owned.as_mut() {
-        set.remove(&backend);
-        OWNED_ANY.store(!set.is_empty(), Ordering::Release);
+    let mut guard = owned();
+    let Some(owned) = guard.as_mut() else { return };
+    if owned.set.remove(&backend) {
+        let b = bucket(backend);
+        owned.buckets[b] -= 1;
+        if owned.buckets[b] == 0 {
+            FILTER[b / 64].fetch_and(!(1 << (b % 64)), Ordering::Release);
+        }
+        OWNED_ANY.store(!owned.set.is_empty(), Ordering::Release);
     }
 }
 
 /// Whether a backend object is the shim's own.
-#[cold]
+#[inline]
 pub fn is_owned(backend: CK_OBJECT_HANDLE) -> bool {
-    OWNED.read().unwrap_or_else(|e| e.into_inner()).as_ref().is_some_and(|s| s.contains(&backend))
+    let b = bucket(backend);
+    if FILTER[b / 64].load(Ordering::Acquire) & (1 << (b % 64)) == 0 {
+        return false;
+    }
+    owned().as_ref().is_some_and(|o| o.set.contains(&backend))
 }
 
 #[cold]
@@ -181,7 +221,10 @@ pub fn forget(handle: CK_OBJECT_HANDLE) {
 /// Drops every shim handle and every owned object (C_Finalize, or C_Initialize in a forked child).
 pub fn clear() {
     *TABLE.write().unwrap_or_else(|e| e.into_inner()) = None;
-    *OWNED.write().unwrap_or_else(|e| e.into_inner()) = None;
+    *owned() = None;
+    for word in &FILTER {
+        word.store(0, Ordering::Release);
+    }
     OWNED_ANY.store(false, Ordering::Release);
 }
 
@@ -206,6 +249,24 @@ mod tests {
         assert_eq!(to_backend(a, CKR_KEY_HANDLE_INVALID), Ok(backend));
         forget(a);
         assert_eq!(to_backend(a, CKR_OBJECT_HANDLE_INVALID), Err(CKR_OBJECT_HANDLE_INVALID));
+    }
+
+    #[test]
+    fn the_filter_never_forgets_an_owned_handle() {
+        // Handles that share buckets: giving up one keeps the others owned.
+        let base = 0x5511_0000;
+        let same: Vec<CK_OBJECT_HANDLE> =
+            (base..base + 200_000).filter(|h| bucket(*h) == bucket(base)).take(3).collect();
+        assert_eq!(same.len(), 3);
+        for h in &same {
+            own(*h);
+        }
+        disown(same[0]);
+        assert!(!is_owned(same[0]));
+        assert!(is_owned(same[1]) && is_owned(same[2]), "the bucket's other handles stay owned");
+        disown(same[1]);
+        disown(same[2]);
+        assert!(same.iter().all(|h| !is_owned(*h)));
     }
 
     #[test]
