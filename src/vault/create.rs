@@ -416,8 +416,7 @@ impl Context<'_> {
                 Ok(blob) => self.finish(probe, view, blob).map(|c| (c, None)),
                 Err(e) if cannot(&e) => {
                     self.discard(&probe);
-                    let why = format!("the HSM cannot wrap it under the MBK ({e})");
-                    self.resident(&why).map(|c| (c, Some(Shape::Resident(why))))
+                    self.kept(format!("the HSM cannot wrap it under the MBK ({e})"))
                 }
                 Err(e) => {
                     self.discard(&probe);
@@ -431,7 +430,7 @@ impl Context<'_> {
             }
             Keep::Resident(why) => {
                 self.discard(&probe);
-                self.resident(&why).map(|c| (c, Some(Shape::Resident(why))))
+                self.kept(why)
             }
         }
     }
@@ -443,8 +442,7 @@ impl Context<'_> {
         let twin = match self.make(&self.request.twin()) {
             Ok(t) => t,
             Err(e) if cannot(&e) => {
-                let why = format!("the HSM cannot make it extractable under the MBK only ({e})");
-                return self.resident(&why).map(|c| (c, Some(Shape::Resident(why))));
+                return self.kept(format!("the HSM cannot make it extractable under the MBK only ({e})"));
             }
             Err(e) => return Err(e),
         };
@@ -461,14 +459,18 @@ impl Context<'_> {
             }
             Err(e) if cannot(&e) => {
                 self.discard(&twin);
-                let why = format!("the HSM cannot wrap it under the MBK ({e})");
-                self.resident(&why).map(|c| (c, Some(Shape::Resident(why))))
+                self.kept(format!("the HSM cannot wrap it under the MBK ({e})"))
             }
             Err(e) => {
                 self.discard(&twin);
                 Err(e)
             }
         }
+    }
+
+    /// Step 3, learned for the request's shape.
+    fn kept(&self, why: String) -> Result<(Created, Option<Shape>)> {
+        self.resident(&why).map(|c| (c, Some(Shape::Resident(why))))
     }
 
     /// Stores the key of `made` (its row: `view`, `wrapped`) and its public half, then destroys the key's

@@ -70,17 +70,8 @@ impl Vault {
             let _ = self.backend.close_session(s);
         }
         for key in objects::stored_keys().into_iter().filter(|k| k.slot == slot) {
-            let copy = {
-                let mut st = lock(&key.state);
-                st.gone = true;
-                st.kept = None;
-                st.checked = None;
-                let copy = st.loaded.take();
-                key.publish(&st);
-                copy
-            };
             // The copy was a session object of a session just closed.
-            if let Some(h) = copy {
+            if let Some(h) = key.take_copy(true) {
                 objects::disown(h);
             }
         }

@@ -57,6 +57,20 @@ impl StoredKey {
         }
     }
 
+    /// Takes the loaded copy's handle out of the key's state (it must be checked again before any use), and
+    /// marks the key gone when its row is (dropping the row held).
+    fn take_copy(&self, gone: bool) -> Option<CK_OBJECT_HANDLE> {
+        let mut st = lock(&self.state);
+        st.gone |= gone;
+        if gone {
+            st.kept = None;
+        }
+        st.checked = None;
+        let copy = st.loaded.take();
+        self.publish(&st);
+        copy
+    }
+
     /// The loaded copy, if it is known current at `generation`.
     fn warm(&self, generation: u64) -> Option<CK_OBJECT_HANDLE> {
         if self.fast_generation.load(Ordering::Acquire) != generation {
@@ -434,18 +448,7 @@ impl Vault {
 
     /// Drops this process's HSM copy of a key (and marks the key gone when its row is, dropping its row).
     fn forget_copy(&self, key: &StoredKey, gone: bool) {
-        let copy = {
-            let mut st = lock(&key.state);
-            st.gone |= gone;
-            if gone {
-                st.kept = None;
-            }
-            st.checked = None;
-            let copy = st.loaded.take();
-            key.publish(&st);
-            copy
-        };
-        if let Some(h) = copy {
+        if let Some(h) = key.take_copy(gone) {
             self.destroy_own(key.slot, h);
         }
     }

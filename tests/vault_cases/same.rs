@@ -272,33 +272,17 @@ pub fn same_attributes_as_pass_through() {
         Attribute::Unwrap(true),
         Attribute::Extractable(true),
     ];
-    let keks = [
-        db.create_object(
-            &[
-                &kek_template[..],
-                &[
-                    Attribute::Class(ObjectClass::SECRET_KEY),
-                    Attribute::KeyType(KeyType::AES),
-                    Attribute::Value(vec![0x11; 32]),
-                ],
-            ]
-            .concat(),
-        )
-        .unwrap(),
-        plain
-            .create_object(
-                &[
-                    &kek_template[..],
-                    &[
-                        Attribute::Class(ObjectClass::SECRET_KEY),
-                        Attribute::KeyType(KeyType::AES),
-                        Attribute::Value(vec![0x11; 32]),
-                    ],
-                ]
-                .concat(),
-            )
-            .unwrap(),
-    ];
+    // The same wrapping key in each slot (a session object: the application's own).
+    let kek = |session: &Session| {
+        let mut t = kek_template.to_vec();
+        t.extend([
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::Value(vec![0x11; 32]),
+        ]);
+        session.create_object(&t).unwrap()
+    };
+    let keks = [kek(&db), kek(&plain)];
     let peer = {
         let (public, _) = ec_pair(&plain, "peer", false);
         let point = plain.get_attributes(public, &[AttributeType::EcPoint]).unwrap();
