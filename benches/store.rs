@@ -14,7 +14,10 @@
 //! 3. C_FindObjects by label (Init + FindObjects + Final, one match) with 1k, 10k and 100k stored keys in the
 //!    slot, against SoftHSM2's file token store holding as many token objects;
 //! 4. creating stored AES keys through the shim (C_GenerateKey, CKA_TOKEN=true): keys per second, against
-//!    SoftHSM2 creating token objects.
+//!    SoftHSM2 creating token objects;
+//! 5. the creation paths where the shim makes a key twice (as asked, to read the backend's answers, then as
+//!    the twin it wraps): C_UnwrapKey into a stored key against the same native unwrap, and the first
+//!    C_GenerateKey of a request shape against a second of that shape and a native generation.
 //!
 //! Each engine (and SoftHSM2's own token store) runs in a child process of this one (this binary started
 //! again with STORE_BENCH_PHASE set), with a SoftHSM2 token directory of its own: one shim configuration
@@ -891,6 +894,68 @@ fn engine_phase(knobs: &Knobs, engine: &str, results: &mut Results, c: &mut Crit
         }
     };
     populate(results, c, knobs, shim, stored_session, knobs.population(), None, &mut after_create, &mut at_size);
+
+    // Item 5: the other creation paths.
+    creation_paths(results, direct, native_session, shim, stored_session);
+}
+
+/// Item 5: what making a stored key costs where the shim makes the object twice (as asked, to read the
+/// backend's answers, then as its wrappable twin), against the same call made natively (a session object,
+/// destroyed untimed): C_UnwrapKey of an unextractable key (every time), and the first key generation of a
+/// request shape (the shim remembers each shape) against a second of the same shape.
+fn creation_paths(
+    results: &mut Results,
+    direct: Api,
+    native_session: CK_SESSION_HANDLE,
+    shim: Api,
+    stored_session: CK_SESSION_HANDLE,
+) {
+    const UNWRAPS: usize = 200;
+    const SHAPES: usize = 16;
+    let native = NativeUnwrap::new(direct, native_session, false);
+    let stored = NativeUnwrap::new(shim, stored_session, false);
+    let (mut unwrap_native, mut unwrap_stored) = (Vec::new(), Vec::new());
+    for i in 0..UNWRAPS {
+        unwrap_native.push(native.time_us());
+        unwrap_stored.push(stored.time_stored_us(format!("u{i:04}").as_bytes()));
+    }
+    results.spread("create.unwrap_native_us", &unwrap_native);
+    results.spread("create.unwrap_stored_us", &unwrap_stored);
+    // Sixteen shapes: the AES key's usage flags differ.
+    let (mut generate_native, mut first, mut again) = (Vec::new(), Vec::new(), Vec::new());
+    for shape in 0..SHAPES {
+        let flag = |bit: usize| if shape & (1 << bit) != 0 { YES } else { NO };
+        let [encrypt, wrap, unwrap, derive] = [flag(0), flag(1), flag(2), flag(3)];
+        let len: CK_ULONG = 32;
+        let timed = |api: Api, session: CK_SESSION_HANDLE, token: bool, label: &[u8]| {
+            let tok = if token { YES } else { NO };
+            let mut t = [
+                attr(CKA_TOKEN, &tok),
+                attr(CKA_LABEL, label),
+                attr(CKA_VALUE_LEN, &len),
+                attr(CKA_ENCRYPT, &encrypt),
+                attr(CKA_WRAP, &wrap),
+                attr(CKA_UNWRAP, &unwrap),
+                attr(CKA_DERIVE, &derive),
+                attr(CKA_SENSITIVE, &YES),
+            ];
+            let start = Instant::now();
+            let key = api.generate_key(session, CKM_AES_KEY_GEN, &mut t);
+            let us = start.elapsed().as_nanos() as f64 / 1000.0;
+            if !token {
+                ok(call!(api, C_DestroyObject(session, key)), "C_DestroyObject");
+            }
+            us
+        };
+        generate_native.push(timed(direct, native_session, false, b"native"));
+        first.push(timed(shim, stored_session, true, format!("shape{shape:02}a").as_bytes()));
+        again.push(timed(shim, stored_session, true, format!("shape{shape:02}b").as_bytes()));
+    }
+    results.spread("create.generate_native_us", &generate_native);
+    results.spread("create.generate_first_us", &first);
+    results.spread("create.generate_again_us", &again);
+    ok(call!(direct, C_DestroyObject(native_session, native.wrapping)), "C_DestroyObject");
+    ok(call!(shim, C_DestroyObject(stored_session, stored.wrapping)), "C_DestroyObject");
 }
 
 /// Item 1's own measurement: alternating rounds, native / forwarded / stored.
@@ -1105,6 +1170,13 @@ impl NativeUnwrap {
             attr(CKA_WRAP_WITH_TRUSTED, &YES),
             attr(CKA_LABEL, b"unwrapped".as_slice()),
         ];
+        let (elapsed, key) = self.unwrap(&mut t);
+        ok(call!(self.api, C_DestroyObject(self.session, key)), "C_DestroyObject");
+        elapsed
+    }
+
+    /// C_UnwrapKey of the blob with template `t`: the time, and the new object.
+    fn unwrap(&self, t: &mut [CK_ATTRIBUTE]) -> (Duration, CK_OBJECT_HANDLE) {
         let mut m = CK_MECHANISM { mechanism: CKM_AES_KEY_WRAP_PAD, pParameter: null_mut(), ulParameterLen: 0 };
         let mut key = 0;
         let start = Instant::now();
@@ -1123,12 +1195,27 @@ impl NativeUnwrap {
         );
         let elapsed = start.elapsed();
         ok(rv, "C_UnwrapKey");
-        ok(call!(self.api, C_DestroyObject(self.session, key)), "C_DestroyObject");
-        elapsed
+        (elapsed, key)
     }
 
     fn time_us(&self) -> f64 {
         self.time().as_nanos() as f64 / 1000.0
+    }
+
+    /// C_UnwrapKey of the blob into a token object labelled `label` (a stored key on a database slot), as an
+    /// application makes an unextractable key: the time, in µs.
+    fn time_stored_us(&self, label: &[u8]) -> f64 {
+        let (class, key_type): (CK_OBJECT_CLASS, CK_KEY_TYPE) = (CKO_SECRET_KEY, CKK_AES);
+        let mut t = [
+            attr(CKA_CLASS, &class),
+            attr(CKA_KEY_TYPE, &key_type),
+            attr(CKA_TOKEN, &YES),
+            attr(CKA_PRIVATE, &YES),
+            attr(CKA_SENSITIVE, &YES),
+            attr(CKA_ENCRYPT, &YES),
+            attr(CKA_LABEL, label),
+        ];
+        self.unwrap(&mut t).0.as_nanos() as f64 / 1000.0
     }
 }
 
@@ -1556,6 +1643,39 @@ fn summary(knobs: &Knobs, r: &BTreeMap<String, f64>, took: Duration) -> String {
             per_batch,
             all,
             fmt(last, 0),
+        );
+    }
+
+    let _ = writeln!(
+        out,
+        "\n5. Where the shim makes a key twice (as asked, to read the backend's answers, then as its wrappable twin),\n   \
+         µs per key, medians (p10-p90): C_UnwrapKey of an unextractable AES key into a stored key against the same\n   \
+         native unwrap (a session object); C_GenerateKey of a new request shape (16 shapes) and of one seen before,\n   \
+         against a native generation"
+    );
+    let _ = writeln!(
+        out,
+        "{:<9} {:>20} {:>20} {:>6} {:>20} {:>20} {:>20}",
+        "engine", "unwrap native", "unwrap stored", "ratio", "generate native", "new shape", "seen shape"
+    );
+    let spread = |k: &str| match (get(&format!("{k}.median")), get(&format!("{k}.p10")), get(&format!("{k}.p90"))) {
+        (Some(m), Some(lo), Some(hi)) => format!("{m:.1} ({lo:.1}-{hi:.1})"),
+        _ => "-".into(),
+    };
+    for e in ["sqlite", "postgres"].into_iter().filter(|e| has(e)) {
+        let ratio = get(&format!("{e}.create.unwrap_stored_us.median"))
+            .zip(get(&format!("{e}.create.unwrap_native_us.median")))
+            .map(|(s, n)| s / n);
+        let _ = writeln!(
+            out,
+            "{:<9} {:>20} {:>20} {:>6} {:>20} {:>20} {:>20}",
+            e,
+            spread(&format!("{e}.create.unwrap_native_us")),
+            spread(&format!("{e}.create.unwrap_stored_us")),
+            fmt(ratio, 2),
+            spread(&format!("{e}.create.generate_native_us")),
+            spread(&format!("{e}.create.generate_first_us")),
+            spread(&format!("{e}.create.generate_again_us")),
         );
     }
     out
