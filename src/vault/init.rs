@@ -63,7 +63,9 @@ impl Vault {
     }
 
     /// Before the backend's C_InitToken: the shim's own sessions on the slot would make it fail
-    /// (CKR_SESSION_EXISTS), and everything the shim knows of the token goes with it.
+    /// (CKR_SESSION_EXISTS), and what the shim holds in the token goes with them. The keys stay known: if the
+    /// backend refuses (a wrong SO PIN), they work on; if it initializes the token, their rows are deleted and
+    /// their next use finds them gone.
     pub fn release_slot(&self, slot: CK_SLOT_ID) {
         for s in lock(&self.pool).remove(&slot).unwrap_or_default() {
             sessions::closed_internal(s);
@@ -71,7 +73,7 @@ impl Vault {
         }
         for key in objects::stored_keys().into_iter().filter(|k| k.slot == slot) {
             // The copy was a session object of a session just closed.
-            if let Some(h) = key.take_copy(true) {
+            if let Some(h) = key.take_copy(false) {
                 objects::disown(h);
             }
         }
