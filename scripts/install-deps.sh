@@ -14,6 +14,10 @@ packages=(
     openjdk-17-jdk-headless   # keytool, jarsigner, jar: Java's SunPKCS11 provider in tests/dbtools_cases
     gnutls-bin                # p11tool (GnuTLS), listings in tests/dbtools_cases
     python3-pykcs11           # PyKCS11 for Debian's /usr/bin/python3, listings in tests/dbtools_cases
+    nginx                     # TLS server with its key in a database slot (OpenSSL engine), tests/servers_cases
+    curl                      # HTTPS client against that nginx, tests/servers_cases
+    openssh-server            # sshd for logins with a key in a database slot, tests/servers_cases
+    openssh-client            # ssh -I, ssh-agent -P, ssh-add -s, ssh-keygen -D, tests/servers_cases
 )
 # A C toolchain only when there is none (some crates build C code).
 if ! command -v cc >/dev/null; then
