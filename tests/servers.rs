@@ -1,0 +1,28 @@
+//! Real servers whose TLS and SSH keys live in a database slot, through the shim, against SoftHSM2: nginx
+//! (OpenSSL pkcs11 engine) with the key store on SQLite and on PostgreSQL, and OpenSSH (ssh -I, ssh-agent,
+//! sshd's host key through the agent). The cases are in tests/servers_cases; they start servers, so they run
+//! as root (nginx switches its workers to the user of nginx.conf, sshd needs root).
+mod common;
+mod servers_cases;
+
+use servers_cases::Store;
+
+#[test]
+fn nginx_tls_key_in_sqlite_database_slot() {
+    servers_cases::nginx::serves_tls_with_a_stored_key("nginx_sqlite", Store::Sqlite);
+}
+
+#[test]
+fn nginx_tls_key_in_postgres_database_slot() {
+    servers_cases::nginx::serves_tls_with_a_stored_key("nginx_postgres", Store::Postgres);
+}
+
+#[test]
+fn nginx_engine_needs_init_or_ssl_engine_and_reload_needs_the_environment() {
+    servers_cases::nginx::engine_configuration();
+}
+
+#[test]
+fn openssh_user_and_host_keys_in_database_slot() {
+    servers_cases::openssh::user_and_host_keys_in_a_database_slot();
+}
