@@ -5,16 +5,24 @@
 mod common;
 mod servers_cases;
 
+use servers_cases::nginx::Workers;
 use servers_cases::Store;
 
 #[test]
 fn nginx_tls_key_in_sqlite_database_slot() {
-    servers_cases::nginx::serves_tls_with_a_stored_key("nginx_sqlite", Store::Sqlite);
+    servers_cases::nginx::serves_tls_with_a_stored_key("nginx_sqlite", Store::Sqlite, Workers::Root);
 }
 
 #[test]
 fn nginx_tls_key_in_postgres_database_slot() {
-    servers_cases::nginx::serves_tls_with_a_stored_key("nginx_postgres", Store::Postgres);
+    servers_cases::nginx::serves_tls_with_a_stored_key("nginx_postgres", Store::Postgres, Workers::Root);
+}
+
+/// Workers as an unprivileged user: what they open (the token directory, keys.db, the shim's log) must be
+/// theirs.
+#[test]
+fn nginx_workers_as_nobody_with_the_files_they_open() {
+    servers_cases::nginx::serves_tls_with_a_stored_key("nginx_nobody", Store::Sqlite, Workers::Nobody);
 }
 
 #[test]

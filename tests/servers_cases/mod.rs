@@ -48,7 +48,10 @@ pub fn tool(name: &str, package: &str) -> PathBuf {
         .map(|dir| dir.join(name))
         .find(|p| p.is_file())
         .unwrap_or_else(|| {
-            panic!("`{name}` is not installed (apt-get install {package}, or bash scripts/install-deps.sh); this test needs it")
+            panic!(
+                "`{name}` is not installed (apt-get install {package}, or bash scripts/install-deps.sh); this test \
+                 needs it"
+            )
         })
 }
 

@@ -52,6 +52,8 @@ pub struct Site {
     /// nginx's prefix (`-p`): its configuration, logs, pid file and temporary directories.
     pub prefix: PathBuf,
     pub port: u16,
+    /// nginx.conf's `user` (who the workers run as), if any.
+    pub worker_user: Option<String>,
 }
 
 impl Site {
@@ -74,15 +76,16 @@ impl Site {
         assert_eq!(cert_key, fx.public_key_pem(KEY), "the certificate holds the token's public key");
         let prefix = fx.dir.join("nginx");
         std::fs::create_dir_all(&prefix).expect("create nginx's directory");
-        Site { fx, openssl_cnf, cert, prefix, port: free_port() }
+        // As root, nginx would run its workers as nobody unless told otherwise; root can read keys.db and
+        // the token directory.
+        let worker_user = is_root().then(|| "root".to_string());
+        Site { fx, openssl_cnf, cert, prefix, port: free_port(), worker_user }
     }
 
     /// nginx.conf for this site; `ssl_engine` adds `ssl_engine pkcs11;`.
     pub fn conf_text(&self, ssl_engine: bool) -> String {
         let p = self.prefix.display();
-        // Workers run as the user that can read keys.db and the token directory; as root nginx would
-        // otherwise switch them to nobody/www-data.
-        let user = if is_root() { "user root;\n" } else { "" };
+        let user = self.worker_user.as_ref().map(|u| format!("user {u};\n")).unwrap_or_default();
         let engine = if ssl_engine { "ssl_engine pkcs11;\n" } else { "" };
         format!(
             "# Written by tests/servers_cases/nginx.rs.\n\
@@ -94,7 +97,8 @@ impl Site {
              events {{ worker_connections 64; }}\n\
              http {{\n    access_log {p}/access.log;\n\
              \x20   client_body_temp_path {p}/tmp-body;\n    proxy_temp_path {p}/tmp-proxy;\n\
-             \x20   fastcgi_temp_path {p}/tmp-fastcgi;\n    uwsgi_temp_path {p}/tmp-uwsgi;\n    scgi_temp_path {p}/tmp-scgi;\n\
+             \x20   fastcgi_temp_path {p}/tmp-fastcgi;\n    uwsgi_temp_path {p}/tmp-uwsgi;\n\
+             \x20   scgi_temp_path {p}/tmp-scgi;\n\
              \x20   server {{\n        listen 127.0.0.1:{port} ssl;\n        ssl_certificate {cert};\n\
              \x20       ssl_certificate_key \"engine:pkcs11:{uri}\";\n\
              \x20       location / {{ return 200 \"p11shim nginx $pid\\n\"; }}\n    }}\n}}\n",
@@ -258,10 +262,33 @@ fn bad_log_lines(log: &str) -> Vec<&str> {
         .collect()
 }
 
+/// Who nginx's workers run as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Workers {
+    /// root (`user root;`), or this process's user when it is not root.
+    Root,
+    /// `user nobody nogroup;`, with the files a worker opens given to nobody: SoftHSM2's token directory,
+    /// the SQLite key store (keys.db, keys.db-wal, keys.db-shm) and the shim's log. Needs root.
+    Nobody,
+}
+
 /// The nginx test of one key store: start, [`FETCHES_AT_START`] pages, two reloads with
 /// [`FETCHES_AFTER_RELOAD`] pages after each, quit.
-pub fn serves_tls_with_a_stored_key(test: &str, store: Store) {
-    let site = Site::new(test, store);
+pub fn serves_tls_with_a_stored_key(test: &str, store: Store, workers: Workers) {
+    let mut site = Site::new(test, store);
+    if workers == Workers::Nobody {
+        assert!(is_root(), "{test}: giving the workers' files to nobody needs root");
+        site.worker_user = Some("nobody nogroup".to_string());
+        let fx = &site.fx;
+        let mut chown = fx.bare_command(Path::new("chown"));
+        chown.args(["-R", "nobody:nogroup"]).arg(fx.dir.join("tokens")).arg(&fx.log);
+        for name in ["keys.db", "keys.db-wal", "keys.db-shm"] {
+            if fx.dir.join(name).exists() {
+                chown.arg(fx.dir.join(name));
+            }
+        }
+        fx.run(chown).ok();
+    }
     let conf = site.write_conf("nginx.conf", true);
     site.fx.run(site.nginx_command(&conf, &site.openssl_cnf, &["-t"])).ok();
 
@@ -336,7 +363,8 @@ pub fn serves_tls_with_a_stored_key(test: &str, store: Store) {
         let mut pids = vec![master.pid()];
         pids.extend(all_workers.iter().take(2 * WORKERS));
         format!(
-            "--- nginx's output\n{}\n--- error.log (without the notice lines)\n{}\n--- the shim's ERROR/WARN lines ({})\n{}\n\
+            "--- nginx's output\n{}\n--- error.log (without the notice lines)\n{}\n\
+             --- the shim's ERROR/WARN lines ({})\n{}\n\
              --- the shim's log of the master and of the first workers\n{}",
             master.output_text(),
             error_log.lines().filter(|l| !l.contains("[notice]")).take(40).collect::<Vec<_>>().join("\n"),

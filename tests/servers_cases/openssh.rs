@@ -8,8 +8,8 @@
 //!   file (`-i user.pub`): ssh_config(5) says IdentitiesOnly excludes what a PKCS11Provider offers.
 //! - `ssh-agent -P <allow-list>` loads the shim in its ssh-pkcs11-helper (a child it forks and executes, which
 //!   inherits its environment) after `ssh-add -s <shim>` (PIN through SSH_ASKPASS). The agent refuses a
-//!   provider outside its allow-list (by default /usr/lib*/*,/usr/local/lib*/*), so an agent without -P
-//!   refuses the shim in target/.
+//!   provider outside its allow-list (by default "/usr/lib/*,/usr/local/lib/*", ssh-agent(1)), so an agent
+//!   without -P refuses the shim in target/.
 //! - sshd reaches the host key through the agent (`HostKey host.pub` + `HostKeyAgent <socket>`): sshd itself
 //!   loads no PKCS#11 module. The second login checks the host key strictly against a known_hosts file
 //!   holding the stored key's public half.
@@ -118,7 +118,7 @@ pub fn user_and_host_keys_in_a_database_slot() {
         cmd
     };
 
-    // An agent with the default allow-list refuses the shim (it is not under /usr/lib*/ or /usr/local/lib*/).
+    // An agent with the default allow-list refuses the shim (it is not under /usr/lib/ or /usr/local/lib/).
     let refusing_socket = socket_path(&fx.dir, "agent-default");
     let _ = std::fs::remove_file(&refusing_socket);
     {
@@ -275,7 +275,8 @@ pub fn user_and_host_keys_in_a_database_slot() {
     agent.kill();
     findings.assert_none("openssh_user_and_host_keys_in_a_database_slot", || {
         format!(
-            "--- sshd.log\n{sshd_text}\n--- ssh-agent's output\n{}\n--- askpass prompts\n{}\n--- the shim's ERROR/WARN lines ({})\n{}",
+            "--- sshd.log\n{sshd_text}\n--- ssh-agent's output\n{}\n--- askpass prompts\n{}\n\
+             --- the shim's ERROR/WARN lines ({})\n{}",
             agent.output_text(),
             prompts(),
             fx.log.display(),
