@@ -34,3 +34,18 @@ fn nginx_engine_needs_init_or_ssl_engine_and_reload_needs_the_environment() {
 fn openssh_user_and_host_keys_in_database_slot() {
     servers_cases::openssh::user_and_host_keys_in_a_database_slot();
 }
+
+#[test]
+fn log_lines_are_counted_without_what_varies() {
+    use servers_cases::{log_message, tally};
+    let nginx = "2026/12/06 22:16:07 [crit] 3818#3818: *2 SSL_do_handshake() failed (SSL: x) while SSL handshaking";
+    assert_eq!(log_message(nginx), "[crit] SSL_do_handshake() failed (SSL: x) while SSL handshaking");
+    let notice = "2026/12/06 22:16:05 [notice] 3815#3815: start worker process 3818";
+    assert_eq!(log_message(notice), "[notice] start worker process 3818");
+    let shim = "2026-12-06T22:16:07.225Z p11shim[3818] ERROR: C_Initialize failed: configuration file x";
+    assert_eq!(log_message(shim), "ERROR: C_Initialize failed: configuration file x");
+    assert_eq!(log_message("no prefix at all"), "no prefix at all");
+    assert_eq!(tally(["b", "a", "b"]), "2x b\n1x a");
+    let many: Vec<String> = (0..20).map(|i| format!("line {i}")).collect();
+    assert!(tally(&many).ends_with("… and 8 other distinct line(s)"), "{}", tally(&many));
+}

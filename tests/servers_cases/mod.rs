@@ -489,15 +489,15 @@ impl Fixture {
         self.shim_log().lines().filter(|l| l.contains(" ERROR: ") || l.contains(" WARN: ")).map(String::from).collect()
     }
 
-    /// The shim's log lines of the processes `pids`, the first `max` of each.
-    pub fn shim_log_of(&self, pids: &[u32], max: usize) -> String {
+    /// What the shim logged for each of the processes `pids`: each distinct message once, with its count.
+    pub fn shim_log_of(&self, pids: &[u32]) -> String {
         let log = self.shim_log();
         let mut out = String::new();
         for pid in pids {
             let tag = format!(" p11shim[{pid}] ");
             let lines: Vec<&str> = log.lines().filter(|l| l.contains(&tag)).collect();
             let _ = writeln!(out, "pid {pid}: {} line(s)", lines.len());
-            for line in lines.iter().take(max) {
+            for line in tally(lines.iter().map(|l| log_message(l))).lines() {
                 let _ = writeln!(out, "  {line}");
             }
         }
@@ -613,13 +613,48 @@ impl Findings {
     }
 }
 
-/// Counts of equal items, most frequent first, for messages ("3× curl exit 35: …").
-pub fn tally<'a>(items: impl IntoIterator<Item = &'a str>) -> String {
-    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+/// How many distinct items [`tally`] shows.
+const TALLY_MAX: usize = 12;
+
+/// Counts of equal items, most frequent first (at most [`TALLY_MAX`] of them), for messages
+/// ("200x curl exit 35: …").
+pub fn tally<S: AsRef<str>>(items: impl IntoIterator<Item = S>) -> String {
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
     for item in items {
-        *counts.entry(item).or_default() += 1;
+        *counts.entry(item.as_ref().to_string()).or_default() += 1;
     }
-    let mut sorted: Vec<(&str, usize)> = counts.into_iter().collect();
+    let mut sorted: Vec<(String, usize)> = counts.into_iter().collect();
     sorted.sort_by_key(|item| std::cmp::Reverse(item.1));
-    sorted.iter().map(|(item, n)| format!("{n}x {item}")).collect::<Vec<_>>().join("\n")
+    let mut lines: Vec<String> = sorted.iter().take(TALLY_MAX).map(|(item, n)| format!("{n}x {item}")).collect();
+    if sorted.len() > TALLY_MAX {
+        lines.push(format!("… and {} other distinct line(s)", sorted.len() - TALLY_MAX));
+    }
+    lines.join("\n")
+}
+
+/// A log line without what differs between repeats of one message: the shim's time and pid
+/// (`<time> p11shim[<pid>] `), or nginx's time, pid#tid and connection number (`<date> <time> [crit] 12#12: *3 `).
+pub fn log_message(line: &str) -> String {
+    if let Some(i) = line.find(" p11shim[") {
+        if let Some(j) = line[i..].find("] ") {
+            return line[i + j + 2..].to_string();
+        }
+    }
+    let Some(open) = line.find(" [") else { return line.to_string() };
+    let Some(close) = line[open..].find("] ").map(|j| open + j + 2) else { return line.to_string() };
+    let level = &line[open + 1..close];
+    let mut rest = &line[close..];
+    if let Some((ids, after)) = rest.split_once(": ") {
+        if ids.chars().all(|c| c.is_ascii_digit() || c == '#') {
+            rest = after;
+        }
+    }
+    if let Some(after) = rest.strip_prefix('*') {
+        if let Some((n, after)) = after.split_once(' ') {
+            if n.chars().all(|c| c.is_ascii_digit()) {
+                rest = after;
+            }
+        }
+    }
+    format!("{level}{rest}")
 }

@@ -236,7 +236,7 @@ fn phase(site: &Site, findings: &mut Findings, name: &str, n: usize, workers: &[
                 n - fetches.len()
             );
         }
-        format!("{text}:\n{}", tally(problems.iter().copied()))
+        format!("{text}:\n{}", tally(problems.iter()))
     });
     let timeouts = fetches.iter().filter(|f| f.timed_out).count();
     findings.check(timeouts == 0, || {
@@ -347,15 +347,12 @@ pub fn serves_tls_with_a_stored_key(test: &str, store: Store, workers: Workers) 
     let error_log = site.error_log();
     let bad = bad_log_lines(&error_log);
     findings.check(bad.is_empty(), || {
-        format!(
-            "nginx's error.log tells of {} failure(s):\n{}",
-            bad.len(),
-            bad.iter().take(20).copied().collect::<Vec<_>>().join("\n")
-        )
+        format!("nginx's error.log tells of {} failure(s):\n{}", bad.len(), tally(bad.iter().map(|l| log_message(l))))
     });
     let problems = site.fx.shim_log_problems();
-    findings.check(problems.iter().all(|l| !l.contains(" ERROR: ")), || {
-        format!("the shim logged errors:\n{}", problems.iter().take(20).cloned().collect::<Vec<_>>().join("\n"))
+    let errors: Vec<&String> = problems.iter().filter(|l| l.contains(" ERROR: ")).collect();
+    findings.check(errors.is_empty(), || {
+        format!("the shim logged {} error(s):\n{}", errors.len(), tally(errors.iter().map(|l| log_message(l))))
     });
     findings.check(!site.fx.pins_in_log(), || "a PIN appears in the shim's log".to_string());
     master.kill();
@@ -363,14 +360,14 @@ pub fn serves_tls_with_a_stored_key(test: &str, store: Store, workers: Workers) 
         let mut pids = vec![master.pid()];
         pids.extend(all_workers.iter().take(2 * WORKERS));
         format!(
-            "--- nginx's output\n{}\n--- error.log (without the notice lines)\n{}\n\
+            "--- nginx's output\n{}\n--- error.log without the notice lines\n{}\n\
              --- the shim's ERROR/WARN lines ({})\n{}\n\
              --- the shim's log of the master and of the first workers\n{}",
             master.output_text(),
-            error_log.lines().filter(|l| !l.contains("[notice]")).take(40).collect::<Vec<_>>().join("\n"),
+            tally(error_log.lines().filter(|l| !l.contains("[notice]")).map(log_message)),
             site.fx.log.display(),
-            problems.iter().take(20).cloned().collect::<Vec<_>>().join("\n"),
-            site.fx.shim_log_of(&pids, 8)
+            tally(problems.iter().map(|l| log_message(l))),
+            site.fx.shim_log_of(&pids)
         )
     });
 }
