@@ -537,23 +537,57 @@ impl Fixture {
     }
 
     /// The public key labelled `label` as PEM, read through the shim (pkcs11-tool, then plain OpenSSL).
+    ///
+    /// An EC P-256 key is taken from `pkcs11-tool --list-objects` (its CKA_EC_POINT and CKA_EC_PARAMS), not
+    /// with `--read-object`: OpenSC 0.23.0's `--read-object` of an EC public key reads memory it has freed
+    /// (valgrind shows it with SoftHSM2 directly as well) and fails now and then with "cannot create
+    /// EVP_PKEY", depending on the process's heap.
     pub fn public_key_pem(&self, label: &str) -> String {
         let der = self.dir.join(format!("{label}.pub.der"));
-        self.p11(
-            &common::shim_path(),
-            &[
-                "--token-label",
-                &self.token,
-                "--read-object",
-                "--type",
-                "pubkey",
-                "--label",
-                label,
-                "--output-file",
-                der.to_str().unwrap(),
-            ],
-        )
-        .ok();
+        let listing =
+            self.p11(&common::shim_path(), &["--token-label", &self.token, "--list-objects", "--type", "pubkey"]).ok();
+        // `--label` does not filter `--list-objects`: find the object's block.
+        let mut blocks: Vec<Vec<&str>> = Vec::new();
+        for line in listing.stdout.lines() {
+            if line.starts_with(|c: char| !c.is_whitespace()) {
+                blocks.push(vec![line]);
+            } else if let Some(block) = blocks.last_mut() {
+                block.push(line);
+            }
+        }
+        let field = |block: &[&str], name: &str| {
+            block.iter().find_map(|l| l.trim_start().strip_prefix(name)).map(|v| v.trim().to_string())
+        };
+        let block = blocks
+            .iter()
+            .find(|b| field(b, "label:").as_deref() == Some(label))
+            .unwrap_or_else(|| panic!("the shim lists no public key labelled {label:?}:\n{}", listing.stdout));
+        if block[0].starts_with("Public Key Object; EC ") {
+            const P256_OID: &str = "06082a8648ce3d030107";
+            const P256_SPKI_PREFIX: &str = "3059301306072a8648ce3d020106082a8648ce3d030107034200";
+            assert_eq!(field(block, "EC_PARAMS:").as_deref(), Some(P256_OID), "{label}: not a P-256 key: {block:?}");
+            let point = field(block, "EC_POINT:").unwrap_or_default();
+            // CKA_EC_POINT is the DER OCTET STRING (04 41) of the uncompressed point (04 X Y).
+            let raw = point.strip_prefix("0441").filter(|p| p.len() == 130 && p.starts_with("04"));
+            let raw = raw.unwrap_or_else(|| panic!("{label}: unexpected CKA_EC_POINT {point}"));
+            std::fs::write(&der, hex::decode(format!("{P256_SPKI_PREFIX}{raw}")).expect("hex")).unwrap();
+        } else {
+            self.p11(
+                &common::shim_path(),
+                &[
+                    "--token-label",
+                    &self.token,
+                    "--read-object",
+                    "--type",
+                    "pubkey",
+                    "--label",
+                    label,
+                    "--output-file",
+                    der.to_str().unwrap(),
+                ],
+            )
+            .ok();
+        }
         let mut cmd = self.bare_command(&tool("openssl", "openssl"));
         cmd.args(["pkey", "-pubin", "-inform", "DER", "-in"]).arg(&der);
         self.run(cmd).ok().stdout
