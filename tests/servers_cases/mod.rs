@@ -204,7 +204,7 @@ impl Server {
         // Its own process group and stdio: Ctrl-C on the test run must not kill the watchdog before the
         // server, and it must not hold cargo's pipes.
         let watch = format!(
-            "while kill -0 {me} 2>/dev/null; do sleep 1; done; kill -KILL -- -{pgid} 2>/dev/null",
+            "while kill -0 {me} 2>/dev/null; do sleep 1; done; kill -KILL -{pgid} 2>/dev/null",
             me = std::process::id(),
             pgid = child.id()
         );
