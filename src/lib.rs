@@ -15,6 +15,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod ffi;
+pub mod forks;
 pub mod hsm;
 pub mod log;
 pub mod objects;

@@ -2,11 +2,10 @@
 //! `log_file`/`log_level` in the config turn it on. Set-up failures are always reported, to the log file when
 //! one is configured, else to stderr, as one line. PINs and key values are never passed here.
 
-use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::fs::OpenOptions;
+use std::os::fd::{AsRawFd, IntoRawFd};
 use std::path::Path;
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicI32, AtomicU8, Ordering};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -34,17 +33,30 @@ impl Level {
 }
 
 static LEVEL: AtomicU8 = AtomicU8::new(Level::Off as u8);
-static SINK: Mutex<Option<File>> = Mutex::new(None);
+/// The log's file descriptor (-1: none), opened O_APPEND. A line is one write(2), so lines from threads and
+/// processes never interleave, and no lock is taken: a process forked while another thread logs must not find
+/// a lock held by a thread it does not have. The descriptor keeps its number for the life of the process: a
+/// new log file is dup2'ed onto it, so a thread writing meanwhile writes to the old file or the new one, never
+/// to a descriptor reused for something else.
+static FD: AtomicI32 = AtomicI32::new(-1);
 
 /// Points the log at `file` (appending) with `level`; `None` turns logging off.
 pub fn configure(file: Option<&Path>, level: Level) -> std::io::Result<()> {
-    let sink = match file {
-        Some(path) => Some(OpenOptions::new().create(true).append(true).open(path)?),
-        None => None,
+    let Some(path) = file else {
+        LEVEL.store(Level::Off as u8, Ordering::Relaxed);
+        return Ok(());
     };
-    let on = sink.is_some();
-    *SINK.lock().unwrap_or_else(|e| e.into_inner()) = sink;
-    LEVEL.store(if on { level as u8 } else { Level::Off as u8 }, Ordering::Relaxed);
+    let opened = OpenOptions::new().create(true).append(true).open(path)?;
+    let current = FD.load(Ordering::Acquire);
+    if current < 0 {
+        FD.store(opened.into_raw_fd(), Ordering::Release);
+    } else {
+        // SAFETY: both are open descriptors of this process; dup2 replaces `current` atomically.
+        if unsafe { libc::dup2(opened.as_raw_fd(), current) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    LEVEL.store(level as u8, Ordering::Relaxed);
     Ok(())
 }
 
@@ -55,25 +67,30 @@ pub fn enabled(level: Level) -> bool {
 
 /// Writes one line if `level` is enabled.
 pub fn write(level: Level, message: std::fmt::Arguments<'_>) {
-    if !enabled(level) {
-        return;
-    }
-    let mut sink = SINK.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(file) = sink.as_mut() {
-        let _ = writeln!(file, "{}", line(level, message));
+    if enabled(level) {
+        emit(FD.load(Ordering::Acquire), &line(level, message));
     }
 }
 
 /// A fatal set-up error: to the log file when there is one, else to stderr, whatever the level.
 pub fn fatal(message: std::fmt::Arguments<'_>) {
-    let text = line(Level::Error, message);
-    let mut sink = SINK.lock().unwrap_or_else(|e| e.into_inner());
-    match sink.as_mut() {
-        Some(file) => {
-            let _ = writeln!(file, "{text}");
-        }
-        None => eprintln!("{text}"),
+    let fd = match FD.load(Ordering::Acquire) {
+        fd if fd >= 0 && LEVEL.load(Ordering::Relaxed) != Level::Off as u8 => fd,
+        _ => libc::STDERR_FILENO,
+    };
+    emit(fd, &line(Level::Error, message));
+}
+
+/// One line, in one write(2) (O_APPEND makes it atomic against other writers of the file).
+fn emit(fd: i32, text: &str) {
+    if fd < 0 {
+        return;
     }
+    let mut bytes = Vec::with_capacity(text.len() + 1);
+    bytes.extend_from_slice(text.as_bytes());
+    bytes.push(b'\n');
+    // SAFETY: `bytes` is valid for its length; a failed write of a log line is not worth an error.
+    let _ = unsafe { libc::write(fd, bytes.as_ptr() as *const libc::c_void, bytes.len()) };
 }
 
 fn line(level: Level, message: std::fmt::Arguments<'_>) -> String {

@@ -20,6 +20,9 @@ struct Initialized {
     /// False when the backend was already initialized by someone else in this process (it answered
     /// CKR_CRYPTOKI_ALREADY_INITIALIZED): then C_Finalize leaves it initialized.
     owns_backend: bool,
+    /// The configuration this process resolved: a child forked while the library is initialized uses it as it
+    /// is (servers such as nginx clear their workers' environment, and may drop the rights to read the file).
+    config: Config,
 }
 
 /// Serializes C_Initialize and C_Finalize only; never taken on any other call.
@@ -69,19 +72,33 @@ pub(crate) unsafe extern "C" fn C_Initialize(p_init_args: *mut c_void) -> CK_RV 
 fn initialize(app_args: Option<CK_C_INITIALIZE_ARGS>) -> Result<CK_RV, CK_RV> {
     let mut state = LIFECYCLE.lock().unwrap_or_else(|e| e.into_inner());
     let pid = std::process::id();
-    match state.as_ref() {
+    let inherited = match state.as_ref() {
         Some(s) if s.pid == pid => return Err(CKR_CRYPTOKI_ALREADY_INITIALIZED),
-        // A forked child: what the parent set up is not ours. Start afresh (no work was done at fork time).
-        Some(_) => forget_state(&mut state, true),
-        None => {}
-    }
+        // A forked child: what the parent set up is not ours. Start afresh (no work was done at fork time),
+        // with the parent's configuration and its log (the descriptor is inherited).
+        Some(s) => {
+            let config = s.config.clone();
+            forget_state(&mut state, true);
+            Some(config)
+        }
+        None => None,
+    };
     let backend_args = backend_init_args(app_args)?;
-    let config = Config::from_env().map_err(|e| setup_failed(&e))?;
-    if let Err(e) = log::configure(config.log_file.as_deref(), config.log_level) {
-        let file = config.log_file.as_deref().unwrap_or(std::path::Path::new("")).display().to_string();
-        log::fatal(format_args!("configuration file {}: cannot open log_file {file}: {e}", config.source.display()));
-        return Err(CKR_GENERAL_ERROR);
-    }
+    let config = match inherited {
+        Some(config) => config,
+        None => {
+            let config = Config::from_env().map_err(|e| setup_failed(&e))?;
+            if let Err(e) = log::configure(config.log_file.as_deref(), config.log_level) {
+                let file = config.log_file.as_deref().unwrap_or(std::path::Path::new("")).display().to_string();
+                log::fatal(format_args!(
+                    "configuration file {}: cannot open log_file {file}: {e}",
+                    config.source.display()
+                ));
+                return Err(CKR_GENERAL_ERROR);
+            }
+            config
+        }
+    };
     let backend = backend::load(&config).map_err(|e| setup_failed(&e))?;
     // The lifecycle lock is held across the backend's C_Initialize on purpose: two racing C_Initialize calls
     // must not both initialize it. No other call takes this lock.
@@ -101,7 +118,7 @@ fn initialize(app_args: Option<CK_C_INITIALIZE_ARGS>) -> Result<CK_RV, CK_RV> {
     };
     crate::vault::start(backend, &config);
     crate::info!("initialized over {} (config {})", backend.path.display(), config.source.display());
-    *state = Some(Initialized { pid, owns_backend });
+    *state = Some(Initialized { pid, owns_backend, config });
     ACTIVE.store(backend as *const Backend as *mut Backend, Ordering::Release);
     Ok(CKR_OK)
 }

@@ -38,8 +38,9 @@ const SCAN_BATCH: i32 = 1000;
 /// Reconnect delays of the listener: doubled from MIN to MAX while the server stays away.
 const LISTEN_BACKOFF_MIN: Duration = Duration::from_millis(100);
 const LISTEN_BACKOFF_MAX: Duration = Duration::from_secs(2);
-/// How long the listener waits for a notification before it checks whether the store still exists.
-const LISTEN_POLL: Duration = Duration::from_millis(500);
+/// How long the listener waits for a notification before it checks whether the store is being dropped: what
+/// C_Finalize may wait for the thread, and ten wake-ups a second of an idle process (microseconds each).
+const LISTEN_POLL: Duration = Duration::from_millis(100);
 /// After this long without traffic the listener pings the server: a silently dropped connection (no RST)
 /// would otherwise look like a quiet database forever.
 const LISTEN_PING_AFTER: Duration = Duration::from_secs(10);
@@ -125,8 +126,19 @@ pub struct PostgresStore {
     name: String,
     /// Connections not in use. The mutex guards only the push and pop, never a statement.
     idle: Mutex<Vec<Pooled>>,
-    /// Shared with the listener thread, which holds only a weak reference and ends when the store is gone.
+    /// Shared with the listener thread, which holds only a weak reference.
     changes: Arc<Changes>,
+    /// Stopped and joined when the store is dropped (C_Finalize): no thread of the shim outlives it.
+    listener: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for PostgresStore {
+    fn drop(&mut self) {
+        self.changes.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.listener.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// What the listener thread tells the store.
@@ -141,6 +153,8 @@ struct Changes {
     /// this store's own writes, already counted (with the version they wrote) when they committed. An id
     /// is removed when its connection closes, before the server can give it to another client.
     own: Mutex<HashSet<i32>>,
+    /// Set when the store is dropped: the listener ends at its next wake-up.
+    stop: AtomicBool,
 }
 
 impl Changes {
@@ -213,7 +227,13 @@ impl PostgresStore {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
-        let store = PostgresStore { config, name, idle: Mutex::new(Vec::new()), changes: Arc::new(Changes::default()) };
+        let mut store = PostgresStore {
+            config,
+            name,
+            idle: Mutex::new(Vec::new()),
+            changes: Arc::new(Changes::default()),
+            listener: None,
+        };
         let mut pooled = store.connect()?;
         match migrate(&mut pooled.client) {
             Ok(Ok(())) => {}
@@ -228,10 +248,13 @@ impl PostgresStore {
         store.changes.listening.store(listener.is_some(), Ordering::SeqCst);
         let (weak, config) = (Arc::downgrade(&store.changes), store.config.clone());
         // Should the thread not start, generation() just keeps saying "changed": slow but correct.
-        let _ = std::thread::Builder::new().name("p11shim-pg-listen".into()).spawn(move || {
-            let _down = DownOnExit(weak.clone());
-            listen_loop(&weak, &config, listener);
-        });
+        store.listener = std::thread::Builder::new()
+            .name("p11shim-pg-listen".into())
+            .spawn(move || {
+                let _down = DownOnExit(weak.clone());
+                listen_loop(&weak, &config, listener);
+            })
+            .ok();
         Ok(store)
     }
 
@@ -377,12 +400,12 @@ impl Drop for DownOnExit {
 }
 
 /// The listener thread: counts notifications while connected, reconnects with backoff while not, and ends
-/// once the store is dropped. It touches only `Changes`, never the pool.
+/// once the store is being dropped. It touches only `Changes`, never the pool.
 fn listen_loop(weak: &Weak<Changes>, config: &Config, mut client: Option<Client>) {
     let mut backoff = LISTEN_BACKOFF_MIN;
     let mut last_traffic = Instant::now();
     loop {
-        let Some(changes) = weak.upgrade() else { return };
+        let Some(changes) = weak.upgrade().filter(|c| !c.stop.load(Ordering::SeqCst)) else { return };
         match client.take() {
             Some(mut c) => match wait(&mut c, &changes, &mut last_traffic) {
                 Ok(()) => client = Some(c),
@@ -399,8 +422,11 @@ fn listen_loop(weak: &Weak<Changes>, config: &Config, mut client: Option<Client>
                     last_traffic = Instant::now();
                 }
                 Err(_) => {
-                    drop(changes);
-                    std::thread::sleep(backoff);
+                    // In slices, so that a store being dropped is not kept waiting.
+                    let until = Instant::now() + backoff;
+                    while Instant::now() < until && !changes.stop.load(Ordering::SeqCst) {
+                        std::thread::sleep(LISTEN_POLL.min(until.saturating_duration_since(Instant::now())));
+                    }
                     backoff = (backoff * 2).min(LISTEN_BACKOFF_MAX);
                 }
             },

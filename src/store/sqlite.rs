@@ -12,8 +12,9 @@ use super::{
     SCHEMA_VERSION, USER_COLUMNS,
 };
 use rusqlite::{ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -88,17 +89,19 @@ pub struct SqliteStore {
     /// See [`KeyStore::generation`] below: bumped by this store's own commits and whenever one of its
     /// connections observes, through `PRAGMA data_version`, a commit made by any other connection.
     generation: Arc<AtomicU64>,
-    /// When the watcher thread last looked for other processes' commits (nanoseconds since `epoch`).
-    watched: Arc<AtomicU64>,
-    /// True while the watcher thread runs (it clears it when it stops for any reason).
-    watching: Arc<std::sync::atomic::AtomicBool>,
-    epoch: Instant,
+    /// True while the watcher thread keeps `generation` current (it clears it when it stops for any reason).
+    watching: Arc<AtomicBool>,
+    /// Stopped and joined when the store is dropped (C_Finalize): no thread of the shim outlives it.
+    _watcher: Option<Watcher>,
 }
 
-/// How often the watcher looks for other processes' commits, and how old its last look may be before
-/// `generation()` looks itself (a watcher starved of CPU must not make stale answers).
-const WATCH_EVERY: Duration = Duration::from_millis(1);
-const WATCH_FRESH: Duration = Duration::from_millis(5);
+/// After a change to the database's files, how long the watcher keeps looking for it to become visible (the
+/// writer's WAL write comes before its fsync and its commit), and how often: every STEP_FIRST at first, then
+/// less often, up to STEP_MAX.
+const SETTLE: Duration = Duration::from_secs(2);
+const STEP_FIRST: Duration = Duration::from_millis(1);
+const STEP_FAST_LOOKS: u32 = 20;
+const STEP_MAX: Duration = Duration::from_millis(250);
 
 struct Pooled {
     conn: rusqlite::Connection,
@@ -120,6 +123,7 @@ impl Lease<'_> {
     /// Runs `f` on the connection; on an error the connection is closed rather than reused, since its state
     /// (an open transaction, a broken file handle) is unknown.
     fn run<T>(&mut self, f: impl FnOnce(&mut Pooled) -> rusqlite::Result<T>) -> StoreResult<T> {
+        let _quiet = crate::forks::quiet();
         match f(self.get()) {
             Ok(value) => Ok(value),
             Err(e) => {
@@ -168,61 +172,18 @@ impl SqliteStore {
             name,
             idle: Mutex::new(Vec::new()),
             generation: Arc::new(AtomicU64::new(0)),
-            watched: Arc::new(AtomicU64::new(0)),
-            watching: Arc::new(std::sync::atomic::AtomicBool::new(false)),
-            epoch: Instant::now(),
+            watching: Arc::new(AtomicBool::new(false)),
+            _watcher: None,
         };
         let mut lease = store.lease()?;
         lease.run(|pooled| migrate(&mut pooled.conn))?.map_err(|found| store.schema_error(found))?;
         drop(lease);
-        store.watch();
-        Ok(store)
-    }
-
-    /// Starts the watcher: a thread with its own connection that checks `PRAGMA data_version` every
-    /// millisecond and bumps the generation when another connection committed. So `generation()` — called
-    /// before every use of a cached stored key — is an atomic load instead of a statement (about 2 µs).
-    /// The thread holds only weak references and ends when the store is dropped; if it cannot run,
-    /// `generation()` does the check itself.
-    fn watch(&self) {
-        let (generation, watched) = (Arc::downgrade(&self.generation), Arc::downgrade(&self.watched));
-        let watching = self.watching.clone();
-        let (path, epoch) = (self.path.clone(), self.epoch);
-        let spawned = std::thread::Builder::new().name("p11shim-sqlite-watch".into()).spawn(move || {
-            // Whatever ends this thread (an error, the store dropped), `generation()` checks by itself again.
-            struct Stop(Arc<std::sync::atomic::AtomicBool>);
-            impl Drop for Stop {
-                fn drop(&mut self) {
-                    self.0.store(false, Ordering::Release);
-                }
-            }
-            let _stop = Stop(watching.clone());
-            let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-            let Ok(conn) = rusqlite::Connection::open_with_flags(&path, flags) else { return };
-            let mut seen = None;
-            let mut first = true;
-            loop {
-                let (Some(generation), Some(watched)) = (generation.upgrade(), watched.upgrade()) else { return };
-                let Ok(now) = data_version(&conn) else { return };
-                if seen.is_some_and(|s| s != now) {
-                    generation.fetch_add(1, Ordering::SeqCst);
-                }
-                seen = Some(now);
-                // Published after the bump: a fresh `watched` means every commit before it is counted.
-                watched.store(epoch.elapsed().as_nanos() as u64, Ordering::SeqCst);
-                if std::mem::take(&mut first) {
-                    // Commits between the store's opening and this first look are in `seen` already:
-                    // count them once, so nothing checked before this moment passes for current.
-                    generation.fetch_add(1, Ordering::SeqCst);
-                    watching.store(true, Ordering::Release);
-                }
-                drop((generation, watched));
-                std::thread::sleep(WATCH_EVERY);
-            }
-        });
-        if let Err(e) = spawned {
-            crate::warn!("{}: cannot start the change watcher ({e}); checking on every use instead", self.name);
-        }
+        let watcher = Watcher::start(&store.path, store.generation.clone(), store.watching.clone())
+            .inspect_err(|e| {
+                crate::warn!("{}: cannot start the change watcher ({e}); checking on every use instead", store.name)
+            })
+            .ok();
+        Ok(SqliteStore { _watcher: watcher, ..store })
     }
 
     fn lease(&self) -> StoreResult<Lease<'_>> {
@@ -344,6 +305,154 @@ fn migrate(conn: &mut rusqlite::Connection) -> rusqlite::Result<Result<(), Optio
     }
     tx.commit()?;
     Ok(Ok(()))
+}
+
+/// The change watcher: a thread that sleeps in poll(2) until the database's files change (inotify on their
+/// directory: every commit, by any process of this host, writes the WAL), then asks SQLite whether another
+/// connection committed (`PRAGMA data_version`, on a connection of its own) and bumps the generation when one
+/// did. A writer's WAL write comes before its commit is visible (its fsync and the WAL index update follow),
+/// so the watcher keeps asking for a while after each change (SETTLE), every millisecond at first. So an idle
+/// process costs nothing, a change is seen within a few milliseconds of its commit, and `generation()` —
+/// called before every use of a loaded stored key — is an atomic load. The thread never holds a lock of the
+/// shim's but [`crate::forks::quiet`] around its SQLite calls, and it is stopped (an eventfd) and joined when
+/// the store is dropped.
+struct Watcher {
+    stop: OwnedFd,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Watcher {
+    fn start(path: &Path, generation: Arc<AtomicU64>, watching: Arc<AtomicBool>) -> std::io::Result<Watcher> {
+        let dir = match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let file = path.file_name().map(|f| f.as_encoded_bytes().to_vec()).unwrap_or_default();
+        // SAFETY: plain system calls; the descriptors are owned from here on.
+        let (inotify, stop) = unsafe {
+            let inotify = libc::inotify_init1(libc::IN_CLOEXEC | libc::IN_NONBLOCK);
+            if inotify < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let inotify = OwnedFd::from_raw_fd(inotify);
+            let stop = libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK);
+            if stop < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            (inotify, OwnedFd::from_raw_fd(stop))
+        };
+        let dir_c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+            .map_err(|_| std::io::Error::other("the directory's name holds a NUL byte"))?;
+        let mask = libc::IN_MODIFY | libc::IN_CREATE | libc::IN_DELETE | libc::IN_MOVED_TO | libc::IN_MOVED_FROM;
+        // SAFETY: a valid descriptor and NUL-terminated path.
+        if unsafe { libc::inotify_add_watch(inotify.as_raw_fd(), dir_c.as_ptr(), mask) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let stop_fd = stop.as_raw_fd();
+        let path = path.to_path_buf();
+        let thread = std::thread::Builder::new()
+            .name("p11shim-sqlite-watch".into())
+            .spawn(move || watch(&path, &file, inotify, stop_fd, &generation, &watching))?;
+        Ok(Watcher { stop, thread: Some(thread) })
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        let one: u64 = 1;
+        // SAFETY: an eventfd takes 8-byte writes.
+        unsafe { libc::write(self.stop.as_raw_fd(), &one as *const u64 as *const libc::c_void, 8) };
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Whether an inotify event of the directory names the database or one of SQLite's files beside it.
+fn concerns(file: &[u8], name: &[u8]) -> bool {
+    let name = name.split(|b| *b == 0).next().unwrap_or_default();
+    name.strip_prefix(file).is_some_and(|rest| matches!(rest, b"" | b"-wal" | b"-journal"))
+}
+
+/// The watcher thread's body (see [`Watcher`]).
+fn watch(path: &Path, file: &[u8], inotify: OwnedFd, stop: i32, generation: &AtomicU64, watching: &AtomicBool) {
+    struct Down<'a>(&'a AtomicBool);
+    impl Drop for Down<'_> {
+        fn drop(&mut self) {
+            self.0.store(false, Ordering::Release);
+        }
+    }
+    let _down = Down(watching);
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let opened = {
+        let _quiet = crate::forks::quiet();
+        rusqlite::Connection::open_with_flags(path, flags).and_then(|conn| Ok((data_version(&conn)?, conn)))
+    };
+    let Ok((mut seen, conn)) = opened else { return };
+    // Commits between the store's opening and this first look count once, so that nothing checked before
+    // this moment passes for current.
+    generation.fetch_add(1, Ordering::SeqCst);
+    watching.store(true, Ordering::Release);
+    let mut settle: Option<(Instant, Duration, u32)> = None;
+    let mut events = [0u8; 4096];
+    loop {
+        let timeout = match settle {
+            None => -1,
+            Some((_, step, _)) => step.as_millis() as i32,
+        };
+        let mut fds = [
+            libc::pollfd { fd: inotify.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: stop, events: libc::POLLIN, revents: 0 },
+        ];
+        // SAFETY: two valid pollfds.
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout) };
+        if ready < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            return;
+        }
+        if fds[1].revents != 0 {
+            return;
+        }
+        if fds[0].revents != 0 {
+            let mut changed = false;
+            loop {
+                // SAFETY: reads into a buffer of its length.
+                let n =
+                    unsafe { libc::read(inotify.as_raw_fd(), events.as_mut_ptr() as *mut libc::c_void, events.len()) };
+                if n <= 0 {
+                    break;
+                }
+                let mut at = 0;
+                while at + std::mem::size_of::<libc::inotify_event>() <= n as usize {
+                    // SAFETY: the kernel wrote a whole event here (read unaligned from the byte buffer).
+                    let event = unsafe { (events.as_ptr().add(at) as *const libc::inotify_event).read_unaligned() };
+                    let start = at + std::mem::size_of::<libc::inotify_event>();
+                    let name = &events[start..(start + event.len as usize).min(n as usize)];
+                    changed |= event.mask & libc::IN_Q_OVERFLOW != 0 || concerns(file, name);
+                    at = start + event.len as usize;
+                }
+            }
+            if changed {
+                settle = Some((Instant::now() + SETTLE, STEP_FIRST, 0));
+            }
+        }
+        let Some((until, step, looks)) = settle else { continue };
+        let current = {
+            let _quiet = crate::forks::quiet();
+            data_version(&conn)
+        };
+        match current {
+            Ok(v) if v != seen => {
+                seen = v;
+                generation.fetch_add(1, Ordering::SeqCst);
+            }
+            Ok(_) => {}
+            Err(_) => return,
+        }
+        settle = (Instant::now() < until).then(|| {
+            let looks = looks + 1;
+            (until, if looks < STEP_FAST_LOOKS { step } else { (step * 2).min(STEP_MAX) }, looks)
+        });
+    }
 }
 
 fn data_version(conn: &rusqlite::Connection) -> rusqlite::Result<i64> {
@@ -578,15 +687,10 @@ impl KeyStore for SqliteStore {
     /// so any generation read after a commit differs from every generation read before it, whichever
     /// pooled connection serves the call. Spurious bumps only cost a re-validation.
     fn generation(&self) -> StoreResult<u64> {
-        // While the watcher runs, an atomic load (reading the clock to check its last look would cost more
-        // than the rest of a warm use on some VMs, where clock_gettime is a system call). A watcher that
-        // ended, or was never started, leaves `watched` at 0 or old: then this call looks itself.
+        // While the watcher runs, an atomic load. A watcher that ended, or never started, leaves this call to
+        // look itself.
         if self.watching.load(Ordering::Acquire) {
             return Ok(self.generation.load(Ordering::Acquire));
-        }
-        let watched = Duration::from_nanos(self.watched.load(Ordering::SeqCst));
-        if self.epoch.elapsed().saturating_sub(watched) <= WATCH_FRESH {
-            return Ok(self.generation.load(Ordering::SeqCst));
         }
         let mut lease = self.lease()?;
         let current = lease.run(|p| data_version(&p.conn))?;
