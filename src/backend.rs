@@ -78,6 +78,11 @@ fn open(path: &Path) -> Result<Backend> {
     // SAFETY: the module returned a valid table; copying CK_FUNCTION_LIST reads the version and exactly the
     // 68 entries of 2.40, which every module has whatever version it claims.
     let f = unsafe { *list };
+    if is_p11shim(list, &f) {
+        return Err(fail(
+            "it is p11shim itself (or a copy of it), which would forward every call to itself: name the HSM vendor's PKCS#11 library as `module` (or in P11SHIM_MODULE)".into(),
+        ));
+    }
     let f3 = interface_3x(&lib, get_list as *const c_void);
     // The module must never be unloaded (SoftHSM2 and others crash at exit if they are).
     std::mem::forget(lib);
@@ -142,6 +147,25 @@ fn error_chain(error: &dyn std::error::Error) -> String {
         cause = c.source();
     }
     text
+}
+
+/// Whether a module's 2.40 table (`list`, its entries `f`) is the shim's own, or a copy's: the table and its
+/// entries lie at the same offsets from the module's load address as the shim's from its own. The same file
+/// loads at the same address; a copy elsewhere has the same layout; another module practically never does.
+fn is_p11shim(list: *const CK_FUNCTION_LIST, f: &CK_FUNCTION_LIST) -> bool {
+    let ours = &crate::ffi::table::FUNCTION_LIST_2_40;
+    let layout = |table: *const CK_FUNCTION_LIST, entries: &CK_FUNCTION_LIST| -> Option<[usize; 4]> {
+        let base = object_base(table as *const c_void)?;
+        let offset = |p: usize| p.checked_sub(base);
+        Some([
+            offset(table as usize)?,
+            offset(entries.C_Initialize? as usize)?,
+            offset(entries.C_GetFunctionList? as usize)?,
+            offset(entries.C_Sign? as usize)?,
+        ])
+    };
+    let theirs = layout(list, f);
+    theirs.is_some() && theirs == layout(ours, ours)
 }
 
 /// The load address of the shared object that holds `symbol`.

@@ -99,3 +99,50 @@ fn setup_errors_go_to_the_log_file_when_there_is_one() {
     assert_eq!(logged.lines().count(), 1, "{logged}");
     assert!(logged.contains("/nonexistent/libhsm.so"), "{logged}");
 }
+
+/// `module` naming the shim itself (its own file, or a copy of it elsewhere) would forward every call to
+/// itself: C_Initialize refuses it at once with one line that says so (it used to hang forever).
+#[test]
+fn the_shim_is_refused_as_its_own_backend() {
+    let own = common::shim_path();
+    let copy = common::test_dir().join("self-backend").join("libcopy-of-shim.so");
+    if std::env::var(CHILD).is_err() {
+        std::fs::create_dir_all(copy.parent().unwrap()).unwrap();
+        std::fs::copy(&own, &copy).expect("copy the shim");
+    }
+    for (case, module) in [("own file", own.clone()), ("a copy", copy.clone())] {
+        let test = "the_shim_is_refused_as_its_own_backend";
+        if std::env::var(CHILD).as_deref() == Ok(test) {
+            if std::env::var("P11SHIM_MODULE").as_deref() == Ok(module.to_str().unwrap()) {
+                println!("C_Initialize={}", rv(initialize(shim())));
+            }
+            continue;
+        }
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([test, "--exact", "--nocapture", "--test-threads=1"])
+            .env(CHILD, test)
+            .env_remove("P11SHIM_CONFIG")
+            .env("P11SHIM_MODULE", &module)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("re-run the test binary");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while child.try_wait().unwrap().is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("{case}: C_Initialize hung");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let (stdout, stderr) = passed(child.wait_with_output().unwrap());
+        assert!(stdout.contains("C_Initialize=CKR_GENERAL_ERROR"), "{case}: {stdout}");
+        let lines: Vec<&str> = stderr.lines().filter(|l| l.contains("p11shim")).collect();
+        assert_eq!(lines.len(), 1, "{case}: one line: {stderr}");
+        assert!(
+            lines[0].contains("p11shim itself") && lines[0].contains(module.to_str().unwrap()),
+            "{case}: {}",
+            lines[0]
+        );
+    }
+}
