@@ -52,7 +52,11 @@ impl std::fmt::Display for Mode {
 #[serde(deny_unknown_fields)]
 struct StoreFile {
     url: Option<String>,
+    hsm_cache: Option<usize>,
 }
+
+/// How many stored keys a process keeps loaded in the HSM when the config does not say (see README).
+pub const DEFAULT_HSM_CACHE: usize = 64;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -93,6 +97,8 @@ pub struct Config {
     pub log_level: Level,
     /// The key store url: `sqlite:PATH` (absolute after resolution) or `postgres://…`.
     pub store_url: String,
+    /// How many stored keys a process keeps loaded in the HSM at most (`[store] hsm_cache`).
+    pub hsm_cache: usize,
     pub slots: Vec<SlotConfig>,
     pub mode: Mode,
 }
@@ -142,7 +148,20 @@ impl Config {
             (Some(_), None) => Level::Info,
             (None, _) => Level::Off,
         };
-        let store_url = match file.store.and_then(|s| s.url) {
+        let (store_url, hsm_cache) = file.store.map(|s| (s.url, s.hsm_cache)).unwrap_or_default();
+        let hsm_cache = match hsm_cache {
+            None => DEFAULT_HSM_CACHE,
+            Some(n) if (1..=1_000_000).contains(&n) => n,
+            Some(n) => {
+                return Err(Error::Config {
+                    path: source,
+                    cause: format!(
+                        "[store] hsm_cache = {n}: the number of stored keys kept loaded in the HSM is 1 to 1000000"
+                    ),
+                })
+            }
+        };
+        let store_url = match store_url {
             Some(url) => match url.strip_prefix("sqlite:") {
                 Some(path) => format!("sqlite:{}", relative_to_file(PathBuf::from(path)).display()),
                 None if url.starts_with("postgres://") || url.starts_with("postgresql://") => url,
@@ -178,7 +197,7 @@ impl Config {
             }
             slots.push(SlotConfig { token: s.token, storage: s.storage, default_group });
         }
-        Ok(Config { source, module, log_file, log_level, store_url, slots, mode: file.mode })
+        Ok(Config { source, module, log_file, log_level, store_url, hsm_cache, slots, mode: file.mode })
     }
 }
 
@@ -268,6 +287,22 @@ mod tests {
             SlotConfig { token: "t1".into(), storage: Storage::Database, default_group: "Prod".into() }
         );
         assert_eq!(c.slots[1], SlotConfig { token: "t2".into(), storage: Storage::Hsm, default_group: "t2".into() });
+    }
+
+    #[test]
+    fn hsm_cache_has_a_default_and_a_range() {
+        let c = Config::parse("module = \"/m.so\"", Path::new("/c.toml"), None).unwrap();
+        assert_eq!(c.hsm_cache, DEFAULT_HSM_CACHE);
+        let c = Config::parse("module = \"/m.so\"\n[store]\nhsm_cache = 3", Path::new("/c.toml"), None).unwrap();
+        assert_eq!(c.hsm_cache, 3);
+        for bad in ["0", "1000001"] {
+            let text = format!("module = \"/m.so\"\n[store]\nhsm_cache = {bad}");
+            let e = Config::parse(&text, Path::new("/c.toml"), None).unwrap_err().to_string();
+            assert!(e.contains("/c.toml") && e.contains(&format!("hsm_cache = {bad}")), "{e}");
+        }
+        let e = Config::parse("module = \"/m.so\"\n[store]\nhsm_cache = -1", Path::new("/c.toml"), None);
+        let e = e.unwrap_err().to_string();
+        assert!(e.contains("/c.toml") && e.contains("line 3"), "{e}");
     }
 
     #[test]

@@ -122,10 +122,50 @@ pub fn is_owned(backend: CK_OBJECT_HANDLE) -> bool {
 
 #[cold]
 fn resolve(handle: CK_OBJECT_HANDLE, invalid: CK_RV) -> Result<CK_OBJECT_HANDLE, CK_RV> {
+    let (backend, _in_flight) = hold_shim(handle, invalid)?;
+    Ok(backend)
+}
+
+/// A stored key whose HSM copy a call is using: the copy is not evicted from the HSM until this is dropped,
+/// after the backend call that uses it returned.
+pub struct InFlight(Arc<crate::vault::StoredKey>);
+
+impl InFlight {
+    pub fn key(&self) -> &Arc<crate::vault::StoredKey> {
+        &self.0
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.end_use();
+    }
+}
+
+/// As [`to_backend`], for a call that gives the handle to the backend: a stored key's HSM copy stays loaded
+/// until the returned guard is dropped (keep it alive across the backend call).
+#[inline]
+pub fn hold(handle: CK_OBJECT_HANDLE, invalid: CK_RV) -> Result<(CK_OBJECT_HANDLE, Option<InFlight>), CK_RV> {
+    if !is_shim_handle(handle) {
+        if OWNED_ANY.load(Ordering::Acquire) && is_owned(handle) {
+            return Err(invalid);
+        }
+        return Ok((handle, None));
+    }
+    hold_shim(handle, invalid)
+}
+
+#[cold]
+fn hold_shim(handle: CK_OBJECT_HANDLE, invalid: CK_RV) -> Result<(CK_OBJECT_HANDLE, Option<InFlight>), CK_RV> {
     match lookup(handle).ok_or(invalid)? {
-        ShimObject::Alias(backend) => Ok(backend),
+        ShimObject::Alias(backend) => Ok((backend, None)),
         // Outside the table's lock: loading may call the store and the backend.
-        ShimObject::Stored(key) => crate::vault::resolve(&key, invalid),
+        ShimObject::Stored(key) => {
+            key.begin_use();
+            let held = InFlight(key);
+            let backend = crate::vault::resolve(held.key(), invalid)?;
+            Ok((backend, Some(held)))
+        }
     }
 }
 

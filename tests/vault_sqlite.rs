@@ -34,4 +34,7 @@ vault_cases!(
     unwrappable_keys_are_kept_by_the_hsm,
     init_token_empties_a_database_slot,
     same_attributes_as_pass_through,
+    the_hsm_holds_at_most_hsm_cache_copies,
+    an_operation_keeps_its_key_through_evictions,
+    threads_share_the_cache_without_losing_a_call,
 );

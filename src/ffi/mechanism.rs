@@ -19,10 +19,12 @@ enum Param {
     Hkdf(CK_HKDF_PARAMS),
 }
 
-/// The application's mechanism, or a copy of it whose parameter's handles are the backend's.
+/// The application's mechanism, or a copy of it whose parameter's handles are the backend's (stored keys'
+/// HSM copies held loaded while this lives).
 pub struct Translated {
     original: *mut CK_MECHANISM,
     copy: Option<(CK_MECHANISM, Box<Param>)>,
+    _held: Vec<objects::InFlight>,
 }
 
 /// Reads a `T` parameter, if the mechanism's parameter has exactly its size.
@@ -39,8 +41,9 @@ unsafe fn read<T: Copy>(m: &CK_MECHANISM) -> Option<T> {
 }
 
 /// Translates one handle of a parameter; whether it changed.
-fn translate(handle: &mut CK_OBJECT_HANDLE) -> Result<bool, CK_RV> {
-    let backend = objects::to_backend(*handle, CKR_KEY_HANDLE_INVALID)?;
+fn translate(handle: &mut CK_OBJECT_HANDLE, held: &mut Vec<objects::InFlight>) -> Result<bool, CK_RV> {
+    let (backend, in_flight) = objects::hold(*handle, CKR_KEY_HANDLE_INVALID)?;
+    held.extend(in_flight);
     let changed = backend != *handle;
     *handle = backend;
     Ok(changed)
@@ -50,7 +53,7 @@ impl Translated {
     /// # Safety
     /// `mechanism` is NULL or the application's valid mechanism for the current call.
     pub unsafe fn new(mechanism: *mut CK_MECHANISM) -> Result<Translated, CK_RV> {
-        let unchanged = Translated { original: mechanism, copy: None };
+        let unchanged = Translated { original: mechanism, copy: None, _held: Vec::new() };
         // SAFETY: NULL or valid (the caller's promise).
         let Some(m) = (unsafe { mechanism.as_ref() }) else { return Ok(unchanged) };
         // SAFETY: the parameter is the application's, valid for its stated length.
@@ -65,12 +68,14 @@ impl Translated {
             }
         };
         let Some(mut param) = param else { return Ok(unchanged) };
+        let mut held = Vec::new();
+        let h = &mut held;
         let changed = match &mut param {
-            Param::Handle(h) => translate(h)?,
-            Param::Ecmqv(p) => translate(&mut p.hPrivateData)? | translate(&mut p.publicKey)?,
-            Param::X942Dh2(p) => translate(&mut p.hPrivateData)?,
-            Param::X942Mqv(p) => translate(&mut p.hPrivateData)? | translate(&mut p.publicKey)?,
-            Param::Hkdf(p) if p.ulSaltType == CKF_HKDF_SALT_KEY => translate(&mut p.hSaltKey)?,
+            Param::Handle(x) => translate(x, h)?,
+            Param::Ecmqv(p) => translate(&mut p.hPrivateData, h)? | translate(&mut p.publicKey, h)?,
+            Param::X942Dh2(p) => translate(&mut p.hPrivateData, h)?,
+            Param::X942Mqv(p) => translate(&mut p.hPrivateData, h)? | translate(&mut p.publicKey, h)?,
+            Param::Hkdf(p) if p.ulSaltType == CKF_HKDF_SALT_KEY => translate(&mut p.hSaltKey, h)?,
             Param::Hkdf(_) => false,
         };
         if !changed {
@@ -85,7 +90,7 @@ impl Translated {
             Param::Hkdf(p) => p as *mut _ as *mut c_void,
         };
         let copy = CK_MECHANISM { mechanism: m.mechanism, pParameter: pointer, ulParameterLen: m.ulParameterLen };
-        Ok(Translated { original: mechanism, copy: Some((copy, param)) })
+        Ok(Translated { original: mechanism, copy: Some((copy, param)), _held: held })
     }
 
     /// The mechanism to give the backend; valid while `self` lives.

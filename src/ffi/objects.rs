@@ -147,7 +147,7 @@ pub(crate) unsafe extern "C" fn C_UnwrapKey(
 ) -> CK_RV {
     guard("C_UnwrapKey", || {
         let backend = active()?;
-        let unwrapping = objects::to_backend(unwrapping_key, CKR_UNWRAPPING_KEY_HANDLE_INVALID)?;
+        let (unwrapping, _held) = objects::hold(unwrapping_key, CKR_UNWRAPPING_KEY_HANDLE_INVALID)?;
         // SAFETY: the application's template.
         if let Some((db, request)) = unsafe { stored_creation(s, template, count) }? {
             // SAFETY: the application's mechanism and wrapped bytes, valid during this call.
@@ -177,7 +177,7 @@ pub(crate) unsafe extern "C" fn C_DeriveKey(
 ) -> CK_RV {
     guard("C_DeriveKey", || {
         let backend = active()?;
-        let base = objects::to_backend(base_key, CKR_KEY_HANDLE_INVALID)?;
+        let (base, _held) = objects::hold(base_key, CKR_KEY_HANDLE_INVALID)?;
         // SAFETY: the application's mechanism, valid during this call.
         let mut translated = unsafe { super::mechanism::Translated::new(mechanism) }?;
         let mechanism = translated.as_ptr();
@@ -288,7 +288,7 @@ pub(crate) unsafe extern "C" fn C_CopyObject(
     guard("C_CopyObject", || {
         let backend = active()?;
         let stored = objects::stored_key(object);
-        let source = objects::to_backend(object, CKR_OBJECT_HANDLE_INVALID)?;
+        let (source, _held) = objects::hold(object, CKR_OBJECT_HANDLE_INVALID)?;
         // SAFETY: the application's template.
         let has_group = unsafe { args::names(template, count, CKA_P11SHIM_GROUP) };
         let db = database(s);
@@ -543,8 +543,8 @@ pub(crate) unsafe extern "C" fn C_WrapKey(
 ) -> CK_RV {
     guard("C_WrapKey", || {
         let backend = active()?;
-        let wrapping = objects::to_backend(wrapping_key, CKR_WRAPPING_KEY_HANDLE_INVALID)?;
-        let key = objects::to_backend(key, CKR_KEY_HANDLE_INVALID)?;
+        let (wrapping, _held_wrapping) = objects::hold(wrapping_key, CKR_WRAPPING_KEY_HANDLE_INVALID)?;
+        let (key, _held_key) = objects::hold(key, CKR_KEY_HANDLE_INVALID)?;
         let f = backend.f.C_WrapKey.ok_or(CKR_FUNCTION_NOT_SUPPORTED)?;
         // SAFETY: the application's arguments, with the handles translated.
         Ok(unsafe { f(s, mechanism, wrapping, key, wrapped, wrapped_len) })

@@ -40,6 +40,7 @@ pub(crate) unsafe extern "C" fn C_CloseSession(session: CK_SESSION_HANDLE) -> CK
         let slot = sessions::closed_by_app(session);
         if let Some(vault) = crate::vault::current() {
             vault.find_final(session);
+            vault.session_closed(session);
         }
         let rv = backend.close_session(session);
         if let (Some(slot), false) =
@@ -56,6 +57,12 @@ pub(crate) unsafe extern "C" fn C_CloseAllSessions(slot: CK_SLOT_ID) -> CK_RV {
     guard("C_CloseAllSessions", || {
         let backend = active()?;
         let mine = sessions::take_app_sessions(slot);
+        if let Some(vault) = crate::vault::current() {
+            for &session in &mine {
+                vault.find_final(session);
+                vault.session_closed(session);
+            }
+        }
         if !sessions::has_internal(slot) {
             return Ok(backend.close_all_sessions(slot));
         }

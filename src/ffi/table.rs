@@ -7,9 +7,11 @@
 //! C_SetAttributeValue, C_FindObjectsInit, C_FindObjects, C_FindObjectsFinal, C_GenerateKey,
 //! C_GenerateKeyPair, C_WrapKey, C_UnwrapKey, C_DeriveKey; and C_InitToken in `token`.
 //!
-//! Argument marks: `#[handle(CKR_X)]` an object handle going in (a shim handle is turned into the backend's;
-//! an unknown one fails with CKR_X); `#[out]` a pointer to an object handle coming out (a backend handle in
-//! the shim's range is replaced by its alias).
+//! Argument marks: `#[handle(CKR_X)]` an object handle going in (a shim handle is turned into the backend's,
+//! a stored key's HSM copy held loaded until the backend returns; an unknown one, or one of the shim's own
+//! objects, fails with CKR_X); `#[init(CKR_X)]` the key of a C_*Init call: the same, and a stored key stays
+//! loaded while it is the session's latest key of that operation (first argument: the session); `#[out]` a
+//! pointer to an object handle coming out (a backend handle in the shim's range is replaced by its alias).
 #![allow(non_snake_case)]
 
 use super::exports::{C_GetFunctionList, C_GetInterface, C_GetInterfaceList};
@@ -36,16 +38,24 @@ macro_rules! backend_fn {
 }
 
 macro_rules! handle_in {
-    ($arg:ident) => {};
-    (out $arg:ident) => {};
-    (handle($rv:ident) $arg:ident) => {
-        let $arg = objects::to_backend($arg, $rv)?;
+    ($arg:ident, $first:ident, $name:ident) => {};
+    (out $arg:ident, $first:ident, $name:ident) => {};
+    (handle($rv:ident) $arg:ident, $first:ident, $name:ident) => {
+        // The guard lives to the end of the call: the copy is not evicted while the backend uses it.
+        let ($arg, _held) = objects::hold($arg, $rv)?;
+    };
+    (init($rv:ident) $arg:ident, $first:ident, $name:ident) => {
+        let ($arg, _held) = objects::hold($arg, $rv)?;
+        if let Some(held) = &_held {
+            crate::vault::pin($first, stringify!($name), held.key());
+        }
     };
 }
 
 macro_rules! handle_out {
     ($arg:ident) => {};
     (handle $arg:ident) => {};
+    (init $arg:ident) => {};
     (out $arg:ident) => {
         if !$arg.is_null() {
             // SAFETY: the backend returned CKR_OK, so it wrote a handle there.
@@ -55,18 +65,18 @@ macro_rules! handle_out {
 }
 
 macro_rules! forward {
-    ($table:ident; $( $name:ident ( $( $(#[$mark:ident $(($rv:ident))?])? $arg:ident : $ty:ty ),* ); )*) => { $(
+    ($table:ident; $( $name:ident ( $first:ident : $fty:ty $(, $(#[$mark:ident $(($rv:ident))?])? $arg:ident : $ty:ty )* ); )*) => { $(
         /// Forwarded to the backend's function of the same name.
-        pub(crate) unsafe extern "C" fn $name( $( $arg: $ty ),* ) -> CK_RV {
+        pub(crate) unsafe extern "C" fn $name( $first: $fty $(, $arg: $ty )* ) -> CK_RV {
             guard(stringify!($name), || {
                 let backend = active()?;
-                $( handle_in!($( $mark $(($rv))? )? $arg); )*
+                $( handle_in!($( $mark $(($rv))? )? $arg, $first, $name); )*
                 let Some(f) = backend_fn!($table, backend, $name) else {
                     return Ok(CKR_FUNCTION_NOT_SUPPORTED);
                 };
                 // SAFETY: the application's arguments go to the backend unchanged (object handles
                 // translated above); pointer validity is the application's promise, as with the backend.
-                let rv = unsafe { f( $( $arg ),* ) };
+                let rv = unsafe { f( $first $(, $arg )* ) };
                 if rv == CKR_OK {
                     $( handle_out!($( $mark )? $arg); )*
                 }
@@ -88,11 +98,11 @@ forward! { f;
     C_GetOperationState(s: CK_SESSION_HANDLE, state: *mut CK_BYTE, len: *mut CK_ULONG);
     C_SetOperationState(s: CK_SESSION_HANDLE, state: *mut CK_BYTE, len: CK_ULONG,
         #[handle(CKR_KEY_HANDLE_INVALID)] enc_key: CK_OBJECT_HANDLE, #[handle(CKR_KEY_HANDLE_INVALID)] auth_key: CK_OBJECT_HANDLE);
-    C_EncryptInit(s: CK_SESSION_HANDLE, mechanism: *mut CK_MECHANISM, #[handle(CKR_KEY_HANDLE_INVALID)] key: CK_OBJECT_HANDLE);
+    C_EncryptInit(s: CK_SESSION_HANDLE, mechanism: *mut CK_MECHANISM, #[init(CKR_KEY_HANDLE_INVALID)] key: CK_OBJECT_HANDLE);
     C_Encrypt(s: CK_SESSION_HANDLE, data: *mut CK_BYTE, data_len: CK_ULONG, out: *mut CK_BYTE, out_len: *mut CK_ULONG);
     C_EncryptUpdate(s: CK_SESSION_HANDLE, part: *mut CK_BYTE, part_len: CK_ULONG, out: *mut CK_BYTE, out_len: *mut CK_ULONG);
     C_EncryptFinal(s: CK_SESSION_HANDLE, out: *mut CK_BYTE, out_len: *mut CK_ULONG);
-    C_DecryptInit(s: CK_SESSION_HANDLE, mechanism: *mut CK_MECHANISM, #[handle(CKR_KEY_HANDLE_INVALID)] key: CK_OBJECT_HANDLE);
+    C_DecryptInit(s: CK_SESSION_HANDLE, mechanism: *mut CK_MECHANISM, #[init(CKR_KEY_HANDLE_INVALID)] key: CK_OBJECT_HANDLE);
     C_Decrypt(s: CK_SESSION_HANDLE, data: *mut CK_BYTE, data_len: CK_ULONG, out: *mut CK_BYTE, out_len: *mut CK_ULONG);
     C_DecryptUpdate(s: CK_SESSION_HANDLE, part: *mut CK_BYTE, part_len: CK_ULONG, out: *mut CK_BYTE, out_len: *mut CK_ULONG);
     C_DecryptFinal(s: CK_SESSION_HANDLE, out: *mut CK_BYTE, out_len: *mut CK_ULONG);
@@ -101,17 +111,17 @@ forward! { f;
     C_DigestUpdate(s: CK_SESSION_HANDLE, part: *mut CK_BYTE, part_len: CK_ULONG);
     C_DigestKey(s: CK_SESSION_HANDLE, #[handle(CKR_KEY_HANDLE_INVALID)] key: CK_OBJECT_HANDLE);
     C_DigestFinal(s: CK_SESSION_HANDLE, out: *mut CK_BYTE, out_len: *mut CK_ULONG);
-    C_SignInit(s: CK_SESSION_HANDLE, mechanism: *mut CK_MECHANISM, #[handle(CKR_KEY_HANDLE_INVALID)] key: CK_OBJECT_HANDLE);
+    C_SignInit(s: CK_SESSION_HANDLE, mechanism: *mut CK_MECHANISM, #[init(CKR_KEY_HANDLE_INVALID)] key: CK_OBJECT_HANDLE);
     C_Sign(s: CK_SESSION_HANDLE, data: *mut CK_BYTE, data_len: CK_ULONG, sig: *mut CK_BYTE, sig_len: *mut CK_ULONG);
     C_SignUpdate(s: CK_SESSION_HANDLE, part: *mut CK_BYTE, part_len: CK_ULONG);
     C_SignFinal(s: CK_SESSION_HANDLE, sig: *mut CK_BYTE, sig_len: *mut CK_ULONG);
-    C_SignRecoverInit(s: CK_SESSION_HANDLE, mechanism: *mut CK_MECHANISM, #[handle(CKR_KEY_HANDLE_INVALID)] key: CK_OBJECT_HANDLE);
+    C_SignRecoverInit(s: CK_SESSION_HANDLE, mechanism: *mut CK_MECHANISM, #[init(CKR_KEY_HANDLE_INVALID)] key: CK_OBJECT_HANDLE);
     C_SignRecover(s: CK_SESSION_HANDLE, data: *mut CK_BYTE, data_len: CK_ULONG, sig: *mut CK_BYTE, sig_len: *mut CK_ULONG);
-    C_VerifyInit(s: CK_SESSION_HANDLE, mechanism: *mut CK_MECHANISM, #[handle(CKR_KEY_HANDLE_INVALID)] key: CK_OBJECT_HANDLE);
+    C_VerifyInit(s: CK_SESSION_HANDLE, mechanism: *mut CK_MECHANISM, #[init(CKR_KEY_HANDLE_INVALID)] key: CK_OBJECT_HANDLE);
     C_Verify(s: CK_SESSION_HANDLE, data: *mut CK_BYTE, data_len: CK_ULONG, sig: *mut CK_BYTE, sig_len: CK_ULONG);
     C_VerifyUpdate(s: CK_SESSION_HANDLE, part: *mut CK_BYTE, part_len: CK_ULONG);
     C_VerifyFinal(s: CK_SESSION_HANDLE, sig: *mut CK_BYTE, sig_len: CK_ULONG);
-    C_VerifyRecoverInit(s: CK_SESSION_HANDLE, mechanism: *mut CK_MECHANISM, #[handle(CKR_KEY_HANDLE_INVALID)] key: CK_OBJECT_HANDLE);
+    C_VerifyRecoverInit(s: CK_SESSION_HANDLE, mechanism: *mut CK_MECHANISM, #[init(CKR_KEY_HANDLE_INVALID)] key: CK_OBJECT_HANDLE);
     C_VerifyRecover(s: CK_SESSION_HANDLE, sig: *mut CK_BYTE, sig_len: CK_ULONG, data: *mut CK_BYTE, data_len: *mut CK_ULONG);
     C_DigestEncryptUpdate(s: CK_SESSION_HANDLE, part: *mut CK_BYTE, part_len: CK_ULONG, out: *mut CK_BYTE, out_len: *mut CK_ULONG);
     C_DecryptDigestUpdate(s: CK_SESSION_HANDLE, part: *mut CK_BYTE, part_len: CK_ULONG, out: *mut CK_BYTE, out_len: *mut CK_ULONG);
@@ -128,28 +138,28 @@ forward! { f3;
     C_LoginUser(s: CK_SESSION_HANDLE, user: CK_USER_TYPE, pin: *mut CK_UTF8CHAR, pin_len: CK_ULONG,
         username: *mut CK_UTF8CHAR, username_len: CK_ULONG);
     C_SessionCancel(s: CK_SESSION_HANDLE, flags: CK_FLAGS);
-    C_MessageEncryptInit(s: CK_SESSION_HANDLE, mechanism: *mut CK_MECHANISM, #[handle(CKR_KEY_HANDLE_INVALID)] key: CK_OBJECT_HANDLE);
+    C_MessageEncryptInit(s: CK_SESSION_HANDLE, mechanism: *mut CK_MECHANISM, #[init(CKR_KEY_HANDLE_INVALID)] key: CK_OBJECT_HANDLE);
     C_EncryptMessage(s: CK_SESSION_HANDLE, param: *mut c_void, param_len: CK_ULONG, aad: *mut CK_BYTE, aad_len: CK_ULONG,
         plain: *mut CK_BYTE, plain_len: CK_ULONG, out: *mut CK_BYTE, out_len: *mut CK_ULONG);
     C_EncryptMessageBegin(s: CK_SESSION_HANDLE, param: *mut c_void, param_len: CK_ULONG, aad: *mut CK_BYTE, aad_len: CK_ULONG);
     C_EncryptMessageNext(s: CK_SESSION_HANDLE, param: *mut c_void, param_len: CK_ULONG, part: *mut CK_BYTE,
         part_len: CK_ULONG, out: *mut CK_BYTE, out_len: *mut CK_ULONG, flags: CK_FLAGS);
     C_MessageEncryptFinal(s: CK_SESSION_HANDLE);
-    C_MessageDecryptInit(s: CK_SESSION_HANDLE, mechanism: *mut CK_MECHANISM, #[handle(CKR_KEY_HANDLE_INVALID)] key: CK_OBJECT_HANDLE);
+    C_MessageDecryptInit(s: CK_SESSION_HANDLE, mechanism: *mut CK_MECHANISM, #[init(CKR_KEY_HANDLE_INVALID)] key: CK_OBJECT_HANDLE);
     C_DecryptMessage(s: CK_SESSION_HANDLE, param: *mut c_void, param_len: CK_ULONG, aad: *mut CK_BYTE, aad_len: CK_ULONG,
         cipher: *mut CK_BYTE, cipher_len: CK_ULONG, out: *mut CK_BYTE, out_len: *mut CK_ULONG);
     C_DecryptMessageBegin(s: CK_SESSION_HANDLE, param: *mut c_void, param_len: CK_ULONG, aad: *mut CK_BYTE, aad_len: CK_ULONG);
     C_DecryptMessageNext(s: CK_SESSION_HANDLE, param: *mut c_void, param_len: CK_ULONG, part: *mut CK_BYTE,
         part_len: CK_ULONG, out: *mut CK_BYTE, out_len: *mut CK_ULONG, flags: CK_FLAGS);
     C_MessageDecryptFinal(s: CK_SESSION_HANDLE);
-    C_MessageSignInit(s: CK_SESSION_HANDLE, mechanism: *mut CK_MECHANISM, #[handle(CKR_KEY_HANDLE_INVALID)] key: CK_OBJECT_HANDLE);
+    C_MessageSignInit(s: CK_SESSION_HANDLE, mechanism: *mut CK_MECHANISM, #[init(CKR_KEY_HANDLE_INVALID)] key: CK_OBJECT_HANDLE);
     C_SignMessage(s: CK_SESSION_HANDLE, param: *mut c_void, param_len: CK_ULONG, data: *mut CK_BYTE, data_len: CK_ULONG,
         sig: *mut CK_BYTE, sig_len: *mut CK_ULONG);
     C_SignMessageBegin(s: CK_SESSION_HANDLE, param: *mut c_void, param_len: CK_ULONG);
     C_SignMessageNext(s: CK_SESSION_HANDLE, param: *mut c_void, param_len: CK_ULONG, data: *mut CK_BYTE, data_len: CK_ULONG,
         sig: *mut CK_BYTE, sig_len: *mut CK_ULONG);
     C_MessageSignFinal(s: CK_SESSION_HANDLE);
-    C_MessageVerifyInit(s: CK_SESSION_HANDLE, mechanism: *mut CK_MECHANISM, #[handle(CKR_KEY_HANDLE_INVALID)] key: CK_OBJECT_HANDLE);
+    C_MessageVerifyInit(s: CK_SESSION_HANDLE, mechanism: *mut CK_MECHANISM, #[init(CKR_KEY_HANDLE_INVALID)] key: CK_OBJECT_HANDLE);
     C_VerifyMessage(s: CK_SESSION_HANDLE, param: *mut c_void, param_len: CK_ULONG, data: *mut CK_BYTE, data_len: CK_ULONG,
         sig: *mut CK_BYTE, sig_len: CK_ULONG);
     C_VerifyMessageBegin(s: CK_SESSION_HANDLE, param: *mut c_void, param_len: CK_ULONG);

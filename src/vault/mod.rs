@@ -27,7 +27,7 @@ use crate::sessions;
 use crate::store::{self, KeyRow, KeyStore};
 use cryptoki_sys::*;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 /// A stored key as this process knows it: which row, and the HSM copy it may have loaded.
@@ -39,22 +39,79 @@ pub struct StoredKey {
     /// published from `state` (0 and u64::MAX when there is nothing to use).
     fast_handle: AtomicU64,
     fast_generation: AtomicU64,
+    /// Calls using the HSM copy right now (objects::InFlight): it is not evicted meanwhile.
+    in_flight: AtomicU32,
+    /// Sessions whose latest operation of some kind was started with this key (see `Vault::pin`): it is not
+    /// evicted while any is, so that no operation loses its key halfway.
+    pins: AtomicU32,
+    /// The (session, operation kind) that pinned it last, encoded (0: none): spares the pin table's lock
+    /// when a session starts the same operation with the same key again.
+    last_pin: AtomicU64,
+    /// Used since the cache's hand last passed it (CLOCK, the usual approximation of least recently used).
+    referenced: AtomicBool,
 }
 
 impl StoredKey {
+    fn new(id: &str, slot: CK_SLOT_ID) -> StoredKey {
+        StoredKey {
+            id: id.to_string(),
+            slot,
+            state: Mutex::new(KeyState::default()),
+            fast_handle: AtomicU64::new(0),
+            fast_generation: AtomicU64::new(u64::MAX),
+            in_flight: AtomicU32::new(0),
+            pins: AtomicU32::new(0),
+            last_pin: AtomicU64::new(0),
+            referenced: AtomicBool::new(true),
+        }
+    }
+
+    /// A call begins to use the key's HSM copy. Sequentially consistent with the eviction's unpublishing and
+    /// looking (see `try_unload`): either the eviction sees this use, or this use sees no copy to use.
+    pub(crate) fn begin_use(&self) {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+    }
+
+    pub(crate) fn end_use(&self) {
+        self.in_flight.fetch_sub(1, Ordering::Release);
+    }
+
     /// Publishes `st` for the warm path; called with the state lock held, after every change to it.
     fn publish(&self, st: &KeyState) {
         match (st.gone, st.loaded, st.checked) {
             (false, Some(h), Some(g)) => {
                 // The handle before the generation: a reader that sees this generation sees this handle.
-                self.fast_handle.store(h, Ordering::Release);
-                self.fast_generation.store(g, Ordering::Release);
+                self.fast_handle.store(h, Ordering::SeqCst);
+                self.fast_generation.store(g, Ordering::SeqCst);
             }
             _ => {
-                self.fast_generation.store(u64::MAX, Ordering::Release);
-                self.fast_handle.store(0, Ordering::Release);
+                self.fast_generation.store(u64::MAX, Ordering::SeqCst);
+                self.fast_handle.store(0, Ordering::SeqCst);
             }
         }
+    }
+
+    /// One step of the cache's hand over this key (see `Vault::admit`).
+    fn try_unload(&self) -> Unload {
+        if self.pins.load(Ordering::SeqCst) > 0 || self.in_flight.load(Ordering::SeqCst) > 0 {
+            return Unload::Busy;
+        }
+        if self.referenced.swap(false, Ordering::Relaxed) {
+            return Unload::Recent;
+        }
+        let mut st = lock(&self.state);
+        let Some(h) = st.loaded.take() else { return Unload::Stale };
+        // Unpublished first, then looked at again: a use that began before this is seen here and keeps the
+        // copy; one that begins after finds no copy and loads one.
+        let checked = st.checked.take();
+        self.publish(&st);
+        if self.in_flight.load(Ordering::SeqCst) > 0 || self.pins.load(Ordering::SeqCst) > 0 {
+            st.loaded = Some(h);
+            st.checked = checked;
+            self.publish(&st);
+            return Unload::Busy;
+        }
+        Unload::Unloaded(h)
     }
 
     /// Takes the loaded copy's handle out of the key's state (it must be checked again before any use), and
@@ -73,10 +130,62 @@ impl StoredKey {
 
     /// The loaded copy, if it is known current at `generation`.
     fn warm(&self, generation: u64) -> Option<CK_OBJECT_HANDLE> {
-        if self.fast_generation.load(Ordering::Acquire) != generation {
+        if self.fast_generation.load(Ordering::SeqCst) != generation {
             return None;
         }
-        Some(self.fast_handle.load(Ordering::Acquire)).filter(|h| *h != 0)
+        Some(self.fast_handle.load(Ordering::SeqCst)).filter(|h| *h != 0)
+    }
+
+    /// Marks the key used, for the cache's hand (a store only when the mark was clear: no cache line
+    /// bouncing between threads that use the same key).
+    fn touch(&self) {
+        if !self.referenced.load(Ordering::Relaxed) {
+            self.referenced.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+/// What the cache's hand did with a key.
+enum Unload {
+    /// In use, or pinned by an operation: kept.
+    Busy,
+    /// Used since the hand last passed: kept, and its mark cleared.
+    Recent,
+    /// No copy loaded any more (logged out, destroyed, evicted): its entry goes.
+    Stale,
+    /// Unloaded: this copy is to be destroyed.
+    Unloaded(CK_OBJECT_HANDLE),
+}
+
+/// The keys whose copy is loaded, in the order the cache's hand walks them.
+#[derive(Default)]
+struct Clock {
+    keys: Vec<Arc<StoredKey>>,
+    hand: usize,
+}
+
+/// The operation kind of a C_*Init function, for pins: a session has at most one operation of each kind.
+fn op_kind(init: &str) -> u8 {
+    match init {
+        "C_EncryptInit" => 1,
+        "C_DecryptInit" => 2,
+        "C_SignInit" => 3,
+        "C_VerifyInit" => 4,
+        "C_SignRecoverInit" => 5,
+        "C_VerifyRecoverInit" => 6,
+        "C_MessageEncryptInit" => 7,
+        "C_MessageDecryptInit" => 8,
+        "C_MessageSignInit" => 9,
+        "C_MessageVerifyInit" => 10,
+        _ => 15,
+    }
+}
+
+/// A C_*Init call with a stored key (objects::hold): the key stays loaded while it is the session's latest of
+/// that kind.
+pub fn pin(session: CK_SESSION_HANDLE, init: &str, key: &Arc<StoredKey>) {
+    if let Some(vault) = current() {
+        vault.pin(session, op_kind(init), key);
     }
 }
 
@@ -156,6 +265,12 @@ pub struct Vault {
     pool: Mutex<HashMap<CK_SLOT_ID, Vec<CK_SESSION_HANDLE>>>,
     mbks: Mutex<HashMap<CK_SLOT_ID, MbkSet>>,
     finds: Mutex<HashMap<CK_SESSION_HANDLE, FindState>>,
+    /// The keys whose copy is loaded in the HSM: at most `cache` (`[store] hsm_cache`), least recently used
+    /// evicted first (CLOCK).
+    loaded: Mutex<Clock>,
+    cache: usize,
+    /// Each session's latest operation of each kind started with a stored key.
+    pins: Mutex<HashMap<(CK_SESSION_HANDLE, u8), Arc<StoredKey>>>,
     /// What the backend makes of each shape of key generation request (see `create`).
     shapes: Mutex<HashMap<Vec<u8>, create::Shape>>,
 }
@@ -180,6 +295,9 @@ pub fn start(backend: &'static Backend, config: &Config) {
             mbks: Mutex::new(HashMap::new()),
             finds: Mutex::new(HashMap::new()),
             shapes: Mutex::new(HashMap::new()),
+            loaded: Mutex::new(Clock::default()),
+            cache: config.hsm_cache,
+            pins: Mutex::new(HashMap::new()),
         })
     });
     *VAULT.write().unwrap_or_else(|e| e.into_inner()) = vault;
@@ -208,7 +326,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// The backend handle of a stored key for an operation (objects::to_backend). Loads it on first use; an
 /// unknown or destroyed key is `invalid`; a store that cannot be reached is CKR_DEVICE_ERROR; a row that
 /// fails its MAC is CKR_GENERAL_ERROR.
-pub fn resolve(key: &StoredKey, invalid: CK_RV) -> std::result::Result<CK_OBJECT_HANDLE, CK_RV> {
+pub fn resolve(key: &Arc<StoredKey>, invalid: CK_RV) -> std::result::Result<CK_OBJECT_HANDLE, CK_RV> {
+    key.touch();
     {
         // The warm path: no lock but the vault's read lock, no allocation, no reference count.
         let guard = VAULT.read().unwrap_or_else(|e| e.into_inner());
@@ -335,19 +454,13 @@ impl Vault {
         if let Some((h, key)) = handles.get(id) {
             return (*h, key.clone());
         }
-        let key = Arc::new(StoredKey {
-            id: id.to_string(),
-            slot,
-            state: Mutex::new(KeyState::default()),
-            fast_handle: AtomicU64::new(0),
-            fast_generation: AtomicU64::new(u64::MAX),
-        });
+        let key = Arc::new(StoredKey::new(id, slot));
         let h = objects::allocate(ShimObject::Stored(key.clone()));
         handles.insert(id.to_string(), (h, key.clone()));
         (h, key)
     }
 
-    fn resolve(&self, key: &StoredKey, invalid: CK_RV) -> Result<CK_OBJECT_HANDLE> {
+    fn resolve(&self, key: &Arc<StoredKey>, invalid: CK_RV) -> Result<CK_OBJECT_HANDLE> {
         let store = self.store()?;
         let generation = self.logged("checking the key store for changes", store.generation())?;
         {
@@ -397,7 +510,89 @@ impl Vault {
         if let Some(stale) = stale {
             self.destroy_own(key.slot, stale);
         }
+        if keep == Some(fresh) {
+            self.admit(key);
+        }
         keep.ok_or(Error::Rv(invalid))
+    }
+
+    /// A key whose copy was just loaded joins the cache; while the cache holds more than `cache` keys, the
+    /// hand walks it: a key in use or pinned by an operation stays, one used since the hand last passed
+    /// stays once more, and the first other is evicted (its copy destroyed; its next use loads it again).
+    /// When every key is in use or pinned, the cache stays over its size until some are not.
+    fn admit(&self, key: &Arc<StoredKey>) {
+        let victims = {
+            let mut clock = lock(&self.loaded);
+            clock.keys.push(key.clone());
+            let mut victims = Vec::new();
+            let mut steps = 2 * clock.keys.len() + 1;
+            while clock.keys.len() > self.cache && steps > 0 {
+                steps -= 1;
+                if clock.hand >= clock.keys.len() {
+                    clock.hand = 0;
+                }
+                let at = clock.hand;
+                let candidate = clock.keys[at].clone();
+                if Arc::ptr_eq(&candidate, key) {
+                    clock.hand += 1;
+                    continue;
+                }
+                match candidate.try_unload() {
+                    Unload::Busy | Unload::Recent => clock.hand += 1,
+                    Unload::Stale => {
+                        clock.keys.swap_remove(at);
+                    }
+                    Unload::Unloaded(h) => {
+                        clock.keys.swap_remove(at);
+                        victims.push((candidate.slot, h));
+                    }
+                }
+            }
+            if clock.keys.len() > self.cache {
+                crate::debug!(
+                    "{} stored keys are loaded in the HSM, over hsm_cache = {}: the others are in use or in an operation",
+                    clock.keys.len(),
+                    self.cache
+                );
+            }
+            victims
+        };
+        for (slot, h) in victims {
+            self.destroy_own(slot, h);
+        }
+    }
+
+    /// Records that `session`'s latest operation of `kind` was started with `key`.
+    fn pin(&self, session: CK_SESSION_HANDLE, kind: u8, key: &Arc<StoredKey>) {
+        let code = if session < (1 << 59) { session << 4 | CK_ULONG::from(kind) } else { 0 };
+        if code != 0 && key.last_pin.load(Ordering::Relaxed) == code {
+            return;
+        }
+        let mut pins = lock(&self.pins);
+        match pins.insert((session, kind), key.clone()) {
+            Some(previous) if Arc::ptr_eq(&previous, key) => {}
+            Some(previous) => {
+                previous.pins.fetch_sub(1, Ordering::SeqCst);
+                previous.last_pin.store(0, Ordering::Relaxed);
+                key.pins.fetch_add(1, Ordering::SeqCst);
+            }
+            None => {
+                key.pins.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        key.last_pin.store(code, Ordering::Relaxed);
+    }
+
+    /// A session ends (C_CloseSession, C_CloseAllSessions): its operations with it, and its pins.
+    pub fn session_closed(&self, session: CK_SESSION_HANDLE) {
+        lock(&self.pins).retain(|(s, _), key| {
+            if *s != session {
+                return true;
+            }
+            key.pins.fetch_sub(1, Ordering::SeqCst);
+            key.last_pin.store(0, Ordering::Relaxed);
+            false
+        });
     }
 
     /// The key's row as current at `generation` (read before), and whether its MAC is known good: the
@@ -464,7 +659,7 @@ impl Vault {
     fn load(&self, slot: CK_SLOT_ID, row: &KeyRow, verified: bool) -> Result<CK_OBJECT_HANDLE> {
         let set = self.mbk(slot, &row.token)?;
         let attrs = if verified { self.decode(&set, row)? } else { self.check(slot, &set, row)? };
-        let Some(recipe) = Recipe::exact(&set, &attrs, row.class, false) else {
+        let Some(recipe) = Recipe::exact(&set, &attrs, row.class, false).map(|r| r.unnamed(row.class)) else {
             return Err(self.refuse(
                 row,
                 "its attributes describe a key whose value could be read or wrapped under any key, which no stored key may be (the row was forged, or made by an earlier version)",

@@ -15,6 +15,9 @@ pub struct Recipe {
     pub unwrapper: Option<CK_OBJECT_HANDLE>,
 }
 
+/// The attributes that only name an object (the first two, any object; all, a key).
+const NAMES: [CK_ATTRIBUTE_TYPE; 4] = [CKA_LABEL, CKA_ID, CKA_SUBJECT, CKA_APPLICATION];
+
 impl Recipe {
     /// The object as `attrs` describe it (as a token or session object): every attribute one may give at
     /// creation, so the HSM enforces the key's sensitivity, extractability, usage, allowed mechanisms and
@@ -24,6 +27,19 @@ impl Recipe {
     pub fn exact(set: &MbkSet, attrs: &Template, class: u64, token: bool) -> Option<Recipe> {
         let unwrapper = if attrs::has_secret(class) { Some(set.unwrapper_for(attrs)?) } else { None };
         Some(Recipe { template: settable(attrs, class, token), unwrapper })
+    }
+
+    /// The recipe without the attributes that only name the object (label and id; a key's subject and
+    /// application too; a certificate needs its subject), which the HSM does not use: a stored object's loaded
+    /// copy, whose names the shim answers from its row. A find compares every object's names (SoftHSM2 copies
+    /// each non-empty byte string it compares, about 2.7 µs an object; an empty one costs next to nothing),
+    /// so loaded copies without names cost finds almost nothing.
+    pub fn unnamed(mut self, class: CK_OBJECT_CLASS) -> Recipe {
+        let key = matches!(class, CKO_SECRET_KEY | CKO_PRIVATE_KEY | CKO_PUBLIC_KEY);
+        for ty in NAMES.into_iter().take(if key { NAMES.len() } else { 2 }) {
+            self.template.remove(ty);
+        }
+        self
     }
 
     /// As [`Recipe::exact`] for the attributes [`restorable`] gives a backup record: only backups restore
@@ -155,6 +171,35 @@ mod tests {
         let limited = key(&[Attr::bytes(CKA_ALLOWED_MECHANISMS, &CKM_AES_ECB.to_ne_bytes())]);
         let r = Recipe::exact(&set(), &limited, CKO_SECRET_KEY, false).unwrap();
         assert_eq!(r.template.bytes(CKA_ALLOWED_MECHANISMS), Some(&CKM_AES_ECB.to_ne_bytes()[..]));
+    }
+
+    #[test]
+    fn a_loaded_copy_has_no_names_and_keeps_everything_else() {
+        let named = key(&[
+            Attr::bytes(CKA_LABEL, b"web"),
+            Attr::bytes(CKA_ID, b"\x01"),
+            Attr::bytes(CKA_SUBJECT, b"cn"),
+            Attr::bytes(CKA_APPLICATION, b"app"),
+        ]);
+        let full = Recipe::exact(&set(), &named, CKO_SECRET_KEY, false).unwrap();
+        let copy = Recipe::exact(&set(), &named, CKO_SECRET_KEY, false).unwrap().unnamed(CKO_SECRET_KEY);
+        for ty in NAMES {
+            assert!(full.template.get(ty).is_some(), "{ty:#x} in the exact recipe");
+            assert!(copy.template.get(ty).is_none(), "{ty:#x} not in a loaded copy");
+        }
+        assert_eq!(copy.template.0.len(), full.template.0.len() - NAMES.len());
+        assert!(copy.template.0.iter().all(|a| full.template.get(a.ty) == Some(a)), "the rest as it was");
+        assert_eq!(copy.unwrapper, full.unwrapper);
+        // A certificate keeps its subject (C_CreateObject requires it) and a data object its application.
+        let cert = Template(vec![
+            Attr::ulong(CKA_CLASS, CKO_CERTIFICATE),
+            Attr::bytes(CKA_LABEL, b"web"),
+            Attr::bytes(CKA_SUBJECT, b"cn"),
+            Attr::bytes(CKA_VALUE, b"der"),
+        ]);
+        let copy = Recipe::exact(&set(), &cert, CKO_CERTIFICATE, false).unwrap().unnamed(CKO_CERTIFICATE);
+        assert_eq!(copy.template.bytes(CKA_SUBJECT), Some(&b"cn"[..]));
+        assert!(copy.template.get(CKA_LABEL).is_none());
     }
 
     #[test]

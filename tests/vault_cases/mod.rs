@@ -19,8 +19,10 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::OnceLock;
 
+mod cache;
 mod custody;
 mod same;
+pub use cache::*;
 pub use custody::*;
 pub use same::*;
 
@@ -33,6 +35,9 @@ pub fn group_attr(g: &str) -> Attribute {
 
 static STORE_URL: OnceLock<String> = OnceLock::new();
 
+/// The HSM cache of this binary's configuration (`[store] hsm_cache`).
+pub const HSM_CACHE: usize = 8;
+
 /// Sets up this binary's config with the key store at `url` and loads the shim. Call first in every test.
 pub fn init(url: impl FnOnce() -> String) {
     STORE_URL.get_or_init(|| {
@@ -40,7 +45,8 @@ pub fn init(url: impl FnOnce() -> String) {
         common::setup();
         let dir = common::test_dir();
         let mut config = format!(
-            "module = \"{}\"\nlog_file = \"shim.log\"\nlog_level = \"debug\"\n[store]\nurl = \"{url}\"\n",
+            // A small HSM cache: every case runs with keys evicted and loaded again.
+            "module = \"{}\"\nlog_file = \"shim.log\"\nlog_level = \"debug\"\n[store]\nurl = \"{url}\"\nhsm_cache = {HSM_CACHE}\n",
             common::backend_path().display()
         );
         for i in 1..=40 {
