@@ -18,6 +18,10 @@
 //! 5. the creation paths where the shim makes a key twice (as asked, to read the backend's answers, then as
 //!    the twin it wraps): C_UnwrapKey into a stored key against the same native unwrap, and the first
 //!    C_GenerateKey of a request shape against a second of that shape and a native generation.
+//! 6. C_FindObjects by label as a process uses more and more stored keys (0, 100, 1,000 and 10,000 of a
+//!    population of 10,000): each key used is loaded into the HSM, which keeps at most `[store] hsm_cache`
+//!    of them (the default, "bounded"), against no bound ("unbounded", up to 1,000 used); on SoftHSM2 and on
+//!    the CryptoServer simulator (libcssim.so), SQLite; in processes of their own (phase `cache`).
 //!
 //! Each engine (and SoftHSM2's own token store) runs in a child process of this one (this binary started
 //! again with STORE_BENCH_PHASE set), with a SoftHSM2 token directory of its own: one shim configuration
@@ -28,7 +32,7 @@
 //!
 //! Set-up (under target/bench-store/, wiped at the start): tokens made with softhsm-config/setup-token.sh,
 //! the MBK with `target/release/p11shim mbk create`, the shim is target/release/libp11shim.so (build both
-//! first: `cargo build --release --lib --bins`). PostgreSQL: the server named by P11SHIM_BENCH_PG_URL (rows
+//! first: `cargo build --release --workspace --lib --bins`; item 6 also loads the simulator, libcssim.so). PostgreSQL: the server named by P11SHIM_BENCH_PG_URL (rows
 //! of the token `p11shim-bench` are deleted before and after), else a throwaway cluster started with
 //! scripts/pg-cluster.sh and stopped at the end.
 //!
@@ -36,7 +40,9 @@
 //! - STORE_BENCH_SIZES=1000,10000,100000: key counts at which finds are measured (item 3);
 //! - STORE_BENCH_CREATE=10000: keys created for the creation rate (item 4; the population of item 3 grows
 //!   from these);
-//! - STORE_BENCH_ENGINES=sqlite,postgres,softhsm: which phases run;
+//! - STORE_BENCH_ENGINES=sqlite,postgres,softhsm,cache: which phases run;
+//! - STORE_BENCH_CACHE_USED=0,100,1000,10000: the numbers of used keys at which item 6 finds (the last is
+//!   the population);
 //! - STORE_BENCH_SOFTHSM_BUDGET=360: seconds SoftHSM2 may spend creating token objects; it stops at the
 //!   next batch boundary after that, and the sizes it did not reach are reported as not measured;
 //! - STORE_BENCH_FIRST_KEYS=100, STORE_BENCH_FIRST_ROUNDS=10: stored keys and log-in rounds of item 2;
@@ -489,6 +495,8 @@ struct Knobs {
     first_keys: usize,
     first_rounds: usize,
     criterion: bool,
+    /// Item 6: used keys at which finds are timed (ascending, from 0; the last is the population).
+    cache_used: Vec<usize>,
 }
 
 fn env_num(name: &str, default: usize) -> usize {
@@ -513,17 +521,29 @@ impl Knobs {
         sizes.sort_unstable();
         sizes.dedup();
         assert!(sizes.iter().all(|&n| n > 0), "STORE_BENCH_SIZES must be positive");
-        let phases = std::env::var("STORE_BENCH_ENGINES").unwrap_or_else(|_| "sqlite,postgres,softhsm".into());
+        let phases = std::env::var("STORE_BENCH_ENGINES").unwrap_or_else(|_| "sqlite,postgres,softhsm,cache".into());
         let phases: Vec<String> = phases.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
         for p in &phases {
             assert!(
-                ["sqlite", "postgres", "softhsm"].contains(&p.as_str()),
+                ["sqlite", "postgres", "softhsm", "cache"].contains(&p.as_str()),
                 "unknown phase {p:?} in STORE_BENCH_ENGINES"
             );
         }
+        let used = if bench_mode { "0,100,1000,10000" } else { "0,20,60" };
+        let used = std::env::var("STORE_BENCH_CACHE_USED").unwrap_or_else(|_| used.into());
+        let mut cache_used: Vec<usize> = used
+            .split(',')
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| s.trim().parse().unwrap_or_else(|_| panic!("STORE_BENCH_CACHE_USED: {s:?} is not a number")))
+            .collect();
+        cache_used.push(0);
+        cache_used.sort_unstable();
+        cache_used.dedup();
+        assert!(cache_used.len() > 1, "STORE_BENCH_CACHE_USED needs a positive number of keys");
         Knobs {
             bench_mode,
             sizes,
+            cache_used,
             create: env_num("STORE_BENCH_CREATE", create),
             phases,
             softhsm_max: env_num("STORE_BENCH_SOFTHSM_MAX", 10_000),
@@ -699,6 +719,9 @@ fn parent(knobs: &Knobs) {
         let external_pg = std::env::var("P11SHIM_BENCH_PG_URL").ok().filter(|u| !u.is_empty());
         let conf = if phase == "softhsm" {
             make_tokens(&dir, &[NATIVE])
+        } else if phase == "cache" {
+            // Its own set-up, for each backend (see cache_phase).
+            PathBuf::new()
         } else {
             url = match phase.as_str() {
                 "sqlite" => format!("sqlite:{}", dir.join("keys.db").display()),
@@ -735,7 +758,11 @@ fn parent(knobs: &Knobs) {
             conf
         };
         let results = dir.join("results.txt");
-        let what = if url.is_empty() { "SoftHSM2 token objects".to_string() } else { url.clone() };
+        let what = match (phase.as_str(), url.is_empty()) {
+            ("cache", _) => "the HSM cache, SQLite, SoftHSM2 and the simulator".to_string(),
+            (_, true) => "SoftHSM2 token objects".to_string(),
+            _ => url.clone(),
+        };
         println!("\n=== store bench phase {phase} ({what}) ===");
         let t = Instant::now();
         let status = Command::new(std::env::current_exe().unwrap())
@@ -796,6 +823,8 @@ fn child(knobs: &Knobs, phase: &str) {
         "probe" => store_probe(&mut results),
         "cold" => cold_first_use(knobs, &mut results),
         "find" => fresh_finds(&mut results),
+        "cache" => cache_phase(knobs, &mut results),
+        "cache-run" => cache_run(knobs, &mut results),
         engine => {
             let mut c = knobs.criterion();
             engine_phase(knobs, engine, &mut results, &mut c);
@@ -1412,6 +1441,193 @@ fn fresh_finds(results: &mut Results) {
     ok(call!(shim, C_Finalize(null_mut())), "shim C_Finalize");
 }
 
+// -----------------------------------------------------------------------------------------------------------
+// Item 6: finds as stored keys are used (the HSM cache)
+
+/// The simulator of this workspace, beside the shim.
+fn cssim_path() -> PathBuf {
+    let path = profile_dir().join("libcssim.so");
+    assert!(path.exists(), "{} is missing: cargo build --release --workspace --lib", path.display());
+    path
+}
+
+/// Item 6 for each backend, with the key store on SQLite: the population is made once (a process of its
+/// own), then each variant runs in a fresh process: "bounded" with the default `hsm_cache` (8 under `cargo
+/// test`, where the population is small), "unbounded" with no practical bound, up to 1,000 used keys.
+fn cache_phase(knobs: &Knobs, results: &mut Results) {
+    let root = PathBuf::from(std::env::var("STORE_BENCH_DIR").expect("STORE_BENCH_DIR"));
+    for backend in ["softhsm", "cssim"] {
+        let dir = root.join(backend);
+        std::fs::create_dir_all(&dir).expect("create the cache bench dir");
+        let (module, env) = match backend {
+            "softhsm" => (softhsm_path(), ("SOFTHSM2_CONF", make_tokens(&dir, &[DB]))),
+            _ => {
+                let conf = dir.join("cssim.toml");
+                std::fs::write(&conf, "state = \"cssim-state.json\"\nlog_file = \"cssim.log\"\n[[slot]]\n")
+                    .expect("write cssim.toml");
+                (cssim_path(), ("CSSIM_CONFIG", conf))
+            }
+        };
+        let url = format!("sqlite:{}", dir.join("keys.db").display());
+        let bounded = if knobs.bench_mode { String::new() } else { "hsm_cache = 8\n".into() };
+        let used = |max: usize| -> String {
+            knobs.cache_used.iter().filter(|&&n| n <= max).map(usize::to_string).collect::<Vec<_>>().join(",")
+        };
+        let population = *knobs.cache_used.last().expect("levels");
+        let runs = [
+            ("populate", String::new(), population.to_string()),
+            ("bounded", bounded, used(usize::MAX)),
+            ("unbounded", "hsm_cache = 1000000\n".into(), used(1000)),
+        ];
+        for (variant, cache, levels) in runs {
+            let config = dir.join(format!("p11shim-{variant}.toml"));
+            std::fs::write(
+                &config,
+                format!(
+                    "module = \"{}\"\nlog_file = \"shim.log\"\nlog_level = \"warn\"\n[store]\nurl = \"{url}\"\n{cache}\
+                     [[slot]]\ntoken = \"{DB}\"\nstorage = \"database\"\ndefault_group = \"bench\"\n",
+                    module.display()
+                ),
+            )
+            .expect("write p11shim.toml");
+            if variant == "populate" && backend == "softhsm" {
+                let out = Command::new(cli_path())
+                    .args(["mbk", "create", "--token", DB])
+                    .env(env.0, &env.1)
+                    .env("P11SHIM_CONFIG", &config)
+                    .env_remove("P11SHIM_MODULE")
+                    .env("P11SHIM_SO_PIN", SO_PIN)
+                    .env("P11SHIM_USER_PIN", USER_PIN)
+                    .output()
+                    .expect("run p11shim mbk create");
+                assert!(out.status.success(), "p11shim mbk create: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            let t = Instant::now();
+            let got = run_helper(
+                "cache-run",
+                &[
+                    (env.0, env.1.display().to_string()),
+                    ("P11SHIM_CONFIG", config.display().to_string()),
+                    ("STORE_BENCH_CACHE_MODULE", module.display().to_string()),
+                    ("STORE_BENCH_CACHE_VARIANT", variant.to_string()),
+                    ("STORE_BENCH_CACHE_LEVELS", levels),
+                    ("STORE_BENCH_CACHE_INIT", (backend == "cssim" && variant == "populate").to_string()),
+                ],
+            );
+            assert!(!got.is_empty(), "item 6, {backend} {variant}: the helper process failed");
+            println!("item 6, {backend} {variant}: {:.0} s", t.elapsed().as_secs_f64());
+            for (k, v) in got {
+                results.set(format!("{backend}.{variant}.{k}"), v);
+            }
+        }
+    }
+}
+
+/// The labels of item 6's population.
+fn cache_label(i: usize) -> String {
+    format!("c{i:07}")
+}
+
+/// One run of item 6 (a process of its own): the shim loaded alone, as an application would; the backend
+/// loaded too (the same instance) only to count the shim's copies in the HSM.
+fn cache_run(knobs: &Knobs, results: &mut Results) {
+    let variant = std::env::var("STORE_BENCH_CACHE_VARIANT").expect("STORE_BENCH_CACHE_VARIANT");
+    let levels: Vec<usize> = std::env::var("STORE_BENCH_CACHE_LEVELS")
+        .expect("STORE_BENCH_CACHE_LEVELS")
+        .split(',')
+        .map(|n| n.parse().expect("a number"))
+        .collect();
+    let shim = load(&shim_path());
+    ok(call!(shim, C_Initialize(null_mut())), "shim C_Initialize");
+    if std::env::var("STORE_BENCH_CACHE_INIT").is_ok_and(|v| v == "true") {
+        init_db_token(shim);
+    }
+    let session = shim.open(shim.slot(DB));
+    shim.login(session);
+    if variant == "populate" {
+        let t = Instant::now();
+        for i in 0..levels[0] {
+            black_box(shim.aes_key(session, true, cache_label(i).as_bytes()));
+        }
+        results.set("populate_secs", t.elapsed().as_secs_f64());
+        ok(call!(shim, C_Finalize(null_mut())), "shim C_Finalize");
+        return;
+    }
+    let population = knobs.cache_used.last().copied().expect("levels");
+    let backend = load(Path::new(&std::env::var("STORE_BENCH_CACHE_MODULE").expect("STORE_BENCH_CACHE_MODULE")));
+    let watcher = backend.open(shim.slot(DB));
+    let copies = || {
+        let mut t = [attr(CKA_TOKEN, &NO)];
+        let mut n = 0;
+        let mut found = vec![0; 4096];
+        ok(call!(backend, C_FindObjectsInit(watcher, t.as_mut_ptr(), 1)), "C_FindObjectsInit (backend)");
+        let mut all = 0;
+        loop {
+            ok(call!(backend, C_FindObjects(watcher, found.as_mut_ptr(), 4096, &mut n)), "C_FindObjects (backend)");
+            if n == 0 {
+                break;
+            }
+            all += n as usize;
+        }
+        ok(call!(backend, C_FindObjectsFinal(watcher)), "C_FindObjectsFinal (backend)");
+        all
+    };
+    let mut rng = XorShift(0x2545_f491_4f6c_dd1d);
+    let mut finds = |name: &str, results: &mut Results| {
+        let mut us = Vec::new();
+        let start = Instant::now();
+        let (most, least, time) =
+            if knobs.bench_mode { (3000, 300, Duration::from_secs(4)) } else { (100, 100, Duration::ZERO) };
+        while us.len() < most && (us.len() < least || start.elapsed() < time) {
+            let l = cache_label(rng.below(population));
+            let t = Instant::now();
+            let n = shim.find_label(session, l.as_bytes());
+            us.push(t.elapsed().as_nanos() as f64 / 1000.0);
+            assert_eq!(n, 1, "one key labelled {l}");
+        }
+        results.spread(&format!("find.{name}_us"), &us);
+    };
+    let mut used = 0;
+    for &level in &levels {
+        let t = Instant::now();
+        while used < level {
+            let found = shim.find_handles(session, cache_label(used).as_bytes());
+            assert_eq!(found.len(), 1, "one key labelled {}", cache_label(used));
+            use_aes(shim, session, found[0]);
+            used += 1;
+        }
+        if level > 0 {
+            results.set(format!("use.{level:05}_us"), t.elapsed().as_nanos() as f64 / 1000.0 / level as f64);
+        }
+        results.set(format!("copies.{level:05}"), copies() as f64);
+        finds(&format!("{level:05}"), results);
+    }
+    // None used again: logging out drops every copy.
+    shim.logout(session);
+    shim.login(session);
+    results.set("copies.again", copies() as f64);
+    finds("again", results);
+    ok(call!(shim, C_CloseSession(session)), "C_CloseSession");
+    ok(call!(shim, C_Finalize(null_mut())), "shim C_Finalize");
+}
+
+/// The simulator's fresh slot made a database token through the shim: C_InitToken (which makes the MBK set
+/// on a database slot's token), then the user PIN.
+fn init_db_token(shim: Api) {
+    let mut n: CK_ULONG = 1;
+    let mut slot = 0;
+    ok(call!(shim, C_GetSlotList(CK_FALSE, &mut slot, &mut n)), "C_GetSlotList");
+    let mut label = [b' '; 32];
+    label[..DB.len()].copy_from_slice(DB.as_bytes());
+    let so = SO_PIN.as_bytes().as_ptr() as *mut u8;
+    ok(call!(shim, C_InitToken(slot, so, SO_PIN.len() as CK_ULONG, label.as_mut_ptr())), "C_InitToken");
+    let s = shim.open(slot);
+    ok(call!(shim, C_Login(s, CKU_SO, so, SO_PIN.len() as CK_ULONG)), "C_Login (SO)");
+    let user = USER_PIN.as_bytes().as_ptr() as *mut u8;
+    ok(call!(shim, C_InitPIN(s, user, USER_PIN.len() as CK_ULONG)), "C_InitPIN");
+    ok(call!(shim, C_CloseSession(s)), "C_CloseSession");
+}
+
 fn softhsm_phase(knobs: &Knobs, results: &mut Results, c: &mut Criterion) {
     let direct = load(&softhsm_path());
     direct.initialize("SoftHSM2 C_Initialize");
@@ -1677,6 +1893,50 @@ fn summary(knobs: &Knobs, r: &BTreeMap<String, f64>, took: Duration) -> String {
             spread(&format!("{e}.create.generate_first_us")),
             spread(&format!("{e}.create.generate_again_us")),
         );
+    }
+
+    if has("cache") {
+        let _ = writeln!(
+            out,
+            "\n6. C_FindObjects by label (one match among {} stored keys) as the process uses more of them, µs:\n   \
+             median (p10-p90), and its ratio to the find with none used (the mean of the first and of the one after\n   \
+             C_Logout/C_Login, which drops every copy); target <= 1.2. copies: the shim's objects in the HSM.\n   \
+             bounded: the default [store] hsm_cache{}; unbounded: hsm_cache = 1000000",
+            knobs.cache_used.last().copied().unwrap_or(0),
+            if knobs.bench_mode { "" } else { " (8 under cargo test)" }
+        );
+        let _ = writeln!(
+            out,
+            "{:<8} {:<10} {:>8} {:>24} {:>6} {:>7} {:>10}",
+            "backend", "cache", "used", "find", "ratio", "copies", "use µs/key"
+        );
+        for backend in ["softhsm", "cssim"] {
+            for variant in ["bounded", "unbounded"] {
+                let k = |f: &str| format!("cache.{backend}.{variant}.{f}");
+                let none =
+                    get(&k("find.00000_us.median")).zip(get(&k("find.again_us.median"))).map(|(a, b)| (a + b) / 2.0);
+                let mut levels: Vec<String> = knobs.cache_used.iter().map(|n| format!("{n:05}")).collect();
+                levels.push("again".into());
+                for level in levels {
+                    let Some(m) = get(&k(&format!("find.{level}_us.median"))) else { continue };
+                    let used = match level.parse::<usize>() {
+                        Ok(n) => n.to_string(),
+                        Err(_) => "0 again".to_string(),
+                    };
+                    let _ = writeln!(
+                        out,
+                        "{:<8} {:<10} {:>8} {:>24} {:>6} {:>7} {:>10}",
+                        backend,
+                        variant,
+                        used,
+                        spread(&k(&format!("find.{level}_us"))),
+                        fmt(none.map(|n| m / n), 2),
+                        fmt(get(&k(&format!("copies.{level}"))), 0),
+                        fmt(get(&k(&format!("use.{level}_us"))), 1),
+                    );
+                }
+            }
+        }
     }
     out
 }
