@@ -91,6 +91,13 @@ fn harness() -> &'static Path {
     })
 }
 
+/// The shim under test, checked once per test binary to be built from the current sources: every process of
+/// a test run uses that build, even if the sources change meanwhile.
+fn shim() -> &'static Path {
+    static SHIM: OnceLock<PathBuf> = OnceLock::new();
+    SHIM.get_or_init(common::shim_path)
+}
+
 /// A process of the harness (or anything else) in a process group of its own, its output in files. Dropping
 /// it kills the whole group (the process and any child it forked), so that a failing test leaves nothing
 /// behind.
@@ -147,13 +154,13 @@ impl Finished {
 }
 
 /// The stacks of every thread of process `pid` (gdb, when installed; it is not needed otherwise), the frames
-/// only, at most 25 per thread.
+/// only, at most 40 per thread.
 fn gdb_stacks(pid: u32) -> String {
     if !Path::new("/usr/bin/gdb").exists() {
         return String::new();
     }
     let out = Command::new("timeout")
-        .args(["60", "/usr/bin/gdb", "-p", &pid.to_string(), "-batch", "-nx", "-ex", "thread apply all bt 25"])
+        .args(["60", "/usr/bin/gdb", "-p", &pid.to_string(), "-batch", "-nx", "-ex", "thread apply all bt 40"])
         .stdin(Stdio::null())
         .output();
     let text = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
@@ -373,7 +380,7 @@ impl Fixture {
     /// no CSSIM_FAULTS from the test's own environment.
     fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(harness());
-        cmd.arg(args[0]).arg(common::shim_path()).arg(TOKEN);
+        cmd.arg(args[0]).arg(shim()).arg(TOKEN);
         if args[0] != "init" {
             // `init` takes the SO PIN and the user PIN, every other mode the user PIN.
             cmd.arg(USER_PIN);
