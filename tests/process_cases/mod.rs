@@ -118,8 +118,9 @@ pub struct Finished {
     pub stderr: String,
     /// Processes of its group still there after it exited (killed then).
     pub left_behind: bool,
-    /// It did not exit in time and was killed; `stacks` then has its threads' stacks if gdb is there.
-    pub hung: Option<Duration>,
+    /// It did not exit in time and was killed (how long it was given); `stacks` then has its threads' stacks
+    /// if gdb is there.
+    pub hung: Option<String>,
     pub stacks: String,
 }
 
@@ -130,8 +131,8 @@ impl Finished {
 
     /// "exit status 3", "killed by SIGSEGV" or "hung (…)".
     pub fn how(&self) -> String {
-        match self.hung {
-            Some(timeout) => format!("hung: no exit within {timeout:?}, killed"),
+        match &self.hung {
+            Some(waited) => format!("hung: {waited}, killed"),
             None => describe_status(self.status),
         }
     }
@@ -242,17 +243,32 @@ impl Running {
 
     /// Waits until the process exits, at most `timeout`; then takes its threads' stacks (when gdb is there)
     /// and kills it and its group: the result says it hung.
-    pub fn finish_within(mut self, timeout: Duration) -> Finished {
+    pub fn finish_within(self, timeout: Duration) -> Finished {
+        self.finish_when(timeout, None)
+    }
+
+    /// As [`Running::finish_within`], and once the process has printed its `last` line it must exit within
+    /// `grace`, however long `timeout` is.
+    pub fn finish_when(mut self, timeout: Duration, last: Option<(&str, Duration)>) -> Finished {
         drop(self.stdin.take());
-        let deadline = Instant::now() + timeout;
+        let mut deadline = Instant::now() + timeout;
+        let mut waiting = format!("no exit within {timeout:?}");
+        let mut last = last;
         let mut hung = None;
         let mut stacks = String::new();
         let status = loop {
             if let Some(status) = self.child.try_wait().expect("waitpid") {
                 break status;
             }
+            if let Some((line, grace)) = last {
+                if self.stdout_now().lines().any(|l| l.starts_with(line)) {
+                    deadline = deadline.min(Instant::now() + grace);
+                    waiting = format!("no exit within {grace:?} of printing {line}");
+                    last = None;
+                }
+            }
             if Instant::now() >= deadline {
-                hung = Some(timeout);
+                hung = Some(waiting);
                 stacks = gdb_stacks(self.child.id());
                 self.kill_group();
                 break self.child.wait().expect("waitpid");
@@ -545,15 +561,19 @@ pub fn fork_storm(engine: Engine) {
                 &STORM_BUDGET.as_secs().to_string(),
             ],
         )
-        // The storm stops by itself within its budget plus one deadline per hung batch and a backtrace.
-        .finish(STORM_BUDGET + STORM_DEADLINE * 3 + Duration::from_secs(120));
+        // The storm stops by itself within its budget plus one deadline per hung batch and a backtrace; once
+        // it has finalized (DONE) the parent must exit at once.
+        .finish_when(
+            STORM_BUDGET + STORM_DEADLINE * 3 + Duration::from_secs(120),
+            Some(("DONE", Duration::from_secs(20))),
+        );
     let mut problems = Vec::new();
     let wrote = fx.stop_writer(writer, &stop, &mut problems);
     let counts = storm.line("STORM").unwrap_or("").to_string();
     println!("{engine}: {counts}\n{engine}: {}\n{engine}: {wrote}", storm.line("STEPS").unwrap_or(""));
     println!("{engine}: storm took {:.1} s", started.elapsed().as_secs_f64());
     if !storm.ok() || storm.line("DONE").is_none() {
-        problems.push(format!("the parent did not finish its storm: {}", storm.report()));
+        problems.push(format!("the parent did not finish its storm: {}\n{}", storm.report(), storm.stacks));
     }
     if storm.left_behind {
         problems.push("forked children outlived the parent (killed)".into());
@@ -792,9 +812,9 @@ pub fn idle_costs_nothing_and_sees_changes(engines: &[Engine]) {
         }
     }
     for p in idle {
-        let done = p.finish(Duration::from_secs(30));
+        let done = p.finish_within(Duration::from_secs(30));
         if !done.ok() || done.line("DONE").is_none() {
-            problems.push(format!("the idle process did not finish cleanly: {}", done.report()));
+            problems.push(format!("the idle process did not finish cleanly: {}\n{}", done.report(), done.stacks));
         }
     }
     fail_with(&format!("idle database slots over {:?}", common::backend()), &problems);
