@@ -42,7 +42,7 @@ const STORM_BATCH: usize = 8;
 const STORM_DEADLINE: Duration = Duration::from_secs(20);
 /// How long the storm may go on before it stops by itself (it normally takes well under a minute).
 const STORM_BUDGET: Duration = Duration::from_secs(120);
-/// Runs of each way of unloading; the second half of them with both cores kept busy.
+/// Runs of each way of unloading; all but the first quarter of them with both cores kept busy.
 const UNLOAD_RUNS: usize = 40;
 /// How long one unload run may take (it normally takes well under a second, a few with the cores busy).
 const UNLOAD_DEADLINE: Duration = Duration::from_secs(20);
@@ -665,14 +665,15 @@ fn distinct(text: &str, kinds: usize) -> String {
 }
 
 /// Unloading, as applications do it, [`UNLOAD_RUNS`] times each way, while another process writes to the
-/// store, the second half of the runs with both cores busy (a thread of the module left running is then
-/// scheduled late, after the module is gone):
+/// store (its changes wake any thread of the module that waits for changes), all but the first quarter of the
+/// runs with both cores busy (a thread of the module left running is then scheduled late, after the module
+/// is gone):
 /// a. C_Finalize, dlclose, exit; b. dlclose without C_Finalize, exit; c. exit without either (atexit handlers
 /// and static destructors run while the module is initialized); d. C_Finalize, dlclose, dlopen again,
-/// C_Initialize, sign, C_Finalize, dlclose, exit. Every other run makes its PKCS#11 calls on a worker thread
-/// that ends before the main thread unloads, as a server's thread pool does: then no thread-local destructor
-/// of the application's threads keeps the module mapped, and dlclose really unmaps it unless the module
-/// itself prevents that. Every run must exit 0.
+/// C_Initialize, sign, C_Finalize, dlclose, exit. Three runs in four make their PKCS#11 calls on a worker
+/// thread that ends before the main thread unloads, as a server's thread pool does: then no thread-local
+/// destructor of the application's threads keeps the module mapped, and dlclose really unmaps it unless the
+/// module itself prevents that. Every run must exit 0.
 pub fn unload(engine: Engine) {
     let fx = Fixture::new("unload", engine);
     let stop = fx.dir.join("writer.stop");
@@ -683,10 +684,10 @@ pub fn unload(engine: Engine) {
     let (mut lingering, mut unmapped, mut hangs, mut stacks_shown) = (0, 0, 0, false);
     let mut load = None;
     'runs: for run in 0..UNLOAD_RUNS {
-        if run == UNLOAD_RUNS / 2 {
+        if run == UNLOAD_RUNS / 4 {
             load = Some(Load::start(&fx.dir, Duration::from_secs(600)));
         }
-        let (on, on_what) = if run % 2 == 0 { ("main", "the main thread") } else { ("thread", "a worker thread") };
+        let (on, on_what) = if run % 4 == 0 { ("main", "the main thread") } else { ("thread", "a worker thread") };
         for (m, mode) in ["a", "b", "c", "d"].into_iter().enumerate() {
             if hangs >= 3 {
                 break 'runs;
