@@ -93,6 +93,8 @@ pub struct SqliteStore {
     watching: Arc<AtomicBool>,
     /// Stopped and joined when the store is dropped (C_Finalize): no thread of the shim outlives it.
     _watcher: Option<Watcher>,
+    /// The WAL file's path, whose times each commit of this store touches (see [`SqliteStore::wrote`]).
+    wal: std::ffi::CString,
 }
 
 /// After a change to the database's files, how long the watcher keeps looking for it to become visible (the
@@ -174,6 +176,9 @@ impl SqliteStore {
             generation: Arc::new(AtomicU64::new(0)),
             watching: Arc::new(AtomicBool::new(false)),
             _watcher: None,
+            wal: std::ffi::CString::new([path.as_os_str().as_encoded_bytes(), b"-wal"].concat()).map_err(|_| {
+                StoreError::Url { url: format!("sqlite:{}", path.display()), cause: "the path holds a NUL byte".into() }
+            })?,
         };
         let mut lease = store.lease()?;
         lease.run(|pooled| migrate(&mut pooled.conn))?.map_err(|found| store.schema_error(found))?;
@@ -252,9 +257,14 @@ impl SqliteStore {
         }
     }
 
-    /// Counts a commit made through this store: its own connection's data_version does not change for it.
+    /// Counts a commit made through this store (its own connection's data_version does not change for it),
+    /// and tells the watchers of other processes that it is visible now: setting the WAL file's times is an
+    /// inotify event they wait for (by path: no descriptor is opened, so none of SQLite's locks is touched).
     fn wrote(&self) {
         self.generation.fetch_add(1, Ordering::SeqCst);
+        // SAFETY: a NUL-terminated path; NULL times mean "now". A failure only leaves the watchers to notice
+        // the commit by looking (see Watcher).
+        unsafe { libc::utimensat(libc::AT_FDCWD, self.wal.as_ptr(), std::ptr::null(), 0) };
     }
 }
 
@@ -310,9 +320,11 @@ fn migrate(conn: &mut rusqlite::Connection) -> rusqlite::Result<Result<(), Optio
 /// The change watcher: a thread that sleeps in poll(2) until the database's files change (inotify on their
 /// directory: every commit, by any process of this host, writes the WAL), then asks SQLite whether another
 /// connection committed (`PRAGMA data_version`, on a connection of its own) and bumps the generation when one
-/// did. A writer's WAL write comes before its commit is visible (its fsync and the WAL index update follow),
-/// so the watcher keeps asking for a while after each change (SETTLE), every millisecond at first. So an idle
-/// process costs nothing, a change is seen within a few milliseconds of its commit, and `generation()` —
+/// did. A writer's WAL write comes before its commit is visible (its fsync and the WAL index update follow):
+/// p11shim's own writers (this library, the p11shim command) touch the WAL file's times once the commit is
+/// visible, which wakes the watcher at once; for any other writer it keeps asking for a while after each
+/// change (SETTLE), every millisecond at first. So an idle process costs nothing, a change is seen as soon as
+/// the watcher runs after a p11shim commit (within a few milliseconds of any other), and `generation()` —
 /// called before every use of a loaded stored key — is an atomic load. The thread never holds a lock of the
 /// shim's but [`crate::forks::quiet`] around its SQLite calls, and it is stopped (an eventfd) and joined when
 /// the store is dropped.
@@ -343,7 +355,12 @@ impl Watcher {
         };
         let dir_c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
             .map_err(|_| std::io::Error::other("the directory's name holds a NUL byte"))?;
-        let mask = libc::IN_MODIFY | libc::IN_CREATE | libc::IN_DELETE | libc::IN_MOVED_TO | libc::IN_MOVED_FROM;
+        let mask = libc::IN_MODIFY
+            | libc::IN_ATTRIB
+            | libc::IN_CREATE
+            | libc::IN_DELETE
+            | libc::IN_MOVED_TO
+            | libc::IN_MOVED_FROM;
         // SAFETY: a valid descriptor and NUL-terminated path.
         if unsafe { libc::inotify_add_watch(inotify.as_raw_fd(), dir_c.as_ptr(), mask) } < 0 {
             return Err(std::io::Error::last_os_error());
