@@ -38,9 +38,13 @@ const SCAN_BATCH: i32 = 1000;
 /// Reconnect delays of the listener: doubled from MIN to MAX while the server stays away.
 const LISTEN_BACKOFF_MIN: Duration = Duration::from_millis(100);
 const LISTEN_BACKOFF_MAX: Duration = Duration::from_secs(2);
-/// How long the listener waits for a notification before it checks whether the store is being dropped: what
-/// C_Finalize may wait for the thread, and ten wake-ups a second of an idle process (microseconds each).
-const LISTEN_POLL: Duration = Duration::from_millis(100);
+/// How long the listener waits for a notification before it looks whether the store is being dropped. A
+/// store being dropped wakes it at once with a notification on its own channel (see `Drop`); this bounds the
+/// wait only when that notification cannot be sent (the server is unreachable). One wake-up a second of an
+/// idle process, microseconds each.
+const LISTEN_POLL: Duration = Duration::from_secs(1);
+/// While the server is away, how often the listener's backoff sleep looks whether the store is being dropped.
+const STOP_SLICE: Duration = Duration::from_millis(100);
 /// After this long without traffic the listener pings the server: a silently dropped connection (no RST)
 /// would otherwise look like a quiet database forever.
 const LISTEN_PING_AFTER: Duration = Duration::from_secs(10);
@@ -135,6 +139,11 @@ pub struct PostgresStore {
 impl Drop for PostgresStore {
     fn drop(&mut self) {
         self.changes.stop.store(true, Ordering::SeqCst);
+        // Wakes the listener now rather than at its next LISTEN_POLL.
+        let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        if let Some(mut pooled) = idle {
+            let _ = pooled.client.batch_execute(&format!("NOTIFY {}", self.changes.wake));
+        }
         if let Some(thread) = self.listener.take() {
             let _ = thread.join();
         }
@@ -142,7 +151,6 @@ impl Drop for PostgresStore {
 }
 
 /// What the listener thread tells the store.
-#[derive(Default)]
 struct Changes {
     /// Bumped for each notification, for each commit of this store, and when the listener reconnects; with
     /// the row each change concerns when that is known.
@@ -155,6 +163,8 @@ struct Changes {
     own: Mutex<HashSet<i32>>,
     /// Set when the store is dropped: the listener ends at its next wake-up.
     stop: AtomicBool,
+    /// This store's own channel, on which its listener also listens: a notification there wakes it to stop.
+    wake: String,
 }
 
 impl Changes {
@@ -231,7 +241,13 @@ impl PostgresStore {
             config,
             name,
             idle: Mutex::new(Vec::new()),
-            changes: Arc::new(Changes::default()),
+            changes: Arc::new(Changes {
+                log: ChangeLog::default(),
+                listening: AtomicBool::new(false),
+                own: Mutex::new(HashSet::new()),
+                stop: AtomicBool::new(false),
+                wake: wake_channel(),
+            }),
             listener: None,
         };
         let mut pooled = store.connect()?;
@@ -244,7 +260,7 @@ impl PostgresStore {
         store.give_back(pooled);
         // Listening before the first generation() avoids a start-up window in which every call says
         // "changed"; if this fails the thread keeps trying.
-        let listener = listen(&store.config).ok();
+        let listener = listen(&store.config, &store.changes.wake).ok();
         store.changes.listening.store(listener.is_some(), Ordering::SeqCst);
         let (weak, config) = (Arc::downgrade(&store.changes), store.config.clone());
         // Should the thread not start, generation() just keeps saying "changed": slow but correct.
@@ -382,10 +398,16 @@ fn migrate(client: &mut Client) -> Result<Result<(), Option<i64>>, postgres::Err
     Ok(Ok(()))
 }
 
-fn listen(config: &Config) -> Result<Client, postgres::Error> {
+fn listen(config: &Config, wake: &str) -> Result<Client, postgres::Error> {
     let mut client = config.connect(NoTls)?;
-    client.batch_execute(&format!("LISTEN {CHANNEL}"))?;
+    client.batch_execute(&format!("LISTEN {CHANNEL}; LISTEN {wake}"))?;
     Ok(client)
+}
+
+/// A channel name of this store's own: the process id and a counter (stores of one process differ).
+fn wake_channel() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    format!("p11shim_wake_{}_{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
 /// Marks the listener down when its thread ends, however it ends.
@@ -411,7 +433,7 @@ fn listen_loop(weak: &Weak<Changes>, config: &Config, mut client: Option<Client>
                 Ok(()) => client = Some(c),
                 Err(()) => changes.listening.store(false, Ordering::SeqCst),
             },
-            None => match listen(config) {
+            None => match listen(config, &changes.wake) {
                 Ok(c) => {
                     // Changes made while nobody listened are lost: one bump invalidates whatever callers
                     // cached before. It comes before `listening`, so no caller sees the old value again.
@@ -425,7 +447,7 @@ fn listen_loop(weak: &Weak<Changes>, config: &Config, mut client: Option<Client>
                     // In slices, so that a store being dropped is not kept waiting.
                     let until = Instant::now() + backoff;
                     while Instant::now() < until && !changes.stop.load(Ordering::SeqCst) {
-                        std::thread::sleep(LISTEN_POLL.min(until.saturating_duration_since(Instant::now())));
+                        std::thread::sleep(STOP_SLICE.min(until.saturating_duration_since(Instant::now())));
                     }
                     backoff = (backoff * 2).min(LISTEN_BACKOFF_MAX);
                 }
@@ -434,12 +456,16 @@ fn listen_loop(weak: &Weak<Changes>, config: &Config, mut client: Option<Client>
     }
 }
 
-/// Waits up to LISTEN_POLL for notifications and counts them; `Err` when the connection is gone.
+/// Waits for notifications and counts them, until none came for LISTEN_POLL or one came on the store's wake
+/// channel; `Err` when the connection is gone.
 fn wait(client: &mut Client, changes: &Changes, last_traffic: &mut Instant) -> Result<(), ()> {
     {
         let mut notifications = client.notifications();
         let mut iter = notifications.timeout_iter(LISTEN_POLL);
         while let Some(notification) = iter.next().map_err(drop)? {
+            if notification.channel() == changes.wake {
+                break;
+            }
             if !changes.own().contains(&notification.process_id()) {
                 changes.log.bump(Change::row(notification.payload()));
             }
