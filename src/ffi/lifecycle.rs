@@ -77,15 +77,16 @@ fn initialize(app_args: Option<CK_C_INITIALIZE_ARGS>) -> Result<CK_RV, CK_RV> {
         // A forked child: what the parent set up is not ours. Start afresh (no work was done at fork time),
         // with the parent's configuration and its log (the descriptor is inherited).
         Some(s) => {
-            let config = s.config.clone();
+            let parent = (s.config.clone(), s.owns_backend);
             forget_state(&mut state, true);
-            Some(config)
+            Some(parent)
         }
         None => None,
     };
     let backend_args = backend_init_args(app_args)?;
+    let parent_owned = inherited.as_ref().map(|(_, owned)| *owned);
     let config = match inherited {
-        Some(config) => config,
+        Some((config, _)) => config,
         None => {
             let config = Config::from_env().map_err(|e| setup_failed(&e))?;
             if let Err(e) = log::configure(config.log_file.as_deref(), config.log_level) {
@@ -104,6 +105,15 @@ fn initialize(app_args: Option<CK_C_INITIALIZE_ARGS>) -> Result<CK_RV, CK_RV> {
     // must not both initialize it. No other call takes this lock.
     let owns_backend = match backend.initialize(backend_args) {
         CKR_OK => true,
+        // A forked child whose backend kept the parent's state across fork (SoftHSM2 does): it is this
+        // process's copy of what the parent had, finalized as the parent would have.
+        CKR_CRYPTOKI_ALREADY_INITIALIZED if parent_owned.is_some() => {
+            crate::debug!(
+                "backend {} kept its initialization across fork (CKR_CRYPTOKI_ALREADY_INITIALIZED in this child)",
+                backend.path.display()
+            );
+            parent_owned == Some(true)
+        }
         CKR_CRYPTOKI_ALREADY_INITIALIZED => {
             crate::info!(
                 "backend {} was already initialized in this process; p11shim will not finalize it",
