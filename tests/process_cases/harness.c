@@ -29,6 +29,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -473,6 +474,8 @@ static int mode_storm(const char *token, const char *pin, int nkeys, int full, i
                 return ST_USAGE;
             }
             if (pid == 0) {
+                /* A child outlives neither the parent nor its deadline: should the parent be killed, so is it. */
+                prctl(PR_SET_PDEATHSIG, SIGKILL);
                 progress = &slots[j];
                 if (kinds[j] == 100) {
                     at(100);

@@ -205,6 +205,14 @@ impl Running {
         let n = N.fetch_add(1, Ordering::SeqCst);
         let base = dir.join(format!("{}-{n}", what.replace([' ', '/'], "_")));
         let (stdout, stderr) = (base.with_extension("out"), base.with_extension("err"));
+        // SAFETY: prctl(2) is async-signal-safe. Should the test binary die (killed by a CI timeout), its
+        // processes die with it instead of running on in their own process groups.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            })
+        };
         cmd.process_group(0)
             .stdin(if stdin { Stdio::piped() } else { Stdio::null() })
             .stdout(File::create(&stdout).unwrap())
@@ -426,7 +434,7 @@ impl Fixture {
     /// processes writing one token directory, and what is shared here is the key store); the simulator's
     /// device is shared by processes, as a network HSM is.
     pub fn start_writer(&self, stop: &Path) -> Running {
-        let mut cmd = self.command(&["writer", &stop.to_string_lossy(), "600"]);
+        let mut cmd = self.command(&["writer", &stop.to_string_lossy(), "400"]);
         if common::backend() == Backend::SoftHsm2 {
             let copy = self.dir.join("writer-hsm");
             let _ = std::fs::remove_dir_all(&copy);
@@ -685,7 +693,7 @@ pub fn unload(engine: Engine) {
     let mut load = None;
     'runs: for run in 0..UNLOAD_RUNS {
         if run == UNLOAD_RUNS / 4 {
-            load = Some(Load::start(&fx.dir, Duration::from_secs(600)));
+            load = Some(Load::start(&fx.dir, Duration::from_secs(120)));
         }
         let (on, on_what) = if run % 4 == 0 { ("main", "the main thread") } else { ("thread", "a worker thread") };
         for (m, mode) in ["a", "b", "c", "d"].into_iter().enumerate() {
