@@ -307,13 +307,16 @@ impl Running {
             }
             let exited = self.child.try_wait().expect("waitpid");
             if exited.is_some() || Instant::now() >= deadline {
-                let how = match exited {
-                    Some(status) => format!("ended with {}", describe_status(status)),
-                    None => format!("printed no {prefix} line within {timeout:?} (hung; killed)"),
+                let (how, stacks) = match exited {
+                    Some(status) => (format!("ended with {}", describe_status(status)), String::new()),
+                    None => (
+                        format!("printed no {prefix} line within {timeout:?} (hung; killed)"),
+                        gdb_stacks(self.child.id()),
+                    ),
                 };
                 self.kill_group();
                 panic!(
-                    "{} {how}\nstdout:\n{}\nstderr:\n{}",
+                    "{} {how}\nstdout:\n{}\nstderr:\n{}\n{stacks}",
                     self.what,
                     self.stdout_now(),
                     tail(&self.stderr_now(), 60)
