@@ -1,10 +1,15 @@
-//! Forks while a thread is inside SQLite. SQLite keeps process-wide mutexes (its allocator, page cache,
-//! open-file list); a child forked while another thread holds one finds it locked forever, and hangs in its
-//! first SQLite call (nginx's workers did, in C_Initialize). So every SQLite call of the shim's, from its own
-//! watcher thread or an application's thread, holds [`quiet`]'s read lock, and a `pthread_atfork` handler
-//! takes the write lock before the fork and releases it on both sides after: a fork waits until no thread of
-//! the shim is inside SQLite (a few microseconds, or one statement), and the child starts with SQLite's
-//! mutexes free. The handlers do nothing else.
+//! Forks while another thread holds a lock. A child forked while another thread of its parent holds a mutex
+//! finds it locked forever: SQLite's process-wide mutexes (its allocator, page cache, open-file list; nginx's
+//! workers hung in their first SQLite call), and the shim's own tables, which a child's first call takes.
+//! So every SQLite call of the shim's, from its own watcher thread or an application's thread, holds
+//! [`quiet`]'s read lock, and a `pthread_atfork` handler (registered at the first C_Initialize) takes, before
+//! the fork, the shim's process-wide locks and that lock for writing, and releases them on both sides after: a
+//! fork waits until no thread of the shim is inside SQLite or one of its tables (a few microseconds, or one
+//! statement), and the child starts with every one of them free. The handlers do nothing else.
+//!
+//! The locks are taken in the order the code nests them (the vault's handle, the handle and owned-object
+//! tables, the session table, then SQLite's), and none of them is held across a call into the backend, so
+//! the handler can neither deadlock with another thread nor with a backend that forks.
 
 use std::cell::RefCell;
 use std::sync::{Once, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -12,26 +17,43 @@ use std::sync::{Once, RwLock, RwLockReadGuard, RwLockWriteGuard};
 static LOCK: RwLock<()> = RwLock::new(());
 static REGISTER: Once = Once::new();
 
-thread_local! {
-    /// The write lock taken by the forking thread, from the prepare handler to the parent's or child's.
-    static HELD: RefCell<Option<RwLockWriteGuard<'static, ()>>> = const { RefCell::new(None) };
+/// The locks the forking thread holds, from the prepare handler to the parent's or child's.
+struct Held {
+    _vault: Box<dyn std::any::Any>,
+    _objects: Box<dyn std::any::Any>,
+    _sessions: Box<dyn std::any::Any>,
+    _sqlite: RwLockWriteGuard<'static, ()>,
 }
 
-/// Held across one call into SQLite: no fork happens meanwhile.
-pub fn quiet() -> RwLockReadGuard<'static, ()> {
+thread_local! {
+    static HELD: RefCell<Option<Held>> = const { RefCell::new(None) };
+}
+
+/// Registers the fork handlers, once per process (C_Initialize).
+pub fn register() {
     REGISTER.call_once(|| {
         // SAFETY: the handlers are plain functions of this library, which is never unloaded (-z nodelete).
         let rv = unsafe { libc::pthread_atfork(Some(prepare), Some(release), Some(release)) };
         if rv != 0 {
-            crate::warn!("pthread_atfork failed ({rv}): a process forked while the shim uses SQLite may hang");
+            crate::warn!("pthread_atfork failed ({rv}): a process forked while the shim is busy may hang");
         }
     });
+}
+
+/// Held across one call into SQLite: no fork happens meanwhile.
+pub fn quiet() -> RwLockReadGuard<'static, ()> {
+    register();
     LOCK.read().unwrap_or_else(|e| e.into_inner())
 }
 
 extern "C" fn prepare() {
-    let guard = LOCK.write().unwrap_or_else(|e| e.into_inner());
-    HELD.with(|h| *h.borrow_mut() = Some(guard));
+    let vault = crate::vault::fork_guard();
+    let objects = crate::objects::fork_guard();
+    let sessions = crate::sessions::fork_guard();
+    let sqlite = LOCK.write().unwrap_or_else(|e| e.into_inner());
+    HELD.with(|h| {
+        *h.borrow_mut() = Some(Held { _vault: vault, _objects: objects, _sessions: sessions, _sqlite: sqlite })
+    });
 }
 
 extern "C" fn release() {
@@ -41,6 +63,55 @@ extern "C" fn release() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_child_forked_while_threads_use_the_shims_tables_finds_them_free() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        register();
+        static STOP: AtomicBool = AtomicBool::new(false);
+        let busy: Vec<_> = (0..2u64)
+            .map(|t| {
+                std::thread::spawn(move || {
+                    let mut n = 0u64;
+                    while !STOP.load(Ordering::Relaxed) {
+                        n += 1;
+                        // A new alias (the handle table, written) and a session (the session table).
+                        crate::objects::from_backend(crate::objects::SHIM_HANDLE_BIT | (t << 40) | n);
+                        crate::sessions::opened_by_app(t << 40 | n, 0);
+                        crate::sessions::closed_by_app(t << 40 | n);
+                        drop(quiet());
+                    }
+                })
+            })
+            .collect();
+        let mut hung = 0;
+        for _ in 0..200 {
+            // SAFETY: fork in a test; the child makes a few calls of this crate and leaves with _exit.
+            let pid = unsafe { libc::fork() };
+            if pid == 0 {
+                // SAFETY: a signal ends a child that hangs on a lock its parent's thread held at the fork.
+                unsafe { libc::alarm(5) };
+                crate::objects::from_backend(crate::objects::SHIM_HANDLE_BIT | 7);
+                crate::sessions::opened_by_app(7, 0);
+                let _ = crate::objects::owned_handles();
+                drop(quiet());
+                // SAFETY: end the child without running the test harness's destructors.
+                unsafe { libc::_exit(0) };
+            }
+            assert!(pid > 0, "fork");
+            let mut status = 0;
+            // SAFETY: waiting for our own child.
+            assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+            if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
+                hung += 1;
+            }
+        }
+        STOP.store(true, Ordering::Relaxed);
+        for t in busy {
+            t.join().unwrap();
+        }
+        assert_eq!(hung, 0, "children that hung on a lock held at the fork, of 200");
+    }
 
     #[test]
     fn a_fork_waits_for_sqlite_calls_and_the_child_is_free() {

@@ -258,6 +258,17 @@ pub fn forget(handle: CK_OBJECT_HANDLE) {
     }
 }
 
+/// The handle table and the owned objects, held across a fork (see crate::forks), in that order.
+pub(crate) fn fork_guard() -> Box<dyn std::any::Any> {
+    let table = TABLE.write().unwrap_or_else(|e| e.into_inner());
+    Box::new((table, owned()))
+}
+
+/// The backend objects the shim owns (a forked child whose backend kept its parent's state owns them too).
+pub fn owned_handles() -> Vec<CK_OBJECT_HANDLE> {
+    owned().as_ref().map(|o| o.set.iter().copied().collect()).unwrap_or_default()
+}
+
 /// Drops every shim handle and every owned object (C_Finalize, or C_Initialize in a forked child).
 pub fn clear() {
     *TABLE.write().unwrap_or_else(|e| e.into_inner()) = None;

@@ -61,6 +61,16 @@ pub fn is_internal(session: CK_SESSION_HANDLE) -> bool {
     with(|t| t.internal.contains_key(&session))
 }
 
+/// The session table held across a fork (see crate::forks).
+pub(crate) fn fork_guard() -> Box<dyn std::any::Any> {
+    Box::new(TABLE.lock().unwrap_or_else(|e| e.into_inner()))
+}
+
+/// The shim's own sessions and their slots.
+pub fn internal_sessions() -> Vec<(CK_SESSION_HANDLE, CK_SLOT_ID)> {
+    with(|t| t.internal.iter().map(|(h, s)| (*h, *s)).collect())
+}
+
 /// Forgets every session (C_Finalize, or C_Initialize in a forked child).
 pub fn clear() {
     *TABLE.lock().unwrap_or_else(|e| e.into_inner()) = None;

@@ -25,6 +25,15 @@ struct Initialized {
     config: Config,
 }
 
+/// What a forked child takes over from its parent's initialization.
+struct Parent {
+    config: Config,
+    owned_backend: bool,
+    /// The backend objects and sessions the parent's shim owned.
+    objects: Vec<CK_OBJECT_HANDLE>,
+    sessions: Vec<(CK_SESSION_HANDLE, CK_SLOT_ID)>,
+}
+
 /// Serializes C_Initialize and C_Finalize only; never taken on any other call.
 static LIFECYCLE: Mutex<Option<Initialized>> = Mutex::new(None);
 
@@ -77,16 +86,21 @@ fn initialize(app_args: Option<CK_C_INITIALIZE_ARGS>) -> Result<CK_RV, CK_RV> {
         // A forked child: what the parent set up is not ours. Start afresh (no work was done at fork time),
         // with the parent's configuration and its log (the descriptor is inherited).
         Some(s) => {
-            let parent = (s.config.clone(), s.owns_backend);
+            let parent = Parent {
+                config: s.config.clone(),
+                owned_backend: s.owns_backend,
+                objects: objects::owned_handles(),
+                sessions: sessions::internal_sessions(),
+            };
             forget_state(&mut state, true);
             Some(parent)
         }
         None => None,
     };
+    crate::forks::register();
     let backend_args = backend_init_args(app_args)?;
-    let parent_owned = inherited.as_ref().map(|(_, owned)| *owned);
-    let config = match inherited {
-        Some((config, _)) => config,
+    let config = match &inherited {
+        Some(parent) => parent.config.clone(),
         None => {
             let config = Config::from_env().map_err(|e| setup_failed(&e))?;
             if let Err(e) = log::configure(config.log_file.as_deref(), config.log_level) {
@@ -103,25 +117,34 @@ fn initialize(app_args: Option<CK_C_INITIALIZE_ARGS>) -> Result<CK_RV, CK_RV> {
     let backend = backend::load(&config).map_err(|e| setup_failed(&e))?;
     // The lifecycle lock is held across the backend's C_Initialize on purpose: two racing C_Initialize calls
     // must not both initialize it. No other call takes this lock.
-    let owns_backend = match backend.initialize(backend_args) {
-        CKR_OK => true,
+    let owns_backend = match (backend.initialize(backend_args), &inherited) {
+        (CKR_OK, _) => true,
         // A forked child whose backend kept the parent's state across fork (SoftHSM2 does): it is this
-        // process's copy of what the parent had, finalized as the parent would have.
-        CKR_CRYPTOKI_ALREADY_INITIALIZED if parent_owned.is_some() => {
+        // process's copy of what the parent had, finalized as the parent would have. The parent's objects
+        // and sessions of the shim's are in it too: they stay the shim's, never the application's to name.
+        (CKR_CRYPTOKI_ALREADY_INITIALIZED, Some(parent)) => {
             crate::debug!(
-                "backend {} kept its initialization across fork (CKR_CRYPTOKI_ALREADY_INITIALIZED in this child)",
-                backend.path.display()
+                "backend {} kept its initialization across fork (CKR_CRYPTOKI_ALREADY_INITIALIZED in this child): {} objects and {} sessions of the parent's stay the shim's",
+                backend.path.display(),
+                parent.objects.len(),
+                parent.sessions.len()
             );
-            parent_owned == Some(true)
+            for &h in &parent.objects {
+                objects::own(h);
+            }
+            for &(session, slot) in &parent.sessions {
+                sessions::opened_internal(session, slot);
+            }
+            parent.owned_backend
         }
-        CKR_CRYPTOKI_ALREADY_INITIALIZED => {
+        (CKR_CRYPTOKI_ALREADY_INITIALIZED, None) => {
             crate::info!(
                 "backend {} was already initialized in this process; p11shim will not finalize it",
                 backend.path.display()
             );
             false
         }
-        rv => {
+        (rv, _) => {
             crate::error!("backend {}: C_Initialize returned {}", backend.path.display(), crate::error::rv_name(rv));
             return Err(rv);
         }

@@ -314,6 +314,11 @@ pub fn stop(forked: bool) {
     }
 }
 
+/// The vault's handle held for writing across a fork (see crate::forks).
+pub(crate) fn fork_guard() -> Box<dyn std::any::Any> {
+    Box::new(VAULT.write().unwrap_or_else(|e| e.into_inner()))
+}
+
 /// The vault, when database slots are configured and the library is initialized.
 pub fn current() -> Option<Arc<Vault>> {
     VAULT.read().unwrap_or_else(|e| e.into_inner()).clone()

@@ -373,12 +373,31 @@ static int mode_init(const char *token, const char *so_pin, const char *user_pin
 }
 
 /* A forked worker: the calls an nginx worker makes with its parent's module, each step its own exit code. */
+/* No object of the shim's is visible: the HSM copies of stored keys carry no label, and every private key of
+ * these tests has one. (SoftHSM2 keeps its state across fork: the parent's copies are still in the child's
+ * backend, and the shim must go on hiding them.) */
+static void no_unlabelled_private_key(CK_SESSION_HANDLE s) {
+    CK_OBJECT_CLASS cls = CKO_PRIVATE_KEY;
+    CK_ATTRIBUTE t[] = {{CKA_CLASS, &cls, sizeof cls}, {CKA_LABEL, "", 0}};
+    CK_OBJECT_HANDLE h[4];
+    CK_ULONG n = 0;
+    CALL(ST_FIND, p11->C_FindObjectsInit(s, t, 2));
+    CALL(ST_FIND, p11->C_FindObjects(s, h, 4, &n));
+    CALL(ST_FIND, p11->C_FindObjectsFinal(s));
+    if (n != 0) {
+        fprintf(stderr, "FAIL C_FindObjects: %lu private keys without a label, the shim's own (pid %d)\n",
+                (unsigned long)n, (int)getpid());
+        _exit(ST_FIND);
+    }
+}
+
 static void storm_child(const char *token, const char *pin, const char *label) {
     /* The child has its parent's configuration without being told: P11SHIM_CONFIG is gone from its
      * environment, as when the parent read its configuration from a file it was given another way. */
     unsetenv("P11SHIM_CONFIG");
     initialize();
     CK_SESSION_HANDLE s = user_session(token, pin);
+    no_unlabelled_private_key(s);
     sign_with(s, label);
     finalize();
     at(ST_NONE);
