@@ -56,7 +56,7 @@ struct StoreFile {
 }
 
 /// How many stored keys a process keeps loaded in the HSM when the config does not say (see README).
-pub const DEFAULT_HSM_CACHE: usize = 64;
+pub const DEFAULT_HSM_CACHE: usize = 32;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
