@@ -851,3 +851,46 @@ impl KeyStore for SqliteStore {
         self.stream(&format!("SELECT {AUDIT_COLUMNS} FROM audit ORDER BY seq"), read_audit, f)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir() -> tempfile::TempDir {
+        tempfile::tempdir().expect("tempdir")
+    }
+
+    #[test]
+    fn the_watcher_runs_and_with_it_down_every_call_looks() {
+        let dir = dir();
+        let path = dir.path().join("keys.db");
+        let mut store = SqliteStore::open(&path).expect("open");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !store.watching.load(Ordering::Acquire) {
+            assert!(Instant::now() < deadline, "the watcher never started");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let other = rusqlite::Connection::open(&path).expect("a second connection");
+        // The watcher down (stopped and joined, as when it could not start or its connection failed).
+        store._watcher = None;
+        assert!(!store.watching.load(Ordering::Acquire), "a stopped watcher says so");
+        let before = store.generation().expect("generation");
+        other.execute("UPDATE schema_version SET version = version", []).expect("a commit elsewhere");
+        assert_ne!(store.generation().expect("generation"), before, "seen by the very next call, without a watcher");
+        let after = store.generation().expect("generation");
+        assert_eq!(store.generation().expect("generation"), after, "and no change without a commit");
+    }
+
+    #[test]
+    fn the_wal_is_touched_by_each_commit() {
+        let dir = dir();
+        let path = dir.path().join("keys.db");
+        let store = SqliteStore::open(&path).expect("open");
+        let wal = dir.path().join("keys.db-wal");
+        let old = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        std::fs::File::options().write(true).open(&wal).expect("the WAL").set_modified(old).expect("set mtime");
+        store.wrote();
+        let now = std::fs::metadata(&wal).expect("the WAL").modified().expect("mtime");
+        assert!(now > old + Duration::from_secs(1_000_000), "the WAL's times were not touched: {now:?}");
+    }
+}
