@@ -21,6 +21,7 @@ pub mod log;
 pub mod objects;
 pub mod sessions;
 pub mod store;
+pub mod threads;
 pub mod vault;
 
 /// The shim's version, reported as the library version by C_GetInfo.

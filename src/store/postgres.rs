@@ -264,13 +264,11 @@ impl PostgresStore {
         store.changes.listening.store(listener.is_some(), Ordering::SeqCst);
         let (weak, config) = (Arc::downgrade(&store.changes), store.config.clone());
         // Should the thread not start, generation() just keeps saying "changed": slow but correct.
-        store.listener = std::thread::Builder::new()
-            .name("p11shim-pg-listen".into())
-            .spawn(move || {
-                let _down = DownOnExit(weak.clone());
-                listen_loop(&weak, &config, listener);
-            })
-            .ok();
+        store.listener = crate::threads::spawn("p11shim-pg-listen", move || {
+            let _down = DownOnExit(weak.clone());
+            listen_loop(&weak, &config, listener);
+        })
+        .ok();
         Ok(store)
     }
 

@@ -367,9 +367,9 @@ impl Watcher {
         }
         let stop_fd = stop.as_raw_fd();
         let path = path.to_path_buf();
-        let thread = std::thread::Builder::new()
-            .name("p11shim-sqlite-watch".into())
-            .spawn(move || watch(&path, &file, inotify, stop_fd, &generation, &watching))?;
+        let thread = crate::threads::spawn("p11shim-sqlite-watch", move || {
+            watch(&path, &file, inotify, stop_fd, &generation, &watching)
+        })?;
         Ok(Watcher { stop, thread: Some(thread) })
     }
 }
