@@ -506,20 +506,26 @@ fn env_num(name: &str, default: usize) -> usize {
     }
 }
 
+/// A comma-separated list of numbers from the environment variable `name` (else `default`), ascending, each once.
+fn numbers(name: &str, default: &str) -> Vec<usize> {
+    let text = std::env::var(name).unwrap_or_else(|_| default.into());
+    let mut list: Vec<usize> = text
+        .split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| s.trim().parse().unwrap_or_else(|_| panic!("{name}: {s:?} is not a number")))
+        .collect();
+    list.sort_unstable();
+    list.dedup();
+    list
+}
+
 impl Knobs {
     fn from_env() -> Knobs {
         let bench_mode = std::env::args().any(|a| a == "--bench");
         // Under `cargo test --benches` (no --bench): every phase once, small.
         let (sizes, create, first_keys, first_rounds) =
             if bench_mode { ("1000,10000,100000", 10_000, 100, 10) } else { ("200", 200, 10, 2) };
-        let sizes = std::env::var("STORE_BENCH_SIZES").unwrap_or_else(|_| sizes.into());
-        let mut sizes: Vec<usize> = sizes
-            .split(',')
-            .filter(|s| !s.trim().is_empty())
-            .map(|s| s.trim().parse().unwrap_or_else(|_| panic!("STORE_BENCH_SIZES: {s:?} is not a number")))
-            .collect();
-        sizes.sort_unstable();
-        sizes.dedup();
+        let sizes = numbers("STORE_BENCH_SIZES", sizes);
         assert!(sizes.iter().all(|&n| n > 0), "STORE_BENCH_SIZES must be positive");
         let phases = std::env::var("STORE_BENCH_ENGINES").unwrap_or_else(|_| "sqlite,postgres,softhsm,cache".into());
         let phases: Vec<String> = phases.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
@@ -530,15 +536,10 @@ impl Knobs {
             );
         }
         let used = if bench_mode { "0,100,1000,10000" } else { "0,20,60" };
-        let used = std::env::var("STORE_BENCH_CACHE_USED").unwrap_or_else(|_| used.into());
-        let mut cache_used: Vec<usize> = used
-            .split(',')
-            .filter(|s| !s.trim().is_empty())
-            .map(|s| s.trim().parse().unwrap_or_else(|_| panic!("STORE_BENCH_CACHE_USED: {s:?} is not a number")))
-            .collect();
-        cache_used.push(0);
-        cache_used.sort_unstable();
-        cache_used.dedup();
+        let mut cache_used = numbers("STORE_BENCH_CACHE_USED", used);
+        if cache_used.first() != Some(&0) {
+            cache_used.insert(0, 0);
+        }
         assert!(cache_used.len() > 1, "STORE_BENCH_CACHE_USED needs a positive number of keys");
         Knobs {
             bench_mode,
@@ -1313,6 +1314,26 @@ fn label(i: usize) -> String {
     format!("k{i:07}")
 }
 
+/// Finds by the labels `next` gives (one key each), each timed alone, in µs: at least `least`, at most `most`,
+/// and no more once `time` has passed.
+fn timed_finds(
+    api: Api,
+    session: CK_SESSION_HANDLE,
+    (most, least, time): (usize, usize, Duration),
+    mut next: impl FnMut() -> String,
+) -> Vec<f64> {
+    let mut us = Vec::new();
+    let start = Instant::now();
+    while us.len() < most && (us.len() < least || start.elapsed() < time) {
+        let l = next();
+        let t = Instant::now();
+        let n = api.find_label(session, l.as_bytes());
+        us.push(t.elapsed().as_nanos() as f64 / 1000.0);
+        assert_eq!(n, 1, "one key labelled {l}");
+    }
+    us
+}
+
 /// Item 3 at one size: finds of random existing labels, each timed (at least 50; at most 1000 or ~5 s).
 fn find_at(
     results: &mut Results,
@@ -1326,15 +1347,7 @@ fn find_at(
     for _ in 0..20 {
         assert_eq!(api.find_label(session, label(rng.below(size)).as_bytes()), 1, "one key per label");
     }
-    let mut us = Vec::new();
-    let start = Instant::now();
-    while us.len() < 1000 && (us.len() < 50 || start.elapsed() < Duration::from_secs(5)) {
-        let l = label(rng.below(size));
-        let t = Instant::now();
-        let n = api.find_label(session, l.as_bytes());
-        us.push(t.elapsed().as_nanos() as f64 / 1000.0);
-        assert_eq!(n, 1, "one key labelled {l}");
-    }
+    let us = timed_finds(api, session, (1000, 50, Duration::from_secs(5)), || label(rng.below(size)));
     results.spread(&format!("find.{size:07}_us"), &us);
     println!("find among {size}: median {:.1} µs over {}", median(&us), us.len());
     if let Some(c) = c {
@@ -1574,17 +1587,8 @@ fn cache_run(knobs: &Knobs, results: &mut Results) {
     };
     let mut rng = XorShift(0x2545_f491_4f6c_dd1d);
     let mut finds = |name: &str, results: &mut Results| {
-        let mut us = Vec::new();
-        let start = Instant::now();
-        let (most, least, time) =
-            if knobs.bench_mode { (3000, 300, Duration::from_secs(4)) } else { (100, 100, Duration::ZERO) };
-        while us.len() < most && (us.len() < least || start.elapsed() < time) {
-            let l = cache_label(rng.below(population));
-            let t = Instant::now();
-            let n = shim.find_label(session, l.as_bytes());
-            us.push(t.elapsed().as_nanos() as f64 / 1000.0);
-            assert_eq!(n, 1, "one key labelled {l}");
-        }
+        let bounds = if knobs.bench_mode { (3000, 300, Duration::from_secs(4)) } else { (100, 100, Duration::ZERO) };
+        let us = timed_finds(shim, session, bounds, || cache_label(rng.below(population)));
         results.spread(&format!("find.{name}_us"), &us);
     };
     // Warm-up (caches, the allocator, the CPU's clock), not timed: the first finds of a process are slower.

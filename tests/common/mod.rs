@@ -189,6 +189,27 @@ pub fn fresh_softhsm_dir(dir: &Path) -> PathBuf {
     conf
 }
 
+/// A copy of the SoftHSM2 token directory `<from>/tokens` in `to` (wiped first), with a `softhsm2.conf` naming
+/// it; returns the conf path: same tokens, same MBKs, for a second process that makes keys at once or gets
+/// killed (SoftHSM2 is neither crash-safe nor safe for several processes reading token files while one writes
+/// them; the key store is what such tests share).
+pub fn softhsm_copy(from: &Path, to: &Path) -> PathBuf {
+    let _ = std::fs::remove_dir_all(to);
+    std::fs::create_dir_all(to).expect("create the copy's folder");
+    let status = std::process::Command::new("cp").arg("-r").arg(from.join("tokens")).arg(to).status().expect("cp");
+    assert!(status.success(), "copy the token directory {}", from.join("tokens").display());
+    let conf = to.join("softhsm2.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+            to.join("tokens").display()
+        ),
+    )
+    .expect("write softhsm2.conf");
+    conf
+}
+
 /// Writes `<dir>/cssim.toml` for the simulator with `slots` empty slots (no token until C_InitToken), its
 /// state file `<dir>/cssim-state.json` (wiped if it existed), a log `<dir>/cssim.log` and `extra` TOML at the
 /// top level (before the slots: `mode = …`, a `[faults]` table must come last), and returns its path.

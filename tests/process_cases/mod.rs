@@ -439,21 +439,7 @@ impl Fixture {
     pub fn start_writer(&self, stop: &Path) -> Running {
         let mut cmd = self.command(&["writer", &stop.to_string_lossy(), "400"]);
         if common::backend() == Backend::SoftHsm2 {
-            let copy = self.dir.join("writer-hsm");
-            let _ = std::fs::remove_dir_all(&copy);
-            std::fs::create_dir_all(&copy).unwrap();
-            let status = Command::new("cp").arg("-r").arg(self.dir.join("hsm/tokens")).arg(&copy).status().unwrap();
-            assert!(status.success(), "copy the token directory");
-            let conf = copy.join("softhsm2.conf");
-            std::fs::write(
-                &conf,
-                format!(
-                    "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-                    copy.join("tokens").display()
-                ),
-            )
-            .unwrap();
-            cmd.env("SOFTHSM2_CONF", conf);
+            cmd.env("SOFTHSM2_CONF", common::softhsm_copy(&self.dir.join("hsm"), &self.dir.join("writer-hsm")));
         }
         Running::spawn(cmd, "writer", &self.dir, false)
     }

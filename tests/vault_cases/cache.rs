@@ -6,7 +6,7 @@ use super::{db_token, new_aes, HSM_CACHE};
 use crate::common::{pkcs11, user_session, USER_PIN};
 use crate::vault_cases::custody::Raw;
 use cryptoki::mechanism::Mechanism;
-use cryptoki::object::{Attribute, ObjectHandle};
+use cryptoki::object::ObjectHandle;
 use cryptoki::session::{Session, UserType};
 use cryptoki::types::AuthPin;
 use cryptoki_sys::{CKA_CLASS, CKA_TOKEN, CKO_SECRET_KEY};
@@ -79,18 +79,7 @@ pub fn an_operation_keeps_its_key_through_evictions() {
     // A multi-part encryption with key 0 and a multi-part MAC with key 1, in two sessions; meanwhile every
     // other key is used in a third session, which evicts whatever may be evicted.
     let busy = pkcs11().open_rw_session(slot).expect("C_OpenSession");
-    let hmac = s
-        .generate_key(
-            &Mechanism::GenericSecretKeyGen,
-            &[
-                Attribute::Token(true),
-                Attribute::ValueLen(32.into()),
-                Attribute::Sign(true),
-                Attribute::Verify(true),
-                Attribute::Label(b"mac".to_vec()),
-            ],
-        )
-        .expect("C_GenerateKey (stored HMAC key)");
+    let hmac = super::hmac_key(&s, "mac");
     let part = [0x5au8; 64];
     busy.encrypt_init(&Mechanism::AesCbcPad(IV), keys[0]).expect("C_EncryptInit");
     other.sign_init(&Mechanism::Sha256Hmac, hmac).expect("C_SignInit");

@@ -184,6 +184,22 @@ pub fn new_aes(session: &Session, label: &str) -> ObjectHandle {
     session.generate_key(&Mechanism::AesKeyGen, &aes_template(label)).expect("C_GenerateKey (stored AES)")
 }
 
+/// A stored generic secret of 32 bytes that signs and verifies (HMAC).
+pub fn hmac_key(session: &Session, label: &str) -> ObjectHandle {
+    session
+        .generate_key(
+            &Mechanism::GenericSecretKeyGen,
+            &[
+                Attribute::Token(true),
+                Attribute::ValueLen(32.into()),
+                Attribute::Sign(true),
+                Attribute::Verify(true),
+                Attribute::Label(label.as_bytes().to_vec()),
+            ],
+        )
+        .expect("C_GenerateKey (stored generic secret)")
+}
+
 pub fn ec_pair(session: &Session, label: &str, token: bool) -> (ObjectHandle, ObjectHandle) {
     let p256 = vec![0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
     session
@@ -292,18 +308,7 @@ pub fn stored_keys_sign_verify_and_mac() {
     let (public, private) = ec_pair(&s, "ec", true);
     let sig = s.sign(&Mechanism::Ecdsa, private, &[9u8; 32]).expect("ECDSA with a stored key");
     s.verify(&Mechanism::Ecdsa, public, &[9u8; 32], &sig).expect("verify with a stored public key");
-    let hmac = s
-        .generate_key(
-            &Mechanism::GenericSecretKeyGen,
-            &[
-                Attribute::Token(true),
-                Attribute::ValueLen(32.into()),
-                Attribute::Sign(true),
-                Attribute::Verify(true),
-                Attribute::Label(b"mac".to_vec()),
-            ],
-        )
-        .expect("generic secret");
+    let hmac = hmac_key(&s, "mac");
     let tag = s.sign(&Mechanism::Sha256Hmac, hmac, b"data").expect("HMAC");
     s.verify(&Mechanism::Sha256Hmac, hmac, b"data", &tag).expect("HMAC verify");
     let classes: Vec<u64> = rows("db02").iter().map(|r| r.class).collect();
@@ -683,21 +688,7 @@ fn backend_for_child(name: &str) -> Vec<(&'static str, PathBuf)> {
 
 fn token_copy(name: &str) -> PathBuf {
     let dir = common::test_dir();
-    let copy = dir.join(name);
-    let _ = std::fs::remove_dir_all(&copy);
-    std::fs::create_dir_all(&copy).unwrap();
-    let status = Command::new("cp").arg("-r").arg(dir.join("tokens")).arg(&copy).status().unwrap();
-    assert!(status.success(), "copy the token directory");
-    let conf = copy.join("softhsm2.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-            copy.join("tokens").display()
-        ),
-    )
-    .unwrap();
-    conf
+    common::softhsm_copy(&dir, &dir.join(name))
 }
 
 /// kill -9 in the middle of creating keys leaves only complete rows, each of which loads.
