@@ -528,7 +528,15 @@ impl Vault {
     fn admit(&self, key: &Arc<StoredKey>) {
         let victims = {
             let mut clock = lock(&self.loaded);
-            clock.keys.push(key.clone());
+            // Once per key: a key loaded again (after a logout, or a change elsewhere) may still be listed.
+            if !clock.keys.iter().any(|k| Arc::ptr_eq(k, key)) {
+                clock.keys.push(key.clone());
+            }
+            if clock.keys.len() > self.cache {
+                // Keys whose copy went another way (a logout, a destroy, a change elsewhere) leave first: the
+                // cache counts copies.
+                clock.keys.retain(|k| lock(&k.state).loaded.is_some());
+            }
             let mut victims = Vec::new();
             let mut steps = 2 * clock.keys.len() + 1;
             while clock.keys.len() > self.cache && steps > 0 {

@@ -64,6 +64,12 @@ pub fn the_hsm_holds_at_most_hsm_cache_copies() {
     s.login(UserType::User, Some(&AuthPin::new(USER_PIN.into()))).expect("C_Login");
     assert_eq!(copies_in_hsm(&s), 0, "no copy is left in the HSM after C_Logout");
     assert_eq!(encrypt(&s, keys[n - 1]), sealed[n - 1]);
+    // The cache counts copies, not keys it once held: as many keys as it may hold stay loaded, those it held
+    // before the logout among them.
+    for i in 0..HSM_CACHE - 1 {
+        assert_eq!(encrypt(&s, keys[i]), sealed[i]);
+    }
+    assert_eq!(copies_in_hsm(&s), HSM_CACHE, "{HSM_CACHE} keys used since the login, all loaded");
 }
 
 /// The backend handles of the copies (see [`copies_in_hsm`]).
