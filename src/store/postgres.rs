@@ -43,6 +43,9 @@ const LISTEN_BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// wait only when that notification cannot be sent (the server is unreachable). One wake-up a second of an
 /// idle process, microseconds each.
 const LISTEN_POLL: Duration = Duration::from_secs(1);
+/// How long dropping the store waits for the server to answer before it notifies its listener (else the
+/// listener ends at its next LISTEN_POLL).
+const WAKE_CHECK: Duration = Duration::from_millis(500);
 /// While the server is away, how often the listener's backoff sleep looks whether the store is being dropped.
 const STOP_SLICE: Duration = Duration::from_millis(100);
 /// After this long without traffic the listener pings the server: a silently dropped connection (no RST)
@@ -139,10 +142,13 @@ pub struct PostgresStore {
 impl Drop for PostgresStore {
     fn drop(&mut self) {
         self.changes.stop.store(true, Ordering::SeqCst);
-        // Wakes the listener now rather than at its next LISTEN_POLL.
+        // Wakes the listener now rather than at its next LISTEN_POLL, through a connection that answers now (a
+        // bounded check first: a server gone silent must not hold C_Finalize up).
         let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        if let Some(mut pooled) = idle {
-            let _ = pooled.client.batch_execute(&format!("NOTIFY {}", self.changes.wake));
+        if let Some(mut pooled) = idle.filter(|_| self.changes.listening.load(Ordering::SeqCst)) {
+            if pooled.client.is_valid(WAKE_CHECK).is_ok() {
+                let _ = pooled.client.batch_execute(&format!("NOTIFY {}", self.changes.wake));
+            }
         }
         if let Some(thread) = self.listener.take() {
             let _ = thread.join();
