@@ -5,11 +5,13 @@
 //! [`quiet`]'s read lock, and a `pthread_atfork` handler (registered at the first C_Initialize) takes, before
 //! the fork, the shim's process-wide locks and that lock for writing, and releases them on both sides after: a
 //! fork waits until no thread of the shim is inside SQLite or one of its tables (a few microseconds, or one
-//! statement), and the child starts with every one of them free. The handlers do nothing else.
+//! statement: a backup's scan is one), and the child starts with every one of them free. The handlers do
+//! nothing else.
 //!
 //! The locks are taken in the order the code nests them (the vault's handle, the handle and owned-object
-//! tables, the session table, then SQLite's), and none of them is held across a call into the backend, so
-//! the handler can neither deadlock with another thread nor with a backend that forks.
+//! tables, the session table, then SQLite's), so the handler cannot deadlock with another thread. None of the
+//! tables is held across a call into the backend; SQLite's lock is, only in a backup's scan (its callback
+//! checks each row's MAC in the HSM): a backend that forked inside such a call would wait for the scan.
 
 use std::cell::RefCell;
 use std::sync::{Once, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -40,10 +42,32 @@ pub fn register() {
     });
 }
 
-/// Held across one call into SQLite: no fork happens meanwhile.
-pub fn quiet() -> RwLockReadGuard<'static, ()> {
+thread_local! {
+    /// How many [`Quiet`] guards this thread holds: only the outermost takes the lock (a read lock taken again
+    /// by its holder while a fork waits for the write lock would wait forever).
+    static DEPTH: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// See [`quiet`].
+pub struct Quiet {
+    _read: Option<RwLockReadGuard<'static, ()>>,
+}
+
+impl Drop for Quiet {
+    fn drop(&mut self) {
+        DEPTH.with(|d| d.set(d.get() - 1));
+    }
+}
+
+/// Held across one call into SQLite (opening and closing a connection included): no fork happens meanwhile.
+/// A thread may nest them (a scan's callback that calls the store again).
+pub fn quiet() -> Quiet {
     register();
-    LOCK.read().unwrap_or_else(|e| e.into_inner())
+    let outer = DEPTH.with(|d| {
+        d.set(d.get() + 1);
+        d.get() == 1
+    });
+    Quiet { _read: outer.then(|| LOCK.read().unwrap_or_else(|e| e.into_inner())) }
 }
 
 extern "C" fn prepare() {
@@ -111,6 +135,34 @@ mod tests {
             t.join().unwrap();
         }
         assert_eq!(hung, 0, "children that hung on a lock held at the fork, of 200");
+    }
+
+    #[test]
+    fn a_thread_may_nest_quiet_while_a_fork_waits() {
+        register();
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let outer = quiet();
+            let forker = std::thread::spawn(|| {
+                // SAFETY: fork in a test; the child leaves at once.
+                let pid = unsafe { libc::fork() };
+                if pid == 0 {
+                    // SAFETY: end the child without running the test harness's destructors.
+                    unsafe { libc::_exit(0) };
+                }
+                let mut status = 0;
+                // SAFETY: waiting for our own child.
+                unsafe { libc::waitpid(pid, &mut status, 0) };
+            });
+            // The fork now waits for the write lock; a scan's callback calls the store again.
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            let inner = quiet();
+            drop(inner);
+            drop(outer);
+            forker.join().unwrap();
+            done.send(()).unwrap();
+        });
+        assert!(finished.recv_timeout(std::time::Duration::from_secs(10)).is_ok(), "deadlocked");
     }
 
     #[test]

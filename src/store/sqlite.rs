@@ -105,8 +105,40 @@ const STEP_FIRST: Duration = Duration::from_millis(1);
 const STEP_FAST_LOOKS: u32 = 20;
 const STEP_MAX: Duration = Duration::from_millis(250);
 
+/// A SQLite connection opened and closed under [`crate::forks::quiet`]: opening and closing take SQLite's
+/// process-wide mutexes too.
+struct Conn(std::mem::ManuallyDrop<rusqlite::Connection>);
+
+impl Conn {
+    fn open(path: &Path, flags: OpenFlags) -> rusqlite::Result<Conn> {
+        let _quiet = crate::forks::quiet();
+        rusqlite::Connection::open_with_flags(path, flags).map(|c| Conn(std::mem::ManuallyDrop::new(c)))
+    }
+}
+
+impl std::ops::Deref for Conn {
+    type Target = rusqlite::Connection;
+    fn deref(&self) -> &rusqlite::Connection {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Conn {
+    fn deref_mut(&mut self) -> &mut rusqlite::Connection {
+        &mut self.0
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        let _quiet = crate::forks::quiet();
+        // SAFETY: dropped once, here; the field is never used again.
+        unsafe { std::mem::ManuallyDrop::drop(&mut self.0) };
+    }
+}
+
 struct Pooled {
-    conn: rusqlite::Connection,
+    conn: Conn,
     /// The connection's `PRAGMA data_version` when this store last looked.
     data_version: i64,
 }
@@ -204,8 +236,9 @@ impl SqliteStore {
         // Without SQLITE_OPEN_CREATE: `open` created the file; if it vanished since, an empty new store
         // would hide the loss.
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        let setup = || -> rusqlite::Result<(rusqlite::Connection, String)> {
-            let conn = rusqlite::Connection::open_with_flags(&self.path, flags)?;
+        let setup = || -> rusqlite::Result<(Conn, String)> {
+            let conn = Conn::open(&self.path, flags)?;
+            let _quiet = crate::forks::quiet();
             conn.busy_timeout(BUSY_TIMEOUT)?;
             let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
             conn.pragma_update(None, "synchronous", "FULL")?;
@@ -236,7 +269,10 @@ impl SqliteStore {
                 cause: format!("cannot use the WAL journal mode (got {mode})"),
             });
         }
-        let data_version = data_version(&conn).map_err(|e| self.error(e))?;
+        let data_version = {
+            let _quiet = crate::forks::quiet();
+            data_version(&conn).map_err(|e| self.error(e))?
+        };
         // A new connection's data_version says nothing about commits made before it was opened; count it as
         // a change so that a generation read before those commits can never equal one read after them.
         self.generation.fetch_add(1, Ordering::SeqCst);
@@ -403,7 +439,7 @@ fn watch(path: &Path, file: &[u8], inotify: OwnedFd, stop: i32, generation: &Ato
     let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let opened = {
         let _quiet = crate::forks::quiet();
-        rusqlite::Connection::open_with_flags(path, flags).and_then(|conn| Ok((data_version(&conn)?, conn)))
+        Conn::open(path, flags).and_then(|conn| Ok((data_version(&conn)?, conn)))
     };
     let Ok((mut seen, conn)) = opened else { return };
     // Commits between the store's opening and this first look count once, so that nothing checked before
