@@ -626,6 +626,31 @@ fn make_tokens(dir: &Path, labels: &[&str]) -> PathBuf {
     dir.join("softhsm2.conf")
 }
 
+/// Writes a shim configuration at `path`: `module`, the store at `url` with the `[store]` lines `store_extra`,
+/// and the database slot `DB`.
+fn write_config(path: &Path, module: &Path, url: &str, store_extra: &str) {
+    let text = format!(
+        "module = \"{}\"\nlog_file = \"shim.log\"\nlog_level = \"warn\"\n[store]\nurl = \"{url}\"\n{store_extra}\
+         [[slot]]\ntoken = \"{DB}\"\nstorage = \"database\"\ndefault_group = \"bench\"\n",
+        module.display()
+    );
+    std::fs::write(path, text).expect("write p11shim.toml");
+}
+
+/// `p11shim mbk create` for the token `DB`, with the configuration `config` and the backend's own variable.
+fn mbk_create(backend_env: (&str, &Path), config: &Path) {
+    let out = Command::new(cli_path())
+        .args(["mbk", "create", "--token", DB])
+        .env(backend_env.0, backend_env.1)
+        .env("P11SHIM_CONFIG", config)
+        .env_remove("P11SHIM_MODULE")
+        .env("P11SHIM_SO_PIN", SO_PIN)
+        .env("P11SHIM_USER_PIN", USER_PIN)
+        .output()
+        .expect("run p11shim mbk create");
+    assert!(out.status.success(), "p11shim mbk create: {}", String::from_utf8_lossy(&out.stderr));
+}
+
 /// A throwaway PostgreSQL cluster (scripts/pg-cluster.sh), stopped and removed when dropped.
 struct PgCluster {
     dir: PathBuf,
@@ -740,22 +765,9 @@ fn parent(knobs: &Knobs) {
                 },
             };
             let conf = make_tokens(&dir, &[PLAIN, DB]);
-            let config = format!(
-                "module = \"{}\"\nlog_file = \"shim.log\"\nlog_level = \"warn\"\n[store]\nurl = \"{url}\"\n\
-                 [[slot]]\ntoken = \"{DB}\"\nstorage = \"database\"\ndefault_group = \"bench\"\n",
-                softhsm_path().display()
-            );
-            std::fs::write(dir.join("p11shim.toml"), config).unwrap();
-            let out = Command::new(cli_path())
-                .args(["mbk", "create", "--token", DB])
-                .env("SOFTHSM2_CONF", &conf)
-                .env("P11SHIM_CONFIG", dir.join("p11shim.toml"))
-                .env_remove("P11SHIM_MODULE")
-                .env("P11SHIM_SO_PIN", SO_PIN)
-                .env("P11SHIM_USER_PIN", USER_PIN)
-                .output()
-                .expect("run p11shim mbk create");
-            assert!(out.status.success(), "p11shim mbk create: {}", String::from_utf8_lossy(&out.stderr));
+            let config = dir.join("p11shim.toml");
+            write_config(&config, &softhsm_path(), &url, "");
+            mbk_create(("SOFTHSM2_CONF", &conf), &config);
             conf
         };
         let results = dir.join("results.txt");
@@ -1494,26 +1506,9 @@ fn cache_phase(knobs: &Knobs, results: &mut Results) {
         ];
         for (variant, cache, levels) in runs {
             let config = dir.join(format!("p11shim-{variant}.toml"));
-            std::fs::write(
-                &config,
-                format!(
-                    "module = \"{}\"\nlog_file = \"shim.log\"\nlog_level = \"warn\"\n[store]\nurl = \"{url}\"\n{cache}\
-                     [[slot]]\ntoken = \"{DB}\"\nstorage = \"database\"\ndefault_group = \"bench\"\n",
-                    module.display()
-                ),
-            )
-            .expect("write p11shim.toml");
+            write_config(&config, &module, &url, &cache);
             if variant == "populate" && backend == "softhsm" {
-                let out = Command::new(cli_path())
-                    .args(["mbk", "create", "--token", DB])
-                    .env(env.0, &env.1)
-                    .env("P11SHIM_CONFIG", &config)
-                    .env_remove("P11SHIM_MODULE")
-                    .env("P11SHIM_SO_PIN", SO_PIN)
-                    .env("P11SHIM_USER_PIN", USER_PIN)
-                    .output()
-                    .expect("run p11shim mbk create");
-                assert!(out.status.success(), "p11shim mbk create: {}", String::from_utf8_lossy(&out.stderr));
+                mbk_create((env.0, &env.1), &config);
             }
             let t = Instant::now();
             let got = run_helper(
