@@ -22,6 +22,54 @@ struct ConfigFile {
     slot: Vec<SlotFile>,
     #[serde(default)]
     mode: Mode,
+    logon: Option<LogonFile>,
+    audit: Option<AuditFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogonFile {
+    lockout_after: Option<u32>,
+    delay: Option<String>,
+    delay_max: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditFile {
+    head_file: Option<PathBuf>,
+}
+
+/// How failed logons of the permission model's users are throttled (`[logon]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogonPolicy {
+    /// After this many failed logons in a row the user is locked until an administrator unlocks it (0: never).
+    pub lockout_after: u32,
+    /// After the n-th failed logon in a row, the user's next logon is refused for `delay × 2^(n-1)`, at most
+    /// `delay_max` (zero: no delay).
+    pub delay: std::time::Duration,
+    pub delay_max: std::time::Duration,
+}
+
+impl Default for LogonPolicy {
+    fn default() -> LogonPolicy {
+        LogonPolicy {
+            lockout_after: 0,
+            delay: std::time::Duration::from_secs(1),
+            delay_max: std::time::Duration::from_secs(300),
+        }
+    }
+}
+
+impl LogonPolicy {
+    /// How long after the `failed`-th failure in a row the next logon must wait.
+    pub fn wait_after(&self, failed: u32) -> std::time::Duration {
+        if failed == 0 || self.delay.is_zero() {
+            return std::time::Duration::ZERO;
+        }
+        let factor = 1u32 << failed.saturating_sub(1).min(20);
+        self.delay.saturating_mul(factor).min(self.delay_max)
+    }
 }
 
 /// The HSM's security mode, as the operator declares it (issue C): what whole-store operations and restores
@@ -101,6 +149,11 @@ pub struct Config {
     pub hsm_cache: usize,
     pub slots: Vec<SlotConfig>,
     pub mode: Mode,
+    /// `[logon]`: throttling and lockout of failed logons.
+    pub logon: LogonPolicy,
+    /// `[audit] head_file`: where every process that appends to the audit log also appends the new head (seq
+    /// and MAC), out of the key store's reach (default: `audit.head` beside the config file).
+    pub audit_head: PathBuf,
 }
 
 impl Config {
@@ -197,8 +250,51 @@ impl Config {
             }
             slots.push(SlotConfig { token: s.token, storage: s.storage, default_group });
         }
-        Ok(Config { source, module, log_file, log_level, store_url, hsm_cache, slots, mode: file.mode })
+        let logon = logon_policy(file.logon.unwrap_or_default(), &source)?;
+        let audit_head =
+            relative_to_file(file.audit.and_then(|a| a.head_file).unwrap_or_else(|| PathBuf::from(DEFAULT_AUDIT_HEAD)));
+        Ok(Config {
+            source,
+            module,
+            log_file,
+            log_level,
+            store_url,
+            hsm_cache,
+            slots,
+            mode: file.mode,
+            logon,
+            audit_head,
+        })
     }
+}
+
+/// The audit head file's name beside the config file when `[audit] head_file` is not set.
+pub const DEFAULT_AUDIT_HEAD: &str = "audit.head";
+
+fn logon_policy(file: LogonFile, source: &Path) -> Result<LogonPolicy> {
+    let default = LogonPolicy::default();
+    let duration = |key: &str, text: Option<String>, default: std::time::Duration| match text {
+        None => Ok(default),
+        Some(text) => humantime::parse_duration(text.trim()).map_err(|e| Error::Config {
+            path: source.to_path_buf(),
+            cause: format!(
+                "[logon] {key} = {text:?}: not a duration ({e}); write e.g. \"1s\", \"250ms\", \"5m\" or \"0s\""
+            ),
+        }),
+    };
+    let delay = duration("delay", file.delay, default.delay)?;
+    let delay_max = duration("delay_max", file.delay_max, default.delay_max)?;
+    if delay > delay_max || delay_max > std::time::Duration::from_secs(24 * 3600) {
+        return Err(Error::Config {
+            path: source.to_path_buf(),
+            cause: format!(
+                "[logon] delay ({}) must not exceed delay_max ({}), which is at most 24h",
+                humantime::format_duration(delay),
+                humantime::format_duration(delay_max)
+            ),
+        });
+    }
+    Ok(LogonPolicy { lockout_after: file.lockout_after.unwrap_or(default.lockout_after), delay, delay_max })
 }
 
 /// toml's messages span several lines (a snippet of the file); the log wants one.
@@ -321,6 +417,25 @@ mod tests {
         assert_eq!(parse("module = \"/m.so\"").unwrap().mode, Mode::Standard);
         assert_eq!(parse("module = \"/m.so\"\nmode = \"cc\"").unwrap().mode, Mode::Cc);
         assert!(parse("module = \"/m.so\"\nmode = \"paranoid\"").unwrap_err().to_string().contains("paranoid"));
+    }
+
+    #[test]
+    fn logon_policy_and_audit_head() {
+        let c = parse("module = \"/m.so\"").unwrap();
+        assert_eq!(c.logon, LogonPolicy::default());
+        assert_eq!(c.audit_head, PathBuf::from("/etc/p11shim/audit.head"));
+        let c = parse("module = \"/m.so\"\n[logon]\nlockout_after = 5\ndelay = \"100ms\"\ndelay_max = \"2s\"\n[audit]\nhead_file = \"/var/lib/p11shim/head\"")
+            .unwrap();
+        assert_eq!(c.logon.lockout_after, 5);
+        assert_eq!(c.logon.wait_after(0), std::time::Duration::ZERO);
+        assert_eq!(c.logon.wait_after(1), std::time::Duration::from_millis(100));
+        assert_eq!(c.logon.wait_after(3), std::time::Duration::from_millis(400));
+        assert_eq!(c.logon.wait_after(30), std::time::Duration::from_secs(2));
+        assert_eq!(c.audit_head, PathBuf::from("/var/lib/p11shim/head"));
+        let e = parse("module = \"/m.so\"\n[logon]\ndelay = \"soon\"").unwrap_err().to_string();
+        assert!(e.contains("[logon] delay") && e.contains("soon"), "{e}");
+        let e = parse("module = \"/m.so\"\n[logon]\ndelay = \"10s\"\ndelay_max = \"1s\"").unwrap_err().to_string();
+        assert!(e.contains("delay_max"), "{e}");
     }
 
     #[test]
