@@ -4,6 +4,7 @@
 use crate::error::{Error, Result};
 use crate::log::Level;
 use serde::Deserialize;
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 pub const DEFAULT_CONFIG: &str = "/etc/p11shim/p11shim.toml";
@@ -157,14 +158,37 @@ pub struct Config {
 }
 
 impl Config {
-    /// Reads the configuration the environment points at.
+    /// Reads the configuration the environment points at; in a process that runs with AT_SECURE (see
+    /// [`crate::secure`]) the environment is ignored and only [`DEFAULT_CONFIG`] is read.
     pub fn from_env() -> Result<Config> {
-        let named = std::env::var_os(ENV_CONFIG).filter(|v| !v.is_empty());
-        let module = std::env::var_os(ENV_MODULE).filter(|v| !v.is_empty()).map(PathBuf::from);
-        let path = named.clone().map(PathBuf::from).unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
+        Config::from_env_noting().map(|(config, _)| config)
+    }
+
+    /// As [`Config::from_env`], and which of the environment's overrides an AT_SECURE process ignored (for
+    /// the log).
+    pub fn from_env_noting() -> Result<(Config, Ignored)> {
+        Config::read(crate::secure::is_secure(), &|name| std::env::var_os(name), Path::new(DEFAULT_CONFIG))
+    }
+
+    /// The configuration `env` points at, or in `secure` mode the file `default` alone, whose path must be
+    /// root's alone (see [`crate::secure::open_trusted`]).
+    fn read(secure: bool, env: &dyn Fn(&str) -> Option<OsString>, default: &Path) -> Result<(Config, Ignored)> {
+        let named = env(ENV_CONFIG).filter(|v| !v.is_empty());
+        let module = env(ENV_MODULE).filter(|v| !v.is_empty()).map(PathBuf::from);
+        if secure {
+            let ignored = Ignored(
+                [(ENV_CONFIG, named.is_some()), (ENV_MODULE, module.is_some())]
+                    .into_iter()
+                    .filter_map(|(name, set)| set.then_some(name))
+                    .collect(),
+            );
+            return Config::read_trusted(default, &ignored).map(|config| (config, ignored));
+        }
+        let path = named.clone().map(PathBuf::from).unwrap_or_else(|| default.to_path_buf());
         // Without P11SHIM_CONFIG, P11SHIM_MODULE alone is enough: the default file is optional then.
         if named.is_none() && module.is_some() && !path.exists() {
-            return Config::resolve(ConfigFile::default(), module, PathBuf::from(format!("${ENV_MODULE}")));
+            let config = Config::resolve(ConfigFile::default(), module, PathBuf::from(format!("${ENV_MODULE}")))?;
+            return Ok((config, Ignored::default()));
         }
         let text = std::fs::read_to_string(&path).map_err(|e| Error::Config {
             path: path.clone(),
@@ -174,7 +198,30 @@ impl Config {
                 format!("cannot read it: {e}")
             },
         })?;
-        Config::parse(&text, &path, module)
+        Ok((Config::parse(&text, &path, module)?, Ignored::default()))
+    }
+
+    /// `path` read through [`crate::secure::open_trusted`], with no override; a failure also says what the
+    /// environment asked for in vain.
+    fn read_trusted(path: &Path, ignored: &Ignored) -> Result<Config> {
+        let fail = |cause: String, why_said: bool| {
+            let cause = match (ignored.is_empty(), why_said) {
+                (true, _) => cause,
+                (false, true) => format!("{cause}; {} ignored as well", ignored.subject()),
+                (false, false) => format!("{cause}; {ignored}"),
+            };
+            Error::Config { path: path.to_path_buf(), cause }
+        };
+        let mut file = crate::secure::open_trusted(path).map_err(|refusal| {
+            let why_said = matches!(refusal, crate::secure::Refusal::Untrusted { .. });
+            fail(refusal.to_string(), why_said)
+        })?;
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut file, &mut text).map_err(|e| fail(format!("cannot read it: {e}"), false))?;
+        Config::parse(&text, path, None).map_err(|e| match e {
+            Error::Config { cause, .. } => fail(cause, false),
+            e => e,
+        })
     }
 
     /// Parses `text` read from `path`; `module_override` is `P11SHIM_MODULE`.
@@ -265,6 +312,28 @@ impl Config {
             logon,
             audit_head,
         })
+    }
+}
+
+/// The environment variables that would have chosen the configuration or the module, set but ignored because
+/// the process runs with AT_SECURE.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Ignored(pub Vec<&'static str>);
+
+impl Ignored {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// "P11SHIM_CONFIG and P11SHIM_MODULE are", "P11SHIM_MODULE is".
+    fn subject(&self) -> String {
+        format!("{} {}", self.0.join(" and "), if self.0.len() == 1 { "is" } else { "are" })
+    }
+}
+
+impl std::fmt::Display for Ignored {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ignored because {}; only {DEFAULT_CONFIG} is read", self.subject(), crate::secure::WHY)
     }
 }
 
@@ -436,6 +505,89 @@ mod tests {
         assert!(e.contains("[logon] delay") && e.contains("soon"), "{e}");
         let e = parse("module = \"/m.so\"\n[logon]\ndelay = \"10s\"\ndelay_max = \"1s\"").unwrap_err().to_string();
         assert!(e.contains("delay_max"), "{e}");
+    }
+
+    /// The environment of an attacker who points both variables at files of their own.
+    fn attacker_env(name: &str) -> Option<OsString> {
+        match name {
+            ENV_CONFIG => Some("/tmp/attacker/p11shim.toml".into()),
+            ENV_MODULE => Some("/tmp/attacker/evil.so".into()),
+            _ => None,
+        }
+    }
+
+    /// A default config of root's, root's alone, naming `module`.
+    fn default_config() -> (tempfile::TempDir, PathBuf) {
+        let (dir, file) = crate::secure::tests::tree();
+        std::fs::write(&file, "module = \"/usr/lib/softhsm/libsofthsm2.so\"\nlog_level = \"debug\"").unwrap();
+        (dir, file)
+    }
+
+    #[test]
+    fn secure_mode_ignores_the_environment_and_reads_the_default_file() {
+        if !crate::secure::tests::root("secure_mode_ignores_the_environment_and_reads_the_default_file") {
+            return;
+        }
+        let (_dir, default) = default_config();
+        let (c, ignored) = Config::read(true, &attacker_env, &default).unwrap();
+        assert_eq!(c.source, default);
+        assert_eq!(c.module, PathBuf::from("/usr/lib/softhsm/libsofthsm2.so"), "not P11SHIM_MODULE");
+        assert_eq!(ignored.0, [ENV_CONFIG, ENV_MODULE]);
+        let said = ignored.to_string();
+        assert!(
+            said.starts_with("P11SHIM_CONFIG and P11SHIM_MODULE are ignored because") && said.contains("AT_SECURE")
+        );
+        let (_, ignored) = Config::read(true, &|_| None, &default).unwrap();
+        assert!(ignored.is_empty(), "nothing set, nothing ignored");
+        let only_module = |n: &str| (n == ENV_MODULE).then(|| OsString::from("/x.so"));
+        let (_, ignored) = Config::read(true, &only_module, &default).unwrap();
+        assert_eq!(ignored.to_string().split(" is ignored").next(), Some("P11SHIM_MODULE"));
+
+        // Outside secure mode, the environment chooses, as it always did.
+        let env = |n: &str| match n {
+            ENV_CONFIG => Some(default.clone().into_os_string()),
+            ENV_MODULE => Some("/b.so".into()),
+            _ => None,
+        };
+        let (c, ignored) = Config::read(false, &env, Path::new("/nonexistent/p11shim.toml")).unwrap();
+        assert_eq!((c.source, c.module, ignored.is_empty()), (default.clone(), PathBuf::from("/b.so"), true));
+    }
+
+    #[test]
+    fn secure_mode_refuses_a_default_file_others_could_change() {
+        if !crate::secure::tests::root("secure_mode_refuses_a_default_file_others_could_change") {
+            return;
+        }
+        use crate::secure::tests::{chmod, chown};
+        let (dir, default) = default_config();
+        let refused = |what: &str| {
+            let e = Config::read(true, &attacker_env, &default).unwrap_err();
+            assert_eq!(e.rv(), cryptoki_sys::CKR_GENERAL_ERROR);
+            let e = e.to_string();
+            assert!(e.starts_with(&format!("configuration file {}: refused because", default.display())), "{e}");
+            assert!(e.contains(what), "{what}: {e}");
+            assert!(e.contains("; P11SHIM_CONFIG and P11SHIM_MODULE are ignored as well"), "{e}");
+            assert!(!e.contains('\n'), "one line: {e}");
+        };
+        chmod(&default, 0o666);
+        refused("(file) is writable by group and others (mode 0666)");
+        chmod(&default, 0o644);
+        chown(&default, 65534);
+        refused("(file) is owned by uid 65534, not root");
+        chown(&default, 0);
+        chmod(&dir.path().join("sub"), 0o777);
+        refused(&format!("{} (directory) is writable by group and others", dir.path().join("sub").display()));
+        chmod(&dir.path().join("sub"), 0o755);
+        assert!(Config::read(true, &attacker_env, &default).is_ok());
+
+        // A missing default file is an error, never a reason to fall back on the environment.
+        let missing = dir.path().join("sub/none.toml");
+        let e = Config::read(true, &attacker_env, &missing).unwrap_err().to_string();
+        assert!(e.contains("No such file") && e.contains("P11SHIM_MODULE are ignored because this process"), "{e}");
+        // Nor is a default file that is no valid configuration.
+        std::fs::write(&default, "module = ").unwrap();
+        let e = Config::read(true, &attacker_env, &default).unwrap_err().to_string();
+        assert!(e.contains("TOML parse error") && e.contains("P11SHIM_MODULE are ignored because"), "{e}");
     }
 
     #[test]

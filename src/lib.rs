@@ -19,6 +19,7 @@ pub mod forks;
 pub mod hsm;
 pub mod log;
 pub mod objects;
+pub mod secure;
 pub mod sessions;
 pub mod store;
 pub mod threads;

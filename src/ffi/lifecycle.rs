@@ -102,7 +102,7 @@ fn initialize(app_args: Option<CK_C_INITIALIZE_ARGS>) -> Result<CK_RV, CK_RV> {
     let config = match &inherited {
         Some(parent) => parent.config.clone(),
         None => {
-            let config = Config::from_env().map_err(|e| setup_failed(&e))?;
+            let (config, ignored) = Config::from_env_noting().map_err(|e| setup_failed(&e))?;
             if let Err(e) = log::configure(config.log_file.as_deref(), config.log_level) {
                 let file = config.log_file.as_deref().unwrap_or(std::path::Path::new("")).display().to_string();
                 log::fatal(format_args!(
@@ -110,6 +110,9 @@ fn initialize(app_args: Option<CK_C_INITIALIZE_ARGS>) -> Result<CK_RV, CK_RV> {
                     config.source.display()
                 ));
                 return Err(CKR_GENERAL_ERROR);
+            }
+            if !ignored.is_empty() {
+                crate::warn!("{ignored}");
             }
             config
         }
