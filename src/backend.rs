@@ -53,16 +53,23 @@ pub fn load(config: &Config) -> Result<&'static Backend> {
         }
         return Ok(b);
     }
-    let backend = Box::leak(Box::new(open(&config.module)?));
+    let backend = Box::leak(Box::new(open(&config.module, crate::secure::is_secure())?));
     LOADED.store(backend, Ordering::Release);
     Ok(backend)
 }
 
-fn open(path: &Path) -> Result<Backend> {
+/// Loads the module at `path`. In `secure` mode (an AT_SECURE process) the path must be root's alone and the
+/// module is loaded at its resolved path, which only root can change (see [`crate::secure`]).
+fn open(path: &Path, secure: bool) -> Result<Backend> {
     let fail = |cause: String| Error::Backend { path: path.to_path_buf(), cause };
     use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
+    let load_from = if secure {
+        crate::secure::trusted_path(path).map_err(|refusal| fail(refusal.to_string()))?
+    } else {
+        path.to_path_buf()
+    };
     // SAFETY: loading a library runs its initializers; a PKCS#11 module is made to be loaded this way.
-    let lib = unsafe { Library::open(Some(path), RTLD_NOW | RTLD_LOCAL) }
+    let lib = unsafe { Library::open(Some(&load_from), RTLD_NOW | RTLD_LOCAL) }
         .map_err(|e| fail(format!("cannot load it: {}", error_chain(&e))))?;
     // SAFETY: C_GetFunctionList has this signature in every PKCS#11 module.
     let get_list =
@@ -229,5 +236,41 @@ impl Backend {
         // SAFETY: no application pointer and no callback; valid out pointer.
         rv_ok(unsafe { f(slot, flags, std::ptr::null_mut(), None, &mut handle) })?;
         Ok(handle)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secure::tests::{chmod, chown, root, tree};
+
+    /// The refusal comes before dlopen: the file is no shared object, which dlopen would say.
+    fn refusal(path: &Path) -> String {
+        match open(path, true) {
+            Ok(_) => panic!("{} was loaded", path.display()),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn a_module_others_could_change_is_not_loaded_in_secure_mode() {
+        if !root("a_module_others_could_change_is_not_loaded_in_secure_mode") {
+            return;
+        }
+        let (dir, module) = tree();
+        let e = refusal(&module);
+        assert!(e.contains("cannot load it"), "a root-only path goes to dlopen: {e}");
+        chmod(&module, 0o664);
+        let e = refusal(&module);
+        assert!(e.starts_with(&format!("backend module {}: refused because", module.display())), "{e}");
+        assert!(e.contains("(file) is writable by group (mode 0664)") && !e.contains("cannot load"), "{e}");
+        chmod(&module, 0o644);
+        chown(&module, 65534);
+        assert!(refusal(&module).contains("(file) is owned by uid 65534, not root"));
+        chown(&module, 0);
+        chmod(&dir.path().join("sub"), 0o777);
+        assert!(refusal(&module).contains("(directory) is writable by group and others (mode 0777)"));
+        let e = open(Path::new("libsofthsm2.so"), true).err().unwrap().to_string();
+        assert!(e.contains("not an absolute path"), "a bare name would be looked up by dlopen: {e}");
     }
 }
