@@ -144,6 +144,83 @@ fn interface_3x(lib: &libloading::os::unix::Library, own_symbol: *const c_void) 
     best
 }
 
+/// Whether the module at `path` defines C_GetInterface, read from its ELF dynamic symbol table without loading
+/// it: applications ask which interfaces the shim offers before C_Initialize, and nothing is loaded before
+/// then. As in `interface_3x`, only the module's own symbol counts (not one of its dependencies'). None when
+/// the file is not a 64-bit little-endian ELF object with section headers, or cannot be read.
+pub fn declares_get_interface(path: &Path) -> Option<bool> {
+    const SHT_DYNSYM: u32 = 11;
+    const STT_FUNC: u8 = 2;
+    const STT_GNU_IFUNC: u8 = 10;
+    const SHN_UNDEF: u16 = 0;
+    let elf = ElfFile::open(path)?;
+    let header = elf.read(0, 64)?;
+    if header[..4] != *b"\x7fELF" || header[4] != 2 || header[5] != 1 {
+        return None;
+    }
+    let (shoff, shentsize, shnum) =
+        (le64(&header, 0x28)?, le16(&header, 0x3a)? as usize, le16(&header, 0x3c)? as usize);
+    if shoff == 0 || shentsize < 64 {
+        return None;
+    }
+    let sections = elf.read(shoff, shentsize.checked_mul(shnum)?)?;
+    let section = |i: usize| sections.get(i * shentsize..i * shentsize + 64);
+    let Some(dynsym) = (0..shnum).filter_map(section).find(|s| le32(s, 4) == Some(SHT_DYNSYM)) else {
+        return Some(false); // no dynamic symbols: it exports nothing
+    };
+    let entsize = usize::try_from(le64(dynsym, 56)?).ok().filter(|e| *e >= 24)?;
+    let symbols = elf.read(le64(dynsym, 24)?, usize::try_from(le64(dynsym, 32)?).ok()?)?;
+    let strtab = section(le32(dynsym, 40)? as usize)?;
+    let names = elf.read(le64(strtab, 24)?, usize::try_from(le64(strtab, 32)?).ok()?)?;
+    let name_of = |sym: &[u8]| -> Option<&[u8]> {
+        let rest = names.get(le32(sym, 0)? as usize..)?;
+        rest.split(|b| *b == 0).next()
+    };
+    Some(symbols.chunks_exact(entsize).any(|sym| {
+        name_of(sym) == Some(b"C_GetInterface".as_slice())
+            && le16(sym, 6) != Some(SHN_UNDEF)
+            && matches!(sym[4] & 0xf, STT_FUNC | STT_GNU_IFUNC)
+    }))
+}
+
+/// A file read in bounded pieces, never beyond its end (a piece is at most 64 MiB).
+struct ElfFile {
+    file: std::fs::File,
+    len: u64,
+}
+
+impl ElfFile {
+    fn open(path: &Path) -> Option<ElfFile> {
+        use std::os::unix::fs::OpenOptionsExt;
+        // O_NONBLOCK: a FIFO in the module's place must not hang the application's C_GetInterface.
+        let file =
+            std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC).open(path).ok()?;
+        let meta = file.metadata().ok()?;
+        meta.is_file().then_some(ElfFile { file, len: meta.len() })
+    }
+
+    fn read(&self, offset: u64, len: usize) -> Option<Vec<u8>> {
+        if len > 64 << 20 || offset.checked_add(len as u64)? > self.len {
+            return None;
+        }
+        let mut buf = vec![0; len];
+        std::os::unix::fs::FileExt::read_exact_at(&self.file, &mut buf, offset).ok()?;
+        Some(buf)
+    }
+}
+
+fn le16(b: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_le_bytes(b.get(at..at + 2)?.try_into().ok()?))
+}
+
+fn le32(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+fn le64(b: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?))
+}
+
 /// An error and its causes on one line (libloading keeps dlerror's text in the source).
 fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
@@ -272,5 +349,30 @@ mod tests {
         assert!(refusal(&module).contains("(directory) is writable by group and others (mode 0777)"));
         let e = open(Path::new("libsofthsm2.so"), true).err().unwrap().to_string();
         assert!(e.contains("not an absolute path"), "a bare name would be looked up by dlopen: {e}");
+    }
+
+    #[test]
+    fn the_interface_question_is_answered_from_the_file() {
+        let softhsm = Path::new("/usr/lib/softhsm/libsofthsm2.so");
+        if softhsm.exists() {
+            assert_eq!(declares_get_interface(softhsm), Some(false), "SoftHSM2 2.6 is a 2.40 module");
+        } else {
+            eprintln!("NOT CHECKED: {} is not installed", softhsm.display());
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let text = dir.path().join("text");
+        std::fs::write(&text, "module = \"x\"").unwrap();
+        assert_eq!(declares_get_interface(&text), None);
+        assert_eq!(declares_get_interface(&dir.path().join("missing")), None);
+        assert_eq!(declares_get_interface(dir.path()), None, "a directory");
+        // A header whose section table lies beyond the end of the file.
+        let mut header = vec![0u8; 64];
+        header[..6].copy_from_slice(b"\x7fELF\x02\x01");
+        header[0x28..0x30].copy_from_slice(&4096u64.to_le_bytes());
+        header[0x3a..0x3c].copy_from_slice(&64u16.to_le_bytes());
+        header[0x3c..0x3e].copy_from_slice(&3u16.to_le_bytes());
+        let truncated = dir.path().join("truncated.so");
+        std::fs::write(&truncated, &header).unwrap();
+        assert_eq!(declares_get_interface(&truncated), None);
     }
 }

@@ -4,7 +4,7 @@
 
 use super::guard;
 use super::table::{FUNCTION_LIST_2_40, FUNCTION_LIST_3_0};
-use crate::backend::{self, Backend};
+use crate::backend;
 use crate::config::Config;
 use cryptoki_sys::*;
 use std::ffi::{c_void, CStr};
@@ -42,14 +42,19 @@ static WITH_3_0: [Interface; 2] = [
 /// What the shim offers over a 2.40-only backend (SoftHSM2 2.6).
 static ONLY_2_40: [Interface; 1] = [interface(&FUNCTION_LIST_2_40 as *const CK_FUNCTION_LIST as *const c_void)];
 
-/// The interfaces on offer. They depend on the backend, which applications ask about before C_Initialize:
-/// load it now if the configuration allows (errors are reported by C_Initialize).
+/// The interfaces on offer. They depend on the backend, which applications ask about before C_Initialize, when
+/// nothing may be loaded yet (loading runs the module's code, and only C_Initialize decides, with its checks,
+/// what may be loaded). Until the backend is loaded, the module the configuration names is read, not loaded,
+/// for a C_GetInterface of its own; when that cannot be told, 2.40 only.
 fn offered() -> &'static [Interface] {
-    let backend: Option<&Backend> =
-        backend::loaded().or_else(|| Config::from_env().ok().and_then(|c| backend::load(&c).ok()));
-    match backend {
-        Some(b) if b.f3.is_some() => &WITH_3_0,
-        _ => &ONLY_2_40,
+    let has_3x = match backend::loaded() {
+        Some(b) => b.f3.is_some(),
+        None => Config::from_env().ok().and_then(|c| backend::declares_get_interface(&c.module)).unwrap_or(false),
+    };
+    if has_3x {
+        &WITH_3_0
+    } else {
+        &ONLY_2_40
     }
 }
 
