@@ -143,16 +143,15 @@ __attribute__((constructor)) static void ran(void) {
 // -----------------------------------------------------------------------------------------------------------
 // Building and running
 
-/// A directory of this test's own, wiped, readable and searchable by everyone (the unprivileged user runs
-/// programs from it).
-fn fresh_dir(name: &str) -> PathBuf {
-    let dir = common::test_dir().join(name);
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut up = Some(dir.as_path());
-    while let Some(d) = up.filter(|d| d.starts_with(common::test_dir().parent().unwrap())) {
+/// A directory of this test run's own under the binary's test directory, readable and searchable by everyone
+/// (the unprivileged user runs programs from it), removed when the test ends: two runs of this binary at the
+/// same time never see each other's markers, and no privileged copy of the harness stays behind.
+fn fresh_dir(name: &str) -> tempfile::TempDir {
+    let parent = common::test_dir();
+    std::fs::create_dir_all(&parent).unwrap();
+    let dir = tempfile::Builder::new().prefix(&format!("{name}-")).tempdir_in(&parent).unwrap();
+    let mut up = Some(dir.path());
+    while let Some(d) = up.filter(|d| d.starts_with(parent.parent().unwrap())) {
         chmod(d, 0o755);
         up = d.parent();
     }
@@ -301,7 +300,8 @@ fn default_config_exists() -> bool {
 #[test]
 fn nothing_is_loaded_before_c_initialize() {
     let dir = fresh_dir("before-initialize");
-    let built = build(&dir);
+    let dir = dir.path();
+    let built = build(dir);
     let shim = common::shim_path();
     for (module, three) in [(&built.marker3, true), (&built.marker, false)] {
         let config = module.with_extension("toml");
@@ -344,7 +344,8 @@ fn forced_secure_mode_ignores_the_environment_in_process() {
         return;
     }
     let dir = fresh_dir("forced");
-    let module = build(&dir).marker3;
+    let dir = dir.path();
+    let module = build(dir).marker3;
     let config = dir.join("attacker.toml");
     std::fs::write(&config, format!("module = {:?}\n", module.to_str().unwrap())).unwrap();
     let marker = dir.join("loaded");
@@ -420,17 +421,6 @@ fn forced_secure_mode_child() {
 // -----------------------------------------------------------------------------------------------------------
 // AT_SECURE, end to end
 
-/// Removes the privileged copies when the test ends, however it ends.
-struct Privileged(Vec<PathBuf>);
-
-impl Drop for Privileged {
-    fn drop(&mut self) {
-        for p in &self.0 {
-            let _ = std::fs::remove_file(p);
-        }
-    }
-}
-
 /// The harness, made set-user-ID nobody, set-group-ID nobody, and given a file capability, each run by an
 /// unprivileged user whose environment names a configuration and a module of theirs; and an unprivileged
 /// copy run the same way, which loads the attacker's module (the control: the marker works, and the
@@ -442,7 +432,8 @@ fn privileged_programs_ignore_the_environment() {
     let setpriv = tool("setpriv", "util-linux");
     let setcap = tool("setcap", "libcap2-bin");
     let dir = fresh_dir("privileged");
-    let Built { harness, marker3: module, .. } = build(&dir);
+    let dir = dir.path();
+    let Built { harness, marker3: module, .. } = build(dir);
     let shim = dir.join("libp11shim.so");
     std::fs::copy(common::shim_path(), &shim).unwrap();
     chmod(&shim, 0o755);
@@ -476,7 +467,6 @@ fn privileged_programs_ignore_the_environment() {
     let caps = copy("harness-setcap");
     let out = Command::new(&setcap).args(["cap_net_bind_service+ep"]).arg(&caps).output().unwrap();
     assert!(out.status.success(), "setcap: {}", String::from_utf8_lossy(&out.stderr));
-    let _cleanup = Privileged(vec![suid.clone(), sgid.clone(), caps.clone()]);
     let plain = copy("harness-plain");
 
     let run = |program: &Path, what: &str| {
