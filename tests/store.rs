@@ -5,7 +5,9 @@
 mod common;
 
 use common::pg::{PgCluster, TestDb};
-use p11shim::store::{self, AuditDraft, AuditEntry, KeyQuery, KeyRow, KeyStore, StoreError, UserRow, SCHEMA_VERSION};
+use p11shim::store::{
+    self, AuditDraft, AuditEntry, KeyQuery, KeyRow, KeyStore, StoreError, StoreResult, UserRow, SCHEMA_VERSION,
+};
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -595,6 +597,9 @@ fn user(name: &str) -> UserRow {
         auth: "password".into(),
         secret: b"$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA".to_vec(),
         version: 1,
+        failed: 0,
+        last_failed: 0,
+        mac: vec![9; 32],
     }
 }
 
@@ -636,7 +641,13 @@ fn draft(action: &str, n: i64) -> AuditDraft {
         group: "Prod.*".into(),
         count: n,
         result: "ok".into(),
+        mode: "standard".into(),
     }
+}
+
+/// A stand-in for the HSM's MAC: the hash reversed (the store only keeps what the seal gives).
+fn seal(hash: &[u8], _last_sealed: bool) -> StoreResult<(Vec<u8>, String)> {
+    Ok((hash.iter().rev().copied().collect(), "test-mbk".into()))
 }
 
 fn audit_entries(store: &dyn KeyStore) -> Vec<AuditEntry> {
@@ -663,19 +674,32 @@ fn assert_valid_chain(entries: &[AuditEntry]) {
 
 fn audit_chain_links_each_entry_to_the_previous(fx: &Fixture) {
     let store = fx.open();
-    let first = store.audit_append(draft("backup", 3)).unwrap();
+    let first = store.audit_append(draft("backup", 3), &seal).unwrap();
     assert_eq!(first.seq, 1);
     assert_eq!(first.prev, vec![0u8; 32]);
     assert_eq!(first.draft, draft("backup", 3));
-    let second = store.audit_append(draft("restore", 4)).unwrap();
+    let second = store.audit_append(draft("restore", 4), &seal).unwrap();
     assert_eq!((second.seq, &second.prev), (2, &first.hash));
     let entries = audit_entries(&*store);
     assert_eq!(entries, vec![first, second], "stored as returned");
     assert_valid_chain(&entries);
     // Reopening continues the chain.
-    let third = fx.open().audit_append(draft("verify", 0)).unwrap();
+    let third = fx.open().audit_append(draft("verify", 0), &seal).unwrap();
     assert_eq!(third.seq, 3);
     assert_valid_chain(&audit_entries(&*store));
+    let entries = audit_entries(&*store);
+    for e in &entries {
+        assert_eq!(e.mac, e.hash.iter().rev().copied().collect::<Vec<_>>(), "entry {}: the seal's MAC is kept", e.seq);
+        assert_eq!(e.mbk, "test-mbk", "and the MBK set that made it");
+    }
+    // The seal is told whether the last entry is sealed, and its error aborts the append: nothing written.
+    let refuse = |_: &[u8], last_sealed: bool| -> StoreResult<(Vec<u8>, String)> {
+        assert!(last_sealed, "the last entry is sealed");
+        Err(StoreError::Sealing("no MAC key".into()))
+    };
+    let err = store.audit_append(draft("refused", 0), &refuse).unwrap_err();
+    assert!(err.to_string().contains("no MAC key"), "{err}");
+    assert_eq!(audit_entries(&*store), entries, "nothing appended");
 }
 
 fn audit_appended_by_four_processes_is_one_contiguous_chain(fx: &Fixture) {
@@ -713,7 +737,7 @@ fn child_process_appends_50_audit_entries() {
     let (t, url) = arg.split_once(' ').expect("T URL");
     let store = store::open(url).unwrap_or_else(|e| panic!("child {t}: {e}"));
     for i in 0..50 {
-        store.audit_append(draft(&format!("child {t}"), i)).unwrap_or_else(|e| panic!("child {t}: {e}"));
+        store.audit_append(draft(&format!("child {t}"), i), &seal).unwrap_or_else(|e| panic!("child {t}: {e}"));
     }
 }
 
@@ -843,7 +867,7 @@ fn version_1_store_migrates_to_users_and_audit(fx: &Fixture) {
     assert_eq!(fx.schema_versions(), (1..=SCHEMA_VERSION).collect::<Vec<_>>());
     assert_eq!(ids(&all_rows(&*store)), vec![id(1)]);
     store.user_insert(&user("alice")).unwrap();
-    store.audit_append(draft("backup", 1)).unwrap();
+    store.audit_append(draft("backup", 1), &seal).unwrap();
 }
 
 // ---- SQLite only ----

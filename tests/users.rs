@@ -8,7 +8,10 @@ use argon2::password_hash::PasswordHasher;
 use common::pg::TestDb;
 use ed25519_dalek::pkcs8::{EncodePrivateKey, EncodePublicKey};
 use ed25519_dalek::SigningKey;
+use p11shim::audit::Trail;
 use p11shim::auth::{self, AuthError, Credential, Logons, Need, NewUser};
+use p11shim::backup::format::SoftwareSealer;
+use p11shim::config::{LogonPolicy, Mode};
 use p11shim::store::{self, AuditEntry, KeyStore};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -45,6 +48,17 @@ impl Fixture {
     fn open(&self) -> Box<dyn KeyStore> {
         store::open(self.url()).unwrap()
     }
+    /// Runs `sql` on a connection of its own, as a writer of the database would (bypassing the store).
+    fn raw(&self, sql: &str) {
+        match self {
+            Fixture::Sqlite { dir, .. } => {
+                rusqlite::Connection::open(dir.path().join("keys.db")).unwrap().execute_batch(sql).unwrap()
+            }
+            Fixture::Postgres { db, .. } => {
+                ::postgres::Client::connect(db.url(), ::postgres::NoTls).unwrap().batch_execute(sql).unwrap()
+            }
+        }
+    }
 }
 
 macro_rules! both_engines {
@@ -80,9 +94,32 @@ both_engines!(
     cli_four_first_users_at_once_make_one,
     cli_user_commands_end_to_end,
     cli_stacked_logon_failure_runs_nothing,
+    rows_inserted_edited_or_moved_by_a_database_writer_are_refused,
+    failed_logons_delay_the_next_and_lock_until_an_admin_unlocks,
+    thirty_wrong_passwords_in_a_row_do_not_let_the_right_one_in_at_once,
+    unsealed_rows_of_an_earlier_version_are_resealed_once_by_an_admin,
 );
 
 const PW: &str = "correct horse";
+
+/// The MAC key that seals users and the audit log, in software here (the shim's is the HSM's).
+static SEALER: std::sync::LazyLock<SoftwareSealer> =
+    std::sync::LazyLock::new(|| SoftwareSealer::new(b"users test MAC key"));
+
+/// No wait after a failed logon: the rules tests fail logons on purpose (throttling is tested on its own).
+const POLICY: LogonPolicy =
+    LogonPolicy { lockout_after: 0, delay: std::time::Duration::ZERO, delay_max: std::time::Duration::ZERO };
+
+/// The store's audit trail and users, sealed by [`SEALER`].
+fn trail(store: &dyn KeyStore) -> Trail<'_> {
+    Trail { store, sealer: Some(&*SEALER), also: Vec::new(), head: None, mode: Mode::Standard }
+}
+
+/// Seals a row as the HSM would.
+fn sealed(mut row: p11shim::store::UserRow) -> p11shim::store::UserRow {
+    auth::seal_restored(&*SEALER, &mut row).unwrap();
+    row
+}
 
 fn password(p: &str) -> Credential {
     Credential::Password(Zeroizing::new(p.as_bytes().to_vec()))
@@ -107,7 +144,7 @@ fn seed(store: &dyn KeyStore, name: &str, perm: &str, regex: &str) {
     let mut row = auth::user_row(&NewUser { credential, ..user }).unwrap();
     row.auth = auth::AUTH_PASSWORD.into();
     row.secret = cheap_hash().as_bytes().to_vec();
-    store.user_insert(&row).unwrap();
+    store.user_insert(&sealed(row)).unwrap();
 }
 
 /// A fresh Ed25519 key pair; the private key written as PEM PKCS#8 to DIR/NAME.key.
@@ -125,7 +162,7 @@ fn seed_sign(store: &dyn KeyStore, dir: &Path, name: &str, perm: &str, regex: &s
     let (key, path) = key_pair(dir, name);
     let credential = Credential::SignKey(key.verifying_key().to_bytes());
     let user = NewUser { name: name.into(), perm: perm.into(), group_regex: regex.into(), credential };
-    store.user_insert(&auth::user_row(&user).unwrap()).unwrap();
+    store.user_insert(&sealed(auth::user_row(&user).unwrap())).unwrap();
     path
 }
 
@@ -133,7 +170,9 @@ fn seed_sign(store: &dyn KeyStore, dir: &Path, name: &str, perm: &str, regex: &s
 fn logons(store: &dyn KeyStore, names: &[&str]) -> Logons {
     let mut logons = Logons::new();
     for name in names {
-        logons.logon_password(store, name, PW.as_bytes()).unwrap_or_else(|e| panic!("logon {name}: {e}"));
+        logons
+            .logon_password(&trail(store), &POLICY, name, PW.as_bytes())
+            .unwrap_or_else(|e| panic!("logon {name}: {e}"));
     }
     logons
 }
@@ -242,22 +281,22 @@ fn user_administration_needs_10000000_and_refusals_are_audited(fx: &Fixture) {
         credential: password("new user pw"),
     };
     let cs = logons(&*store, &["csadmin"]);
-    let err = auth::add_user(&*store, &cs, None, new("dave")).unwrap_err();
+    let err = auth::add_user(&trail(&*store), &cs, None, new("dave")).unwrap_err();
     assert!(matches!(err, AuthError::Refused(_)), "{err:?}");
     assert!(err.to_string().contains("user add dave denied") && err.to_string().contains("10000000"), "{err}");
     assert_eq!(store.user_get("dave").unwrap(), None);
-    let err = auth::delete_user(&*store, &cs, "admin").unwrap_err();
+    let err = auth::delete_user(&trail(&*store), &cs, "admin").unwrap_err();
     assert!(matches!(err, AuthError::Refused(_)), "{err:?}");
     assert!(store.user_get("admin").unwrap().is_some());
 
     let admin = logons(&*store, &["admin"]);
-    let info = auth::add_user(&*store, &admin, None, new("dave")).unwrap();
+    let info = auth::add_user(&trail(&*store), &admin, None, new("dave")).unwrap();
     assert_eq!((info.perm.as_str(), info.auth.as_str()), ("00000002", "password"));
-    let err = auth::add_user(&*store, &admin, None, new("dave")).unwrap_err();
+    let err = auth::add_user(&trail(&*store), &admin, None, new("dave")).unwrap_err();
     assert!(err.to_string().contains("user dave already exists"), "{err}");
-    auth::delete_user(&*store, &admin, "dave").unwrap();
+    auth::delete_user(&trail(&*store), &admin, "dave").unwrap();
     assert_eq!(store.user_get("dave").unwrap(), None);
-    let err = auth::delete_user(&*store, &admin, "dave").unwrap_err();
+    let err = auth::delete_user(&trail(&*store), &admin, "dave").unwrap_err();
     assert!(err.to_string().contains("no user dave"), "{err}");
 
     assert_eq!(
@@ -266,20 +305,25 @@ fn user_administration_needs_10000000_and_refusals_are_audited(fx: &Fixture) {
             "csadmin | refused: user add dave",
             "csadmin | refused: user delete admin",
             "admin | user add dave",
+            "admin | user add dave",
+            "admin | user delete dave",
             "admin | user delete dave",
         ]
     );
+    let results: Vec<String> = audit(&*store).into_iter().map(|e| e.draft.result).collect();
+    assert!(results[3].starts_with("failed: user dave already exists"), "failures are audited too: {results:?}");
+    assert!(results[5].starts_with("failed: no user dave"), "{results:?}");
     let refusal = &audit(&*store)[0].draft;
     assert!(refusal.result.contains("needs 10000000"), "the refusal's reason is logged: {}", refusal.result);
-    assert!(p11shim::audit::verify(&*store).unwrap().ok());
+    assert!(p11shim::audit::verify(&trail(&*store)).unwrap().ok());
 }
 
 fn wrong_password_and_unknown_user_fail_alike(fx: &Fixture) {
     let store = fx.open();
     seed(&*store, "alice", "00000002", ".*");
     let mut logons = Logons::new();
-    let wrong = logons.logon_password(&*store, "alice", b"not her password").unwrap_err();
-    let unknown = logons.logon_password(&*store, "mallory", PW.as_bytes()).unwrap_err();
+    let wrong = logons.logon_password(&trail(&*store), &POLICY, "alice", b"not her password").unwrap_err();
+    let unknown = logons.logon_password(&trail(&*store), &POLICY, "mallory", PW.as_bytes()).unwrap_err();
     assert!(matches!(wrong, AuthError::LogonFailed(_)), "{wrong:?}");
     assert_eq!(wrong.to_string(), "logon failed for alice");
     assert_eq!(unknown.to_string(), "logon failed for mallory", "no hint whether the user exists");
@@ -287,8 +331,8 @@ fn wrong_password_and_unknown_user_fail_alike(fx: &Fixture) {
     // The log says which it was, for the administrators.
     let results: Vec<String> =
         audit(&*store).into_iter().map(|e| format!("{}: {}", e.draft.who, e.draft.result)).collect();
-    assert_eq!(results, vec!["alice: wrong password", "mallory: no such user"]);
-    logons.logon_password(&*store, "alice", PW.as_bytes()).unwrap();
+    assert_eq!(results, vec!["alice: wrong password; failed logons in a row: 1", "mallory: no such user"]);
+    logons.logon_password(&trail(&*store), &POLICY, "alice", PW.as_bytes()).unwrap();
     assert_eq!(logons.who(), "alice");
 }
 
@@ -297,11 +341,11 @@ fn logon_sign_verifies_a_fresh_challenge_with_the_stored_key(fx: &Fixture) {
     let key_file = seed_sign(&*store, fx.dir(), "signer", "00000002", "Prod.*");
     let (_, other_key) = key_pair(fx.dir(), "other");
     let mut logons = Logons::new();
-    let err = logons.logon_sign(&*store, "signer", &other_key).unwrap_err();
+    let err = logons.logon_sign(&trail(&*store), &POLICY, "signer", &other_key).unwrap_err();
     assert_eq!(err.to_string(), "logon failed for signer");
     assert!(audit(&*store)[0].draft.result.contains("wrong key"), "{:?}", audit(&*store)[0]);
     assert!(logons.is_empty());
-    logons.logon_sign(&*store, "signer", &key_file).unwrap();
+    logons.logon_sign(&trail(&*store), &POLICY, "signer", &key_file).unwrap();
     logons.require(Need::Group("ProdX".into())).unwrap();
     // Raw and hex private keys work as well as PEM.
     let key = auth::read_signing_key(&key_file).unwrap();
@@ -310,11 +354,13 @@ fn logon_sign_verifies_a_fresh_challenge_with_the_stored_key(fx: &Fixture) {
     let hexfile = fx.dir().join("hex.key");
     std::fs::write(&hexfile, format!("{}\n", hex::encode(key.to_bytes()))).unwrap();
     for file in [&raw, &hexfile] {
-        Logons::new().logon_sign(&*store, "signer", file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        Logons::new()
+            .logon_sign(&trail(&*store), &POLICY, "signer", file)
+            .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
     }
     let garbage = fx.dir().join("garbage.key");
     std::fs::write(&garbage, b"not a key").unwrap();
-    let err = Logons::new().logon_sign(&*store, "signer", &garbage).unwrap_err().to_string();
+    let err = Logons::new().logon_sign(&trail(&*store), &POLICY, "signer", &garbage).unwrap_err().to_string();
     assert!(err.contains(&garbage.display().to_string()) && err.contains("PRIVATE KEY"), "{err}");
 }
 
@@ -323,9 +369,9 @@ fn password_users_cannot_logon_sign_and_key_users_cannot_use_a_password(fx: &Fix
     seed(&*store, "pwuser", "00000002", ".*");
     let key_file = seed_sign(&*store, fx.dir(), "keyuser", "00000002", ".*");
     let mut logons = Logons::new();
-    let err = logons.logon_sign(&*store, "pwuser", &key_file).unwrap_err();
+    let err = logons.logon_sign(&trail(&*store), &POLICY, "pwuser", &key_file).unwrap_err();
     assert_eq!(err.to_string(), "logon failed for pwuser");
-    let err = logons.logon_password(&*store, "keyuser", PW.as_bytes()).unwrap_err();
+    let err = logons.logon_password(&trail(&*store), &POLICY, "keyuser", PW.as_bytes()).unwrap_err();
     assert_eq!(err.to_string(), "logon failed for keyuser");
     assert!(logons.is_empty());
     let results: Vec<String> = audit(&*store).into_iter().map(|e| e.draft.result).collect();
@@ -336,7 +382,7 @@ fn a_user_cannot_log_on_twice(fx: &Fixture) {
     let store = fx.open();
     seed(&*store, "half", "01000000", ".*");
     let mut logons = logons(&*store, &["half"]);
-    let err = logons.logon_password(&*store, "half", PW.as_bytes()).unwrap_err();
+    let err = logons.logon_password(&trail(&*store), &POLICY, "half", PW.as_bytes()).unwrap_err();
     assert!(err.to_string().contains("already logged on"), "{err}");
     logons.require(Need::KeyStore).unwrap_err(); // 01000000 counted once, not twice
 }
@@ -349,7 +395,13 @@ fn stacked_logons_stop_at_the_first_failure(fx: &Fixture) {
     std::env::set_var("P11SHIM_PASSWORD_S_ONE", PW);
     std::env::set_var("P11SHIM_PASSWORD_S_TWO", "wrong password");
     let specs = ["s_one".to_string(), "s_two".to_string(), "s_three".to_string()];
-    let err = p11shim::cli::users::logons(&*store, &specs).unwrap_err();
+    let config = p11shim::config::Config::parse(
+        "module = \"/m.so\"\n[logon]\ndelay = \"0s\"\ndelay_max = \"0s\"",
+        Path::new("/c.toml"),
+        None,
+    )
+    .unwrap();
+    let err = p11shim::cli::users::logons(&trail(&*store), &config, &specs).unwrap_err();
     assert_eq!(err, "logon failed for s_two");
     // s_three was never tried: no password asked (none is set, stdin is not a terminal), nothing logged.
     assert_eq!(actions(&*store), vec!["s_two | refused: logon (password)"]);
@@ -362,7 +414,7 @@ fn passwords_are_stored_as_argon2id_hashes_only(fx: &Fixture) {
     let secret = "Sup3r-Secret-Passw0rd";
     let user =
         NewUser { name: "eve".into(), perm: "00000002".into(), group_regex: ".*".into(), credential: password(secret) };
-    auth::add_user(&*store, &logons(&*store, &["admin"]), None, user).unwrap();
+    auth::add_user(&trail(&*store), &logons(&*store, &["admin"]), None, user).unwrap();
     let row = store.user_get("eve").unwrap().unwrap();
     let stored = String::from_utf8(row.secret.clone()).unwrap();
     assert!(stored.starts_with("$argon2id$v=19$"), "{stored}");
@@ -379,7 +431,7 @@ fn passwords_are_stored_as_argon2id_hashes_only(fx: &Fixture) {
         }
     }
     let mut fresh = Logons::new();
-    fresh.logon_password(&*fx.open(), "eve", secret.as_bytes()).unwrap();
+    fresh.logon_password(&trail(&*fx.open()), &POLICY, "eve", secret.as_bytes()).unwrap();
 }
 
 fn invalid_names_masks_and_regexes_are_refused_by_name(fx: &Fixture) {
@@ -389,7 +441,7 @@ fn invalid_names_masks_and_regexes_are_refused_by_name(fx: &Fixture) {
     let add = |name: &str, perm: &str, regex: &str, pw: &str| {
         let user =
             NewUser { name: name.into(), perm: perm.into(), group_regex: regex.into(), credential: password(pw) };
-        auth::add_user(&*store, &admin, None, user).unwrap_err().to_string()
+        auth::add_user(&trail(&*store), &admin, None, user).unwrap_err().to_string()
     };
     let long = "x".repeat(33);
     for (name, expect) in
@@ -410,7 +462,7 @@ fn invalid_names_masks_and_regexes_are_refused_by_name(fx: &Fixture) {
     assert!(err.contains("password") && err.contains("at least 8"), "{err}");
     assert_eq!(store.user_list().unwrap().len(), 1, "nothing was added");
     assert!(auth::add_user(
-        &*store,
+        &trail(&*store),
         &admin,
         None,
         NewUser {
@@ -430,19 +482,23 @@ fn passwd_by_the_user_or_an_admin_only(fx: &Fixture) {
     seed(&*store, "alice", "00000002", ".*");
     seed(&*store, "bob", "00000002", ".*");
     let alice = logons(&*store, &["alice"]);
-    let err = auth::change_credential(&*store, &alice, "bob", password("bobs new pw")).unwrap_err();
+    let err = auth::change_credential(&trail(&*store), &alice, "bob", password("bobs new pw")).unwrap_err();
     assert!(matches!(err, AuthError::Refused(_)) && err.to_string().contains("10000000"), "{err}");
-    auth::change_credential(&*store, &alice, "alice", password("alices new pw")).unwrap();
+    auth::change_credential(&trail(&*store), &alice, "alice", password("alices new pw")).unwrap();
     let mut l = Logons::new();
-    assert!(l.logon_password(&*store, "alice", PW.as_bytes()).is_err(), "the old password no longer works");
-    l.logon_password(&*store, "alice", b"alices new pw").unwrap();
+    assert!(
+        l.logon_password(&trail(&*store), &POLICY, "alice", PW.as_bytes()).is_err(),
+        "the old password no longer works"
+    );
+    l.logon_password(&trail(&*store), &POLICY, "alice", b"alices new pw").unwrap();
     // An admin may switch a user to signature logon.
     let (key, key_file) = key_pair(fx.dir(), "bob");
     let admin = logons(&*store, &["admin"]);
-    auth::change_credential(&*store, &admin, "bob", Credential::SignKey(key.verifying_key().to_bytes())).unwrap();
-    Logons::new().logon_sign(&*store, "bob", &key_file).unwrap();
+    auth::change_credential(&trail(&*store), &admin, "bob", Credential::SignKey(key.verifying_key().to_bytes()))
+        .unwrap();
+    Logons::new().logon_sign(&trail(&*store), &POLICY, "bob", &key_file).unwrap();
     assert_eq!(store.user_get("bob").unwrap().unwrap().version, 2);
-    let err = auth::change_credential(&*store, &admin, "nobody", password("whatever1")).unwrap_err();
+    let err = auth::change_credential(&trail(&*store), &admin, "nobody", password("whatever1")).unwrap_err();
     assert!(err.to_string().contains("no user nobody"), "{err}");
     let log = actions(&*store);
     assert!(log.contains(&"alice | refused: user passwd bob".to_string()), "{log:?}");
@@ -456,8 +512,8 @@ fn the_last_user_administrator_cannot_be_deleted(fx: &Fixture) {
     seed(&*store, "admin", "10000000", ".*");
     seed(&*store, "admin2", "1000000F", ".*");
     let admin = logons(&*store, &["admin"]);
-    auth::delete_user(&*store, &admin, "admin2").unwrap();
-    let err = auth::delete_user(&*store, &admin, "admin").unwrap_err();
+    auth::delete_user(&trail(&*store), &admin, "admin2").unwrap();
+    let err = auth::delete_user(&trail(&*store), &admin, "admin").unwrap_err();
     assert!(err.to_string().contains("no user administrator"), "{err}");
     assert!(store.user_get("admin").unwrap().is_some());
 }
@@ -480,7 +536,7 @@ fn two_admins_deleting_each_other_at_once_leave_one(fx: &Fixture) {
                     s.spawn(move || {
                         let me = logons(&*store, &[me.as_str()]);
                         barrier.wait();
-                        auth::delete_user(&*store, &me, victim).is_ok()
+                        auth::delete_user(&trail(&*store), &me, victim).is_ok()
                     })
                 })
                 .collect();
@@ -546,13 +602,19 @@ impl Cli {
         std::fs::write(
             &config,
             format!(
-                "module = \"{}\"\n[store]\nurl = \"{}\"\n[[slot]]\ntoken = \"users\"\nstorage = \"database\"\n",
+                "module = \"{}\"\n[store]\nurl = \"{}\"\n[logon]\ndelay = \"100ms\"\n[[slot]]\ntoken = \"users\"\nstorage = \"database\"\n",
                 common::SOFTHSM,
                 fx.url()
             ),
         )
         .unwrap();
-        Cli { config, softhsm_conf }
+        let cli = Cli { config, softhsm_conf };
+        // Users are sealed with the MAC key of the token's MBK set.
+        cli.ok(
+            &["mbk", "create", "--token", "users"],
+            &[("P11SHIM_SO_PIN", SO_PIN), ("P11SHIM_USER_PIN", "user-pin-1")],
+        );
+        cli
     }
 
     fn run(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
@@ -625,6 +687,7 @@ fn cli_first_user_needs_the_so_pin(fx: &Fixture) {
     assert_eq!(
         log,
         vec![
+            "SO of users | mbk create",
             "SO of users | refused: logon (SO PIN)",
             "SO of users | user add admin",
             "- | refused: user add bob",
@@ -749,6 +812,9 @@ fn cli_user_commands_end_to_end(fx: &Fixture) {
     let err = cli.fails(&["user", "delete", "signer", "--logon", &me], &[]);
     assert!(err.contains("logon failed for signer"), "the old key no longer works: {err}");
     let err = cli.fails(&["user", "delete", "signer", "--logon", &format!("signer,{}", key2_file.display())], &[]);
+    assert!(err.contains("1 failed logons in a row; try again in"), "right after a failure the user waits: {err}");
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    let err = cli.fails(&["user", "delete", "signer", "--logon", &format!("signer,{}", key2_file.display())], &[]);
     assert!(err.contains("user delete signer denied"), "{err}");
     cli.ok(&["user", "delete", "signer", "--logon", "admin"], &[admin_env]);
     assert!(!cli.ok(&["user", "list"], &[]).contains("signer"));
@@ -787,4 +853,186 @@ fn cli_stacked_logon_failure_runs_nothing(fx: &Fixture) {
     let after: Vec<String> =
         audit(&*store)[before..].iter().map(|e| format!("{} | {}", e.draft.who, e.draft.action)).collect();
     assert_eq!(after, vec!["victim | refused: logon (password)"]);
+}
+
+/// The finding: anyone who can write the database made himself an administrator by inserting a row (copying
+/// another user's credential), or by editing his own mask. Every row is sealed by the HSM's MAC key now: an
+/// inserted, edited or renamed row is refused at logon, with one line naming the user and the store.
+fn rows_inserted_edited_or_moved_by_a_database_writer_are_refused(fx: &Fixture) {
+    let store = fx.open();
+    seed(&*store, "admin", "10000000", ".*");
+    seed(&*store, "alice", "00000002", "Pay.*");
+    seed(&*store, "bob", "00000002", "HR.*");
+    let refused = |name: &str| {
+        let err = Logons::new().logon_password(&trail(&*store), &POLICY, name, PW.as_bytes()).unwrap_err();
+        assert!(matches!(err, AuthError::LogonFailed(_)), "{err:?}");
+        err.to_string()
+    };
+    // Inserted: a copy of admin's row under another name, with a full mask, and with admin's MAC or none.
+    fx.raw(
+        "INSERT INTO users (name, perm, group_regex, auth, secret, version, failed, last_failed, mac) \
+         SELECT 'mallory', 'FFFFFFFF', '.*', auth, secret, version, failed, last_failed, mac FROM users WHERE name = 'admin'",
+    );
+    let err = refused("mallory");
+    assert!(
+        err.contains("user mallory in") && err.contains(&store.describe()) && err.contains("does not match its seal"),
+        "{err}"
+    );
+    fx.raw("UPDATE users SET mac = (SELECT mac FROM users WHERE name = 'bob') WHERE name = 'mallory'");
+    assert!(refused("mallory").contains("does not match its seal"));
+    fx.raw("DELETE FROM users WHERE name = 'mallory'");
+    fx.raw(
+        "INSERT INTO users (name, perm, group_regex, auth, secret, version) \
+         SELECT 'mallory', 'FFFFFFFF', '.*', auth, secret, 1 FROM users WHERE name = 'admin'",
+    );
+    assert!(refused("mallory").contains("is not sealed"), "an unsealed insert is refused too");
+    // Edited: alice widens her own mask and group regex.
+    fx.raw("UPDATE users SET perm = '12000000' WHERE name = 'alice'");
+    assert!(refused("alice").contains("does not match its seal"));
+    fx.raw("UPDATE users SET perm = '00000002', group_regex = '.*' WHERE name = 'alice'");
+    assert!(refused("alice").contains("does not match its seal"));
+    fx.raw("UPDATE users SET group_regex = 'Pay.*' WHERE name = 'alice'");
+    Logons::new()
+        .logon_password(&trail(&*store), &POLICY, "alice", PW.as_bytes())
+        .expect("restored: the seal holds again");
+    // Moved: bob's row renamed to carol (same credential, same MAC).
+    fx.raw("UPDATE users SET name = 'carol' WHERE name = 'bob'");
+    assert!(refused("carol").contains("does not match its seal"));
+    // A sealed row counts as an administrator when the last one would be deleted; a forged one does not.
+    fx.raw("UPDATE users SET perm = '10000000' WHERE name = 'carol'");
+    let admin = logons(&*store, &["admin"]);
+    let err = auth::delete_user(&trail(&*store), &admin, "admin").unwrap_err().to_string();
+    assert!(err.contains("no user administrator"), "a forged administrator does not count: {err}");
+    // Every refusal is audited, and `user list` shows the seals.
+    let refusals = audit(&*store).iter().filter(|e| e.draft.result.contains("seal")).count();
+    assert!(refusals >= 5, "{:?}", actions(&*store));
+    let listed = auth::list_users(&trail(&*store), &POLICY).unwrap();
+    let seal = |n: &str| listed.iter().find(|u| u.name == n).unwrap().seal;
+    assert_eq!(
+        (seal("admin"), seal("carol"), seal("mallory")),
+        (auth::SealState::Intact, auth::SealState::Broken, auth::SealState::Unsealed)
+    );
+}
+
+/// Failed logons are counted in the (sealed) row: each makes the next attempt wait longer, and after
+/// `lockout_after` failures in a row the user is locked until an administrator unlocks it; all audited.
+fn failed_logons_delay_the_next_and_lock_until_an_admin_unlocks(fx: &Fixture) {
+    use std::time::Duration;
+    let store = fx.open();
+    seed(&*store, "admin", "10000000", ".*");
+    seed(&*store, "alice", "00000002", ".*");
+    let policy =
+        LogonPolicy { lockout_after: 3, delay: Duration::from_millis(100), delay_max: Duration::from_millis(250) };
+    let t = trail(&*store);
+    let attempt = |password: &str| Logons::new().logon_password(&t, &policy, "alice", password.as_bytes());
+    assert!(matches!(attempt("wrong 1").unwrap_err(), AuthError::LogonFailed(_)));
+    assert_eq!(store.user_get("alice").unwrap().unwrap().failed, 1);
+    let err = attempt(PW).unwrap_err();
+    assert!(matches!(err, AuthError::Throttled(_)) && err.to_string().contains("try again in"), "{err:?}");
+    assert_eq!(store.user_get("alice").unwrap().unwrap().failed, 1, "a throttled attempt is not counted");
+    std::thread::sleep(Duration::from_millis(120));
+    assert!(matches!(attempt("wrong 2").unwrap_err(), AuthError::LogonFailed(_)));
+    std::thread::sleep(Duration::from_millis(120));
+    let err = attempt(PW).unwrap_err();
+    assert!(matches!(err, AuthError::Throttled(_)), "the wait doubled to 200 ms: {err:?}");
+    std::thread::sleep(Duration::from_millis(120));
+    assert!(matches!(attempt("wrong 3").unwrap_err(), AuthError::LogonFailed(_)));
+    std::thread::sleep(Duration::from_millis(300));
+    let err = attempt(PW).unwrap_err();
+    assert!(
+        err.to_string().contains("locked after 3 failed logons") && err.to_string().contains("user unlock alice"),
+        "{err}"
+    );
+    // The count is sealed: clearing it in the database breaks the seal instead.
+    let row = store.user_get("alice").unwrap().unwrap();
+    fx.raw("UPDATE users SET failed = 0, last_failed = 0 WHERE name = 'alice'");
+    assert!(attempt(PW).unwrap_err().to_string().contains("does not match its seal"));
+    fx.raw(&format!(
+        "UPDATE users SET failed = {}, last_failed = {} WHERE name = 'alice'",
+        row.failed, row.last_failed
+    ));
+    // Only a user administrator unlocks.
+    let alice_as_admin = Logons::new();
+    assert!(matches!(auth::unlock_user(&t, &alice_as_admin, "alice").unwrap_err(), AuthError::Refused(_)));
+    let admin = logons(&*store, &["admin"]);
+    assert_eq!(auth::unlock_user(&t, &admin, "alice").unwrap(), 3);
+    attempt(PW).expect("unlocked");
+    assert_eq!(store.user_get("alice").unwrap().unwrap().failed, 0);
+    let log = actions(&*store);
+    assert!(log.contains(&"admin | user unlock alice".to_string()), "{log:?}");
+    assert!(log.contains(&"- | refused: user unlock alice".to_string()), "{log:?}");
+    assert_eq!(log.iter().filter(|a| *a == "alice | refused: logon (password)").count(), 7, "{log:?}");
+    // A success clears the count.
+    std::thread::sleep(Duration::from_millis(10));
+    assert!(attempt("wrong again").is_err());
+    std::thread::sleep(Duration::from_millis(120));
+    attempt(PW).unwrap();
+    assert_eq!(store.user_get("alice").unwrap().unwrap().failed, 0);
+}
+
+/// The finding's measurement: 30 wrong passwords took 1.5 s and the right one still worked. With the
+/// default policy (1 s after the first failure, doubling), the 29 attempts after the first are refused
+/// before the password is looked at, and so is the right password right after them.
+fn thirty_wrong_passwords_in_a_row_do_not_let_the_right_one_in_at_once(fx: &Fixture) {
+    let store = fx.open();
+    seed(&*store, "alice", "00000002", ".*");
+    let policy = LogonPolicy::default();
+    let t = trail(&*store);
+    let started = std::time::Instant::now();
+    let mut throttled = 0;
+    for i in 0..30 {
+        match Logons::new().logon_password(&t, &policy, "alice", format!("guess {i}").as_bytes()) {
+            Err(AuthError::Throttled(_)) => throttled += 1,
+            Err(AuthError::LogonFailed(_)) => {}
+            other => panic!("attempt {i}: {other:?}"),
+        }
+    }
+    let elapsed = started.elapsed();
+    assert_eq!(throttled, 29, "only the first guess was checked");
+    assert_eq!(store.user_get("alice").unwrap().unwrap().failed, 1);
+    let err = Logons::new().logon_password(&t, &policy, "alice", PW.as_bytes()).unwrap_err();
+    assert!(matches!(err, AuthError::Throttled(_)), "{err:?}");
+    println!("30 wrong passwords: {elapsed:?}, 1 checked, 29 refused unchecked; the right one refused too");
+}
+
+/// Rows of a store made before users were sealed have no MAC: nobody logs on with them, but a user
+/// administrator may seal them all once (`p11shim user reseal`), logged on for that alone; after that an
+/// unsealed row is refused for good.
+fn unsealed_rows_of_an_earlier_version_are_resealed_once_by_an_admin(fx: &Fixture) {
+    let store = fx.open();
+    seed(&*store, "admin", "10000000", ".*");
+    seed(&*store, "alice", "00000002", ".*");
+    fx.raw(
+        "UPDATE users SET mac = ''::bytea"
+            .replace(
+                "''::bytea",
+                match fx {
+                    Fixture::Sqlite { .. } => "x''",
+                    Fixture::Postgres { .. } => "'\\x'::bytea",
+                },
+            )
+            .as_str(),
+    );
+    let t = trail(&*store);
+    let err = Logons::new().logon_password(&t, &POLICY, "admin", PW.as_bytes()).unwrap_err().to_string();
+    assert!(err.contains("is not sealed") && err.contains("p11shim user reseal"), "{err}");
+    // A non-administrator cannot reseal.
+    let mut alice = Logons::for_reseal();
+    alice.logon_password(&t, &POLICY, "alice", PW.as_bytes()).unwrap();
+    assert!(matches!(auth::reseal_users(&t, &alice).unwrap_err(), AuthError::Refused(_)));
+    let mut admin = Logons::for_reseal();
+    admin.logon_password(&t, &POLICY, "admin", PW.as_bytes()).unwrap();
+    assert_eq!(auth::reseal_users(&t, &admin).unwrap(), vec!["admin", "alice"]);
+    logons(&*store, &["admin", "alice"]);
+    // Once any row is sealed, an unsealed one is not an earlier version's: no second reseal.
+    fx.raw(
+        "INSERT INTO users (name, perm, group_regex, auth, secret, version) \
+         SELECT 'mallory', 'FFFFFFFF', '.*', auth, secret, 1 FROM users WHERE name = 'admin'",
+    );
+    let mut admin = Logons::for_reseal();
+    admin.logon_password(&t, &POLICY, "admin", PW.as_bytes()).unwrap();
+    let err = auth::reseal_users(&t, &admin).unwrap_err().to_string();
+    assert!(err.contains("sealed already"), "{err}");
+    assert!(Logons::new().logon_password(&t, &POLICY, "mallory", PW.as_bytes()).is_err());
+    assert!(actions(&*store).contains(&"admin | user reseal".to_string()));
 }

@@ -212,6 +212,9 @@ pub fn restore(
                 auth: u.auth,
                 secret,
                 version: 1,
+                failed: 0,
+                last_failed: 0,
+                mac: Vec::new(),
             });
         }
     }
@@ -220,9 +223,13 @@ pub fn restore(
         match store.user_get(&u.name)? {
             Some(old) => {
                 u.version = old.version + 1;
+                crate::auth::seal_restored(sealer, &mut u)?;
                 store.user_update(&u)?;
             }
-            None => store.user_insert(&u)?,
+            None => {
+                crate::auth::seal_restored(sealer, &mut u)?;
+                store.user_insert(&u)?
+            }
         }
         summary.users += 1;
     }

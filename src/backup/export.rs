@@ -5,6 +5,7 @@
 use super::format::{BackupWriter, Header, Record, RecordKind, FORMAT_VERSION};
 use super::work::{self, audit, describe, record_of_row, Authorizer, Work};
 use crate::attrs::{self, Template};
+use crate::audit::Trail;
 use crate::error::{Error, Result};
 use crate::store::{KeyStore, StoreError};
 use cryptoki_sys::*;
@@ -17,6 +18,9 @@ pub struct ExportOptions<'a> {
     pub out: &'a Path,
     /// Replace `out` if it exists.
     pub replace: bool,
+    /// Only keys of the key store: the token's own keys are left out (they need the user's login to be
+    /// wrapped; stored keys are wrapped already).
+    pub stored_only: bool,
 }
 
 /// A key that was not exported, and why.
@@ -40,13 +44,13 @@ pub struct ExportReport {
 /// Exports every key of the store and of the work token whose group matches the filter. `progress` is
 /// called with the number of keys written so far.
 pub fn export(
-    store: &dyn KeyStore,
+    trail: &Trail,
     work: &Work,
     who: &dyn Authorizer,
     opts: &ExportOptions,
     progress: &mut dyn FnMut(u64),
 ) -> Result<ExportReport> {
-    let result = run(store, work, who, opts, progress);
+    let result = run(trail.store, work, who, opts, progress);
     let (count, outcome) = match &result {
         Ok(r) if r.skipped.is_empty() => (r.exported, "ok".to_string()),
         Ok(r) => (r.exported, format!("ok, {} keys could not be exported", r.skipped.len())),
@@ -57,7 +61,7 @@ pub fn export(
     } else {
         "backup"
     };
-    audit(store, &who.who(), action, opts.filter, count, &outcome)?;
+    audit(trail, &who.who(), action, opts.filter, count, &outcome)?;
     result
 }
 
@@ -69,7 +73,7 @@ fn run(
     progress: &mut dyn FnMut(u64),
 ) -> Result<ExportReport> {
     let filter = work::group_filter(opts.filter)?;
-    let include_hsm = filter.is_match(&work.slot_group);
+    let include_hsm = !opts.stored_only && filter.is_match(&work.slot_group);
     // First the permission check over every group the backup would hold: all or nothing.
     let mut groups = BTreeSet::new();
     store.scan(&mut |row| {

@@ -43,6 +43,10 @@ pub trait Sealer {
     fn seal(&self, data: &[u8]) -> Result<Vec<u8>>;
     /// Whether `mac` is `data`'s MAC.
     fn check(&self, data: &[u8], mac: &[u8]) -> Result<bool>;
+    /// Names the MAC key: the fingerprint of the MBK set it belongs to (audit entries record it).
+    fn key_name(&self) -> String {
+        String::new()
+    }
 }
 
 /// The file's header (line 2).

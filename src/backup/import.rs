@@ -9,6 +9,7 @@ use super::format::{BackupReader, Header, Record, Sealer};
 use super::journal::{self, Journal, Triple};
 use super::work::{self, audit, describe, row_of_record, Authorizer, Work};
 use crate::attrs::{Attr, Template};
+use crate::audit::Trail;
 use crate::config::Mode;
 use crate::error::{Error, Result};
 use crate::store::KeyStore;
@@ -35,8 +36,8 @@ pub struct ImportReport {
     pub recovered: Option<String>,
 }
 
-pub fn import(store: &dyn KeyStore, work: &Work, who: &dyn Authorizer, opts: &ImportOptions) -> Result<ImportReport> {
-    let result = run(store, work, who, opts);
+pub fn import(trail: &Trail, work: &Work, who: &dyn Authorizer, opts: &ImportOptions) -> Result<ImportReport> {
+    let result = run(trail.store, work, who, opts);
     let action = match &result {
         Err(Error::Other(m)) if m.starts_with("import denied") || m.starts_with("refused") => "refused: restore",
         _ if opts.dry_run => "restore --dry-run",
@@ -49,7 +50,7 @@ pub fn import(store: &dyn KeyStore, work: &Work, who: &dyn Authorizer, opts: &Im
         ),
         Err(e) => (0, format!("failed: {e}")),
     };
-    audit(store, &who.who(), action, &opts.file.display().to_string(), count, &outcome)?;
+    audit(trail, &who.who(), action, &opts.file.display().to_string(), count, &outcome)?;
     result
 }
 

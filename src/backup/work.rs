@@ -6,9 +6,10 @@ use super::format::{Record, RecordKind, Sealer};
 use super::mbk::{self, MbkSet};
 use crate::admin::{Pin, Token};
 use crate::attrs::{Attr, Template};
+use crate::audit::Trail;
 use crate::config::{Config, Storage};
 use crate::error::{Error, Result};
-use crate::store::{KeyRow, KeyStore};
+use crate::store::KeyRow;
 use cryptoki_sys::*;
 
 /// A logged-in session on the token a backup command works with, and that token's MBK set.
@@ -39,6 +40,17 @@ impl Work {
     pub fn open(config: &Config, label: &str, user_pin: &Pin) -> Result<Work> {
         let mut token = Token::open(config, label)?;
         token.login(CKU_USER, user_pin)?;
+        Work::on(config, token, label)
+    }
+
+    /// Opens the token `label` without a login: enough for what needs only the MBK set's public keys (the
+    /// MAC key that seals users and the audit log and checks stored rows; stored keys' blobs, which are
+    /// wrapped already). Private objects of the token are out of sight then.
+    pub fn open_public(config: &Config, label: &str) -> Result<Work> {
+        Work::on(config, Token::open(config, label)?, label)
+    }
+
+    fn on(config: &Config, token: Token, label: &str) -> Result<Work> {
         let set =
             mbk::find(token.backend, token.session, token.slot)?.ok_or_else(|| Error::Other(mbk::missing(label)))?;
         let slot = config.slots.iter().find(|s| s.token == label);
@@ -87,6 +99,9 @@ impl Sealer for HsmSealer<'_> {
         let t = &self.work.token;
         t.backend.sign(t.session, &MbkSet::mac_mechanism(), self.work.set.mac, data)
     }
+    fn key_name(&self) -> String {
+        self.work.set.fingerprint.clone()
+    }
     fn check(&self, data: &[u8], mac: &[u8]) -> Result<bool> {
         let t = &self.work.token;
         match t.backend.verify(t.session, &MbkSet::mac_mechanism(), self.work.set.mac, data, mac) {
@@ -97,13 +112,22 @@ impl Sealer for HsmSealer<'_> {
     }
 }
 
-/// Who may back up or restore which group: the logged-on users of the command (or, through the C API,
-/// the logged-in PKCS#11 session).
+/// Who may back up or restore which group: the users logged on for the command (the `p11shim` command's
+/// `--logon`, or the P11SHIM_Logon calls of the C interface on a PKCS#11 session).
 pub trait Authorizer {
     /// Ok when the group may be exported or imported; else the reason ("export denied: …").
     fn allow_group(&self, group: &str) -> std::result::Result<(), String>;
     /// Names of whoever is acting, for the audit trail.
     fn who(&self) -> String;
+}
+
+impl Authorizer for crate::auth::Logons {
+    fn allow_group(&self, group: &str) -> std::result::Result<(), String> {
+        self.require(crate::auth::Need::Group(group.to_string())).map_err(|d| d.to_string())
+    }
+    fn who(&self) -> String {
+        crate::auth::Logons::who(self)
+    }
 }
 
 /// A group filter: a regular expression that must match the whole group name.
@@ -173,8 +197,9 @@ pub fn describe(label: &[u8], id: &str, group: &str) -> String {
 }
 
 /// Appends to the audit trail; a failure to record is an error of the command.
-pub fn audit(store: &dyn KeyStore, who: &str, action: &str, group: &str, count: u64, result: &str) -> Result<()> {
-    crate::audit::record(store, who, action, group, count as i64, result)
+pub fn audit(trail: &Trail, who: &str, action: &str, group: &str, count: u64, result: &str) -> Result<()> {
+    trail
+        .record(who, action, group, count as i64, result)
         .map(|_| ())
         .map_err(|e| Error::Other(format!("cannot write the audit log: {e}")))
 }

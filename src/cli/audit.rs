@@ -1,6 +1,7 @@
 //! `p11shim audit …`: show and verify the hash-chained audit log.
 
-use super::users::open_store;
+use super::backup::TokenArg;
+use super::users::{open_store, other_tokens, sealing_token, Seals};
 use super::{CliResult, Outcome};
 use crate::audit;
 use crate::config::Config;
@@ -10,35 +11,66 @@ use std::io::Write;
 
 #[derive(Subcommand)]
 pub enum AuditCommand {
-    /// Print the audit log, oldest first: seq, time, who (logged-on users), action, group, key count, result.
+    /// Print the audit log, oldest first: seq, time, who (logged-on users), action, group, key count, result,
+    /// the mode the operation ran in, and whether the entry is sealed by the HSM. No PIN, no logon.
     Show {
-        /// One JSON array (entries with seq, time, who, action, group, count, result, prev, hash in hex).
+        /// One JSON array (entries with seq, time, who, action, group, count, result, mode, prev, hash and mac
+        /// in hex).
         #[arg(long)]
         json: bool,
     },
-    /// Check the log's hash chain: contiguous seq from 1, each entry linked to the previous one's hash, each
-    /// hash matching its entry. Exit status 1 names the first bad entry (edited, removed or reordered). On
-    /// success it prints the last entry's hash: keep it elsewhere to detect a later truncation of the tail.
-    Verify,
+    /// Check the whole log: contiguous seq from 1, each entry linked to the previous one's hash, each hash
+    /// matching its entry, each entry's MAC verified in the HSM (the MAC key of the token's MBK set: a writer
+    /// of the database cannot make it), no unsealed entry after a sealed one, and the highest head of the
+    /// head file ([audit] head_file, default audit.head beside the config) present with the same hash (so a
+    /// truncated log or a tail rewritten by someone who can use the HSM is found). Exit status 1 names the
+    /// first bad entry. Prints what was checked. No PIN, no logon.
+    Verify {
+        #[command(flatten)]
+        token: TokenArg,
+    },
 }
 
 pub fn run(config: &Config, command: AuditCommand) -> CliResult {
     let store = open_store(config)?;
     match command {
         AuditCommand::Show { json } => show(&*store, json),
-        AuditCommand::Verify => {
-            let report = audit::verify(&*store).map_err(|e| e.to_string())?;
+        AuditCommand::Verify { token } => {
+            let work = sealing_token(config, &token)?;
+            // The other tokens of the config check the entries their MBK sets sealed.
+            let others = other_tokens(config, &work);
+            let seals = Seals::new(&work, &others);
+            let report = audit::verify(&seals.trail(store.as_ref(), config)).map_err(|e| e.to_string())?;
+            let checked = report.checked();
             match (&report.first_bad, &report.head) {
                 (Some(bad), _) => {
-                    Err(format!("audit log of {} is broken: {bad} ({} entries read)", store.describe(), report.entries))
+                    println!("audit log of {} is BROKEN at entry {}: {}", store.describe(), bad.seq, bad.reason);
+                    println!("checked up to there ({} entries read):", report.entries);
+                    for line in &checked {
+                        println!("  {line}");
+                    }
+                    Err(format!("audit log of {} is broken: {bad}", store.describe()))
                 }
-                (None, Some((seq, hash))) => {
-                    println!("audit log intact: {} entries, last seq {seq}, last hash {hash}", report.entries);
-                    Ok(Outcome::Done)
-                }
-                (None, None) => {
-                    println!("audit log empty");
-                    Ok(Outcome::Done)
+                (None, head) => {
+                    match head {
+                        Some((seq, hash)) => println!(
+                            "audit log of {} intact: {} entries, last seq {seq}, last hash {hash}",
+                            store.describe(),
+                            report.entries
+                        ),
+                        None => println!("audit log of {} empty", store.describe()),
+                    }
+                    println!("checked:");
+                    for line in &checked {
+                        println!("  {line}");
+                    }
+                    if report.unverifiable.is_empty() {
+                        Ok(Outcome::Done)
+                    } else {
+                        Ok(Outcome::Attention(
+                            "some entries were sealed under MBK sets no token of this config holds: their MACs were not checked".into(),
+                        ))
+                    }
                 }
             }
         }
@@ -55,8 +87,8 @@ fn show(store: &dyn crate::store::KeyStore, json: bool) -> CliResult {
     } else {
         writeln!(
             out,
-            "{:>6}  {:<27}  {:<16}  {:<24}  {:<12}  {:>5}  result",
-            "seq", "time", "who", "action", "group", "keys"
+            "{:>6}  {:<27}  {:<16}  {:<24}  {:<12}  {:>5}  {:<8}  {:<6}  result",
+            "seq", "time", "who", "action", "group", "keys", "mode", "sealed"
         )
         .map_err(|e| e.to_string())?;
     }
@@ -66,14 +98,23 @@ fn show(store: &dyn crate::store::KeyStore, json: bool) -> CliResult {
             if json {
                 let value = serde_json::json!({
                     "seq": e.seq, "time": d.time, "who": d.who, "action": d.action, "group": d.group,
-                    "count": d.count, "result": d.result, "prev": hex::encode(&e.prev), "hash": hex::encode(&e.hash),
+                    "count": d.count, "result": d.result, "mode": d.mode, "prev": hex::encode(&e.prev),
+                    "hash": hex::encode(&e.hash), "mac": hex::encode(&e.mac), "mbk": e.mbk,
                 });
                 write!(out, "{}\n{value}", if first { "" } else { "," }).map_err(io)?;
             } else {
                 writeln!(
                     out,
-                    "{:>6}  {:<27}  {:<16}  {:<24}  {:<12}  {:>5}  {}",
-                    e.seq, d.time, d.who, d.action, d.group, d.count, d.result
+                    "{:>6}  {:<27}  {:<16}  {:<24}  {:<12}  {:>5}  {:<8}  {:<6}  {}",
+                    e.seq,
+                    d.time,
+                    d.who,
+                    d.action,
+                    d.group,
+                    d.count,
+                    if d.mode.is_empty() { "-" } else { &d.mode },
+                    if e.mac.is_empty() { "no" } else { "yes" },
+                    d.result
                 )
                 .map_err(io)?;
             }

@@ -2,12 +2,12 @@
 //! store, standard mode only).
 
 use super::pins::PinArgs;
-use super::users::{logons, open_store, LogonArgs};
+use super::users::{logons, open_store, other_tokens, LogonArgs, Seals};
 use super::{CliResult, Outcome};
-use crate::auth::{Logons, Need};
+use crate::auth::Need;
 use crate::backup::export::{self, ExportOptions};
 use crate::backup::import::{self, ImportOptions};
-use crate::backup::work::{audit, Authorizer, Work};
+use crate::backup::work::{audit, Work};
 use crate::backup::{db, verify};
 use crate::config::{Config, Storage};
 use clap::{Args, Subcommand};
@@ -44,6 +44,11 @@ pub struct BackupArgs {
     /// Replace FILE if it exists.
     #[arg(long)]
     pub replace: bool,
+    /// Back up only keys of the key store, and no key the token keeps itself: then no user PIN is needed
+    /// (stored keys are wrapped under the MBK already; the token's own keys need the user's login to be
+    /// wrapped). The token's own keys are not looked at.
+    #[arg(long)]
+    pub stored_only: bool,
     /// Print a JSON summary on stdout (for scripts) instead of the report.
     #[arg(long)]
     pub json: bool,
@@ -84,6 +89,8 @@ pub struct VerifyArgs {
     #[command(flatten)]
     pub token: TokenArg,
     #[command(flatten)]
+    pub logon: LogonArgs,
+    #[command(flatten)]
     pub pins: PinArgs,
 }
 
@@ -117,32 +124,24 @@ pub enum DbCommand {
     },
 }
 
-/// The logged-on users of a command as the backup code's authorizer.
-struct Users<'a>(&'a Logons);
-
-impl Authorizer for Users<'_> {
-    fn allow_group(&self, group: &str) -> Result<(), String> {
-        self.0.require(Need::Group(group.to_string())).map_err(|d| d.to_string())
-    }
-    fn who(&self) -> String {
-        self.0.who()
-    }
-}
-
 pub fn backup(config: &Config, a: BackupArgs) -> CliResult {
     let store = open_store(config)?;
-    let users = logons(store.as_ref(), &a.logon.logon)?;
     let label = a.token.label(config)?;
-    let work = Work::open(config, &label, &a.pins.user()?).map_err(|e| e.to_string())?;
+    let work =
+        if a.stored_only { Work::open_public(config, &label) } else { Work::open(config, &label, &a.pins.user()?) }
+            .map_err(|e| e.to_string())?;
+    let others = other_tokens(config, &work);
+    let seals = Seals::new(&work, &others);
+    let trail = seals.trail(store.as_ref(), config);
+    let users = logons(&trail, config, &a.logon.logon)?;
     let tty = std::io::stderr().is_terminal() && !a.json;
     let mut progress = |n: u64| {
         if tty && n % 500 == 0 {
             eprint!("\rexported {n} keys…");
         }
     };
-    let opts = ExportOptions { filter: &a.group, out: &a.out, replace: a.replace };
-    let report =
-        export::export(store.as_ref(), &work, &Users(&users), &opts, &mut progress).map_err(|e| e.to_string())?;
+    let opts = ExportOptions { filter: &a.group, out: &a.out, replace: a.replace, stored_only: a.stored_only };
+    let report = export::export(&trail, &work, &users, &opts, &mut progress).map_err(|e| e.to_string())?;
     if tty {
         eprint!("\r");
     }
@@ -172,11 +171,14 @@ pub fn backup(config: &Config, a: BackupArgs) -> CliResult {
 
 pub fn restore(config: &Config, a: RestoreArgs) -> CliResult {
     let store = open_store(config)?;
-    let users = logons(store.as_ref(), &a.logon.logon)?;
     let label = a.token.label(config)?;
     let work = Work::open(config, &label, &a.pins.user()?).map_err(|e| e.to_string())?;
+    let others = other_tokens(config, &work);
+    let seals = Seals::new(&work, &others);
+    let trail = seals.trail(store.as_ref(), config);
+    let users = logons(&trail, config, &a.logon.logon)?;
     let opts = ImportOptions { file: &a.file, overwrite: a.overwrite, dry_run: a.dry_run, mode: config.mode };
-    let report = import::import(store.as_ref(), &work, &Users(&users), &opts).map_err(|e| e.to_string())?;
+    let report = import::import(&trail, &work, &users, &opts).map_err(|e| e.to_string())?;
     if let Some(recovered) = &report.recovered {
         eprintln!("p11shim: first {recovered}");
     }
@@ -211,8 +213,11 @@ pub fn verify(config: &Config, a: VerifyArgs) -> CliResult {
     let store = open_store(config)?;
     let label = a.token.label(config)?;
     let work = Work::open(config, &label, &a.pins.user()?).map_err(|e| e.to_string())?;
-    let who = Users(&Logons::new());
-    let report = verify::verify(store.as_ref(), &work, &who, &a.file).map_err(|e| e.to_string())?;
+    let others = other_tokens(config, &work);
+    let seals = Seals::new(&work, &others);
+    let trail = seals.trail(store.as_ref(), config);
+    let users = logons(&trail, config, &a.logon.logon)?;
+    let report = verify::verify(&trail, &work, &users, &a.file).map_err(|e| e.to_string())?;
     if a.json {
         println!(
             "{}",
@@ -240,7 +245,11 @@ pub fn db(config: &Config, command: DbCommand) -> CliResult {
     let store = open_store(config)?;
     match command {
         DbCommand::Backup { out, users: with_users, token, logon, pins } => {
-            let who = logons(store.as_ref(), &logon.logon)?;
+            let work = Work::open(config, &token.label(config)?, &pins.user()?).map_err(|e| e.to_string())?;
+            let others = other_tokens(config, &work);
+            let seals = Seals::new(&work, &others);
+            let trail = seals.trail(store.as_ref(), config);
+            let who = logons(&trail, config, &logon.logon)?;
             let checked = db::allowed(config.mode, "backup")
                 .map_err(|e| e.to_string())
                 .and_then(|_| who.require(Need::KeyStore).map_err(|d| format!("export denied: {d}")))
@@ -252,30 +261,32 @@ pub fn db(config: &Config, command: DbCommand) -> CliResult {
                     }
                 });
             if let Err(e) = checked {
-                audit(store.as_ref(), &who.who(), "refused: db backup", "", 0, &e).map_err(|e| e.to_string())?;
+                audit(&trail, &who.who(), "refused: db backup", "", 0, &e).map_err(|e| e.to_string())?;
                 return Err(e);
             }
-            let work = Work::open(config, &token.label(config)?, &pins.user()?).map_err(|e| e.to_string())?;
             let result = db::backup(store.as_ref(), &work.sealer(), &out, with_users).map_err(|e| e.to_string());
             let outcome = match &result {
                 Ok(s) => format!("ok: {} keys, {} users", s.keys, s.users),
                 Err(e) => format!("failed: {e}"),
             };
             let n = result.as_ref().map(|s| s.keys).unwrap_or(0);
-            audit(store.as_ref(), &who.who(), "db backup", "", n, &outcome).map_err(|e| e.to_string())?;
+            audit(&trail, &who.who(), "db backup", "", n, &outcome).map_err(|e| e.to_string())?;
             let s = result?;
             println!("Whole-store backup {} written: {} keys, {} users", out.display(), s.keys, s.users);
         }
         DbCommand::Restore { file, token, logon, pins } => {
-            let who = logons(store.as_ref(), &logon.logon)?;
+            let work = Work::open(config, &token.label(config)?, &pins.user()?).map_err(|e| e.to_string())?;
+            let others = other_tokens(config, &work);
+            let seals = Seals::new(&work, &others);
+            let trail = seals.trail(store.as_ref(), config);
+            let who = logons(&trail, config, &logon.logon)?;
             let checked = db::allowed(config.mode, "restore")
                 .map_err(|e| e.to_string())
                 .and_then(|_| who.require(Need::KeyStore).map_err(|d| format!("import denied: {d}")));
             if let Err(e) = checked {
-                audit(store.as_ref(), &who.who(), "refused: db restore", "", 0, &e).map_err(|e| e.to_string())?;
+                audit(&trail, &who.who(), "refused: db restore", "", 0, &e).map_err(|e| e.to_string())?;
                 return Err(e);
             }
-            let work = Work::open(config, &token.label(config)?, &pins.user()?).map_err(|e| e.to_string())?;
             let users_denied = who.require(Need::UsersTable).err().map(|d| d.to_string());
             let result =
                 db::restore(store.as_ref(), &work.sealer(), &file, users_denied.as_deref()).map_err(|e| e.to_string());
@@ -285,7 +296,7 @@ pub fn db(config: &Config, command: DbCommand) -> CliResult {
                 Err(e) => ("db restore", format!("failed: {e}")),
             };
             let n = result.as_ref().map(|s| s.keys).unwrap_or(0);
-            audit(store.as_ref(), &who.who(), action, "", n, &outcome).map_err(|e| e.to_string())?;
+            audit(&trail, &who.who(), action, "", n, &outcome).map_err(|e| e.to_string())?;
             let s = result?;
             println!("Whole-store backup {} restored: {} keys, {} users", file.display(), s.keys, s.users);
         }

@@ -1,9 +1,12 @@
 //! `p11shim mbk …`: the master backup key set of a token.
 
 use super::pins::PinArgs;
+use super::users::open_store;
 use super::{CliResult, Outcome};
 use crate::admin;
+use crate::audit::Trail;
 use crate::backup::clone;
+use crate::backup::work::Work;
 use crate::config::Config;
 use clap::Subcommand;
 use std::path::PathBuf;
@@ -98,8 +101,8 @@ fn so_token(config: &Config, label: &str, pins: &PinArgs) -> Result<admin::Token
     Ok(token)
 }
 
-pub fn run(config: &Config, command: MbkCommand) -> CliResult {
-    match command {
+fn execute(config: &Config, command: MbkCommand) -> Result<String, String> {
+    Ok(match command {
         MbkCommand::Create { token, pins } => {
             let (so, user) = (pins.so()?, pins.user()?);
             let set = admin::mbk_create(config, &token, &so, &user).map_err(|e| e.to_string())?;
@@ -107,12 +110,14 @@ pub fn run(config: &Config, command: MbkCommand) -> CliResult {
             println!("  fingerprint:    {}", set.fingerprint);
             println!("  wrap mechanism: {}", admin::mechanism_name(set.wrap));
             println!("  user check:     the user can wrap, unwrap and MAC with it");
+            format!("ok: MBK set {}", set.fingerprint)
         }
         MbkCommand::Show { token } => {
             let set = admin::mbk_show(config, &token).map_err(|e| e.to_string())?;
             println!("token:          {token}");
             println!("fingerprint:    {}", set.fingerprint);
             println!("wrap mechanism: {}", admin::mechanism_name(set.wrap));
+            String::new()
         }
         MbkCommand::CloneRequest { token, out, pins } => {
             let t = so_token(config, &token, &pins)?;
@@ -120,6 +125,7 @@ pub fn run(config: &Config, command: MbkCommand) -> CliResult {
             clone::write_json(&out, &req).map_err(|e| e.to_string())?;
             println!("Clone request {} written (transport key {}).", out.display(), req.request_id);
             println!("Next, on the source HSM: p11shim mbk clone-to {} --token SOURCE --out RESPONSE", out.display());
+            format!("ok: transport key {} made, request {}", req.request_id, out.display())
         }
         MbkCommand::CloneTo { request, token, out, pins } => {
             let req: clone::CloneRequest = clone::read_json(&request).map_err(|e| e.to_string())?;
@@ -129,6 +135,10 @@ pub fn run(config: &Config, command: MbkCommand) -> CliResult {
             println!("Clone response {} written for transport key {}.", out.display(), req.request_id);
             println!("  MBK fingerprint: {}", resp.fingerprint);
             println!("Next, on the target HSM: p11shim mbk clone-accept {} --token {}", out.display(), req.token);
+            format!(
+                "ok: MBK set {} wrapped for transport key {} of token {:?}",
+                resp.fingerprint, req.request_id, req.token
+            )
         }
         MbkCommand::CloneAccept { response, token, pins } => {
             let resp: clone::CloneResponse = clone::read_json(&response).map_err(|e| e.to_string())?;
@@ -136,6 +146,7 @@ pub fn run(config: &Config, command: MbkCommand) -> CliResult {
             let set = clone::accept(&t, &resp).map_err(|e| e.to_string())?;
             println!("The MBK set is installed on token {token:?}; transport keys destroyed.");
             println!("  fingerprint: {} (matches the source's)", set.fingerprint);
+            format!("ok: MBK set {} installed from {}", set.fingerprint, response.display())
         }
         MbkCommand::ExportShares { token, threshold, shares, out_dir, pins } => {
             let t = so_token(config, &token, &pins)?;
@@ -145,13 +156,57 @@ pub fn run(config: &Config, command: MbkCommand) -> CliResult {
                 println!("  {}", f.display());
             }
             println!("The MBK was in this host's memory during the split (zeroized since): hand out the shares now.");
+            format!("ok: {shares} shares, any {threshold} rebuild the MBK set, written to {}", out_dir.display())
         }
         MbkCommand::ImportShares { token, files, pins } => {
             let t = so_token(config, &token, &pins)?;
             let set = clone::import_shares(&t, &files).map_err(|e| e.to_string())?;
             println!("The MBK set is installed on token {token:?} from {} shares.", files.len());
             println!("  fingerprint: {}", set.fingerprint);
+            format!("ok: MBK set {} installed from {} shares", set.fingerprint, files.len())
+        }
+    })
+}
+
+impl MbkCommand {
+    /// The token the command works on, and its audit action (None for `show`, which changes nothing).
+    fn audited(&self) -> (String, Option<&'static str>) {
+        match self {
+            MbkCommand::Create { token, .. } => (token.clone(), Some("mbk create")),
+            MbkCommand::Show { token } => (token.clone(), None),
+            MbkCommand::CloneRequest { token, .. } => (token.clone(), Some("mbk clone-request")),
+            MbkCommand::CloneTo { token, .. } => (token.clone(), Some("mbk clone-to")),
+            MbkCommand::CloneAccept { token, .. } => (token.clone(), Some("mbk clone-accept")),
+            MbkCommand::ExportShares { token, .. } => (token.clone(), Some("mbk export-shares")),
+            MbkCommand::ImportShares { token, .. } => (token.clone(), Some("mbk import-shares")),
         }
     }
-    Ok(Outcome::Done)
+}
+
+pub fn run(config: &Config, command: MbkCommand) -> CliResult {
+    let (label, action) = command.audited();
+    let result = execute(config, command);
+    let Some(action) = action else { return result.map(|_| Outcome::Done) };
+    let outcome = match &result {
+        Ok(summary) => summary.clone(),
+        Err(e) => format!("failed: {e}"),
+    };
+    // Sealed with the token's MBK set as it is now, else with that of another token of the config (a failed
+    // create or a target awaiting its clone has none); with none at all the entry is unsealed, which the log
+    // takes only while none of its entries is sealed.
+    let recorded = open_store(config).and_then(|store| {
+        let work = std::iter::once(label.as_str())
+            .chain(config.slots.iter().map(|s| s.token.as_str()).filter(|t| *t != label))
+            .find_map(|t| Work::open_public(config, t).ok());
+        let sealer = work.as_ref().map(Work::sealer);
+        let trail =
+            Trail::new(store.as_ref(), sealer.as_ref().map(|s| s as &dyn crate::backup::format::Sealer), config);
+        trail.record(&format!("SO of {label}"), action, "", 0, &outcome).map(drop).map_err(|e| e.to_string())
+    });
+    match (result, recorded) {
+        (Ok(_), Ok(())) => Ok(Outcome::Done),
+        (Ok(_), Err(e)) => Ok(Outcome::Attention(format!("{action} done, but not audited: {e}"))),
+        (Err(e), Ok(())) => Err(e),
+        (Err(e), Err(audit)) => Err(format!("{e} (and not audited: {audit})")),
+    }
 }

@@ -1,6 +1,7 @@
 //! The `p11shim` command: argument parsing (clap) and dispatch. Each command group has its own file; every
 //! command calls library functions and prints their result. Exit status: 0 success, 1 failure, 2 usage
-//! error (clap), 3 partial success that needs attention (e.g. keys that could not be backed up).
+//! error (clap), 3 success that needs attention (e.g. keys that could not be backed up, a change that could
+//! not be audited).
 
 mod audit;
 mod backup;
@@ -34,26 +35,33 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// The master backup key set of a token.
+    /// The master backup key set of a token. PINs: the SO PIN for every change (create also the user PIN);
+    /// none for show.
     #[command(subcommand)]
     Mbk(mbk::MbkCommand),
     /// Back up every key whose group matches REGEX into one file, each secret wrapped under the MBK (stored
-    /// keys and the token's own keys). Needs 00000002 from logged-on users whose group regex matches each
-    /// group. Keys that cannot be exported are listed and the exit status is 3.
+    /// keys and the token's own keys). Needs 00000002 from logged-on users (--logon) whose group regex
+    /// matches each group, and the token's user PIN (its own keys are wrapped in the HSM under the user's
+    /// login); with --stored-only no PIN (stored keys are wrapped already). Keys that cannot be exported are
+    /// listed and the exit status is 3.
     Backup(backup::BackupArgs),
     /// Restore a backup file into a token, line by line (merge): all or nothing; keys present are skipped
     /// unless --overwrite. A wrong MBK, a bad MAC, a truncated file or an unknown version modify nothing.
+    /// Needs 00000002 for each group in the file (--logon) and the user PIN (every secret is unwrapped in
+    /// the HSM).
     Restore(backup::RestoreArgs),
     /// Check a backup completely without changing anything: format, every MAC, the MBK, and that every
-    /// secret unwraps in this HSM.
+    /// secret unwraps in this HSM. Needs 00000002 for each group in the file (--logon) and the user PIN.
     Verify(backup::VerifyArgs),
-    /// The whole key store at once (the BackupDatabase analog): standard mode only.
+    /// The whole key store at once (the BackupDatabase analog): standard mode only. Needs 02000000 (and
+    /// 12000000 for the users table) and the user PIN.
     #[command(subcommand)]
     Db(backup::DbCommand),
-    /// Users of the permission model (masks, group regexes, password or signature logon).
+    /// Users of the permission model (masks, group regexes, password or signature logon; sealed by the HSM;
+    /// failed logons throttled). No PIN, but the SO PIN for the first user.
     #[command(subcommand)]
     User(users::UserCommand),
-    /// The hash-chained audit log: show it, verify it.
+    /// The audit log, chained and sealed by the HSM: show it, verify it. No PIN, no logon.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
 }

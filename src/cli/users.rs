@@ -1,9 +1,13 @@
 //! `p11shim user …`: the users of the permission model, and `--logon`, the logon stack every command that
 //! needs permissions shares ([`LogonArgs`], [`logons`]).
 
+use super::backup::TokenArg;
 use super::{CliResult, Outcome};
 use crate::admin::Pin;
+use crate::audit::Trail;
 use crate::auth::{self, Credential, Logons, NewUser};
+use crate::backup::format::Sealer;
+use crate::backup::work::{HsmSealer, Work};
 use crate::config::Config;
 use crate::store::{self, KeyStore};
 use clap::Subcommand;
@@ -24,7 +28,9 @@ be a user administrator.
 Logon: --logon NAME logs on with a password, read from $P11SHIM_PASSWORD_<NAME> (upper case, other characters \
 than letters and digits as _) or prompted on the terminal; --logon NAME,KEYFILE logs on by signature \
 (LogonSign) with the Ed25519 private key in KEYFILE (PEM PKCS#8, 32 raw bytes or 64 hex digits). If one logon \
-fails, the command stops.";
+fails, the command stops.
+
+Every user's row is sealed by the HSM (an HMAC made with the MAC key of the token's MBK set), so the commands that log users on or change them open the token (--token, default the config's first database slot; no PIN needed). Failed logons are counted in the row: after each one the user waits longer before the next attempt ([logon] delay, doubling up to delay_max), and with [logon] lockout_after = N the user is locked after N failures in a row until a user administrator runs `p11shim user unlock NAME`.";
 
 /// `--logon NAME[,KEYFILE]`, repeatable: the users to log on for this command, in order.
 #[derive(clap::Args, Debug, Default, Clone)]
@@ -37,23 +43,67 @@ pub struct LogonArgs {
 }
 
 /// Logs on every `--logon` in order; the first failure stops (and nothing after it runs).
-pub fn logons(store: &dyn KeyStore, specs: &[String]) -> Result<Logons, String> {
-    let mut logons = Logons::new();
+pub fn logons(trail: &Trail, config: &Config, specs: &[String]) -> Result<Logons, String> {
+    logons_into(Logons::new(), trail, config, specs)
+}
+
+fn logons_into(mut logons: Logons, trail: &Trail, config: &Config, specs: &[String]) -> Result<Logons, String> {
     for spec in specs {
         match spec.split_once(',') {
             Some((name, key_file)) => {
                 if key_file.is_empty() {
                     return Err(format!("--logon {spec}: no key file after the comma"));
                 }
-                logons.logon_sign(store, name, Path::new(key_file)).map_err(|e| e.to_string())?;
+                logons.logon_sign(trail, &config.logon, name, Path::new(key_file)).map_err(|e| e.to_string())?;
             }
             None => {
                 let password = logon_password(spec)?;
-                logons.logon_password(store, spec, &password).map_err(|e| e.to_string())?;
+                logons.logon_password(trail, &config.logon, spec, &password).map_err(|e| e.to_string())?;
             }
         }
     }
     Ok(logons)
+}
+
+/// The token whose MBK set's MAC key seals the users and the audit log, opened without a PIN: `--token`, else
+/// the config's first database slot, else its first [[slot]] whose token has an MBK set.
+pub fn sealing_token(config: &Config, token: &TokenArg) -> Result<Work, String> {
+    if token.token.is_some() || config.slots.iter().any(|s| s.storage == crate::config::Storage::Database) {
+        return Work::open_public(config, &token.label(config)?).map_err(|e| e.to_string());
+    }
+    config.slots.iter().find_map(|s| Work::open_public(config, &s.token).ok()).ok_or_else(|| {
+        format!(
+            "no token of {} has a master backup key set, whose MAC key seals users and the audit log: create one \
+             (`p11shim mbk create --token LABEL`) or name the token with --token",
+            config.source.display()
+        )
+    })
+}
+
+/// The config's other tokens that have an MBK set, opened without a PIN: their MAC keys check users rows and
+/// audit entries sealed through them (a store may serve tokens of several MBK sets).
+pub fn other_tokens(config: &Config, work: &Work) -> Vec<Work> {
+    let mine = &work.token.label;
+    config.slots.iter().filter(|s| s.token != *mine).filter_map(|s| Work::open_public(config, &s.token).ok()).collect()
+}
+
+/// The MAC keys of a command: its token's, which seals, and the others', which check.
+pub struct Seals<'w> {
+    main: HsmSealer<'w>,
+    others: Vec<HsmSealer<'w>>,
+}
+
+impl<'w> Seals<'w> {
+    pub fn new(main: &'w Work, others: &'w [Work]) -> Seals<'w> {
+        Seals { main: main.sealer(), others: others.iter().map(Work::sealer).collect() }
+    }
+
+    /// The audit trail of `store`, sealed by the command's token.
+    pub fn trail<'a>(&'a self, store: &'a dyn KeyStore, config: &Config) -> Trail<'a> {
+        let mut trail = Trail::new(store, Some(&self.main), config);
+        trail.also = self.others.iter().map(|s| s as &dyn Sealer).collect();
+        trail
+    }
 }
 
 /// `P11SHIM_PASSWORD_<NAME>`: the name in upper case, every character but letters and digits as `_`.
@@ -123,7 +173,7 @@ impl CredentialArgs {
 pub enum UserCommand {
     /// Create a user. The first user needs the token's SO PIN (--so-pin-file or $P11SHIM_SO_PIN, checked by
     /// an SO login on --token or the config's first database slot) and must be a user administrator; after
-    /// that, logged-on users with 10000000 (--logon).
+    /// that, logged-on users with 10000000 (--logon). No user PIN.
     #[command(after_long_help = MODEL)]
     Add {
         /// 1 to 32 characters from A-Z a-z 0-9 _ . -
@@ -143,24 +193,28 @@ pub enum UserCommand {
         /// prompted.
         #[arg(long, value_name = "FILE")]
         so_pin_file: Option<PathBuf>,
-        /// The token whose SO PIN is given (default: the config's first database slot).
-        #[arg(long, value_name = "LABEL")]
-        token: Option<String>,
+        #[command(flatten)]
+        token: TokenArg,
     },
-    /// List the users: name, mask, group regex and how they log on (no secrets). Needs no logon.
+    /// List the users: name, mask, group regex, how they log on, failed logons in a row (and whether locked),
+    /// and whether the row's seal verifies in the HSM. Needs no logon and no PIN.
     List {
         /// One JSON array for scripts.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        token: TokenArg,
     },
-    /// Delete a user (needs 10000000 from the logged-on users; the last user administrator cannot go).
+    /// Delete a user (needs 10000000 from the logged-on users; the last user administrator cannot go). No PIN.
     #[command(after_long_help = MODEL)]
     Delete {
         name: String,
         #[command(flatten)]
         logon: LogonArgs,
+        #[command(flatten)]
+        token: TokenArg,
     },
-    /// Change a user's password or key: by a user administrator (10000000), or by the user logged on.
+    /// Change a user's password or key: by a user administrator (10000000), or by the user logged on. No PIN.
     #[command(after_long_help = MODEL)]
     Passwd {
         name: String,
@@ -168,6 +222,29 @@ pub enum UserCommand {
         credential: CredentialArgs,
         #[command(flatten)]
         logon: LogonArgs,
+        #[command(flatten)]
+        token: TokenArg,
+    },
+    /// Clear a user's failed-logon count, which lifts a lockout ([logon] lockout_after) and the wait after
+    /// failures. Needs 10000000 from the logged-on users. No PIN.
+    #[command(after_long_help = MODEL)]
+    Unlock {
+        name: String,
+        #[command(flatten)]
+        logon: LogonArgs,
+        #[command(flatten)]
+        token: TokenArg,
+    },
+    /// Seal the users of a key store made by an earlier version (before users were sealed by the HSM), once:
+    /// user administrators (10000000) log on (their rows are accepted unsealed for this command only) and
+    /// every row is sealed with the token's MAC key. Refused once any row is sealed. Check the list it prints:
+    /// a row someone inserted before is sealed too. No PIN.
+    #[command(after_long_help = MODEL)]
+    Reseal {
+        #[command(flatten)]
+        logon: LogonArgs,
+        #[command(flatten)]
+        token: TokenArg,
     },
 }
 
@@ -178,6 +255,18 @@ pub fn open_store(config: &Config) -> Result<Box<dyn KeyStore>, String> {
 
 pub fn run(config: &Config, command: UserCommand) -> CliResult {
     let store = open_store(config)?;
+    let token = match &command {
+        UserCommand::Add { token, .. }
+        | UserCommand::List { token, .. }
+        | UserCommand::Delete { token, .. }
+        | UserCommand::Passwd { token, .. }
+        | UserCommand::Unlock { token, .. }
+        | UserCommand::Reseal { token, .. } => token,
+    };
+    let work = sealing_token(config, token)?;
+    let others = other_tokens(config, &work);
+    let seals = Seals::new(&work, &others);
+    let trail = seals.trail(store.as_ref(), config);
     let store = &*store;
     match command {
         UserCommand::Add { name, perm, group_regex, credential, logon, so_pin_file, token } => {
@@ -190,14 +279,14 @@ pub fn run(config: &Config, command: UserCommand) -> CliResult {
             let first = store.user_list().map_err(|e| e.to_string())?.is_empty();
             let so = if first {
                 let pin: Pin = super::pins::secret("SO PIN", so_pin_file, "P11SHIM_SO_PIN", "--so-pin-file")?;
-                Some(auth::so_logon(store, config, token.as_deref(), &pin).map_err(|e| e.to_string())?)
+                Some(auth::so_logon(&trail, config, token.token.as_deref(), &pin).map_err(|e| e.to_string())?)
             } else {
                 None
             };
-            let logons = logons(store, &logon.logon)?;
+            let logons = logons(&trail, config, &logon.logon)?;
             let credential = credential.read(&name)?;
             let user = NewUser { name, perm, group_regex, credential };
-            let info = auth::add_user(store, &logons, so.as_ref(), user).map_err(|e| match e {
+            let info = auth::add_user(&trail, &logons, so.as_ref(), user).map_err(|e| match e {
                 auth::AuthError::Refused(message) if !first && so_pin_given => {
                     format!("{message} (the SO PIN creates only the first user; log on as a user administrator)")
                 }
@@ -205,35 +294,64 @@ pub fn run(config: &Config, command: UserCommand) -> CliResult {
             })?;
             println!("Added user {} ({} {}, logs on with {}).", info.name, info.perm, info.group_regex, info.auth);
         }
-        UserCommand::List { json } => {
-            let users = auth::list_users(store).map_err(|e| e.to_string())?;
+        UserCommand::List { json, .. } => {
+            let users = auth::list_users(&trail, &config.logon).map_err(|e| e.to_string())?;
             if json {
                 let list: Vec<_> = users
                     .iter()
                     .map(|u| {
-                        serde_json::json!({"name": u.name, "perm": u.perm, "group_regex": u.group_regex, "auth": u.auth})
+                        serde_json::json!({"name": u.name, "perm": u.perm, "group_regex": u.group_regex, "auth": u.auth,
+                                           "failed_logons": u.failed, "locked": u.locked, "seal": u.seal.name()})
                     })
                     .collect();
                 println!("{}", serde_json::Value::Array(list));
             } else if users.is_empty() {
                 println!("No users yet: create the first with `p11shim user add` and the token's SO PIN.");
             } else {
-                println!("{:<32}  {:<8}  {:<8}  group regex", "name", "perm", "logon");
+                println!(
+                    "{:<32}  {:<8}  {:<8}  {:<11}  {:<14}  group regex",
+                    "name", "perm", "logon", "seal", "failed logons"
+                );
                 for u in &users {
-                    println!("{:<32}  {:<8}  {:<8}  {}", u.name, u.perm, u.auth, u.group_regex);
+                    let failed = if u.locked { format!("{} LOCKED", u.failed) } else { u.failed.to_string() };
+                    println!(
+                        "{:<32}  {:<8}  {:<8}  {:<11}  {:<14}  {}",
+                        u.name,
+                        u.perm,
+                        u.auth,
+                        u.seal.name(),
+                        failed,
+                        u.group_regex
+                    );
+                }
+                if users.iter().any(|u| u.seal != auth::SealState::Intact) {
+                    return Ok(Outcome::Attention(
+                        "some users are not sealed or their seal is broken: they cannot log on (see README, Users)"
+                            .into(),
+                    ));
                 }
             }
         }
-        UserCommand::Delete { name, logon } => {
-            let logons = logons(store, &logon.logon)?;
-            auth::delete_user(store, &logons, &name).map_err(|e| e.to_string())?;
+        UserCommand::Delete { name, logon, .. } => {
+            let logons = logons(&trail, config, &logon.logon)?;
+            auth::delete_user(&trail, &logons, &name).map_err(|e| e.to_string())?;
             println!("Deleted user {name}.");
         }
-        UserCommand::Passwd { name, credential, logon } => {
-            let logons = logons(store, &logon.logon)?;
+        UserCommand::Passwd { name, credential, logon, .. } => {
+            let logons = logons(&trail, config, &logon.logon)?;
             let credential = credential.read(&name)?;
-            auth::change_credential(store, &logons, &name, credential).map_err(|e| e.to_string())?;
+            auth::change_credential(&trail, &logons, &name, credential).map_err(|e| e.to_string())?;
             println!("Changed the credential of user {name}.");
+        }
+        UserCommand::Unlock { name, logon, .. } => {
+            let logons = logons(&trail, config, &logon.logon)?;
+            let cleared = auth::unlock_user(&trail, &logons, &name).map_err(|e| e.to_string())?;
+            println!("Unlocked user {name} ({cleared} failed logons cleared).");
+        }
+        UserCommand::Reseal { logon, .. } => {
+            let logons = logons_into(Logons::for_reseal(), &trail, config, &logon.logon)?;
+            let names = auth::reseal_users(&trail, &logons).map_err(|e| e.to_string())?;
+            println!("Sealed {} users in {}: {}", names.len(), store.describe(), names.join(", "));
         }
     }
     Ok(Outcome::Done)

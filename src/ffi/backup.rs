@@ -1,15 +1,20 @@
-//! The vendor interface "P11SHIM Backup" (include/p11shim.h), obtained with
-//! `C_GetInterface("P11SHIM Backup", NULL, &iface, 0)`: export, import and verify of backup files on an
-//! application's logged-in session. The session's login is the authorization (the `p11shim` command's
-//! users and permission masks are for operators); every call is written to the audit log with
-//! "pkcs11-session" as who, and the config's mode applies (CC refuses overwrite).
+//! The vendor interface "P11SHIM Backup" 2.0 (include/p11shim.h), obtained with
+//! `C_GetInterface("P11SHIM Backup", NULL, &iface, 0)`: logon and logoff of the permission model's users on
+//! a PKCS#11 session (password, or an Ed25519 signature over a challenge the shim issues; logons stack as
+//! with the command's `--logon`), and export, import and verify of backup files. The session must be logged
+//! in as the token's user (the HSM work needs it); what it may back up, restore or verify is what its
+//! p11shim logons may, checked by the same code as the `p11shim` command (the logons are the
+//! [`crate::backup::work::Authorizer`]), with the same mode rules and the same audit entries. Without a logon
+//! the calls answer CKR_USER_NOT_LOGGED_IN; a logon without the permission, CKR_ACTION_PROHIBITED.
 
 use super::{guard, lifecycle::active};
 use crate::admin::Token;
+use crate::audit::Trail;
+use crate::auth::{self, session, AuthError};
 use crate::backup::export::{self, ExportOptions};
 use crate::backup::import::{self, ImportOptions};
 use crate::backup::verify;
-use crate::backup::work::{Authorizer, Work};
+use crate::backup::work::Work;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use cryptoki_sys::*;
@@ -24,29 +29,25 @@ pub struct BackupFunctionList {
     pub import_file:
         unsafe extern "C" fn(CK_SESSION_HANDLE, *const c_char, CK_FLAGS, *mut CK_ULONG, *mut CK_ULONG) -> CK_RV,
     pub verify_file: unsafe extern "C" fn(CK_SESSION_HANDLE, *const c_char, *mut CK_ULONG) -> CK_RV,
+    pub logon: unsafe extern "C" fn(CK_SESSION_HANDLE, *const c_char, *const CK_BYTE, CK_ULONG) -> CK_RV,
+    pub get_challenge: unsafe extern "C" fn(CK_SESSION_HANDLE, *const c_char, *mut CK_BYTE, *mut CK_ULONG) -> CK_RV,
+    pub logon_sign: unsafe extern "C" fn(CK_SESSION_HANDLE, *const c_char, *const CK_BYTE, CK_ULONG) -> CK_RV,
+    pub logoff: unsafe extern "C" fn(CK_SESSION_HANDLE, *const c_char) -> CK_RV,
 }
 
 pub const IMPORT_OVERWRITE: CK_FLAGS = 0x1;
 pub const IMPORT_DRY_RUN: CK_FLAGS = 0x2;
 
 pub static BACKUP_FUNCTIONS: BackupFunctionList = BackupFunctionList {
-    version: CK_VERSION { major: 1, minor: 0 },
+    version: CK_VERSION { major: 2, minor: 0 },
     export_group: P11SHIM_ExportGroup,
     import_file: P11SHIM_ImportFile,
     verify_file: P11SHIM_VerifyFile,
+    logon: P11SHIM_Logon,
+    get_challenge: P11SHIM_GetChallenge,
+    logon_sign: P11SHIM_LogonSign,
+    logoff: P11SHIM_Logoff,
 };
-
-/// The application's session is the authorization: any group.
-struct SessionAuthorizer(String);
-
-impl Authorizer for SessionAuthorizer {
-    fn allow_group(&self, _group: &str) -> std::result::Result<(), String> {
-        Ok(())
-    }
-    fn who(&self) -> String {
-        self.0.clone()
-    }
-}
 
 /// A C string argument, or CKR_ARGUMENTS_BAD.
 ///
@@ -60,21 +61,59 @@ unsafe fn text(p: *const c_char) -> std::result::Result<String, CK_RV> {
     unsafe { CStr::from_ptr(p) }.to_str().map(str::to_string).map_err(|_| CKR_ARGUMENTS_BAD)
 }
 
-/// The work context for a logged-in application session.
-fn work_for(session: CK_SESSION_HANDLE) -> std::result::Result<(Config, Box<dyn crate::store::KeyStore>, Work), CK_RV> {
-    let backend = active()?;
-    let info = backend.session_info(session).map_err(|e| e.rv())?;
-    if !matches!(info.state, CKS_RO_USER_FUNCTIONS | CKS_RW_USER_FUNCTIONS) {
-        return Err(CKR_USER_NOT_LOGGED_IN);
+/// `len` bytes at `p` (NULL with length 0 is an empty slice), or CKR_ARGUMENTS_BAD.
+///
+/// # Safety
+/// `p` is NULL or valid for `len` bytes.
+unsafe fn bytes<'a>(p: *const CK_BYTE, len: CK_ULONG) -> std::result::Result<&'a [u8], CK_RV> {
+    match (p.is_null(), len) {
+        (true, 0) => Ok(&[]),
+        (true, _) => Err(CKR_ARGUMENTS_BAD),
+        // SAFETY: the caller's promise.
+        (false, _) => {
+            Ok(unsafe { std::slice::from_raw_parts(p, usize::try_from(len).map_err(|_| CKR_ARGUMENTS_BAD)?) })
+        }
     }
-    let setup = || -> Result<_> {
-        let config = Config::from_env()?;
-        let store = crate::store::open(&config.store_url)?;
-        let token = Token::borrowed(backend, info.slotID, session)?;
-        let work = Work::borrowed(&config, token)?;
-        Ok((config, store, work))
-    };
-    setup().map_err(|e| failed("P11SHIM backup interface", e))
+}
+
+/// What every call works with: the config, the store, and the application's logged-in session as the work
+/// token (whose MBK set's MAC key seals users and the audit trail).
+struct Ctx {
+    config: Config,
+    store: Box<dyn crate::store::KeyStore>,
+    work: Work,
+}
+
+impl Ctx {
+    fn of(session: CK_SESSION_HANDLE) -> std::result::Result<Ctx, CK_RV> {
+        let backend = active()?;
+        let info = backend.session_info(session).map_err(|e| e.rv())?;
+        if !matches!(info.state, CKS_RO_USER_FUNCTIONS | CKS_RW_USER_FUNCTIONS) {
+            return Err(CKR_USER_NOT_LOGGED_IN);
+        }
+        let setup = || -> Result<Ctx> {
+            let config = Config::from_env()?;
+            let store = crate::store::open(&config.store_url)?;
+            let token = Token::borrowed(backend, info.slotID, session)?;
+            let work = Work::borrowed(&config, token)?;
+            Ok(Ctx { config, store, work })
+        };
+        setup().map_err(|e| failed("P11SHIM backup interface", e))
+    }
+
+    fn with_trail<R>(&self, f: impl FnOnce(&Trail) -> R) -> R {
+        let sealer = self.work.sealer();
+        f(&Trail::new(self.store.as_ref(), Some(&sealer), &self.config))
+    }
+
+    /// The session's logons for `action` on `subject`: without any, the refusal is audited (as the
+    /// command's would be) and the answer is CKR_USER_NOT_LOGGED_IN.
+    fn logged(&self, session: CK_SESSION_HANDLE, action: &str, subject: &str) -> std::result::Result<Logged, CK_RV> {
+        Logged::of(session).inspect_err(|_| {
+            let reason = format!("{action} denied: no p11shim user is logged on to the session (P11SHIM_Logon)");
+            crate::warn!("{}", self.with_trail(|t| t.record_refusal("-", action, subject, &reason)));
+        })
+    }
 }
 
 fn failed(what: &str, e: Error) -> CK_RV {
@@ -82,8 +121,164 @@ fn failed(what: &str, e: Error) -> CK_RV {
     match e {
         Error::Rv(rv) => rv,
         Error::Store(crate::store::StoreError::Unavailable { .. }) => CKR_DEVICE_ERROR,
+        Error::Other(m)
+            if m.starts_with("export denied") || m.starts_with("import denied") || m.starts_with("verify denied") =>
+        {
+            CKR_ACTION_PROHIBITED
+        }
         _ => CKR_FUNCTION_FAILED,
     }
+}
+
+fn auth_failed(what: &str, e: AuthError) -> CK_RV {
+    crate::warn!("{what}: {e}");
+    match e {
+        AuthError::LogonFailed(_) => CKR_PIN_INCORRECT,
+        AuthError::Throttled(_) => CKR_PIN_LOCKED,
+        AuthError::Invalid(_) => CKR_ARGUMENTS_BAD,
+        AuthError::Store(crate::store::StoreError::Unavailable { .. }) => CKR_DEVICE_ERROR,
+        _ => CKR_FUNCTION_FAILED,
+    }
+}
+
+/// The session's logons for one call that needs them: CKR_USER_NOT_LOGGED_IN when there are none. They are
+/// handed back when the call ends.
+struct Logged {
+    session: CK_SESSION_HANDLE,
+    auth: Option<session::SessionAuth>,
+}
+
+impl Logged {
+    fn of(session: CK_SESSION_HANDLE) -> std::result::Result<Logged, CK_RV> {
+        let auth = session::take(session);
+        let empty = auth.logons.is_empty();
+        let logged = Logged { session, auth: Some(auth) };
+        if empty {
+            return Err(CKR_USER_NOT_LOGGED_IN);
+        }
+        Ok(logged)
+    }
+    fn logons(&self) -> &auth::Logons {
+        &self.auth.as_ref().expect("present until dropped").logons
+    }
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        if let Some(auth) = self.auth.take() {
+            session::put(self.session, auth);
+        }
+    }
+}
+
+/// Logs the user `name` on to the session with a password. CKR_PIN_INCORRECT for a failed logon (unknown
+/// user, wrong password, a user who logs on by signature: the audit log says which), CKR_PIN_LOCKED while
+/// the user is locked or must wait after failed logons, CKR_USER_ALREADY_LOGGED_IN for a second logon of
+/// the same user.
+pub(crate) unsafe extern "C" fn P11SHIM_Logon(
+    session: CK_SESSION_HANDLE,
+    name: *const c_char,
+    password: *const CK_BYTE,
+    password_len: CK_ULONG,
+) -> CK_RV {
+    guard("P11SHIM_Logon", || {
+        // SAFETY: the application passes a NUL-terminated string and `password_len` bytes.
+        let (name, password) = unsafe { (text(name)?, bytes(password, password_len)?) };
+        let password = zeroize::Zeroizing::new(password.to_vec());
+        let ctx = Ctx::of(session)?;
+        let mut auth = session::take(session);
+        let result = if auth.logons.is_logged_on(&name) {
+            Err(CKR_USER_ALREADY_LOGGED_IN)
+        } else {
+            ctx.with_trail(|trail| auth.logons.logon_password(trail, &ctx.config.logon, &name, &password))
+                .map_err(|e| auth_failed("P11SHIM_Logon", e))
+        };
+        session::put(session, auth);
+        result.map(|()| CKR_OK)
+    })
+}
+
+/// A fresh challenge for a signature logon of `name` on this session, with the PKCS#11 convention for
+/// output buffers (NULL: the length; too small: CKR_BUFFER_TOO_SMALL). The user's Ed25519 key signs
+/// exactly these bytes; P11SHIM_LogonSign takes the signature. Each challenge is usable once, for 60 s.
+pub(crate) unsafe extern "C" fn P11SHIM_GetChallenge(
+    session: CK_SESSION_HANDLE,
+    name: *const c_char,
+    challenge: *mut CK_BYTE,
+    challenge_len: *mut CK_ULONG,
+) -> CK_RV {
+    guard("P11SHIM_GetChallenge", || {
+        // SAFETY: the application passes a NUL-terminated string.
+        let name = unsafe { text(name) }?;
+        if challenge_len.is_null() {
+            return Err(CKR_ARGUMENTS_BAD);
+        }
+        auth::check_name(&name).map_err(|_| CKR_ARGUMENTS_BAD)?;
+        let len = auth::challenge(&name).map_err(|e| auth_failed("P11SHIM_GetChallenge", e))?.len();
+        // SAFETY: non-NULL; room for a CK_ULONG.
+        let room = unsafe { *challenge_len };
+        // SAFETY: as above.
+        unsafe { *challenge_len = len as CK_ULONG };
+        if challenge.is_null() {
+            return Ok(CKR_OK);
+        }
+        if (room as usize) < len {
+            return Ok(CKR_BUFFER_TOO_SMALL);
+        }
+        Ctx::of(session)?;
+        let message = auth::challenge(&name).map_err(|e| auth_failed("P11SHIM_GetChallenge", e))?;
+        // SAFETY: the application's buffer holds `room` ≥ len bytes.
+        unsafe { std::ptr::copy_nonoverlapping(message.as_ptr(), challenge, message.len()) };
+        let mut auth = session::take(session);
+        auth.issue(&name, message);
+        session::put(session, auth);
+        Ok(CKR_OK)
+    })
+}
+
+/// Logs `name` on with an Ed25519 signature (64 bytes) over the challenge P11SHIM_GetChallenge last issued
+/// to that name on this session. Without a fresh challenge: CKR_OPERATION_NOT_INITIALIZED.
+pub(crate) unsafe extern "C" fn P11SHIM_LogonSign(
+    session: CK_SESSION_HANDLE,
+    name: *const c_char,
+    signature: *const CK_BYTE,
+    signature_len: CK_ULONG,
+) -> CK_RV {
+    guard("P11SHIM_LogonSign", || {
+        // SAFETY: the application passes a NUL-terminated string and `signature_len` bytes.
+        let (name, signature) = unsafe { (text(name)?, bytes(signature, signature_len)?) };
+        let ctx = Ctx::of(session)?;
+        let mut auth = session::take(session);
+        let result = match auth.redeem(&name) {
+            None => Err(CKR_OPERATION_NOT_INITIALIZED),
+            Some(_) if auth.logons.is_logged_on(&name) => Err(CKR_USER_ALREADY_LOGGED_IN),
+            Some(message) => ctx
+                .with_trail(|trail| auth.logons.logon_signed(trail, &ctx.config.logon, &name, &message, signature))
+                .map_err(|e| auth_failed("P11SHIM_LogonSign", e)),
+        };
+        session::put(session, auth);
+        result.map(|()| CKR_OK)
+    })
+}
+
+/// Logs `name` off the session (NULL: every user). CKR_USER_NOT_LOGGED_IN if that user is not logged on.
+pub(crate) unsafe extern "C" fn P11SHIM_Logoff(session: CK_SESSION_HANDLE, name: *const c_char) -> CK_RV {
+    guard("P11SHIM_Logoff", || {
+        active()?;
+        // SAFETY: the application passes NULL or a NUL-terminated string.
+        let name = if name.is_null() { None } else { Some(unsafe { text(name) }?) };
+        let mut auth = session::take(session);
+        let result = match name {
+            None => {
+                auth.logons.clear();
+                Ok(CKR_OK)
+            }
+            Some(name) if auth.logons.logoff(&name) => Ok(CKR_OK),
+            Some(_) => Err(CKR_USER_NOT_LOGGED_IN),
+        };
+        session::put(session, auth);
+        result
+    })
 }
 
 /// Exports every key whose group matches `group_regex` into the backup file `path` (which must not exist).
@@ -96,15 +291,14 @@ pub(crate) unsafe extern "C" fn P11SHIM_ExportGroup(
     guard("P11SHIM_ExportGroup", || {
         // SAFETY: the application passes NUL-terminated strings.
         let (filter, out) = unsafe { (text(group_regex)?, text(path)?) };
-        let (_, store, work) = work_for(session)?;
-        let who = SessionAuthorizer(format!("pkcs11-session@{}", work.token.label));
-        let opts = ExportOptions { filter: &filter, out: &PathBuf::from(out), replace: false };
-        let report =
-            export::export(store.as_ref(), &work, &who, &opts, &mut |_| {}).map_err(|e| failed("export", e))?;
-        if !report.skipped.is_empty() {
-            for s in &report.skipped {
-                crate::warn!("export: {} was not exported: {}", s.key, s.why);
-            }
+        let ctx = Ctx::of(session)?;
+        let logged = ctx.logged(session, "backup", &filter)?;
+        let opts = ExportOptions { filter: &filter, out: &PathBuf::from(out), replace: false, stored_only: false };
+        let report = ctx
+            .with_trail(|trail| export::export(trail, &ctx.work, logged.logons(), &opts, &mut |_| {}))
+            .map_err(|e| failed("export", e))?;
+        for s in &report.skipped {
+            crate::warn!("export: {} was not exported: {}", s.key, s.why);
         }
         if !exported.is_null() {
             // SAFETY: non-NULL; the application passes room for a CK_ULONG.
@@ -129,15 +323,17 @@ pub(crate) unsafe extern "C" fn P11SHIM_ImportFile(
         if flags & !(IMPORT_OVERWRITE | IMPORT_DRY_RUN) != 0 {
             return Err(CKR_ARGUMENTS_BAD);
         }
-        let (config, store, work) = work_for(session)?;
-        let who = SessionAuthorizer(format!("pkcs11-session@{}", work.token.label));
+        let ctx = Ctx::of(session)?;
+        let logged = ctx.logged(session, "restore", &file.display().to_string())?;
         let opts = ImportOptions {
             file: &file,
             overwrite: flags & IMPORT_OVERWRITE != 0,
             dry_run: flags & IMPORT_DRY_RUN != 0,
-            mode: config.mode,
+            mode: ctx.config.mode,
         };
-        let report = import::import(store.as_ref(), &work, &who, &opts).map_err(|e| failed("import", e))?;
+        let report = ctx
+            .with_trail(|trail| import::import(trail, &ctx.work, logged.logons(), &opts))
+            .map_err(|e| failed("import", e))?;
         // SAFETY: each is NULL or room for a CK_ULONG.
         unsafe {
             if !added.is_null() {
@@ -160,9 +356,11 @@ pub(crate) unsafe extern "C" fn P11SHIM_VerifyFile(
     guard("P11SHIM_VerifyFile", || {
         // SAFETY: the application passes a NUL-terminated string.
         let file = PathBuf::from(unsafe { text(path) }?);
-        let (_, store, work) = work_for(session)?;
-        let who = SessionAuthorizer(format!("pkcs11-session@{}", work.token.label));
-        let report = verify::verify(store.as_ref(), &work, &who, &file).map_err(|e| failed("verify", e))?;
+        let ctx = Ctx::of(session)?;
+        let logged = ctx.logged(session, "verify", &file.display().to_string())?;
+        let report = ctx
+            .with_trail(|trail| verify::verify(trail, &ctx.work, logged.logons(), &file))
+            .map_err(|e| failed("verify", e))?;
         if !records.is_null() {
             // SAFETY: non-NULL; room for a CK_ULONG.
             unsafe { *records = report.records as CK_ULONG };

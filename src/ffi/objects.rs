@@ -336,12 +336,29 @@ pub(crate) unsafe extern "C" fn C_CopyObject(
         let handle = match &stored {
             Some(key) => db.vault.copy_stored(s, db.slot, &db.policy, key, &request, &make)?,
             None => {
-                let class = backend.attributes(s, source, &[CKA_CLASS]).map_err(CK_RV::from)?.ulong(CKA_CLASS);
-                let made =
-                    db.vault.create(s, db.slot, &db.policy, &request, class, None, &PublicHalf::Plain, &|t| {
-                        make(t).map(|key| Made { key, public: None })
-                    })?;
-                made.key
+                let got = backend.attributes(s, source, &[CKA_CLASS, CKA_TOKEN]).map_err(CK_RV::from)?;
+                // A key the HSM keeps belongs to the token's group: a copy into another group moves it.
+                let from = &db.policy.default_group;
+                let moving = request.named_group && got.bool(CKA_TOKEN) == Some(true) && request.group != *from;
+                let name = format!("a copy of HSM key {source} of token {:?}", db.policy.token);
+                let mover = match moving {
+                    true => Some(db.vault.authorize_move(s, db.slot, &db.policy.token, &name, from, &request.group)?),
+                    false => None,
+                };
+                let made = db.vault.create(
+                    s,
+                    db.slot,
+                    &db.policy,
+                    &request,
+                    got.ulong(CKA_CLASS),
+                    None,
+                    &PublicHalf::Plain,
+                    &|t| make(t).map(|key| Made { key, public: None }),
+                );
+                if let Some(who) = &mover {
+                    db.vault.record_move(db.slot, &db.policy.token, who, (&name, from, &request.group), made.is_ok());
+                }
+                made?.key
             }
         };
         // SAFETY: checked non-NULL.

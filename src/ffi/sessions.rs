@@ -38,6 +38,7 @@ pub(crate) unsafe extern "C" fn C_CloseSession(session: CK_SESSION_HANDLE) -> CK
         }
         // Forget it before the backend may hand the same handle to another thread's C_OpenSession.
         let slot = sessions::closed_by_app(session);
+        crate::auth::session::closed(session);
         if let Some(vault) = crate::vault::current() {
             vault.find_final(session);
             vault.session_closed(session);
@@ -57,6 +58,9 @@ pub(crate) unsafe extern "C" fn C_CloseAllSessions(slot: CK_SLOT_ID) -> CK_RV {
     guard("C_CloseAllSessions", || {
         let backend = active()?;
         let mine = sessions::take_app_sessions(slot);
+        for &session in &mine {
+            crate::auth::session::closed(session);
+        }
         if let Some(vault) = crate::vault::current() {
             for &session in &mine {
                 vault.find_final(session);

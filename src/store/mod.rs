@@ -76,6 +76,9 @@ pub enum StoreError {
     /// The configured URL cannot be used.
     #[error("key store url {url:?}: {cause}")]
     Url { url: String, cause: String },
+    /// What the HSM seals (an audit entry) could not be sealed; nothing was written.
+    #[error("{0}")]
+    Sealing(String),
 }
 
 pub type StoreResult<T> = std::result::Result<T, StoreError>;
@@ -148,7 +151,8 @@ pub trait KeyStore: Send + Sync {
     /// PostgreSQL: an advisory transaction lock): reads the last entry, and inserts `entry` with
     /// `seq = last.seq + 1` (1 for the first) and `prev = last.hash` (32 zero bytes for the first), its
     /// `hash` computed by [`AuditEntry::compute_hash`]. Returns the entry as stored.
-    fn audit_append(&self, entry: AuditDraft) -> StoreResult<AuditEntry>;
+    /// `seal` makes the entry's MAC (see [`AuditSeal`]).
+    fn audit_append(&self, entry: AuditDraft, seal: AuditSeal) -> StoreResult<AuditEntry>;
     /// Every audit entry in `seq` order, streaming like `scan`.
     fn audit_scan(&self, f: &mut dyn FnMut(AuditEntry) -> StoreResult<()>) -> StoreResult<()>;
 }
@@ -179,6 +183,13 @@ pub struct UserRow {
     pub secret: Vec<u8>,
     /// Bumped by every update.
     pub version: i64,
+    /// Failed logons in a row (cleared by a successful one, or by an administrator).
+    pub failed: i64,
+    /// When the last failed logon happened, in milliseconds since the Unix epoch (0: none).
+    pub last_failed: i64,
+    /// HMAC made in the HSM over every column above (see `auth::seal_input`); empty in a row written before
+    /// schema version 5, which no logon accepts until an administrator reseals it.
+    pub mac: Vec<u8>,
 }
 
 impl fmt::Debug for UserRow {
@@ -190,6 +201,7 @@ impl fmt::Debug for UserRow {
             .field("group_regex", &self.group_regex)
             .field("auth", &self.auth)
             .field("version", &self.version)
+            .field("failed", &self.failed)
             .finish_non_exhaustive()
     }
 }
@@ -224,6 +236,9 @@ pub struct AuditDraft {
     pub count: i64,
     /// "ok", or the error.
     pub result: String,
+    /// The security mode the operation ran in ("standard", "fips", "cc"); empty in entries written before
+    /// schema version 5.
+    pub mode: String,
 }
 
 /// An audit entry as stored: the draft, its place in the chain and its hash.
@@ -235,15 +250,21 @@ pub struct AuditEntry {
     pub prev: Vec<u8>,
     /// SHA-256 over `prev` and the fields (see `compute_hash`).
     pub hash: Vec<u8>,
+    /// HMAC made in the HSM over `hash` (see `audit::seal_input`): what a writer of the database cannot make.
+    /// Empty in entries written before schema version 5 (or before the token had an MBK set).
+    pub mac: Vec<u8>,
+    /// The fingerprint of the MBK set whose MAC key made `mac` (a store may serve tokens of several sets).
+    pub mbk: String,
 }
 
 impl AuditEntry {
     /// SHA-256("p11shim audit v1" | seq | prev | time | who | action | group | count | result), each field
-    /// length-prefixed (u32 BE). Editing, removing or reordering an entry breaks the chain after it.
+    /// length-prefixed (u32 BE); entries that record a mode use "p11shim audit v2" and add the mode. Editing,
+    /// removing or reordering an entry breaks the chain after it.
     pub fn compute_hash(seq: i64, prev: &[u8], d: &AuditDraft) -> Vec<u8> {
         use sha2::{Digest, Sha256};
         let mut h = Sha256::new();
-        h.update(b"p11shim audit v1\0");
+        h.update(if d.mode.is_empty() { &b"p11shim audit v1\0"[..] } else { &b"p11shim audit v2\0"[..] });
         let mut field = |b: &[u8]| {
             h.update((b.len() as u32).to_be_bytes());
             h.update(b);
@@ -256,6 +277,9 @@ impl AuditEntry {
         field(d.group.as_bytes());
         field(&d.count.to_be_bytes());
         field(d.result.as_bytes());
+        if !d.mode.is_empty() {
+            field(d.mode.as_bytes());
+        }
         h.finalize().to_vec()
     }
 }
@@ -305,26 +329,33 @@ fn redact_password_param(url: &str) -> String {
 
 /// The schema version this build creates and understands. Each engine keeps one migration per version:
 /// 1 keys, 2 users (and an index for whole-store scans), 3 audit, 4 notifications naming the changed row
-/// (PostgreSQL; nothing to change in SQLite).
-pub const SCHEMA_VERSION: i64 = 4;
+/// (PostgreSQL; nothing to change in SQLite), 5 users sealed by the HSM with failed-logon counters, audit
+/// entries sealed by the HSM and recording the mode.
+pub const SCHEMA_VERSION: i64 = 5;
 
 /// The columns of `users` in the order both engines read and write them.
-const USER_COLUMNS: &str = "name, perm, group_regex, auth, secret, version";
+const USER_COLUMNS: &str = "name, perm, group_regex, auth, secret, version, failed, last_failed, mac";
 
 /// The columns of `audit` in the order both engines read and write them.
-const AUDIT_COLUMNS: &str = "seq, time, who, action, grp, count, result, prev, hash";
+const AUDIT_COLUMNS: &str = "seq, time, who, action, grp, count, result, prev, hash, mode, mac, mbk";
+
+/// What seals an audit entry as it is appended: called inside the appending transaction with the entry's
+/// hash and whether the entry before it is sealed; its MAC and the fingerprint of the MBK set that made it
+/// (both empty for an unsealed entry), or an error that aborts the append.
+pub type AuditSeal<'a> = &'a dyn Fn(&[u8], bool) -> StoreResult<(Vec<u8>, String)>;
 
 /// The `prev` of the first audit entry.
 const AUDIT_GENESIS: [u8; 32] = [0; 32];
 
-/// Places `draft` after the entry (seq, hash) `last` (None for an empty log).
-fn chain(last: Option<(i64, Vec<u8>)>, draft: AuditDraft) -> AuditEntry {
-    let (seq, prev) = match last {
-        Some((seq, hash)) => (seq + 1, hash),
-        None => (1, AUDIT_GENESIS.to_vec()),
+/// Places `draft` after the entry (seq, hash, mac) `last` (None for an empty log) and seals it.
+fn chain(last: Option<(i64, Vec<u8>, Vec<u8>)>, draft: AuditDraft, seal: AuditSeal) -> StoreResult<AuditEntry> {
+    let (seq, prev, last_sealed) = match last {
+        Some((seq, hash, mac)) => (seq + 1, hash, !mac.is_empty()),
+        None => (1, AUDIT_GENESIS.to_vec(), false),
     };
     let hash = AuditEntry::compute_hash(seq, &prev, &draft);
-    AuditEntry { seq, draft, prev, hash }
+    let (mac, mbk) = seal(&hash, last_sealed)?;
+    Ok(AuditEntry { seq, draft, prev, hash, mac, mbk })
 }
 
 /// The columns of `keys` in the order both engines read and write them.

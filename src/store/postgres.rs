@@ -125,6 +125,15 @@ const MIGRATIONS: &[(i64, &str)] = &[
     END
     $$;"#,
     ),
+    (
+        5,
+        r#"ALTER TABLE users ADD COLUMN failed BIGINT NOT NULL DEFAULT 0,
+        ADD COLUMN last_failed BIGINT NOT NULL DEFAULT 0,
+        ADD COLUMN mac BYTEA NOT NULL DEFAULT '\x'::bytea;
+    ALTER TABLE audit ADD COLUMN mode TEXT NOT NULL DEFAULT '',
+        ADD COLUMN mac BYTEA NOT NULL DEFAULT '\x'::bytea,
+        ADD COLUMN mbk TEXT NOT NULL DEFAULT '';"#,
+    ),
 ];
 
 pub struct PostgresStore {
@@ -494,7 +503,27 @@ fn read_user(r: &postgres::Row) -> UserRow {
         auth: r.get(3),
         secret: r.get(4),
         version: r.get(5),
+        failed: r.get(6),
+        last_failed: r.get(7),
+        mac: r.get(8),
     }
+}
+
+/// The placeholders of [`USER_COLUMNS`] and their values.
+const USER_VALUES: &str = "$1, $2, $3, $4, $5, $6, $7, $8, $9";
+
+fn user_params(user: &UserRow) -> [&(dyn postgres::types::ToSql + Sync); 9] {
+    [
+        &user.name,
+        &user.perm,
+        &user.group_regex,
+        &user.auth,
+        &user.secret,
+        &user.version,
+        &user.failed,
+        &user.last_failed,
+        &user.mac,
+    ]
 }
 
 fn read_audit(r: &postgres::Row) -> AuditEntry {
@@ -507,9 +536,12 @@ fn read_audit(r: &postgres::Row) -> AuditEntry {
             group: r.get(4),
             count: r.get(5),
             result: r.get(6),
+            mode: r.get(9),
         },
         prev: r.get(7),
         hash: r.get(8),
+        mac: r.get(10),
+        mbk: r.get(11),
     }
 }
 
@@ -797,11 +829,8 @@ impl KeyStore for PostgresStore {
     }
 
     fn user_insert(&self, user: &UserRow) -> StoreResult<()> {
-        let sql =
-            format!("INSERT INTO users ({USER_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (name) DO NOTHING");
-        let inserted = self.run(false, |p| {
-            p.execute(&sql, &[&user.name, &user.perm, &user.group_regex, &user.auth, &user.secret, &user.version])
-        })?;
+        let sql = format!("INSERT INTO users ({USER_COLUMNS}) VALUES ({USER_VALUES}) ON CONFLICT (name) DO NOTHING");
+        let inserted = self.run(false, |p| p.execute(&sql, &user_params(user)))?;
         if inserted == 0 {
             return Err(StoreError::Duplicate { store: self.name.clone(), id: user.name.clone() });
         }
@@ -809,7 +838,7 @@ impl KeyStore for PostgresStore {
     }
 
     fn user_insert_first(&self, user: &UserRow) -> StoreResult<bool> {
-        let insert = format!("INSERT INTO users ({USER_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6)");
+        let insert = format!("INSERT INTO users ({USER_COLUMNS}) VALUES ({USER_VALUES})");
         self.run(false, |p| {
             let (any, insert) = (p.statement("SELECT EXISTS (SELECT 1 FROM users)")?, p.statement(&insert)?);
             // A second first user waits here, then sees the first one.
@@ -817,21 +846,20 @@ impl KeyStore for PostgresStore {
             if tx.query_one(&any, &[])?.get::<_, bool>(0) {
                 return Ok(false);
             }
-            tx.execute(&insert, &[&user.name, &user.perm, &user.group_regex, &user.auth, &user.secret, &user.version])?;
+            tx.execute(&insert, &user_params(user))?;
             tx.commit()?;
             Ok(true)
         })
     }
 
     fn user_update(&self, user: &UserRow) -> StoreResult<bool> {
-        let sql = "UPDATE users SET perm = $2, group_regex = $3, auth = $4, secret = $5, version = $6 \
-                   WHERE name = $1 AND version = $7";
+        let sql = "UPDATE users SET perm = $2, group_regex = $3, auth = $4, secret = $5, version = $6, failed = $7, \
+                   last_failed = $8, mac = $9 WHERE name = $1 AND version = $10";
         let previous = user.version.wrapping_sub(1);
         let updated = self.run(false, |p| {
-            p.execute(
-                sql,
-                &[&user.name, &user.perm, &user.group_regex, &user.auth, &user.secret, &user.version, &previous],
-            )
+            let mut params = user_params(user).to_vec();
+            params.push(&previous);
+            p.execute(sql, &params)
         })?;
         Ok(updated > 0)
     }
@@ -868,24 +896,41 @@ impl KeyStore for PostgresStore {
         })
     }
 
-    fn audit_append(&self, draft: AuditDraft) -> StoreResult<AuditEntry> {
-        let insert = format!("INSERT INTO audit ({AUDIT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)");
+    fn audit_append(&self, draft: AuditDraft, seal: super::AuditSeal) -> StoreResult<AuditEntry> {
+        let insert =
+            format!("INSERT INTO audit ({AUDIT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)");
         self.run(false, |p| {
-            let last_sql = "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1";
+            let last_sql = "SELECT seq, hash, mac FROM audit ORDER BY seq DESC LIMIT 1";
             let (last, insert) = (p.statement(last_sql)?, p.statement(&insert)?);
             // Appenders on every connection and host queue here, and each reads the entry its predecessor
             // committed.
             let mut tx = p.locked(AUDIT_LOCK)?;
-            let last = tx.query_opt(&last, &[])?.map(|r| (r.get(0), r.get(1)));
-            let entry = chain(last, draft.clone());
+            let last = tx.query_opt(&last, &[])?.map(|r| (r.get(0), r.get(1), r.get(2)));
+            let entry = match chain(last, draft.clone(), seal) {
+                Ok(entry) => entry,
+                Err(e) => return Ok(Err(e)),
+            };
             let d = &entry.draft;
             tx.execute(
                 &insert,
-                &[&entry.seq, &d.time, &d.who, &d.action, &d.group, &d.count, &d.result, &entry.prev, &entry.hash],
+                &[
+                    &entry.seq,
+                    &d.time,
+                    &d.who,
+                    &d.action,
+                    &d.group,
+                    &d.count,
+                    &d.result,
+                    &entry.prev,
+                    &entry.hash,
+                    &d.mode,
+                    &entry.mac,
+                    &entry.mbk,
+                ],
             )?;
             tx.commit()?;
-            Ok(entry)
-        })
+            Ok(Ok(entry))
+        })?
     }
 
     fn audit_scan(&self, f: &mut dyn FnMut(AuditEntry) -> StoreResult<()>) -> StoreResult<()> {

@@ -78,6 +78,15 @@ const MIGRATIONS: &[(i64, &str)] = &[
     ),
     // PostgreSQL's notifications name the changed row from version 4; SQLite has nothing to change.
     (4, ""),
+    (
+        5,
+        "ALTER TABLE users ADD COLUMN failed INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE users ADD COLUMN last_failed INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE users ADD COLUMN mac BLOB NOT NULL DEFAULT x'';
+    ALTER TABLE audit ADD COLUMN mode TEXT NOT NULL DEFAULT '';
+    ALTER TABLE audit ADD COLUMN mac BLOB NOT NULL DEFAULT x'';
+    ALTER TABLE audit ADD COLUMN mbk TEXT NOT NULL DEFAULT '';",
+    ),
 ];
 
 pub struct SqliteStore {
@@ -530,6 +539,23 @@ fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRow> {
     })
 }
 
+/// The placeholders of [`USER_COLUMNS`] and their values.
+const USER_VALUES: &str = "?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9";
+
+fn user_params(user: &UserRow) -> [&dyn rusqlite::ToSql; 9] {
+    [
+        &user.name,
+        &user.perm,
+        &user.group_regex,
+        &user.auth,
+        &user.secret,
+        &user.version,
+        &user.failed,
+        &user.last_failed,
+        &user.mac,
+    ]
+}
+
 fn read_user(r: &rusqlite::Row<'_>) -> rusqlite::Result<UserRow> {
     Ok(UserRow {
         name: r.get(0)?,
@@ -538,6 +564,9 @@ fn read_user(r: &rusqlite::Row<'_>) -> rusqlite::Result<UserRow> {
         auth: r.get(3)?,
         secret: r.get(4)?,
         version: r.get(5)?,
+        failed: r.get(6)?,
+        last_failed: r.get(7)?,
+        mac: r.get(8)?,
     })
 }
 
@@ -551,9 +580,12 @@ fn read_audit(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuditEntry> {
             group: r.get(4)?,
             count: r.get(5)?,
             result: r.get(6)?,
+            mode: r.get(9)?,
         },
         prev: r.get(7)?,
         hash: r.get(8)?,
+        mac: r.get(10)?,
+        mbk: r.get(11)?,
     })
 }
 
@@ -772,18 +804,8 @@ impl KeyStore for SqliteStore {
     }
 
     fn user_insert(&self, user: &UserRow) -> StoreResult<()> {
-        let sql =
-            format!("INSERT INTO users ({USER_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (name) DO NOTHING");
-        let inserted = self.lease()?.run(|p| {
-            p.conn.prepare_cached(&sql)?.execute(rusqlite::params![
-                user.name,
-                user.perm,
-                user.group_regex,
-                user.auth,
-                user.secret,
-                user.version
-            ])
-        })?;
+        let sql = format!("INSERT INTO users ({USER_COLUMNS}) VALUES ({USER_VALUES}) ON CONFLICT (name) DO NOTHING");
+        let inserted = self.lease()?.run(|p| p.conn.prepare_cached(&sql)?.execute(user_params(user)))?;
         if inserted == 0 {
             return Err(StoreError::Duplicate { store: self.name.clone(), id: user.name.clone() });
         }
@@ -791,7 +813,7 @@ impl KeyStore for SqliteStore {
     }
 
     fn user_insert_first(&self, user: &UserRow) -> StoreResult<bool> {
-        let sql = format!("INSERT INTO users ({USER_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)");
+        let sql = format!("INSERT INTO users ({USER_COLUMNS}) VALUES ({USER_VALUES})");
         self.lease()?.run(|p| {
             // IMMEDIATE: the write lock is taken before the table is looked at, so two first users cannot
             // both find it empty.
@@ -800,32 +822,20 @@ impl KeyStore for SqliteStore {
             if any {
                 return Ok(false);
             }
-            tx.prepare_cached(&sql)?.execute(rusqlite::params![
-                user.name,
-                user.perm,
-                user.group_regex,
-                user.auth,
-                user.secret,
-                user.version
-            ])?;
+            tx.prepare_cached(&sql)?.execute(user_params(user))?;
             tx.commit()?;
             Ok(true)
         })
     }
 
     fn user_update(&self, user: &UserRow) -> StoreResult<bool> {
-        let sql = "UPDATE users SET perm = ?2, group_regex = ?3, auth = ?4, secret = ?5, version = ?6 \
-                   WHERE name = ?1 AND version = ?7";
+        let sql = "UPDATE users SET perm = ?2, group_regex = ?3, auth = ?4, secret = ?5, version = ?6, failed = ?7, \
+                   last_failed = ?8, mac = ?9 WHERE name = ?1 AND version = ?10";
         let updated = self.lease()?.run(|p| {
-            p.conn.prepare_cached(sql)?.execute(rusqlite::params![
-                user.name,
-                user.perm,
-                user.group_regex,
-                user.auth,
-                user.secret,
-                user.version,
-                user.version.wrapping_sub(1),
-            ])
+            let mut params = user_params(user).to_vec();
+            let previous = user.version.wrapping_sub(1);
+            params.push(&previous);
+            p.conn.prepare_cached(sql)?.execute(params.as_slice())
         })?;
         Ok(updated > 0)
     }
@@ -863,24 +873,29 @@ impl KeyStore for SqliteStore {
         })
     }
 
-    fn audit_append(&self, draft: AuditDraft) -> StoreResult<AuditEntry> {
-        let insert = format!("INSERT INTO audit ({AUDIT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)");
+    fn audit_append(&self, draft: AuditDraft, seal: super::AuditSeal) -> StoreResult<AuditEntry> {
+        let insert =
+            format!("INSERT INTO audit ({AUDIT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)");
         self.lease()?.run(|p| {
             // IMMEDIATE: the write lock is taken before the last entry is read, so appenders in other
             // connections and processes queue (busy_timeout) and each sees its predecessor's entry.
             let tx = p.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let last = tx
-                .prepare_cached("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")?
-                .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .prepare_cached("SELECT seq, hash, mac FROM audit ORDER BY seq DESC LIMIT 1")?
+                .query_row([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
                 .optional()?;
-            let entry = chain(last, draft);
+            let entry = match chain(last, draft, seal) {
+                Ok(entry) => entry,
+                Err(e) => return Ok(Err(e)),
+            };
             let d = &entry.draft;
             tx.prepare_cached(&insert)?.execute(rusqlite::params![
-                entry.seq, d.time, d.who, d.action, d.group, d.count, d.result, entry.prev, entry.hash
+                entry.seq, d.time, d.who, d.action, d.group, d.count, d.result, entry.prev, entry.hash, d.mode,
+                entry.mac, entry.mbk
             ])?;
             tx.commit()?;
-            Ok(entry)
-        })
+            Ok(Ok(entry))
+        })?
     }
 
     fn audit_scan(&self, f: &mut dyn FnMut(AuditEntry) -> StoreResult<()>) -> StoreResult<()> {

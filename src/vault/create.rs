@@ -51,7 +51,7 @@ pub enum Shape {
 pub struct Request {
     pub group: String,
     /// The application named the group.
-    named_group: bool,
+    pub named_group: bool,
     /// As asked, as a session object, without the group: what the probe is made from.
     pub exact: Template,
     /// As asked, without the group: a key the HSM keeps itself.
@@ -252,6 +252,11 @@ impl Vault {
         if source.bool(CKA_COPYABLE) == Some(false) {
             return Err(Error::Rv(CKR_ACTION_PROHIBITED));
         }
+        let name = format!("a copy of stored key {}", key.id);
+        let mover = match request.named_group && request.group != row.group {
+            true => Some(self.authorize_move(session, slot, &row.token, &name, &row.group, &request.group)?),
+            false => None,
+        };
         let set = self.ready(session, slot, policy)?;
         let copy = self.made(make(&request.exact)?);
         let result = (|| {
@@ -287,6 +292,9 @@ impl Vault {
             }
         })();
         self.discard(session, copy);
+        if let Some(who) = &mover {
+            self.record_move(slot, &row.token, who, (&name, &row.group, &request.group), result.is_ok());
+        }
         result
     }
 

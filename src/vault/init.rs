@@ -108,20 +108,40 @@ impl Vault {
         };
         let who = format!("pkcs11-so@{}", plan.new_database.as_deref().unwrap_or(&plan.labels[0]));
         let result = match &made {
-            Ok(Some(fp)) => format!("ok: {deleted} stored keys destroyed; new MBK set {fp}"),
+            Ok(Some((fp, _))) => format!("ok: {deleted} stored keys destroyed; new MBK set {fp}"),
             Ok(None) => format!("ok: {deleted} stored keys destroyed; the token is no longer a database slot"),
             Err(e) => format!("failed: {deleted} stored keys destroyed, but no MBK set: {e}"),
         };
         let action = format!("init-token {}", plan.labels.join(", "));
-        if let Err(e) = crate::audit::record(store, &who, &action, "", deleted as i64, &result) {
+        // The token's old MBK set is gone with it: the entry is sealed with the new one, if it was made; else
+        // it is unsealed, which the log accepts only while none of its entries is sealed (else it is refused
+        // and the log line below is the record).
+        let recorded = match (&made, &plan.new_database) {
+            (Ok(Some((_, slot))), Some(label)) => self
+                .trail(*slot, label, |t| t.record(&who, &action, "", deleted as i64, &result))
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map(drop).map_err(|e| e.to_string())),
+            _ => {
+                let trail = crate::audit::Trail {
+                    store,
+                    sealer: None,
+                    also: Vec::new(),
+                    head: Some(self.audit_head.clone()),
+                    mode: self.mode,
+                };
+                trail.record(&who, &action, "", deleted as i64, &result).map(drop).map_err(|e| e.to_string())
+            }
+        };
+        if let Err(e) = recorded {
             crate::error!("C_InitToken: {e}");
         }
         crate::info!("C_InitToken of database slot {}: {result}", plan.labels.join(", "));
         made.map(|_| ())
     }
 
-    /// Makes the MBK set of the freshly initialized token `label` as its SO; its fingerprint.
-    fn make_mbk(&self, label: &str, so_pin: &Pin) -> Result<String> {
+    /// Makes the MBK set of the freshly initialized token `label` as its SO; its fingerprint and the token's
+    /// slot.
+    fn make_mbk(&self, label: &str, so_pin: &Pin) -> Result<(String, CK_SLOT_ID)> {
         let slot = self
             .backend
             .find_token(label)?
@@ -140,6 +160,6 @@ impl Vault {
                 "C_InitToken: token {label:?} was initialized, but its MBK set could not be made ({e}); create it with `p11shim mbk create --token {label}`"
             )
         })?;
-        Ok(set.fingerprint)
+        Ok((set.fingerprint, slot))
     }
 }

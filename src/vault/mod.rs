@@ -273,6 +273,9 @@ pub struct Vault {
     pins: Mutex<HashMap<(CK_SESSION_HANDLE, u8), Arc<StoredKey>>>,
     /// What the backend makes of each shape of key generation request (see `create`).
     shapes: Mutex<HashMap<Vec<u8>, create::Shape>>,
+    /// Where audit entries of group changes also write their head, and the mode they record.
+    audit_head: std::path::PathBuf,
+    mode: crate::config::Mode,
 }
 
 static VAULT: RwLock<Option<Arc<Vault>>> = RwLock::new(None);
@@ -298,6 +301,8 @@ pub fn start(backend: &'static Backend, config: &Config) {
             loaded: Mutex::new(Clock::default()),
             cache: config.hsm_cache,
             pins: Mutex::new(HashMap::new()),
+            audit_head: config.audit_head.clone(),
+            mode: config.mode,
         })
     });
     *VAULT.write().unwrap_or_else(|e| e.into_inner()) = vault;
@@ -733,6 +738,64 @@ impl Vault {
     }
 
     /// Computes a row's MAC in the HSM.
+    /// A session's move of a stored key (`key`, for messages) from group `from` to group `to`: a change of its
+    /// CKA_P11SHIM_GROUP, or a copy into another group. The session's p11shim logons (P11SHIM_Logon) need
+    /// 00000002 for both groups, as a backup from one and a restore into the other would: else
+    /// CKR_ACTION_PROHIBITED, audited. The logged-on users' names on success.
+    pub(crate) fn authorize_move(
+        &self,
+        session: CK_SESSION_HANDLE,
+        slot: CK_SLOT_ID,
+        token: &str,
+        key: &str,
+        from: &str,
+        to: &str,
+    ) -> Result<String> {
+        let need = |g: &str| crate::auth::session::require(session, crate::auth::Need::Group(g.to_string()));
+        match need(from).and_then(|_| need(to)) {
+            Ok(who) => Ok(who),
+            Err((why, who)) => {
+                let reason = format!(
+                    "moving {key} from group {from:?} to {to:?} denied: {why} (log p11shim users on to the session with P11SHIM_Logon)"
+                );
+                crate::warn!("{reason}");
+                let _ = self.trail(slot, token, |t| t.record_refusal(&who, "key group change", from, &reason));
+                Err(Error::Rv(CKR_ACTION_PROHIBITED))
+            }
+        }
+    }
+
+    /// Records a move [`Vault::authorize_move`] allowed, once it is done (or failed).
+    pub(crate) fn record_move(&self, slot: CK_SLOT_ID, token: &str, who: &str, moved: (&str, &str, &str), ok: bool) {
+        let (key, from, to) = moved;
+        let result =
+            if ok { format!("ok: {key} moved to {to:?}") } else { format!("failed: {key} not moved to {to:?}") };
+        match self.trail(slot, token, |t| t.record(who, "key group change", from, 1, &result)) {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => crate::error!("{key} moved from group {from:?} to {to:?}, but not audited: {e}"),
+            Err(e) => crate::error!("{key} moved from group {from:?} to {to:?}, but not audited: {e}"),
+        }
+    }
+
+    /// The audit trail of this slot: the store, sealed with the slot's MBK set's MAC key.
+    pub(crate) fn trail<R>(
+        &self,
+        slot: CK_SLOT_ID,
+        token: &str,
+        f: impl FnOnce(&crate::audit::Trail) -> R,
+    ) -> Result<R> {
+        let set = self.mbk(slot, token)?;
+        let sealer = VaultSealer { vault: self, slot, set };
+        let trail = crate::audit::Trail {
+            store: self.store()?,
+            sealer: Some(&sealer),
+            also: Vec::new(),
+            head: Some(self.audit_head.clone()),
+            mode: self.mode,
+        };
+        Ok(f(&trail))
+    }
+
     fn seal(&self, slot: CK_SLOT_ID, set: &MbkSet, row: &mut KeyRow) -> Result<()> {
         let mac =
             self.with_session(slot, |s| self.backend.sign(s, &MbkSet::mac_mechanism(), set.mac, &mac_input(row)))?;
@@ -760,6 +823,31 @@ impl Vault {
     pub fn database_slot(&self, session: CK_SESSION_HANDLE) -> Option<(CK_SLOT_ID, SlotConfig)> {
         let slot = sessions::slot_of(session)?;
         self.policy(slot).map(|p| (slot, p.clone()))
+    }
+}
+
+/// MACs with a slot's MBK set made on the vault's own sessions.
+struct VaultSealer<'a> {
+    vault: &'a Vault,
+    slot: CK_SLOT_ID,
+    set: MbkSet,
+}
+
+impl crate::backup::format::Sealer for VaultSealer<'_> {
+    fn key_name(&self) -> String {
+        self.set.fingerprint.clone()
+    }
+    fn seal(&self, data: &[u8]) -> Result<Vec<u8>> {
+        let v = self.vault;
+        v.with_session(self.slot, |s| v.backend.sign(s, &MbkSet::mac_mechanism(), self.set.mac, data))
+    }
+    fn check(&self, data: &[u8], mac: &[u8]) -> Result<bool> {
+        let v = self.vault;
+        v.with_session(self.slot, |s| match v.backend.verify(s, &MbkSet::mac_mechanism(), self.set.mac, data, mac) {
+            Ok(()) => Ok(true),
+            Err(Error::Rv(CKR_SIGNATURE_INVALID | CKR_SIGNATURE_LEN_RANGE)) => Ok(false),
+            Err(e) => Err(e),
+        })
     }
 }
 

@@ -99,6 +99,11 @@ impl Vault {
                 return Err(Error::Rv(CKR_ACTION_PROHIBITED));
             }
             let (attrs, group) = apply_changes(attrs, &row.group, changes)?;
+            let name = format!("stored key {}", key.id);
+            let mover = match group != row.group {
+                true => Some(self.authorize_move(session, key.slot, &row.token, &name, &row.group, &group)?),
+                false => None,
+            };
             let set = self.mbk(key.slot, &row.token)?;
             let mut updated = KeyRow {
                 label: attrs.bytes(CKA_LABEL).unwrap_or_default().to_vec(),
@@ -109,7 +114,14 @@ impl Vault {
                 ..KeyRow::clone(&row)
             };
             self.seal(key.slot, &set, &mut updated)?;
-            if self.logged("updating a stored key", self.store()?.update(&updated))? {
+            let written = self.logged("updating a stored key", self.store()?.update(&updated));
+            if let Some(who) = &mover {
+                let ok = matches!(written, Ok(true));
+                if ok || written.is_err() {
+                    self.record_move(key.slot, &row.token, who, (&name, &row.group, &updated.group), ok);
+                }
+            }
+            if written? {
                 // The row as written, current when `row` was (the update checked that it still was); the HSM
                 // copy carries the old flags: the next use loads the new version.
                 self.keep(key, Arc::new(updated), at, true);

@@ -156,7 +156,7 @@ impl Lab {
 
     fn write_config(&self) {
         let mut text = format!(
-            "module = \"{}\"\nlog_file = \"shim.log\"\nmode = \"{}\"\n[store]\nurl = \"{}\"\n",
+            "module = \"{}\"\nlog_file = \"shim.log\"\nmode = \"{}\"\n[logon]\ndelay = \"0s\"\n[store]\nurl = \"{}\"\n",
             common::SOFTHSM,
             self.mode.borrow(),
             self.url.borrow()
@@ -896,7 +896,8 @@ pub fn damaged_backups_are_refused_and_change_nothing(engine: Engine) {
     let good = lab.path("good.p11b");
     lab.p11shim(&["backup", "--group", "ProdKey", "--out", &lab.p("good.p11b"), "--token", "prod", "--logon", &carol])
         .ok();
-    let verified = lab.p11shim(&["verify", &lab.p("good.p11b"), "--token", "far", "--json"]).ok().json();
+    let verified =
+        lab.p11shim(&["verify", &lab.p("good.p11b"), "--token", "far", "--logon", &carol, "--json"]).ok().json();
     assert_eq!((n(&verified, "records"), n(&verified, "unwrapped")), (4, 3), "3 secrets and 1 public key: {verified}");
     assert_eq!(verified["ok"], true);
     // So that a restore would change something: two keys gone from the database slot.
@@ -917,7 +918,7 @@ pub fn damaged_backups_are_refused_and_change_nothing(engine: Engine) {
             messages.push(r.fails(expect).error());
             assert_eq!(lab.snapshot(), before, "{what}: the refused restore into {token} changed something");
         }
-        let v = lab.p11shim(&["verify", &lab.p("bad.p11b"), "--token", "prod"]);
+        let v = lab.p11shim(&["verify", &lab.p("bad.p11b"), "--token", "prod", "--logon", &carol]);
         messages.push(v.fails(expect).error());
         // The same message, but for the target's name (a wrong-MBK error names the token).
         let same = |m: &String| m.replace("token \"far\"", "token \"prod\"");
@@ -1013,13 +1014,13 @@ pub fn damaged_backups_are_refused_and_change_nothing(engine: Engine) {
         lab.p11shim(&["restore", &lab.p("good.p11b"), "--token", token, "--logon", &carol])
             .fails(&["wrong MBK", "nothing was modified"]);
         assert_eq!(lab.snapshot(), before, "a wrong-MBK restore into {token} changed something");
-        lab.p11shim(&["verify", &lab.p("good.p11b"), "--token", token]).fails(&["wrong MBK"]);
+        lab.p11shim(&["verify", &lab.p("good.p11b"), "--token", token, "--logon", &carol]).fails(&["wrong MBK"]);
     }
 
     // And the good file still restores, every key at once.
     let r = lab.p11shim(&["restore", &lab.p("good.p11b"), "--token", "prod", "--logon", &carol, "--json"]).ok().json();
     assert_eq!(labels(&r, "added"), strings(&["aes", "ec"]), "{r}");
-    let v = lab.p11shim(&["verify", &lab.p("good.p11b"), "--token", "prod"]).ok();
+    let v = lab.p11shim(&["verify", &lab.p("good.p11b"), "--token", "prod", "--logon", &carol]).ok();
     assert!(v.stdout.contains("4 records") && v.stdout.contains("3 secrets unwrap"), "{}", v.stdout);
 }
 
@@ -1259,7 +1260,7 @@ pub fn hsm_keys_are_wrapped_and_unwrappable_ones_listed(engine: Engine) {
     let records = std::fs::read_to_string(&file).unwrap();
     assert_eq!(records.lines().filter(|l| l.starts_with("R ")).count(), 1);
     assert!(records.contains(&hex::encode("movable")) && !records.contains(&hex::encode("fixed")));
-    let v = lab.p11shim(&["verify", &file, "--token", "hsm2", "--json"]).ok().json();
+    let v = lab.p11shim(&["verify", &file, "--token", "hsm2", "--logon", &hugo, "--json"]).ok().json();
     assert_eq!((n(&v, "records"), n(&v, "unwrapped")), (1, 1), "{v}");
 
     // Elsewhere: another HSM's own objects, and a database slot.
@@ -1446,7 +1447,7 @@ pub fn kill_9_during_backup_or_restore_changes_nothing(engine: Engine) {
         "only .NAME.tmp-PID files: {leftovers:?}"
     );
     lab.p11shim(&["backup", "--group", "Bulk", "--out", &killed, "--token", "bulk", "--logon", &u]).ok();
-    lab.p11shim(&["verify", &killed, "--token", "bulk"]).ok();
+    lab.p11shim(&["verify", &killed, "--token", "bulk", "--logon", &u]).ok();
     // The next backup to that name removed what the killed ones left (they hold wrapped keys).
     let still: Vec<String> = std::fs::read_dir(&lab.dir)
         .unwrap()
@@ -1608,7 +1609,8 @@ pub fn audit_records_everything_and_detects_an_edit(engine: Engine) {
     lab.tool("prod", &["--keygen", "--key-type", "AES:32", "--label", "l", "--id", "02"]).ok();
     let file = lab.p("prod.p11b");
     lab.p11shim(&["backup", "--group", "ProdKey", "--out", &file, "--token", "prod", "--logon", &carol]).ok();
-    lab.p11shim(&["verify", &file, "--token", "prod"]).ok();
+    lab.p11shim(&["verify", &file, "--token", "prod"]).fails(&["verify denied", "00000002"]);
+    lab.p11shim(&["verify", &file, "--token", "prod", "--logon", &carol]).ok();
     lab.tool("prod", &["--delete-object", "--type", "secrkey", "--id", "01"]).ok();
     lab.p11shim(&["restore", &file, "--token", "prod", "--logon", &carol]).ok();
     lab.p11shim(&["backup", "--group", "ProdKey", "--out", &lab.p("x"), "--token", "prod", "--logon", &bob]).fails(&[]);
@@ -1620,7 +1622,9 @@ pub fn audit_records_everything_and_detects_an_edit(engine: Engine) {
     let mut broken = std::fs::read_to_string(&file).unwrap();
     broken.truncate(broken.len() - 30);
     std::fs::write(lab.path("broken.p11b"), broken).unwrap();
-    lab.p11shim(&["verify", &lab.p("broken.p11b"), "--token", "prod"]).fails(&["truncated"]);
+    // carol's new key (this lab's config turns off the wait after a failed logon).
+    let carol2 = format!("carol,{}", lab.dir.join("users/carol2.key").display());
+    lab.p11shim(&["verify", &lab.p("broken.p11b"), "--token", "prod", "--logon", &carol2]).fails(&["truncated"]);
 
     let audit = lab.audit();
     let rows: Vec<(String, String, String, u64, String)> = audit
@@ -1641,7 +1645,8 @@ pub fn audit_records_everything_and_detects_an_edit(engine: Engine) {
         find("admin", "user add carol"),
         find("admin", "user add bob"),
         find("carol", "backup"),
-        find("-", "verify"),
+        find("-", "refused: verify"),
+        find("carol", "verify"),
         find("carol", "restore"),
         find("bob", "refused: backup"),
         find("admin", "user passwd carol"),
@@ -1651,16 +1656,18 @@ pub fn audit_records_everything_and_detects_an_edit(engine: Engine) {
     assert!(order.windows(2).all(|w| w[0] < w[1]), "in the order they happened: {order:?} in {rows:#?}");
     let backup = &rows[order[3]];
     assert_eq!((backup.2.as_str(), backup.3, backup.4.as_str()), ("ProdKey", 2, "ok"), "{backup:?}");
-    let verify = &rows[order[4]];
+    assert!(rows[order[4]].4.contains("verify denied"), "{:?}", rows[order[4]]);
+    let verify = &rows[order[5]];
     assert!(verify.2.ends_with("prod.p11b") && verify.3 == 2 && verify.4.starts_with("ok"), "{verify:?}");
-    let restore = &rows[order[5]];
+    let restore = &rows[order[6]];
     assert_eq!((restore.3, restore.4.as_str()), (1, "ok: 1 added, 1 skipped, 0 overwritten"), "{restore:?}");
-    assert!(rows[order[6]].4.contains("export denied"), "{:?}", rows[order[6]]);
+    assert!(rows[order[7]].4.contains("export denied"), "{:?}", rows[order[7]]);
     let failed_verify = rows.iter().rev().find(|r| r.1 == "verify").unwrap();
     assert!(failed_verify.4.starts_with("failed") && failed_verify.4.contains("truncated"), "{failed_verify:?}");
 
     let ok = lab.p11shim(&["audit", "verify"]).ok();
-    assert!(ok.stdout.contains(&format!("audit log intact: {} entries", audit.len())), "{}", ok.stdout);
+    assert!(ok.stdout.contains(&format!("intact: {} entries", audit.len())), "{}", ok.stdout);
+    assert!(ok.stdout.contains("MAC verified in the HSM"), "{}", ok.stdout);
     // An edited entry: the backup's result.
     let seq = seqs[order[3]];
     lab.sql(&format!("UPDATE audit SET count = 0 WHERE seq = {seq}"));

@@ -389,8 +389,16 @@ pub fn attributes_follow_the_spec() {
         rv(s.update_attributes(key, &[Attribute::Class(ObjectClass::DATA)]).unwrap_err()),
         RvError::AttributeReadOnly
     );
-    s.update_attributes(key, &[group_attr("Moved")]).expect("group change");
-    assert_eq!(rows("db04")[0].group, "Moved");
+    // Moving a key to another group needs p11shim users logged on to the session with 00000002 for both
+    // groups (P11SHIM_Logon, tested from C in tests/c_api.rs): a session with none is refused.
+    assert_eq!(rv(s.update_attributes(key, &[group_attr("Moved")]).unwrap_err()), RvError::ActionProhibited);
+    assert_ne!(rows("db04")[0].group, "Moved");
+    assert_eq!(
+        rv(s.copy_object(key, &[group_attr("Moved")]).unwrap_err()),
+        RvError::ActionProhibited,
+        "nor may a copy go into another group"
+    );
+    assert!(shim_log().contains("denied") && shim_log().contains("P11SHIM_Logon"), "{}", shim_log());
     // Unextractable stored keys refuse C_WrapKey.
     s.update_attributes(key, &[Attribute::Extractable(false)]).unwrap();
     let wrapping = s
