@@ -168,6 +168,7 @@ fn setup_failed(error: &crate::error::Error) -> CK_RV {
 fn forget_state(state: &mut Option<Initialized>, forked: bool) {
     ACTIVE.store(std::ptr::null_mut(), Ordering::Release);
     crate::vault::stop(forked);
+    crate::auth::session::clear();
     sessions::clear();
     objects::clear();
     *state = None;
