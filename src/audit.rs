@@ -60,7 +60,7 @@ pub struct Trail<'a> {
 impl<'a> Trail<'a> {
     /// The trail of `config`'s store, sealed by `sealer`.
     pub fn new(store: &'a dyn KeyStore, sealer: Option<&'a dyn Sealer>, config: &Config) -> Trail<'a> {
-        Trail { store, sealer, also: Vec::new(), head: Some(config.audit_head.clone()), mode: config.mode }
+        Trail { store, sealer, also: Vec::new(), head: config.audit_head.clone(), mode: config.mode }
     }
 
     /// Appends one entry: `who` (logged-on user names comma-separated, "SO of TOKEN", or "-"), `action`

@@ -153,8 +153,9 @@ pub struct Config {
     /// `[logon]`: throttling and lockout of failed logons.
     pub logon: LogonPolicy,
     /// `[audit] head_file`: where every process that appends to the audit log also appends the new head (seq
-    /// and MAC), out of the key store's reach (default: `audit.head` beside the config file).
-    pub audit_head: PathBuf,
+    /// and hash), out of the key store's reach (default: `audit.head` beside the config file; none for a
+    /// configuration from the environment alone, which has no file to be beside).
+    pub audit_head: Option<PathBuf>,
 }
 
 impl Config {
@@ -298,8 +299,11 @@ impl Config {
             slots.push(SlotConfig { token: s.token, storage: s.storage, default_group });
         }
         let logon = logon_policy(file.logon.unwrap_or_default(), &source)?;
-        let audit_head =
-            relative_to_file(file.audit.and_then(|a| a.head_file).unwrap_or_else(|| PathBuf::from(DEFAULT_AUDIT_HEAD)));
+        let audit_head = match file.audit.and_then(|a| a.head_file) {
+            Some(path) => Some(relative_to_file(path)),
+            None if base.as_os_str().is_empty() => None,
+            None => Some(base.join(DEFAULT_AUDIT_HEAD)),
+        };
         Ok(Config {
             source,
             module,
@@ -492,7 +496,9 @@ mod tests {
     fn logon_policy_and_audit_head() {
         let c = parse("module = \"/m.so\"").unwrap();
         assert_eq!(c.logon, LogonPolicy::default());
-        assert_eq!(c.audit_head, PathBuf::from("/etc/p11shim/audit.head"));
+        assert_eq!(c.audit_head, Some(PathBuf::from("/etc/p11shim/audit.head")));
+        let env_only = Config::parse("module = \"/m.so\"", Path::new("$P11SHIM_MODULE"), None).unwrap();
+        assert_eq!(env_only.audit_head, None, "no file to be beside: not the current directory");
         let c = parse("module = \"/m.so\"\n[logon]\nlockout_after = 5\ndelay = \"100ms\"\ndelay_max = \"2s\"\n[audit]\nhead_file = \"/var/lib/p11shim/head\"")
             .unwrap();
         assert_eq!(c.logon.lockout_after, 5);
@@ -500,7 +506,7 @@ mod tests {
         assert_eq!(c.logon.wait_after(1), std::time::Duration::from_millis(100));
         assert_eq!(c.logon.wait_after(3), std::time::Duration::from_millis(400));
         assert_eq!(c.logon.wait_after(30), std::time::Duration::from_secs(2));
-        assert_eq!(c.audit_head, PathBuf::from("/var/lib/p11shim/head"));
+        assert_eq!(c.audit_head, Some(PathBuf::from("/var/lib/p11shim/head")));
         let e = parse("module = \"/m.so\"\n[logon]\ndelay = \"soon\"").unwrap_err().to_string();
         assert!(e.contains("[logon] delay") && e.contains("soon"), "{e}");
         let e = parse("module = \"/m.so\"\n[logon]\ndelay = \"10s\"\ndelay_max = \"1s\"").unwrap_err().to_string();

@@ -126,7 +126,7 @@ impl Vault {
                     store,
                     sealer: None,
                     also: Vec::new(),
-                    head: Some(self.audit_head.clone()),
+                    head: self.audit_head.clone(),
                     mode: self.mode,
                 };
                 trail.record(&who, &action, "", deleted as i64, &result).map(drop).map_err(|e| e.to_string())

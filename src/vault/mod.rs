@@ -274,7 +274,7 @@ pub struct Vault {
     /// What the backend makes of each shape of key generation request (see `create`).
     shapes: Mutex<HashMap<Vec<u8>, create::Shape>>,
     /// Where audit entries of group changes also write their head, and the mode they record.
-    audit_head: std::path::PathBuf,
+    audit_head: Option<std::path::PathBuf>,
     mode: crate::config::Mode,
 }
 
@@ -790,7 +790,7 @@ impl Vault {
             store: self.store()?,
             sealer: Some(&sealer),
             also: Vec::new(),
-            head: Some(self.audit_head.clone()),
+            head: self.audit_head.clone(),
             mode: self.mode,
         };
         Ok(f(&trail))
