@@ -813,7 +813,11 @@ fn cli_user_commands_end_to_end(fx: &Fixture) {
     assert!(err.contains("logon failed for signer"), "the old key no longer works: {err}");
     let err = cli.fails(&["user", "delete", "signer", "--logon", &format!("signer,{}", key2_file.display())], &[]);
     assert!(err.contains("1 failed logons in a row; try again in"), "right after a failure the user waits: {err}");
-    std::thread::sleep(std::time::Duration::from_millis(150));
+    let json: serde_json::Value = serde_json::from_str(&cli.ok(&["user", "list", "--json"], &[])).unwrap();
+    let signer = json.as_array().unwrap().iter().find(|u| u["name"] == "signer").unwrap().clone();
+    assert_eq!((signer["failed_logons"].as_i64(), signer["seal"].as_str()), (Some(1), Some("sealed")), "{json}");
+    let out = cli.ok(&["user", "unlock", "signer", "--logon", "admin"], &[admin_env]);
+    assert!(out.contains("Unlocked user signer (1 failed logons cleared)"), "{out}");
     let err = cli.fails(&["user", "delete", "signer", "--logon", &format!("signer,{}", key2_file.display())], &[]);
     assert!(err.contains("user delete signer denied"), "{err}");
     cli.ok(&["user", "delete", "signer", "--logon", "admin"], &[admin_env]);

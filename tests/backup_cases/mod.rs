@@ -1300,6 +1300,32 @@ pub fn keys_kept_in_the_hsm_are_listed_by_backup(engine: Engine) {
     assert!(key.contains("\"ed\"") && key.contains("HSM key"), "{report}");
     // pkcs11-tool made it unextractable, as the HSM keeps it.
     assert!(why.contains("not extractable"), "{report}");
+
+    // Without the user PIN, a backup takes the stored keys only, and only when asked to (--stored-only): they
+    // are wrapped under the MBK already, and the token's own keys would need the user's login.
+    let no_pin = [("P11SHIM_USER_PIN", "")];
+    let all = ["backup", "--group", "Vault", "--out", &lab.p("nopin.p11b"), "--token", "vault", "--logon", &op];
+    lab.p11shim_env(&all, &no_pin).fails(&["no user PIN"]);
+    let stored_only = [
+        "backup",
+        "--group",
+        "Vault",
+        "--out",
+        &lab.p("stored.p11b"),
+        "--token",
+        "vault",
+        "--logon",
+        &op,
+        "--stored-only",
+        "--json",
+    ];
+    let r = lab.p11shim_env(&stored_only, &no_pin).ok().json();
+    assert_eq!((n(&r, "stored"), n(&r, "hsm"), n(&r, "exported")), (2, 0, 2), "{r}");
+    assert!(r["not_exported"].as_array().unwrap().is_empty(), "the token's keys are not looked at: {r}");
+    // Still under the group rules, and the file is a complete backup of what it holds.
+    let nobody = ["backup", "--group", "Vault", "--out", &lab.p("nobody.p11b"), "--token", "vault", "--stored-only"];
+    lab.p11shim_env(&nobody, &no_pin).fails(&["export denied", "00000002"]);
+    lab.p11shim(&["verify", &lab.p("stored.p11b"), "--token", "vault", "--logon", &op]).ok();
 }
 
 // ---- 7. the MBK between HSMs -----------------------------------------------------------------------------
