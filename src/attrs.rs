@@ -163,7 +163,7 @@ impl Template {
 
     pub fn decode(bytes: &[u8]) -> Option<Template> {
         let mut pos = 0;
-        let attrs = decode_from(bytes, &mut pos, bytes.len())?;
+        let attrs = decode_from(bytes, &mut pos, bytes.len(), false)?;
         (pos == bytes.len()).then_some(Template(attrs))
     }
 }
@@ -190,7 +190,10 @@ fn encode_into(attrs: &[Attr], out: &mut Vec<u8>) {
     }
 }
 
-fn decode_from(bytes: &[u8], pos: &mut usize, end: usize) -> Option<Vec<Attr>> {
+/// Reads attributes up to `end`. An attribute array holds plain values only (`nested`: reading one): PKCS#11
+/// allows one level of nesting and every writer keeps to it, and following deeper arrays would let a row's
+/// bytes recurse until the stack overflows (rows are decoded before their MAC is checked, to find keys).
+fn decode_from(bytes: &[u8], pos: &mut usize, end: usize, nested: bool) -> Option<Vec<Attr>> {
     let mut attrs = Vec::new();
     while *pos < end {
         let take = |pos: &mut usize, n: usize| -> Option<&[u8]> {
@@ -204,7 +207,7 @@ fn decode_from(bytes: &[u8], pos: &mut usize, end: usize) -> Option<Vec<Attr>> {
         let inner_end = pos.checked_add(len).filter(|e| *e <= end)?;
         let value = match kind {
             0 => Value::Bytes(Zeroizing::new(take(pos, len)?.to_vec())),
-            1 => Value::Array(decode_from(bytes, pos, inner_end)?),
+            1 if !nested => Value::Array(decode_from(bytes, pos, inner_end, true)?),
             _ => return None,
         };
         if *pos != inner_end {
@@ -387,6 +390,20 @@ mod tests {
         let mut longer = bytes.clone();
         longer.push(0);
         assert!(Template::decode(&longer).is_none());
+    }
+
+    #[test]
+    fn arrays_nested_in_attribute_arrays_are_refused_without_recursion() {
+        let one = Template(vec![Attr::array(CKA_WRAP_TEMPLATE, vec![Attr::bool(CKA_SENSITIVE, true)])]).encode();
+        assert!(Template::decode(&one).is_some());
+        let array_header =
+            |ty: CK_ATTRIBUTE_TYPE, len: usize| [&ty.to_be_bytes()[..], &[1], &(len as u32).to_be_bytes()].concat();
+        let two = [array_header(CKA_UNWRAP_TEMPLATE, one.len()), one].concat();
+        assert!(Template::decode(&two).is_none());
+        // 100000 levels (1.3 MB): decoding used to recurse into each and overflow the stack.
+        let levels = 100_000;
+        let deep: Vec<u8> = (0..levels).flat_map(|i| array_header(CKA_WRAP_TEMPLATE, 13 * (levels - 1 - i))).collect();
+        assert!(Template::decode(&deep).is_none());
     }
 
     #[test]
