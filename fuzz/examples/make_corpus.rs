@@ -111,6 +111,9 @@ fn sign_user() -> UserRow {
         auth: "sign".into(),
         secret: public.to_vec(),
         version: 1,
+        failed: 0,
+        last_failed: 0,
+        mac: Vec::new(),
     }
 }
 
@@ -124,11 +127,15 @@ fn password_user() -> UserRow {
         auth: "password".into(),
         secret: phc.into_bytes(),
         version: 1,
+        failed: 0,
+        last_failed: 0,
+        mac: Vec::new(),
     }
 }
 
 fn user_row_input(u: &UserRow, group: &str) -> Vec<u8> {
-    let mut v = format!("{}\n{}\n{}\n{}\n{group}\n", u.name, u.perm, u.group_regex, u.auth).into_bytes();
+    let (name, perm, regex, auth, failed, last) = (&u.name, &u.perm, &u.group_regex, &u.auth, u.failed, u.last_failed);
+    let mut v = format!("{name}\n{perm}\n{regex}\n{auth}\n{group}\n{failed}\n{last}\n").into_bytes();
     v.extend_from_slice(&u.secret);
     v
 }
@@ -189,6 +196,8 @@ fn users(dir: &Path) {
     put(dir, "user_row", "password", &user_row_input(&password_user(), "Any"));
     let admin = UserRow { perm: "12000000".into(), group_regex: "(Prod|Test)[A-Z]+[0-9]{1,3}".into(), ..sign_user() };
     put(dir, "user_row", "sign-admin", &user_row_input(&admin, "TestKEY42"));
+    let throttled = UserRow { failed: 2, last_failed: 1_767_225_600_000, ..sign_user() };
+    put(dir, "user_row", "sign-throttled", &user_row_input(&throttled, "ProdKey1"));
 }
 
 fn configs(dir: &Path) {

@@ -19,7 +19,11 @@ fn rows(store: &MemStore) -> Vec<KeyRow> {
 
 fn users(store: &MemStore) -> Vec<UserRow> {
     let mut users = store.users.lock().unwrap().clone();
-    users.iter_mut().for_each(|u| u.version = 1);
+    // A restored user is sealed again with its new version: the seal is not what travels.
+    users.iter_mut().for_each(|u| {
+        u.version = 1;
+        u.mac.clear();
+    });
     users.sort_by(|a, b| a.name.cmp(&b.name));
     users
 }

@@ -3,7 +3,9 @@
 
 use p11shim::backup::format::{Sealer, SoftwareSealer};
 use p11shim::error::Result;
-use p11shim::store::{AuditDraft, AuditEntry, KeyQuery, KeyRow, KeyStore, StoreResult, StoreTx, UserDelete, UserRow};
+use p11shim::store::{
+    AuditDraft, AuditEntry, AuditSeal, KeyQuery, KeyRow, KeyStore, StoreResult, StoreTx, UserDelete, UserRow,
+};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
@@ -143,12 +145,15 @@ impl KeyStore for MemStore {
         }
         Ok(UserDelete::Deleted(users.remove(at)))
     }
-    fn audit_append(&self, draft: AuditDraft) -> StoreResult<AuditEntry> {
+    fn audit_append(&self, draft: AuditDraft, seal: AuditSeal) -> StoreResult<AuditEntry> {
         let mut audit = self.audit.lock().unwrap();
-        let seq = audit.len() as i64 + 1;
-        let prev = audit.last().map_or_else(|| vec![0; 32], |e| e.hash.clone());
+        let (seq, prev, last_sealed) = match audit.last() {
+            Some(e) => (e.seq + 1, e.hash.clone(), !e.mac.is_empty()),
+            None => (1, vec![0; 32], false),
+        };
         let hash = AuditEntry::compute_hash(seq, &prev, &draft);
-        let entry = AuditEntry { seq, draft, prev, hash };
+        let (mac, mbk) = seal(&hash, last_sealed)?;
+        let entry = AuditEntry { seq, draft, prev, hash, mac, mbk };
         audit.push(entry.clone());
         Ok(entry)
     }
