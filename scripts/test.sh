@@ -60,6 +60,7 @@ pg_start() {
 run "PostgreSQL test cluster (scripts/pg-cluster.sh)" pg_start
 run "tests (cargo test --workspace --all-targets)" cargo test --workspace --all-targets
 run "doc tests (cargo test --workspace --doc)" cargo test --workspace --doc
+run "fuzzing (scripts/fuzz.sh, 20 s per target)" bash scripts/fuzz.sh 20
 run "demo (scripts/demo.sh)" bash scripts/demo.sh
 
 report
