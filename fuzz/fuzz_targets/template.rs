@@ -127,10 +127,12 @@ fn attribute(input: &mut Input, memory: &mut Memory, depth: usize) -> (CK_ATTRIB
     let mut a = CK_ATTRIBUTE { type_: ty, pValue: null_mut(), ulValueLen: 0 };
     match mode % 4 {
         // A value in its own buffer (an attribute array's value of a size the shim refuses unread).
-        0 if layout(ty) != Layout::Attributes || input.0.first().is_some_and(|&n| n as usize % ATTRIBUTE_SIZE != 0) => {
+        0 if layout(ty) != Layout::Attributes
+            || input.0.first().is_some_and(|&n| !(n as usize).is_multiple_of(ATTRIBUTE_SIZE)) =>
+        {
             let len = input.byte() as usize;
             let mut value = input.bytes(len);
-            if layout(ty) == Layout::Attributes && !value.is_empty() && value.len() % ATTRIBUTE_SIZE == 0 {
+            if layout(ty) == Layout::Attributes && !value.is_empty() && value.len().is_multiple_of(ATTRIBUTE_SIZE) {
                 // Cut short by the end of the input to whole attributes: keep it a length the shim refuses.
                 value.push(0);
             }
@@ -139,7 +141,7 @@ fn attribute(input: &mut Input, memory: &mut Memory, depth: usize) -> (CK_ATTRIB
             let model = match layout(ty) {
                 Layout::Attributes if value.is_empty() => refuse_arrays(Model::Array(Vec::new())),
                 Layout::Attributes => Model::Refused,
-                Layout::Mechanisms if value.len() % 8 != 0 => Model::Refused,
+                Layout::Mechanisms if !value.len().is_multiple_of(8) => Model::Refused,
                 _ => Model::Bytes(value),
             };
             (a, model)
