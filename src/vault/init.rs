@@ -118,7 +118,7 @@ impl Vault {
         // and the log line below is the record).
         let recorded = match (&made, &plan.new_database) {
             (Ok(Some((_, slot))), Some(label)) => self
-                .trail(*slot, label, |t| t.record(&who, &action, "", deleted as i64, &result))
+                .with_new_set(*slot, label, |t| t.record(&who, &action, "", deleted as i64, &result))
                 .map_err(|e| e.to_string())
                 .and_then(|r| r.map(drop).map_err(|e| e.to_string())),
             _ => {
@@ -137,6 +137,29 @@ impl Vault {
         }
         crate::info!("C_InitToken of database slot {}: {result}", plan.labels.join(", "));
         made.map(|_| ())
+    }
+
+    /// Calls `f` with the audit trail sealed by the freshly made MBK set of `label`, on a session of the shim's
+    /// own opened for it and closed after it: a session left open would keep the token's login (the SO's,
+    /// next) alive after the application closes its own, as PKCS#11 logs out only with the last session.
+    fn with_new_set<R>(&self, slot: CK_SLOT_ID, label: &str, f: impl FnOnce(&crate::audit::Trail) -> R) -> Result<R> {
+        let session = self.backend.open_session(slot, CKF_SERIAL_SESSION)?;
+        sessions::opened_internal(session, slot);
+        let result = (|| {
+            let set = mbk::find(self.backend, session, slot)?.ok_or_else(|| Error::Other(mbk::missing(label)))?;
+            let sealer = SessionSealer { vault: self, session, set };
+            let trail = crate::audit::Trail {
+                store: self.store()?,
+                sealer: Some(&sealer),
+                also: Vec::new(),
+                head: self.audit_head.clone(),
+                mode: self.mode,
+            };
+            Ok(f(&trail))
+        })();
+        sessions::closed_internal(session);
+        let _ = self.backend.close_session(session);
+        result
     }
 
     /// Makes the MBK set of the freshly initialized token `label` as its SO; its fingerprint and the token's
@@ -161,5 +184,28 @@ impl Vault {
             )
         })?;
         Ok((set.fingerprint, slot))
+    }
+}
+
+/// MACs with an MBK set on one session of the shim's own.
+struct SessionSealer<'a> {
+    vault: &'a Vault,
+    session: CK_SESSION_HANDLE,
+    set: mbk::MbkSet,
+}
+
+impl crate::backup::format::Sealer for SessionSealer<'_> {
+    fn key_name(&self) -> String {
+        self.set.fingerprint.clone()
+    }
+    fn seal(&self, data: &[u8]) -> Result<Vec<u8>> {
+        self.vault.backend.sign(self.session, &mbk::MbkSet::mac_mechanism(), self.set.mac, data)
+    }
+    fn check(&self, data: &[u8], mac: &[u8]) -> Result<bool> {
+        match self.vault.backend.verify(self.session, &mbk::MbkSet::mac_mechanism(), self.set.mac, data, mac) {
+            Ok(()) => Ok(true),
+            Err(Error::Rv(CKR_SIGNATURE_INVALID | CKR_SIGNATURE_LEN_RANGE)) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 }
