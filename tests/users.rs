@@ -332,6 +332,12 @@ fn wrong_password_and_unknown_user_fail_alike(fx: &Fixture) {
     let results: Vec<String> =
         audit(&*store).into_iter().map(|e| format!("{}: {}", e.draft.who, e.draft.result)).collect();
     assert_eq!(results, vec!["alice: wrong password; failed logons in a row: 1", "mallory: no such user"]);
+    // A name no user can have (bytes from an application) is logged quoted and cut short.
+    let hostile = format!("evil\n\x1b[2J{}", "x".repeat(5000));
+    let err = Logons::new().logon_password(&trail(&*store), &POLICY, &hostile, b"pw").unwrap_err().to_string();
+    assert!(err.starts_with("logon failed for \"evil\\n\\u{1b}[2J") && err.len() < 120, "{err}");
+    let who = audit(&*store).pop().unwrap().draft.who;
+    assert!(!who.contains('\n') && who.ends_with('…') && who.len() < 100, "{who}");
     logons.logon_password(&trail(&*store), &POLICY, "alice", PW.as_bytes()).unwrap();
     assert_eq!(logons.who(), "alice");
 }

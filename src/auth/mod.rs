@@ -560,8 +560,19 @@ fn dummy_hash() -> &'static str {
 
 /// Records a failed logon and returns its error, which says the same whatever the reason.
 fn failed_logon(trail: &Trail, name: &str, method: &str, reason: &str) -> AuthError {
+    // A name no user can have (an application's bytes, through the C interface) is logged quoted and cut
+    // short: control characters and megabytes stay out of the log and off the operator's terminal.
+    let name = if check_name(name).is_ok() {
+        name.to_string()
+    } else {
+        let mut quoted = format!("{:?}", name.chars().take(64).collect::<String>());
+        if name.chars().count() > 64 {
+            quoted.push('…');
+        }
+        quoted
+    };
     let shown = format!("logon failed for {name}");
-    let message = match trail.record(name, &format!("refused: logon ({method})"), "", 0, reason) {
+    let message = match trail.record(&name, &format!("refused: logon ({method})"), "", 0, reason) {
         Ok(_) => shown,
         Err(e) => format!("{shown} (and {e})"),
     };
