@@ -27,7 +27,8 @@
  * CKA_P11SHIM_GROUP: the group of a key kept in the key store (a slot with storage = "database"). A UTF-8
  * string (not NUL-terminated), non-empty, without control characters. Give it in the template of a token
  * object to choose the group (else the slot's default_group, else the token label); read it with
- * C_GetAttributeValue; use it in C_FindObjectsInit templates; change it with C_SetAttributeValue. Backend
+ * C_GetAttributeValue; use it in C_FindObjectsInit templates; change it with C_SetAttributeValue (only by a
+ * session whose p11shim logons may back up both groups: see below; else CKR_ACTION_PROHIBITED). Backend
  * objects have no group: asking for it answers CKR_ATTRIBUTE_TYPE_INVALID, and giving it when creating
  * anything but a stored key is refused with CKR_ATTRIBUTE_TYPE_INVALID. It is never sent to the backend.
  * (Bit 30, CKF_ARRAY_ATTRIBUTE, is clear: it is a plain attribute.)
