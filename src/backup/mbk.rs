@@ -78,6 +78,30 @@ impl MbkSet {
     }
 }
 
+/// MACs made and checked inside the HSM with a set's MAC key (HMAC-SHA256), on one session: what seals key
+/// rows, backup records, users rows and audit entries.
+pub struct HsmSealer<'a> {
+    pub backend: &'a Backend,
+    pub session: CK_SESSION_HANDLE,
+    pub set: &'a MbkSet,
+}
+
+impl super::format::Sealer for HsmSealer<'_> {
+    fn seal(&self, data: &[u8]) -> Result<Vec<u8>> {
+        self.backend.sign(self.session, &MbkSet::mac_mechanism(), self.set.mac, data)
+    }
+    fn key_name(&self) -> String {
+        self.set.fingerprint.clone()
+    }
+    fn check(&self, data: &[u8], mac: &[u8]) -> Result<bool> {
+        match self.backend.verify(self.session, &MbkSet::mac_mechanism(), self.set.mac, data, mac) {
+            Ok(()) => Ok(true),
+            Err(Error::Rv(CKR_SIGNATURE_INVALID | CKR_SIGNATURE_LEN_RANGE)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+}
+
 /// What the MBK's unwrap template forces on every object unwrapped under it.
 pub fn mbk_unwrap_template() -> Vec<Attr> {
     vec![Attr::bool(CKA_SENSITIVE, true), Attr::bool(CKA_WRAP_WITH_TRUSTED, true), Attr::bool(CKA_PRIVATE, true)]

@@ -3,6 +3,7 @@
 //! trail.
 
 use super::format::{Record, RecordKind, Sealer};
+pub use super::mbk::HsmSealer;
 use super::mbk::{self, MbkSet};
 use crate::admin::{Pin, Token};
 use crate::attrs::{Attr, Template};
@@ -80,35 +81,12 @@ impl Work {
     }
 
     pub fn sealer(&self) -> HsmSealer<'_> {
-        HsmSealer { work: self }
+        HsmSealer { backend: self.token.backend, session: self.token.session, set: &self.set }
     }
 
     /// Checks a key store row's MAC with this token's MAC key.
     pub fn row_intact(&self, row: &KeyRow) -> Result<bool> {
         self.sealer().check(&crate::vault::mac_input(row), &row.mac)
-    }
-}
-
-/// MACs made and checked inside the HSM with the MBK set's MAC key (HMAC-SHA256).
-pub struct HsmSealer<'a> {
-    work: &'a Work,
-}
-
-impl Sealer for HsmSealer<'_> {
-    fn seal(&self, data: &[u8]) -> Result<Vec<u8>> {
-        let t = &self.work.token;
-        t.backend.sign(t.session, &MbkSet::mac_mechanism(), self.work.set.mac, data)
-    }
-    fn key_name(&self) -> String {
-        self.work.set.fingerprint.clone()
-    }
-    fn check(&self, data: &[u8], mac: &[u8]) -> Result<bool> {
-        let t = &self.work.token;
-        match t.backend.verify(t.session, &MbkSet::mac_mechanism(), self.work.set.mac, data, mac) {
-            Ok(()) => Ok(true),
-            Err(Error::Rv(CKR_SIGNATURE_INVALID | CKR_SIGNATURE_LEN_RANGE)) => Ok(false),
-            Err(e) => Err(e),
-        }
     }
 }
 

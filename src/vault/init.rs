@@ -116,24 +116,15 @@ impl Vault {
         // The token's old MBK set is gone with it: the entry is sealed with the new one, if it was made; else
         // it is unsealed, which the log accepts only while none of its entries is sealed (else it is refused
         // and the log line below is the record).
+        let record = |t: &crate::audit::Trail| t.record(&who, &action, "", deleted as i64, &result);
         let recorded = match (&made, &plan.new_database) {
-            (Ok(Some((_, slot))), Some(label)) => self
-                .with_new_set(*slot, label, |t| t.record(&who, &action, "", deleted as i64, &result))
-                .map_err(|e| e.to_string())
-                .and_then(|r| r.map(drop).map_err(|e| e.to_string())),
-            _ => {
-                let trail = crate::audit::Trail {
-                    store,
-                    sealer: None,
-                    also: Vec::new(),
-                    head: self.audit_head.clone(),
-                    mode: self.mode,
-                };
-                trail.record(&who, &action, "", deleted as i64, &result).map(drop).map_err(|e| e.to_string())
-            }
+            (Ok(Some((_, slot))), Some(label)) => self.with_new_set(*slot, label, record),
+            _ => self.audit_trail(None).map(|t| record(&t)),
         };
-        if let Err(e) = recorded {
-            crate::error!("C_InitToken: {e}");
+        match recorded {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => crate::error!("C_InitToken: {e}"),
+            Err(e) => crate::error!("C_InitToken: {e}"),
         }
         crate::info!("C_InitToken of database slot {}: {result}", plan.labels.join(", "));
         made.map(|_| ())
@@ -147,15 +138,8 @@ impl Vault {
         sessions::opened_internal(session, slot);
         let result = (|| {
             let set = mbk::find(self.backend, session, slot)?.ok_or_else(|| Error::Other(mbk::missing(label)))?;
-            let sealer = SessionSealer { vault: self, session, set };
-            let trail = crate::audit::Trail {
-                store: self.store()?,
-                sealer: Some(&sealer),
-                also: Vec::new(),
-                head: self.audit_head.clone(),
-                mode: self.mode,
-            };
-            Ok(f(&trail))
+            let sealer = mbk::HsmSealer { backend: self.backend, session, set: &set };
+            Ok(f(&self.audit_trail(Some(&sealer))?))
         })();
         sessions::closed_internal(session);
         let _ = self.backend.close_session(session);
@@ -184,28 +168,5 @@ impl Vault {
             )
         })?;
         Ok((set.fingerprint, slot))
-    }
-}
-
-/// MACs with an MBK set on one session of the shim's own.
-struct SessionSealer<'a> {
-    vault: &'a Vault,
-    session: CK_SESSION_HANDLE,
-    set: mbk::MbkSet,
-}
-
-impl crate::backup::format::Sealer for SessionSealer<'_> {
-    fn key_name(&self) -> String {
-        self.set.fingerprint.clone()
-    }
-    fn seal(&self, data: &[u8]) -> Result<Vec<u8>> {
-        self.vault.backend.sign(self.session, &mbk::MbkSet::mac_mechanism(), self.set.mac, data)
-    }
-    fn check(&self, data: &[u8], mac: &[u8]) -> Result<bool> {
-        match self.vault.backend.verify(self.session, &mbk::MbkSet::mac_mechanism(), self.set.mac, data, mac) {
-            Ok(()) => Ok(true),
-            Err(Error::Rv(CKR_SIGNATURE_INVALID | CKR_SIGNATURE_LEN_RANGE)) => Ok(false),
-            Err(e) => Err(e),
-        }
     }
 }

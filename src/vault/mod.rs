@@ -19,6 +19,7 @@ pub use recipe::{restorable, unwrap_mechanism, Recipe};
 
 use crate::attrs::Template;
 use crate::backend::Backend;
+use crate::backup::format::Sealer;
 use crate::backup::mbk::{self, MbkSet};
 use crate::config::{Config, SlotConfig, Storage};
 use crate::error::{Error, Result};
@@ -700,15 +701,8 @@ impl Vault {
     /// Verifies a row's MAC in the HSM and that it was wrapped under this token's MBK; returns its
     /// attributes. A row changed outside p11shim is refused with one clear log line and CKR_GENERAL_ERROR.
     fn check(&self, slot: CK_SLOT_ID, set: &MbkSet, row: &KeyRow) -> Result<Template> {
-        let verified = self.with_session(slot, |s| {
-            self.backend.verify(s, &MbkSet::mac_mechanism(), set.mac, &mac_input(row), &row.mac)
-        });
-        match verified {
-            Ok(()) => {}
-            Err(Error::Rv(CKR_SIGNATURE_INVALID | CKR_SIGNATURE_LEN_RANGE)) => {
-                return Err(self.refuse(row, "its MAC does not match: the row was changed outside p11shim"))
-            }
-            Err(e) => return Err(e),
+        if !(VaultSealer { vault: self, slot, set }.check(&mac_input(row), &row.mac)?) {
+            return Err(self.refuse(row, "its MAC does not match: the row was changed outside p11shim"));
         }
         self.decode(set, row)
     }
@@ -785,21 +779,26 @@ impl Vault {
         f: impl FnOnce(&crate::audit::Trail) -> R,
     ) -> Result<R> {
         let set = self.mbk(slot, token)?;
-        let sealer = VaultSealer { vault: self, slot, set };
-        let trail = crate::audit::Trail {
+        let sealer = VaultSealer { vault: self, slot, set: &set };
+        Ok(f(&self.audit_trail(Some(&sealer))?))
+    }
+
+    /// The store's audit trail, sealed by `sealer` (None: unsealed entries).
+    pub(crate) fn audit_trail<'a>(
+        &'a self,
+        sealer: Option<&'a dyn crate::backup::format::Sealer>,
+    ) -> Result<crate::audit::Trail<'a>> {
+        Ok(crate::audit::Trail {
             store: self.store()?,
-            sealer: Some(&sealer),
+            sealer,
             also: Vec::new(),
             head: self.audit_head.clone(),
             mode: self.mode,
-        };
-        Ok(f(&trail))
+        })
     }
 
     fn seal(&self, slot: CK_SLOT_ID, set: &MbkSet, row: &mut KeyRow) -> Result<()> {
-        let mac =
-            self.with_session(slot, |s| self.backend.sign(s, &MbkSet::mac_mechanism(), set.mac, &mac_input(row)))?;
-        row.mac = mac;
+        row.mac = VaultSealer { vault: self, slot, set }.seal(&mac_input(row))?;
         Ok(())
     }
 
@@ -830,7 +829,15 @@ impl Vault {
 struct VaultSealer<'a> {
     vault: &'a Vault,
     slot: CK_SLOT_ID,
-    set: MbkSet,
+    set: &'a MbkSet,
+}
+
+impl VaultSealer<'_> {
+    /// The MBK set's sealer on a pooled session of the slot.
+    fn on<R>(&self, f: impl Fn(&mbk::HsmSealer) -> Result<R>) -> Result<R> {
+        let v = self.vault;
+        v.with_session(self.slot, |session| f(&mbk::HsmSealer { backend: v.backend, session, set: self.set }))
+    }
 }
 
 impl crate::backup::format::Sealer for VaultSealer<'_> {
@@ -838,16 +845,10 @@ impl crate::backup::format::Sealer for VaultSealer<'_> {
         self.set.fingerprint.clone()
     }
     fn seal(&self, data: &[u8]) -> Result<Vec<u8>> {
-        let v = self.vault;
-        v.with_session(self.slot, |s| v.backend.sign(s, &MbkSet::mac_mechanism(), self.set.mac, data))
+        self.on(|sealer| sealer.seal(data))
     }
     fn check(&self, data: &[u8], mac: &[u8]) -> Result<bool> {
-        let v = self.vault;
-        v.with_session(self.slot, |s| match v.backend.verify(s, &MbkSet::mac_mechanism(), self.set.mac, data, mac) {
-            Ok(()) => Ok(true),
-            Err(Error::Rv(CKR_SIGNATURE_INVALID | CKR_SIGNATURE_LEN_RANGE)) => Ok(false),
-            Err(e) => Err(e),
-        })
+        self.on(|sealer| sealer.check(data, mac))
     }
 }
 
