@@ -539,14 +539,22 @@ fn update_user(trail: &Trail, name: &str, change: impl Fn(&mut UserRow)) -> Resu
 /// context, the user's name and 32 random bytes, so that a signature made for anything else (or another
 /// user) never verifies.
 pub fn challenge(name: &str) -> Result<Vec<u8>> {
-    let mut random = [0u8; 32];
+    let mut random = [0u8; CHALLENGE_RANDOM];
     getrandom::fill(&mut random).map_err(|e| AuthError::Failed(format!("cannot make a logon challenge: {e}")))?;
-    let mut message = b"p11shim LogonSign v1\0".to_vec();
+    let mut message = CHALLENGE_CONTEXT.to_vec();
     message.extend_from_slice(name.as_bytes());
     message.push(0);
     message.extend_from_slice(&random);
     Ok(message)
 }
+
+/// How long [`challenge`]'s message for `name` is.
+pub fn challenge_len(name: &str) -> usize {
+    CHALLENGE_CONTEXT.len() + name.len() + 1 + CHALLENGE_RANDOM
+}
+
+const CHALLENGE_CONTEXT: &[u8] = b"p11shim LogonSign v1\0";
+const CHALLENGE_RANDOM: usize = 32;
 
 /// A hash to verify against when the user does not exist (made once per process).
 fn dummy_hash() -> &'static str {
@@ -845,4 +853,14 @@ fn done(trail: &Trail, who: &str, action: &str, group: &str) -> Result<()> {
         .record(who, action, group, 0, "ok")
         .map(drop)
         .map_err(|e| AuthError::Failed(format!("{action}: done, but {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_challenge_is_as_long_as_challenge_len_says() {
+        for name in ["a", "alice", &"x".repeat(32)] {
+            assert_eq!(super::challenge(name).unwrap().len(), super::challenge_len(name), "{name}");
+        }
+    }
 }

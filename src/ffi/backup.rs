@@ -214,7 +214,7 @@ pub(crate) unsafe extern "C" fn P11SHIM_GetChallenge(
             return Err(CKR_ARGUMENTS_BAD);
         }
         auth::check_name(&name).map_err(|_| CKR_ARGUMENTS_BAD)?;
-        let len = auth::challenge(&name).map_err(|e| auth_failed("P11SHIM_GetChallenge", e))?.len();
+        let len = auth::challenge_len(&name);
         // SAFETY: non-NULL; room for a CK_ULONG.
         let room = unsafe { *challenge_len };
         // SAFETY: as above.
@@ -227,8 +227,11 @@ pub(crate) unsafe extern "C" fn P11SHIM_GetChallenge(
         }
         Ctx::of(session)?;
         let message = auth::challenge(&name).map_err(|e| auth_failed("P11SHIM_GetChallenge", e))?;
-        // SAFETY: the application's buffer holds `room` ≥ len bytes.
-        unsafe { std::ptr::copy_nonoverlapping(message.as_ptr(), challenge, message.len()) };
+        if message.len() != len {
+            return Err(CKR_GENERAL_ERROR);
+        }
+        // SAFETY: the application's buffer holds `room` ≥ len bytes, and the message is len bytes.
+        unsafe { std::ptr::copy_nonoverlapping(message.as_ptr(), challenge, len) };
         let mut auth = session::take(session);
         auth.issue(&name, message);
         session::put(session, auth);
