@@ -83,7 +83,6 @@ both_engines!(
     logon_sign_verifies_a_fresh_challenge_with_the_stored_key,
     password_users_cannot_logon_sign_and_key_users_cannot_use_a_password,
     a_user_cannot_log_on_twice,
-    stacked_logons_stop_at_the_first_failure,
     passwords_are_stored_as_argon2id_hashes_only,
     invalid_names_masks_and_regexes_are_refused_by_name,
     passwd_by_the_user_or_an_admin_only,
@@ -391,27 +390,6 @@ fn a_user_cannot_log_on_twice(fx: &Fixture) {
     let err = logons.logon_password(&trail(&*store), &POLICY, "half", PW.as_bytes()).unwrap_err();
     assert!(err.to_string().contains("already logged on"), "{err}");
     logons.require(Need::KeyStore).unwrap_err(); // 01000000 counted once, not twice
-}
-
-fn stacked_logons_stop_at_the_first_failure(fx: &Fixture) {
-    let store = fx.open();
-    seed(&*store, "s_one", "00000001", ".*");
-    seed(&*store, "s_two", "00000001", ".*");
-    // SAFETY of the test: these variables are read only by this test (names unique to it).
-    std::env::set_var("P11SHIM_PASSWORD_S_ONE", PW);
-    std::env::set_var("P11SHIM_PASSWORD_S_TWO", "wrong password");
-    let specs = ["s_one".to_string(), "s_two".to_string(), "s_three".to_string()];
-    let config = p11shim::config::Config::parse(
-        "module = \"/m.so\"\n[logon]\ndelay = \"0s\"\ndelay_max = \"0s\"",
-        Path::new("/c.toml"),
-        None,
-    )
-    .unwrap();
-    let err = p11shim::cli::users::logons(&trail(&*store), &config, &specs).unwrap_err();
-    assert_eq!(err, "logon failed for s_two");
-    // s_three was never tried: no password asked (none is set, stdin is not a terminal), nothing logged.
-    assert_eq!(actions(&*store), vec!["s_two | refused: logon (password)"]);
-    assert_eq!(p11shim::cli::users::password_env("a.b-c_9"), "P11SHIM_PASSWORD_A_B_C_9");
 }
 
 fn passwords_are_stored_as_argon2id_hashes_only(fx: &Fixture) {

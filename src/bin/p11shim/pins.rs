@@ -1,6 +1,6 @@
 //! PINs and passwords for the command: from a file, the environment, or a prompt on the terminal.
 
-use crate::admin::Pin;
+use p11shim::admin::Pin;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use zeroize::Zeroizing;

@@ -3,12 +3,12 @@
 use super::pins::PinArgs;
 use super::users::open_store;
 use super::{CliResult, Outcome};
-use crate::admin;
-use crate::audit::Trail;
-use crate::backup::clone;
-use crate::backup::work::Work;
-use crate::config::Config;
 use clap::Subcommand;
+use p11shim::admin;
+use p11shim::audit::Trail;
+use p11shim::backup::clone;
+use p11shim::backup::work::Work;
+use p11shim::config::Config;
 use std::path::PathBuf;
 
 #[derive(Subcommand)]
@@ -200,7 +200,7 @@ pub fn run(config: &Config, command: MbkCommand) -> CliResult {
             .find_map(|t| Work::open_public(config, t).ok());
         let sealer = work.as_ref().map(Work::sealer);
         let trail =
-            Trail::new(store.as_ref(), sealer.as_ref().map(|s| s as &dyn crate::backup::format::Sealer), config);
+            Trail::new(store.as_ref(), sealer.as_ref().map(|s| s as &dyn p11shim::backup::format::Sealer), config);
         trail.record(&format!("SO of {label}"), action, "", 0, &outcome).map(drop).map_err(|e| e.to_string())
     });
     match (result, recorded) {

@@ -3,10 +3,10 @@
 use super::backup::TokenArg;
 use super::users::{open_store, other_tokens, sealing_token, Seals};
 use super::{CliResult, Outcome};
-use crate::audit;
-use crate::config::Config;
-use crate::store::{AuditEntry, StoreError};
 use clap::Subcommand;
+use p11shim::audit;
+use p11shim::config::Config;
+use p11shim::store::{AuditEntry, StoreError};
 use std::io::Write;
 
 #[derive(Subcommand)]
@@ -77,7 +77,7 @@ pub fn run(config: &Config, command: AuditCommand) -> CliResult {
     }
 }
 
-fn show(store: &dyn crate::store::KeyStore, json: bool) -> CliResult {
+fn show(store: &dyn p11shim::store::KeyStore, json: bool) -> CliResult {
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let mut first = true;

@@ -3,14 +3,14 @@
 
 use super::backup::TokenArg;
 use super::{CliResult, Outcome};
-use crate::admin::Pin;
-use crate::audit::Trail;
-use crate::auth::{self, Credential, Logons, NewUser};
-use crate::backup::format::Sealer;
-use crate::backup::work::{HsmSealer, Work};
-use crate::config::Config;
-use crate::store::{self, KeyStore};
 use clap::Subcommand;
+use p11shim::admin::Pin;
+use p11shim::audit::Trail;
+use p11shim::auth::{self, Credential, Logons, NewUser};
+use p11shim::backup::format::Sealer;
+use p11shim::backup::work::{HsmSealer, Work};
+use p11shim::config::Config;
+use p11shim::store::{self, KeyStore};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use zeroize::Zeroizing;
@@ -68,7 +68,7 @@ fn logons_into(mut logons: Logons, trail: &Trail, config: &Config, specs: &[Stri
 /// The token whose MBK set's MAC key seals the users and the audit log, opened without a PIN: `--token`, else
 /// the config's first database slot, else its first [[slot]] whose token has an MBK set.
 pub fn sealing_token(config: &Config, token: &TokenArg) -> Result<Work, String> {
-    if token.token.is_some() || config.slots.iter().any(|s| s.storage == crate::config::Storage::Database) {
+    if token.token.is_some() || config.slots.iter().any(|s| s.storage == p11shim::config::Storage::Database) {
         return Work::open_public(config, &token.label(config)?).map_err(|e| e.to_string());
     }
     config.slots.iter().find_map(|s| Work::open_public(config, &s.token).ok()).ok_or_else(|| {
@@ -355,4 +355,75 @@ pub fn run(config: &Config, command: UserCommand) -> CliResult {
         }
     }
     Ok(Outcome::Done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use p11shim::config::Mode;
+    use p11shim::error::Result;
+
+    /// A MAC in software (the shim's is the HSM's): enough to seal rows the logon checks.
+    struct TestSealer;
+    impl Sealer for TestSealer {
+        fn seal(&self, data: &[u8]) -> Result<Vec<u8>> {
+            use sha2::Digest;
+            Ok(sha2::Sha256::new_with_prefix(b"users test MAC key").chain_update(data).finalize().to_vec())
+        }
+        fn check(&self, data: &[u8], mac: &[u8]) -> Result<bool> {
+            Ok(self.seal(data)? == mac)
+        }
+    }
+
+    const PW: &str = "correct horse";
+
+    fn seed(store: &dyn KeyStore, name: &str) {
+        let params = argon2::Params::new(64, 1, 1, None).unwrap();
+        let argon2 = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+        use argon2::PasswordHasher;
+        let hash = argon2.hash_password(PW.as_bytes()).unwrap().to_string();
+        let user = NewUser {
+            name: name.into(),
+            perm: "00000001".into(),
+            group_regex: ".*".into(),
+            credential: Credential::SignKey([9; 32]),
+        };
+        let mut row = auth::user_row(&user).unwrap();
+        row.auth = auth::AUTH_PASSWORD.into();
+        row.secret = hash.into_bytes();
+        auth::seal_restored(&TestSealer, &mut row).unwrap();
+        store.user_insert(&row).unwrap();
+    }
+
+    #[test]
+    fn stacked_logons_stop_at_the_first_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store::open(&format!("sqlite:{}", dir.path().join("k.db").display())).unwrap();
+        seed(&*store, "s_one");
+        seed(&*store, "s_two");
+        // SAFETY of the test: these variables are read only by this test (names unique to it).
+        std::env::set_var("P11SHIM_PASSWORD_S_ONE", PW);
+        std::env::set_var("P11SHIM_PASSWORD_S_TWO", "wrong password");
+        let config = Config::parse(
+            "module = \"/m.so\"\n[logon]\ndelay = \"0s\"\ndelay_max = \"0s\"",
+            Path::new("/c.toml"),
+            None,
+        )
+        .unwrap();
+        let trail =
+            Trail { store: &*store, sealer: Some(&TestSealer), also: Vec::new(), head: None, mode: Mode::Standard };
+        let specs = ["s_one".to_string(), "s_two".to_string(), "s_three".to_string()];
+        let err = logons(&trail, &config, &specs).unwrap_err();
+        assert_eq!(err, "logon failed for s_two");
+        // s_three was never tried: no password asked (none is set, stdin is not a terminal), nothing logged.
+        let mut actions = Vec::new();
+        store
+            .audit_scan(&mut |e| {
+                actions.push(format!("{} | {}", e.draft.who, e.draft.action));
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(actions, vec!["s_two | refused: logon (password)"]);
+        assert_eq!(password_env("a.b-c_9"), "P11SHIM_PASSWORD_A_B_C_9");
+    }
 }

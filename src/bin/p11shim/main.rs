@@ -1,4 +1,5 @@
-//! The `p11shim` command: argument parsing (clap) and dispatch. Each command group has its own file; every
+//! `p11shim`: the operator's command: argument parsing (clap) and dispatch, calling the same library code
+//! paths as the module. Each command group has its own file; every
 //! command calls library functions and prints their result. Exit status: 0 success, 1 failure, 2 usage
 //! error (clap), 3 success that needs attention (e.g. keys that could not be backed up, a change that could
 //! not be audited).
@@ -6,11 +7,11 @@
 mod audit;
 mod backup;
 mod mbk;
-pub mod pins;
-pub mod users;
+mod pins;
+mod users;
 
-use crate::config::{Config, ENV_CONFIG};
 use clap::{Parser, Subcommand};
+use p11shim::config::{Config, ENV_CONFIG};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -74,8 +75,7 @@ pub enum Outcome {
 
 pub type CliResult = Result<Outcome, String>;
 
-/// Runs the command line of this process.
-pub fn main() -> ExitCode {
+fn main() -> ExitCode {
     // Die quietly when the reader of our output goes away (`p11shim audit show | head`), as Unix tools do,
     // rather than panic on a broken pipe. Every change a command makes is committed before it prints.
     // SAFETY: setting a signal's disposition to the default, before any thread starts.
