@@ -32,7 +32,18 @@ pub struct Token {
 }
 
 impl Token {
+    /// Opens the token `label`. Refused (a configuration error) when a `[[slot]]` of the config names a token
+    /// the backend does not have: a typo there would make a slot silently pass-through.
     pub fn open(config: &Config, label: &str) -> Result<Token> {
+        Token::open_with(config, label, true)
+    }
+
+    /// As `open`, without the check of the config's other slots (`p11shim status` reports them instead).
+    pub fn open_lenient(config: &Config, label: &str) -> Result<Token> {
+        Token::open_with(config, label, false)
+    }
+
+    fn open_with(config: &Config, label: &str, check_slots: bool) -> Result<Token> {
         let backend = backend::load(config)?;
         let args = CK_C_INITIALIZE_ARGS { flags: CKF_OS_LOCKING_OK, ..Default::default() };
         let owns_backend = match backend.initialize(args) {
@@ -50,20 +61,32 @@ impl Token {
                 let _ = backend.finalize();
             }
         };
-        let slot = match backend.find_token(label) {
-            Ok(Some(slot)) => slot,
-            Ok(None) => {
-                finalize();
-                return Err(Error::Other(format!(
-                    "no initialized token labelled {label:?} in {} (list them with `pkcs11-tool --module {} -L`)",
-                    backend.path.display(),
-                    backend.path.display()
-                )));
-            }
+        let present = match tokens(backend) {
+            Ok(present) => present,
             Err(e) => {
                 finalize();
                 return Err(e);
             }
+        };
+        let missing = if check_slots { missing_slots(config, backend, &present) } else { Vec::new() };
+        if !missing.is_empty() {
+            finalize();
+            return Err(Error::Config {
+                path: config.source.clone(),
+                cause: format!("{}: fix the label (`p11shim status` shows every slot)", missing.join("; ")),
+            });
+        }
+        let Some(slot) = present.iter().find(|(_, l)| l == label).map(|(slot, _)| *slot) else {
+            finalize();
+            let hint = match nearest(label, present.iter().map(|(_, l)| l.as_str())).first() {
+                Some(n) => format!("; did you mean {n:?}?"),
+                None => String::new(),
+            };
+            return Err(Error::Missing(format!(
+                "no initialized token labelled {label:?} in {}{hint} (list them with `p11shim status` or `pkcs11-tool --module {} -L`)",
+                backend.path.display(),
+                backend.path.display()
+            )));
         };
         let session = backend.open_session(slot, CKF_SERIAL_SESSION | CKF_RW_SESSION).inspect_err(|_| finalize())?;
         Ok(Token {
@@ -88,8 +111,15 @@ impl Token {
         self.logout();
         let who = if user == CKU_SO { "SO" } else { "user" };
         self.backend.login(self.session, user, &pin.0).map_err(|e| match e {
-            Error::Rv(CKR_PIN_INCORRECT) => Error::Other(format!("token {:?}: wrong {who} PIN", self.label)),
-            Error::Rv(CKR_PIN_LOCKED) => Error::Other(format!("token {:?}: the {who} PIN is locked", self.label)),
+            Error::Rv(CKR_PIN_INCORRECT) => {
+                Error::Denied(format!("token {:?}: wrong {who} PIN (CKR_PIN_INCORRECT)", self.label))
+            }
+            Error::Rv(CKR_PIN_LOCKED) => {
+                Error::Denied(format!("token {:?}: the {who} PIN is locked (CKR_PIN_LOCKED)", self.label))
+            }
+            Error::Rv(rv) if Error::Rv(rv).kind() == crate::error::ErrorKind::Denied => {
+                Error::Denied(format!("token {:?}: {who} login failed: {}", self.label, rv_name(rv)))
+            }
             e => Error::Other(format!("token {:?}: {who} login failed: {e}", self.label)),
         })?;
         self.logged_in = true;
@@ -116,6 +146,84 @@ impl Drop for Token {
     }
 }
 
+/// The labels of the backend's initialized tokens, with their slots (the backend must be initialized).
+pub fn tokens(backend: &Backend) -> Result<Vec<(CK_SLOT_ID, String)>> {
+    let mut tokens = Vec::new();
+    for slot in backend.slot_list(true)? {
+        if let Ok(info) = backend.token_info(slot) {
+            if info.flags & CKF_TOKEN_INITIALIZED != 0 {
+                tokens.push((slot, crate::hsm::padded_text(&info.label)));
+            }
+        }
+    }
+    Ok(tokens)
+}
+
+/// One message for each `[[slot]]` of the config whose token the backend does not have: it names the label,
+/// lists the labels present and suggests the nearest. Such a slot is pass-through until a
+/// token with its label appears, so keys made there go into the HSM and not into the key store.
+pub fn missing_slots(config: &Config, backend: &Backend, present: &[(CK_SLOT_ID, String)]) -> Vec<String> {
+    let labels: Vec<&str> = present.iter().map(|(_, l)| l.as_str()).collect();
+    config
+        .slots
+        .iter()
+        .filter(|s| !labels.contains(&s.token.as_str()))
+        .map(|s| {
+            let list = if labels.is_empty() {
+                "it has no initialized token".to_string()
+            } else {
+                format!("its tokens: {}", labels.iter().map(|l| format!("{l:?}")).collect::<Vec<_>>().join(", "))
+            };
+            let hint = match nearest(&s.token, labels.iter().copied()).first() {
+                Some(n) => format!("; did you mean {n:?}?"),
+                None => String::new(),
+            };
+            format!("[[slot]] token = {:?} names no token of {} ({list}){hint}", s.token, backend.path.display())
+        })
+        .collect()
+}
+
+/// The candidates closest to `word` (edit distance at most a third of its length, at least 2), nearest
+/// first, at most three: for "did you mean" hints on labels and group names.
+pub fn nearest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Vec<&'a str> {
+    let limit = (word.chars().count() / 3).max(2);
+    let lower = word.to_lowercase();
+    let mut scored: Vec<(usize, &str)> = candidates
+        .into_iter()
+        .filter(|c| *c != word)
+        .map(|c| {
+            let c_lower = c.to_lowercase();
+            // A prefix ("Pay" for "Payments") is as near as a typo.
+            let d = if c_lower.starts_with(&lower) || lower.starts_with(&c_lower) {
+                1
+            } else {
+                edit_distance(&lower, &c_lower)
+            };
+            (d, c)
+        })
+        .filter(|(d, _)| *d <= limit)
+        .collect();
+    scored.sort();
+    scored.dedup_by(|a, b| a.1 == b.1);
+    scored.into_iter().take(3).map(|(_, c)| c).collect()
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cost = usize::from(ca != *cb);
+            let next = (row[j + 1] + 1).min(row[j] + 1).min(prev + cost);
+            prev = row[j + 1];
+            row[j + 1] = next;
+        }
+    }
+    row[b.len()]
+}
+
 /// `p11shim mbk create`: makes the key set as the SO, then checks as the user that it works.
 pub fn mbk_create(config: &Config, label: &str, so_pin: &Pin, user_pin: &Pin) -> Result<MbkSet> {
     let mut token = Token::open(config, label)?;
@@ -135,7 +243,7 @@ pub fn mbk_create(config: &Config, label: &str, so_pin: &Pin, user_pin: &Pin) ->
 /// `p11shim mbk show`: the key set's fingerprint (no PIN needed: both keys are public objects).
 pub fn mbk_show(config: &Config, label: &str) -> Result<MbkSet> {
     let token = Token::open(config, label)?;
-    mbk::find(token.backend, token.session, token.slot)?.ok_or_else(|| Error::Other(mbk::missing(label)))
+    mbk::find(token.backend, token.session, token.slot)?.ok_or_else(|| Error::Missing(mbk::missing(label)))
 }
 
 /// The spec's name of a mechanism the MBK may use.
@@ -144,5 +252,18 @@ pub fn mechanism_name(m: CK_MECHANISM_TYPE) -> &'static str {
         CKM_AES_KEY_WRAP_PAD => "CKM_AES_KEY_WRAP_PAD (RFC 5649)",
         CKM_AES_KEY_WRAP_KWP => "CKM_AES_KEY_WRAP_KWP (RFC 5649)",
         _ => "unknown",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::nearest;
+
+    #[test]
+    fn typos_and_prefixes_are_near_and_strangers_are_not() {
+        assert_eq!(nearest("paymnets", ["payments", "hr", "Paymaster"]), vec!["payments"]);
+        assert_eq!(nearest("Pay", ["Payments", "PayOut", "HR"]), vec!["PayOut", "Payments"]);
+        assert!(nearest("xyz", ["payments", "hr-records"]).is_empty());
+        assert!(nearest("same", ["same"]).is_empty());
     }
 }

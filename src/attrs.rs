@@ -8,6 +8,34 @@ use zeroize::Zeroizing;
 /// Its value keeps bit 30 clear: that bit is CKF_ARRAY_ATTRIBUTE, which would make it a template attribute.
 pub const CKA_P11SHIM_GROUP: CK_ATTRIBUTE_TYPE = CKA_VENDOR_DEFINED | 0x0053_4801;
 
+/// The longest key group name, in characters.
+pub const GROUP_MAX: usize = 64;
+
+/// The one rule for key group names, wherever a name is given (CKA_P11SHIM_GROUP, `default_group`,
+/// `p11shim keys set-group`): 1 to 64 characters, printable (no control, format or bidirectional characters,
+/// which would hide in logs and terminals), and no space at either end. A group regex can then always name
+/// a group exactly ('.' matches every character of it).
+pub fn check_group(name: &str) -> std::result::Result<(), String> {
+    let count = name.chars().count();
+    if count == 0 || count > GROUP_MAX {
+        return Err(format!("group name {name:?}: use 1 to {GROUP_MAX} characters (it has {count})"));
+    }
+    if let Some(c) = name.chars().find(|c| c.is_control() || is_invisible(*c)) {
+        return Err(format!("group name {name:?}: the character {:?} (U+{:04X}) is not printable", c, c as u32));
+    }
+    if name.starts_with(char::is_whitespace) || name.ends_with(char::is_whitespace) {
+        return Err(format!("group name {name:?}: no space at the start or the end"));
+    }
+    Ok(())
+}
+
+/// Format characters that print as nothing or reorder text (zero-width, bidirectional controls, BOM) and
+/// separators other than the space.
+fn is_invisible(c: char) -> bool {
+    matches!(c as u32, 0x00AD | 0x061C | 0x180E | 0x200B..=0x200F | 0x2028..=0x202E | 0x2060..=0x206F | 0xFEFF)
+        || (c.is_whitespace() && c != ' ')
+}
+
 #[derive(Clone, PartialEq, Eq)]
 pub enum Value {
     /// Plain values, and mechanism arrays (CKA_ALLOWED_MECHANISMS) as the CK_MECHANISM_TYPEs' bytes in
@@ -482,5 +510,25 @@ mod tests {
         assert!(t.matches(&Template(vec![Attr::ulong(CKA_CLASS, CKO_SECRET_KEY)])));
         assert!(!t.matches(&Template(vec![Attr::bytes(CKA_LABEL, b"y")])));
         assert!(!t.matches(&Template(vec![Attr::bytes(CKA_ID, b"x")])));
+    }
+
+    #[test]
+    fn group_names_follow_one_rule() {
+        for good in ["Pay", "Payments-2026", "HR records", "Zahlungsverkehr-Ä", &"g".repeat(GROUP_MAX)] {
+            assert_eq!(check_group(good), Ok(()), "{good:?}");
+        }
+        for bad in [
+            "",
+            "a\nb",
+            "tab\there",
+            " lead",
+            "trail ",
+            "zero\u{200B}width",
+            "bidi\u{202E}",
+            &"g".repeat(GROUP_MAX + 1),
+        ] {
+            assert!(check_group(bad).is_err(), "{bad:?}");
+        }
+        assert!(check_group("a\nb").unwrap_err().contains("U+000A"));
     }
 }

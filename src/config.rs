@@ -289,11 +289,14 @@ impl Config {
                     ),
                 });
             }
+            if let Err(why) = check_label(&s.token) {
+                return Err(Error::Config { path: source, cause: format!("[[slot]] token {:?}: {why}", s.token) });
+            }
             let default_group = s.default_group.unwrap_or_else(|| s.token.clone());
-            if default_group.is_empty() {
+            if let Err(why) = crate::attrs::check_group(&default_group) {
                 return Err(Error::Config {
                     path: source,
-                    cause: format!("[[slot]] token {:?}: default_group is empty", s.token),
+                    cause: format!("[[slot]] token {:?}: default_group: {why}", s.token),
                 });
             }
             slots.push(SlotConfig { token: s.token, storage: s.storage, default_group });
@@ -385,12 +388,50 @@ fn is_snippet(line: &str) -> bool {
     line.split_once(" |").is_some_and(|(n, _)| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()))
 }
 
+/// A token label as PKCS#11 has it: at most 32 bytes of UTF-8 (CK_TOKEN_INFO pads it with spaces, so one at
+/// the end could never match), printable.
+fn check_label(label: &str) -> std::result::Result<(), String> {
+    if label.len() > 32 {
+        return Err(format!(
+            "a token label has at most 32 bytes (this one has {}), so no token can have it",
+            label.len()
+        ));
+    }
+    if label.ends_with(' ') {
+        return Err(
+            "a token label cannot end with a space (PKCS#11 pads labels with spaces), so no token can have it".into()
+        );
+    }
+    if label.chars().any(char::is_control) {
+        return Err("a token label has no control characters".into());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn parse(text: &str) -> Result<Config> {
         Config::parse(text, Path::new("/etc/p11shim/p11shim.toml"), None)
+    }
+
+    #[test]
+    fn slot_labels_and_group_names_that_cannot_work_are_refused() {
+        let slot = |token: &str, group: &str| {
+            parse(&format!(
+                "module = \"/m.so\"\n[[slot]]\ntoken = {token:?}\nstorage = \"database\"\ndefault_group = {group:?}"
+            ))
+        };
+        let e = slot(&"t".repeat(33), "G").unwrap_err().to_string();
+        assert!(e.contains("/etc/p11shim/p11shim.toml") && e.contains("at most 32 bytes"), "{e}");
+        let e = slot("pay ", "G").unwrap_err().to_string();
+        assert!(e.contains("end with a space"), "{e}");
+        let e = slot("pay", "a\nb").unwrap_err().to_string();
+        assert!(e.contains("default_group") && e.contains("U+000A"), "{e}");
+        let e = slot("pay", "").unwrap_err().to_string();
+        assert!(e.contains("default_group") && e.contains("1 to 64"), "{e}");
+        assert!(slot(&"t".repeat(32), "Payments").is_ok());
     }
 
     #[test]

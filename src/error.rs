@@ -18,6 +18,20 @@ pub enum Error {
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
 
+    /// Refused for want of a logon, a permission or a PIN; the message says which (and the refusal is
+    /// audited where the operation is).
+    #[error("{0}")]
+    Denied(String),
+
+    /// What was named does not exist: a token, a key, a user, a token's MBK set.
+    #[error("{0}")]
+    Missing(String),
+
+    /// Input that cannot be used: a damaged, edited or truncated file, one of an unknown version, data made
+    /// under another MBK.
+    #[error("{0}")]
+    Damaged(String),
+
     /// Anything else the shim refuses or fails at, with a message for the log or the operator.
     #[error("{0}")]
     Other(String),
@@ -28,11 +42,58 @@ impl Error {
     pub fn rv(&self) -> CK_RV {
         match self {
             Error::Rv(rv) => *rv,
-            Error::Config { .. } | Error::Backend { .. } | Error::Other(_) => CKR_GENERAL_ERROR,
+            Error::Config { .. } | Error::Backend { .. } | Error::Other(_) | Error::Missing(_) => CKR_GENERAL_ERROR,
+            Error::Denied(_) => cryptoki_sys::CKR_ACTION_PROHIBITED,
+            Error::Damaged(_) => cryptoki_sys::CKR_FUNCTION_FAILED,
             Error::Store(crate::store::StoreError::Unavailable { .. }) => cryptoki_sys::CKR_DEVICE_ERROR,
             Error::Store(_) => CKR_GENERAL_ERROR,
         }
     }
+
+    /// What kind of failure this is, for callers that act on it (the command's exit status).
+    pub fn kind(&self) -> ErrorKind {
+        use cryptoki_sys::*;
+        match self {
+            Error::Denied(_) => ErrorKind::Denied,
+            Error::Missing(_) => ErrorKind::NotFound,
+            Error::Damaged(_) => ErrorKind::Damaged,
+            Error::Backend { .. } => ErrorKind::Unavailable,
+            Error::Store(e) => e.kind(),
+            Error::Rv(rv) => match *rv {
+                CKR_PIN_INCORRECT
+                | CKR_PIN_LOCKED
+                | CKR_PIN_EXPIRED
+                | CKR_USER_NOT_LOGGED_IN
+                | CKR_ACTION_PROHIBITED
+                | CKR_USER_PIN_NOT_INITIALIZED
+                | CKR_USER_ANOTHER_ALREADY_LOGGED_IN => ErrorKind::Denied,
+                CKR_DEVICE_ERROR
+                | CKR_DEVICE_REMOVED
+                | CKR_DEVICE_MEMORY
+                | CKR_TOKEN_NOT_PRESENT
+                | CKR_TOKEN_NOT_RECOGNIZED
+                | CKR_CRYPTOKI_NOT_INITIALIZED => ErrorKind::Unavailable,
+                CKR_WRAPPED_KEY_INVALID | CKR_ENCRYPTED_DATA_INVALID | CKR_SIGNATURE_INVALID => ErrorKind::Damaged,
+                _ => ErrorKind::Failed,
+            },
+            Error::Config { .. } | Error::Other(_) => ErrorKind::Failed,
+        }
+    }
+}
+
+/// What kind of failure an error is: what a caller can act on without reading the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Refused for want of a logon, a permission or a PIN.
+    Denied,
+    /// What was named does not exist (a token, a key, a user, an MBK set), or nothing matched.
+    NotFound,
+    /// Input that cannot be used: damaged, edited, truncated, of an unknown version, or of another MBK.
+    Damaged,
+    /// The key store or the HSM cannot be reached or failed as a device.
+    Unavailable,
+    /// Anything else.
+    Failed,
 }
 
 impl From<CK_RV> for Error {
@@ -99,58 +160,165 @@ pub fn attr_name(ty: cryptoki_sys::CK_ATTRIBUTE_TYPE) -> &'static str {
     }
 }
 
-/// The spec's name of a return value, for log lines and messages.
+/// The spec's name of a return value, for log lines and messages: "CKR_PIN_INCORRECT"; a vendor's own
+/// value as "CKR_VENDOR_DEFINED+0x…", anything else as "CK_RV 0x…".
 pub fn rv_name(rv: CK_RV) -> String {
     use cryptoki_sys::*;
-    let name = match rv {
-        CKR_OK => "CKR_OK",
-        CKR_CANCEL => "CKR_CANCEL",
-        CKR_HOST_MEMORY => "CKR_HOST_MEMORY",
-        CKR_SLOT_ID_INVALID => "CKR_SLOT_ID_INVALID",
-        CKR_GENERAL_ERROR => "CKR_GENERAL_ERROR",
-        CKR_FUNCTION_FAILED => "CKR_FUNCTION_FAILED",
-        CKR_ARGUMENTS_BAD => "CKR_ARGUMENTS_BAD",
-        CKR_CANT_LOCK => "CKR_CANT_LOCK",
-        CKR_ATTRIBUTE_READ_ONLY => "CKR_ATTRIBUTE_READ_ONLY",
-        CKR_ATTRIBUTE_SENSITIVE => "CKR_ATTRIBUTE_SENSITIVE",
-        CKR_ATTRIBUTE_TYPE_INVALID => "CKR_ATTRIBUTE_TYPE_INVALID",
-        CKR_ATTRIBUTE_VALUE_INVALID => "CKR_ATTRIBUTE_VALUE_INVALID",
-        CKR_DEVICE_ERROR => "CKR_DEVICE_ERROR",
-        CKR_DEVICE_REMOVED => "CKR_DEVICE_REMOVED",
-        CKR_FUNCTION_NOT_SUPPORTED => "CKR_FUNCTION_NOT_SUPPORTED",
-        CKR_KEY_HANDLE_INVALID => "CKR_KEY_HANDLE_INVALID",
-        CKR_MECHANISM_INVALID => "CKR_MECHANISM_INVALID",
-        CKR_OBJECT_HANDLE_INVALID => "CKR_OBJECT_HANDLE_INVALID",
-        CKR_OPERATION_NOT_INITIALIZED => "CKR_OPERATION_NOT_INITIALIZED",
-        CKR_PIN_INCORRECT => "CKR_PIN_INCORRECT",
-        CKR_SESSION_HANDLE_INVALID => "CKR_SESSION_HANDLE_INVALID",
-        CKR_TEMPLATE_INCOMPLETE => "CKR_TEMPLATE_INCOMPLETE",
-        CKR_TEMPLATE_INCONSISTENT => "CKR_TEMPLATE_INCONSISTENT",
-        CKR_TOKEN_NOT_PRESENT => "CKR_TOKEN_NOT_PRESENT",
-        CKR_USER_NOT_LOGGED_IN => "CKR_USER_NOT_LOGGED_IN",
-        CKR_BUFFER_TOO_SMALL => "CKR_BUFFER_TOO_SMALL",
-        CKR_CRYPTOKI_NOT_INITIALIZED => "CKR_CRYPTOKI_NOT_INITIALIZED",
-        CKR_CRYPTOKI_ALREADY_INITIALIZED => "CKR_CRYPTOKI_ALREADY_INITIALIZED",
-        CKR_ACTION_PROHIBITED => "CKR_ACTION_PROHIBITED",
-        CKR_DEVICE_MEMORY => "CKR_DEVICE_MEMORY",
-        CKR_KEY_SIZE_RANGE => "CKR_KEY_SIZE_RANGE",
-        CKR_KEY_TYPE_INCONSISTENT => "CKR_KEY_TYPE_INCONSISTENT",
-        CKR_KEY_FUNCTION_NOT_PERMITTED => "CKR_KEY_FUNCTION_NOT_PERMITTED",
-        CKR_KEY_NOT_WRAPPABLE => "CKR_KEY_NOT_WRAPPABLE",
-        CKR_KEY_UNEXTRACTABLE => "CKR_KEY_UNEXTRACTABLE",
-        CKR_MECHANISM_PARAM_INVALID => "CKR_MECHANISM_PARAM_INVALID",
-        CKR_OPERATION_ACTIVE => "CKR_OPERATION_ACTIVE",
-        CKR_PIN_LOCKED => "CKR_PIN_LOCKED",
-        CKR_SESSION_CLOSED => "CKR_SESSION_CLOSED",
-        CKR_SESSION_EXISTS => "CKR_SESSION_EXISTS",
-        CKR_SESSION_READ_ONLY => "CKR_SESSION_READ_ONLY",
-        CKR_SIGNATURE_INVALID => "CKR_SIGNATURE_INVALID",
-        CKR_TOKEN_WRITE_PROTECTED => "CKR_TOKEN_WRITE_PROTECTED",
-        CKR_UNWRAPPING_KEY_HANDLE_INVALID => "CKR_UNWRAPPING_KEY_HANDLE_INVALID",
-        CKR_WRAPPED_KEY_INVALID => "CKR_WRAPPED_KEY_INVALID",
-        CKR_WRAPPING_KEY_HANDLE_INVALID => "CKR_WRAPPING_KEY_HANDLE_INVALID",
-        CKR_USER_TYPE_INVALID => "CKR_USER_TYPE_INVALID",
-        _ => return format!("CK_RV 0x{rv:08X}"),
+    macro_rules! names {
+        ($($name:ident),* $(,)?) => {
+            match rv {
+                $($name => return stringify!($name).to_string(),)*
+                _ => {}
+            }
+        };
+    }
+    names!(
+        CKR_ACTION_PROHIBITED,
+        CKR_AEAD_DECRYPT_FAILED,
+        CKR_ARGUMENTS_BAD,
+        CKR_ATTRIBUTE_READ_ONLY,
+        CKR_ATTRIBUTE_SENSITIVE,
+        CKR_ATTRIBUTE_TYPE_INVALID,
+        CKR_ATTRIBUTE_VALUE_INVALID,
+        CKR_BUFFER_TOO_SMALL,
+        CKR_CANCEL,
+        CKR_CANT_LOCK,
+        CKR_CRYPTOKI_ALREADY_INITIALIZED,
+        CKR_CRYPTOKI_NOT_INITIALIZED,
+        CKR_CURVE_NOT_SUPPORTED,
+        CKR_DATA_INVALID,
+        CKR_DATA_LEN_RANGE,
+        CKR_DEVICE_ERROR,
+        CKR_DEVICE_MEMORY,
+        CKR_DEVICE_REMOVED,
+        CKR_DOMAIN_PARAMS_INVALID,
+        CKR_ENCRYPTED_DATA_INVALID,
+        CKR_ENCRYPTED_DATA_LEN_RANGE,
+        CKR_EXCEEDED_MAX_ITERATIONS,
+        CKR_FIPS_SELF_TEST_FAILED,
+        CKR_FUNCTION_CANCELED,
+        CKR_FUNCTION_FAILED,
+        CKR_FUNCTION_NOT_PARALLEL,
+        CKR_FUNCTION_NOT_SUPPORTED,
+        CKR_FUNCTION_REJECTED,
+        CKR_GENERAL_ERROR,
+        CKR_HOST_MEMORY,
+        CKR_INFORMATION_SENSITIVE,
+        CKR_KEY_CHANGED,
+        CKR_KEY_EXHAUSTED,
+        CKR_KEY_FUNCTION_NOT_PERMITTED,
+        CKR_KEY_HANDLE_INVALID,
+        CKR_KEY_INDIGESTIBLE,
+        CKR_KEY_NEEDED,
+        CKR_KEY_NOT_NEEDED,
+        CKR_KEY_NOT_WRAPPABLE,
+        CKR_KEY_SIZE_RANGE,
+        CKR_KEY_TYPE_INCONSISTENT,
+        CKR_KEY_UNEXTRACTABLE,
+        CKR_LIBRARY_LOAD_FAILED,
+        CKR_MECHANISM_INVALID,
+        CKR_MECHANISM_PARAM_INVALID,
+        CKR_MUTEX_BAD,
+        CKR_MUTEX_NOT_LOCKED,
+        CKR_NEED_TO_CREATE_THREADS,
+        CKR_NEW_PIN_MODE,
+        CKR_NEXT_OTP,
+        CKR_NO_EVENT,
+        CKR_OBJECT_HANDLE_INVALID,
+        CKR_OK,
+        CKR_OPERATION_ACTIVE,
+        CKR_OPERATION_CANCEL_FAILED,
+        CKR_OPERATION_NOT_INITIALIZED,
+        CKR_OPERATION_NOT_VALIDATED,
+        CKR_PARAMETER_SET_NOT_SUPPORTED,
+        CKR_PENDING,
+        CKR_PIN_EXPIRED,
+        CKR_PIN_INCORRECT,
+        CKR_PIN_INVALID,
+        CKR_PIN_LEN_RANGE,
+        CKR_PIN_LOCKED,
+        CKR_PIN_TOO_WEAK,
+        CKR_PUBLIC_KEY_INVALID,
+        CKR_RANDOM_NO_RNG,
+        CKR_RANDOM_SEED_NOT_SUPPORTED,
+        CKR_SAVED_STATE_INVALID,
+        CKR_SEED_RANDOM_REQUIRED,
+        CKR_SESSION_ASYNC_NOT_SUPPORTED,
+        CKR_SESSION_CLOSED,
+        CKR_SESSION_COUNT,
+        CKR_SESSION_EXISTS,
+        CKR_SESSION_HANDLE_INVALID,
+        CKR_SESSION_PARALLEL_NOT_SUPPORTED,
+        CKR_SESSION_READ_ONLY,
+        CKR_SESSION_READ_ONLY_EXISTS,
+        CKR_SESSION_READ_WRITE_SO_EXISTS,
+        CKR_SIGNATURE_INVALID,
+        CKR_SIGNATURE_LEN_RANGE,
+        CKR_SLOT_ID_INVALID,
+        CKR_STATE_UNSAVEABLE,
+        CKR_TEMPLATE_INCOMPLETE,
+        CKR_TEMPLATE_INCONSISTENT,
+        CKR_TOKEN_NOT_INITIALIZED,
+        CKR_TOKEN_NOT_PRESENT,
+        CKR_TOKEN_NOT_RECOGNIZED,
+        CKR_TOKEN_RESOURCE_EXCEEDED,
+        CKR_TOKEN_WRITE_PROTECTED,
+        CKR_UNWRAPPING_KEY_HANDLE_INVALID,
+        CKR_UNWRAPPING_KEY_SIZE_RANGE,
+        CKR_UNWRAPPING_KEY_TYPE_INCONSISTENT,
+        CKR_USER_ALREADY_LOGGED_IN,
+        CKR_USER_ANOTHER_ALREADY_LOGGED_IN,
+        CKR_USER_NOT_LOGGED_IN,
+        CKR_USER_PIN_NOT_INITIALIZED,
+        CKR_USER_TOO_MANY_TYPES,
+        CKR_USER_TYPE_INVALID,
+        CKR_WRAPPED_KEY_INVALID,
+        CKR_WRAPPED_KEY_LEN_RANGE,
+        CKR_WRAPPING_KEY_HANDLE_INVALID,
+        CKR_WRAPPING_KEY_SIZE_RANGE,
+        CKR_WRAPPING_KEY_TYPE_INCONSISTENT,
+    );
+    if rv >= CKR_VENDOR_DEFINED {
+        format!("CKR_VENDOR_DEFINED+0x{:X}", rv - CKR_VENDOR_DEFINED)
+    } else {
+        format!("CK_RV 0x{rv:08X}")
+    }
+}
+
+/// The spec's name of an object class ("CKO_SECRET_KEY"), for listings and messages.
+pub fn class_name(class: cryptoki_sys::CK_OBJECT_CLASS) -> String {
+    use cryptoki_sys::*;
+    let name = match class {
+        CKO_DATA => "CKO_DATA",
+        CKO_CERTIFICATE => "CKO_CERTIFICATE",
+        CKO_PUBLIC_KEY => "CKO_PUBLIC_KEY",
+        CKO_PRIVATE_KEY => "CKO_PRIVATE_KEY",
+        CKO_SECRET_KEY => "CKO_SECRET_KEY",
+        CKO_HW_FEATURE => "CKO_HW_FEATURE",
+        CKO_DOMAIN_PARAMETERS => "CKO_DOMAIN_PARAMETERS",
+        CKO_MECHANISM => "CKO_MECHANISM",
+        CKO_OTP_KEY => "CKO_OTP_KEY",
+        _ => return format!("CKO 0x{class:X}"),
+    };
+    name.to_string()
+}
+
+/// The spec's name of a key type ("CKK_AES"); "-" for objects that are not keys.
+pub fn key_type_name(key_type: cryptoki_sys::CK_KEY_TYPE) -> String {
+    use cryptoki_sys::*;
+    let name = match key_type {
+        CKK_RSA => "CKK_RSA",
+        CKK_DSA => "CKK_DSA",
+        CKK_DH => "CKK_DH",
+        CKK_EC => "CKK_EC",
+        CKK_GENERIC_SECRET => "CKK_GENERIC_SECRET",
+        CKK_DES3 => "CKK_DES3",
+        CKK_AES => "CKK_AES",
+        CKK_EC_EDWARDS => "CKK_EC_EDWARDS",
+        CKK_EC_MONTGOMERY => "CKK_EC_MONTGOMERY",
+        CKK_SHA256_HMAC => "CKK_SHA256_HMAC",
+        CK_UNAVAILABLE_INFORMATION => "-",
+        _ => return format!("CKK 0x{key_type:X}"),
     };
     name.to_string()
 }

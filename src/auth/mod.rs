@@ -65,6 +65,19 @@ pub enum AuthError {
     Audit(#[from] AuditError),
 }
 
+impl AuthError {
+    /// What kind of failure this is (see [`crate::error::ErrorKind`]).
+    pub fn kind(&self) -> crate::error::ErrorKind {
+        use crate::error::ErrorKind;
+        match self {
+            AuthError::LogonFailed(_) | AuthError::Refused(_) | AuthError::Throttled(_) => ErrorKind::Denied,
+            AuthError::Invalid(_) | AuthError::Failed(_) => ErrorKind::Failed,
+            AuthError::Store(e) => e.kind(),
+            AuthError::Audit(e) => e.cause.kind(),
+        }
+    }
+}
+
 impl From<crate::error::Error> for AuthError {
     fn from(e: crate::error::Error) -> AuthError {
         match e {

@@ -170,7 +170,7 @@ pub fn restore(
     let lines = read_checked(sealer, file)?;
     if let Some(why) = users_denied {
         if lines.iter().any(|l| l.starts_with("U ")) {
-            return Err(Error::Other(format!("import denied: {} holds the users table: {why}", file.display())));
+            return Err(Error::Denied(format!("import denied: {} holds the users table: {why}", file.display())));
         }
     }
     let mut tx = store.begin()?;

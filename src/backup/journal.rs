@@ -345,3 +345,8 @@ fn sync_dir(dir: &Path) {
         let _ = d.sync_all();
     }
 }
+
+/// Where an interrupted restore into `token` leaves its journal (`dir` is the config's directory).
+pub fn journal_path(dir: &Path, token: &str) -> PathBuf {
+    dir.join(name(token, "journal"))
+}

@@ -6,6 +6,7 @@ pub mod export;
 pub mod format;
 pub mod import;
 pub mod journal;
+pub mod keys;
 pub mod mbk;
 pub mod shamir;
 pub mod verify;

@@ -28,8 +28,9 @@ pub struct Work {
     pub own_session: bool,
 }
 
-/// The directory of the config file (the current directory for a bare file name).
-fn state_dir(config: &Config) -> std::path::PathBuf {
+/// The directory of the config file (the current directory for a bare file name): restore journals and
+/// locks live there.
+pub fn state_dir(config: &Config) -> std::path::PathBuf {
     match config.source.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
         _ => std::path::PathBuf::from("."),
@@ -51,9 +52,15 @@ impl Work {
         Work::on(config, Token::open(config, label)?, label)
     }
 
+    /// As `open_public`, without refusing a config whose other `[[slot]]`s name tokens the backend lacks
+    /// (`p11shim status` reports those).
+    pub fn open_public_lenient(config: &Config, label: &str) -> Result<Work> {
+        Work::on(config, Token::open_lenient(config, label)?, label)
+    }
+
     fn on(config: &Config, token: Token, label: &str) -> Result<Work> {
         let set =
-            mbk::find(token.backend, token.session, token.slot)?.ok_or_else(|| Error::Other(mbk::missing(label)))?;
+            mbk::find(token.backend, token.session, token.slot)?.ok_or_else(|| Error::Missing(mbk::missing(label)))?;
         let slot = config.slots.iter().find(|s| s.token == label);
         Ok(Work {
             database: slot.is_some_and(|s| s.storage == Storage::Database),
@@ -68,7 +75,7 @@ impl Work {
     /// Works with an application's logged-in session (the C interface).
     pub fn borrowed(config: &Config, token: Token) -> Result<Work> {
         let set = mbk::find(token.backend, token.session, token.slot)?
-            .ok_or_else(|| Error::Other(mbk::missing(&token.label)))?;
+            .ok_or_else(|| Error::Missing(mbk::missing(&token.label)))?;
         let slot = config.slots.iter().find(|s| s.token == token.label);
         Ok(Work {
             database: slot.is_some_and(|s| s.storage == Storage::Database),

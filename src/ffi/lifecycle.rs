@@ -154,9 +154,30 @@ fn initialize(app_args: Option<CK_C_INITIALIZE_ARGS>) -> Result<CK_RV, CK_RV> {
     };
     crate::vault::start(backend, &config);
     crate::info!("initialized over {} (config {})", backend.path.display(), config.source.display());
+    let check = (inherited.is_none() && !config.slots.is_empty()).then(|| config.clone());
     *state = Some(Initialized { pid, owns_backend, config });
     ACTIVE.store(backend as *const Backend as *mut Backend, Ordering::Release);
+    drop(state);
+    if let Some(config) = check {
+        warn_missing_slots(backend, &config);
+    }
     Ok(CKR_OK)
+}
+
+/// A `[[slot]]` whose token the backend does not have is not an error here (a token may be initialized or
+/// plugged in later, and the application must start), but the operator must not miss it: one WARN line
+/// per slot, and `p11shim status` shows it as a problem. Called without the lifecycle lock.
+fn warn_missing_slots(backend: &'static Backend, config: &Config) {
+    let present = match crate::admin::tokens(backend) {
+        Ok(present) => present,
+        Err(e) => return crate::warn!("cannot list the backend's tokens to check the [[slot]]s: {e}"),
+    };
+    for missing in crate::admin::missing_slots(config, backend, &present) {
+        crate::warn!(
+            "configuration file {}: {missing}: the slot is pass-through until a token with this label appears; keys made there go into the HSM, not into the key store",
+            config.source.display()
+        );
+    }
 }
 
 fn setup_failed(error: &crate::error::Error) -> CK_RV {

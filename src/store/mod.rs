@@ -79,9 +79,56 @@ pub enum StoreError {
     /// What the HSM seals (an audit entry) could not be sealed; nothing was written.
     #[error("{0}")]
     Sealing(String),
+    /// A key row that cannot be read: a column holds a value of the wrong type (or NULL), written outside
+    /// p11shim. The other rows are unaffected.
+    #[error("key store {store}: row {id} cannot be read ({cause}); it was changed outside p11shim: restore the key from a backup or delete the row")]
+    BadRow { store: String, id: String, cause: String },
+}
+
+impl StoreError {
+    /// What kind of failure this is (see [`crate::error::ErrorKind`]).
+    pub fn kind(&self) -> crate::error::ErrorKind {
+        use crate::error::ErrorKind;
+        match self {
+            StoreError::Unavailable { .. } => ErrorKind::Unavailable,
+            StoreError::BadRow { .. } => ErrorKind::Damaged,
+            StoreError::Schema { .. }
+            | StoreError::Sealing(_)
+            | StoreError::Duplicate { .. }
+            | StoreError::Url { .. } => ErrorKind::Failed,
+        }
+    }
 }
 
 pub type StoreResult<T> = std::result::Result<T, StoreError>;
+
+/// A key row as a scan reads it: the row, or one that cannot be read.
+#[derive(Debug)]
+pub enum RowRead {
+    Row(KeyRow),
+    Bad(BadRow),
+}
+
+/// A key row that cannot be read: its id (or a description of it when even the id cannot be read) and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadRow {
+    pub id: String,
+    pub cause: String,
+}
+
+/// The rows of a find that can be read; each one that cannot is left out with one log line naming it, so that
+/// one row changed outside p11shim does not make every find on its token fail.
+pub(crate) fn readable(store: &str, rows: Vec<RowRead>) -> Vec<KeyRow> {
+    rows.into_iter()
+        .filter_map(|read| match read {
+            RowRead::Row(row) => Some(row),
+            RowRead::Bad(bad) => {
+                crate::warn!("key store {store}: row {} cannot be read ({}): left out of the find", bad.id, bad.cause);
+                None
+            }
+        })
+        .collect()
+}
 
 /// A key store. Implementations are shared between threads; no method holds a lock while another method of
 /// the same store waits on the database for longer than one statement. Every method is one transaction.
@@ -122,8 +169,34 @@ pub trait KeyStore: Send + Sync {
 
     /// Calls `f` with every key row, ordered by (token, id), streaming: memory stays flat however many rows
     /// there are (SQLite: one statement stepping; PostgreSQL: a portal/cursor fetching in batches). One
-    /// consistent snapshot. `f` returning an error stops the scan and returns that error.
-    fn scan(&self, f: &mut dyn FnMut(KeyRow) -> StoreResult<()>) -> StoreResult<()>;
+    /// consistent snapshot. `f` returning an error stops the scan and returns that error; so does a row
+    /// that cannot be read ([`StoreError::BadRow`], naming it): use `scan_rows` to go on past such rows.
+    fn scan(&self, f: &mut dyn FnMut(KeyRow) -> StoreResult<()>) -> StoreResult<()> {
+        let store = self.describe();
+        self.scan_rows(&mut |read| match read {
+            RowRead::Row(row) => f(row),
+            RowRead::Bad(bad) => Err(StoreError::BadRow { store: store.clone(), id: bad.id, cause: bad.cause }),
+        })
+    }
+    /// As `scan`, but a row that cannot be read is handed to `f` as [`RowRead::Bad`] and the scan goes on.
+    fn scan_rows(&self, f: &mut dyn FnMut(RowRead) -> StoreResult<()>) -> StoreResult<()> {
+        self.scan(&mut |row| f(RowRead::Row(row)))
+    }
+    /// The number of key rows per (token, group), ordered by token and group.
+    fn key_counts(&self) -> StoreResult<Vec<(String, String, u64)>> {
+        let mut counts = std::collections::BTreeMap::<(String, String), u64>::new();
+        self.scan_rows(&mut |read| {
+            if let RowRead::Row(row) = read {
+                *counts.entry((row.token, row.group)).or_default() += 1;
+            }
+            Ok(())
+        })?;
+        Ok(counts.into_iter().map(|((t, g), n)| (t, g, n)).collect())
+    }
+    /// The schema version of the store (see [`SCHEMA_VERSION`]).
+    fn schema_version(&self) -> StoreResult<i64> {
+        Ok(SCHEMA_VERSION)
+    }
     /// A transaction for bulk changes (restore): nothing is visible to others until `commit`; dropping it
     /// without `commit` rolls everything back. Holds one connection for its life (SQLite: BEGIN IMMEDIATE,
     /// so other writers wait until it ends).

@@ -8,9 +8,9 @@
 
 use super::changes::{Change, ChangeLog};
 use super::{
-    chain, find_sql, foreign_schema, from_db, newer_schema, redact, split_user, to_db, AuditDraft, AuditEntry,
-    KeyQuery, KeyRow, KeyStore, Param, StoreError, StoreResult, StoreTx, UserDelete, UserRow, AUDIT_COLUMNS, COLUMNS,
-    SCHEMA_VERSION, USER_COLUMNS,
+    chain, find_sql, foreign_schema, from_db, newer_schema, redact, split_user, to_db, AuditDraft, AuditEntry, BadRow,
+    KeyQuery, KeyRow, KeyStore, Param, RowRead, StoreError, StoreResult, StoreTx, UserDelete, UserRow, AUDIT_COLUMNS,
+    COLUMNS, SCHEMA_VERSION, USER_COLUMNS,
 };
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::ToSql;
@@ -681,21 +681,31 @@ impl Drop for PostgresTx<'_> {
     }
 }
 
-fn read_row(r: &postgres::Row) -> KeyRow {
-    KeyRow {
-        id: r.get(0),
-        token: r.get(1),
-        group: r.get(2),
-        class: from_db(r.get(3)),
-        key_type: from_db(r.get(4)),
-        label: r.get(5),
-        ckid: r.get(6),
-        attrs: r.get(7),
-        wrapped: r.get(8),
-        wrap_mech: from_db(r.get(9)),
-        mbk: r.get(10),
-        mac: r.get(11),
-        version: r.get(12),
+/// A row, or why it cannot be read (a NULL or a column whose type was changed outside p11shim).
+fn read_row(r: &postgres::Row) -> RowRead {
+    let read = || -> Result<KeyRow, postgres::Error> {
+        Ok(KeyRow {
+            id: r.try_get(0)?,
+            token: r.try_get(1)?,
+            group: r.try_get(2)?,
+            class: from_db(r.try_get(3)?),
+            key_type: from_db(r.try_get(4)?),
+            label: r.try_get(5)?,
+            ckid: r.try_get(6)?,
+            attrs: r.try_get(7)?,
+            wrapped: r.try_get(8)?,
+            wrap_mech: from_db(r.try_get(9)?),
+            mbk: r.try_get(10)?,
+            mac: r.try_get(11)?,
+            version: r.try_get(12)?,
+        })
+    };
+    match read() {
+        Ok(row) => RowRead::Row(row),
+        Err(e) => {
+            let id = r.try_get::<_, String>(0).unwrap_or_else(|_| "without a readable id".into());
+            RowRead::Bad(BadRow { id, cause: e.to_string() })
+        }
     }
 }
 
@@ -726,14 +736,20 @@ impl KeyStore for PostgresStore {
     fn get(&self, id: &str) -> StoreResult<Option<KeyRow>> {
         let sql = format!("SELECT {COLUMNS} FROM keys WHERE id = $1");
         let rows = self.run(true, |p| p.query(&sql, &[&id]))?;
-        Ok(rows.first().map(read_row))
+        match rows.first().map(read_row) {
+            None => Ok(None),
+            Some(RowRead::Row(row)) => Ok(Some(row)),
+            Some(RowRead::Bad(bad)) => {
+                Err(StoreError::BadRow { store: self.name.clone(), id: bad.id, cause: bad.cause })
+            }
+        }
     }
 
     fn find(&self, query: &KeyQuery) -> StoreResult<Vec<KeyRow>> {
         let (sql, params) = find_sql(query, |n| format!("${n}"), "id");
         let params: Vec<&(dyn ToSql + Sync)> = params.iter().map(Param::as_pg).collect();
         let rows = self.run(true, |p| p.query(&sql, &params))?;
-        Ok(rows.iter().map(read_row).collect())
+        Ok(super::readable(&self.name, rows.iter().map(read_row).collect()))
     }
 
     fn update(&self, row: &KeyRow) -> StoreResult<bool> {
@@ -804,8 +820,19 @@ impl KeyStore for PostgresStore {
         Ok(!rows.is_empty())
     }
 
-    fn scan(&self, f: &mut dyn FnMut(KeyRow) -> StoreResult<()>) -> StoreResult<()> {
+    fn scan_rows(&self, f: &mut dyn FnMut(RowRead) -> StoreResult<()>) -> StoreResult<()> {
         self.stream(&format!(r#"SELECT {COLUMNS} FROM keys ORDER BY token COLLATE "C", id"#), read_row, f)
+    }
+
+    fn key_counts(&self) -> StoreResult<Vec<(String, String, u64)>> {
+        let sql = r#"SELECT token, grp, COUNT(*) FROM keys GROUP BY 1, 2 ORDER BY 1 COLLATE "C", 2 COLLATE "C""#;
+        let rows = self.run(true, |p| p.query(sql, &[]))?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get::<_, i64>(2) as u64)).collect())
+    }
+
+    fn schema_version(&self) -> StoreResult<i64> {
+        let rows = self.run(true, |p| p.query("SELECT COALESCE(MAX(version), 0)::BIGINT FROM schema_version", &[]))?;
+        Ok(rows.first().map(|r| r.get(0)).unwrap_or(0))
     }
 
     fn begin(&self) -> StoreResult<Box<dyn StoreTx + '_>> {

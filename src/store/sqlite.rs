@@ -7,9 +7,9 @@
 //! last entry and append after it, under the write lock).
 
 use super::{
-    chain, find_sql, foreign_schema, from_db, newer_schema, split_user, to_db, AuditDraft, AuditEntry, KeyQuery,
-    KeyRow, KeyStore, Param, StoreError, StoreResult, StoreTx, UserDelete, UserRow, AUDIT_COLUMNS, COLUMNS,
-    SCHEMA_VERSION, USER_COLUMNS,
+    chain, find_sql, foreign_schema, from_db, newer_schema, split_user, to_db, AuditDraft, AuditEntry, BadRow,
+    KeyQuery, KeyRow, KeyStore, Param, RowRead, StoreError, StoreResult, StoreTx, UserDelete, UserRow, AUDIT_COLUMNS,
+    COLUMNS, SCHEMA_VERSION, USER_COLUMNS,
 };
 use rusqlite::{ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -521,6 +521,25 @@ fn data_version(conn: &rusqlite::Connection) -> rusqlite::Result<i64> {
     conn.prepare_cached("PRAGMA data_version")?.query_row([], |r| r.get(0))
 }
 
+/// A row, or why it cannot be read when a column holds a value of the wrong type (written outside p11shim).
+fn read_row_checked(r: &rusqlite::Row<'_>) -> rusqlite::Result<RowRead> {
+    match read_row(r) {
+        Ok(row) => Ok(RowRead::Row(row)),
+        Err(
+            e @ (rusqlite::Error::InvalidColumnType(..)
+            | rusqlite::Error::FromSqlConversionFailure(..)
+            | rusqlite::Error::IntegralValueOutOfRange(..)),
+        ) => {
+            let id = r.get::<_, String>(0).unwrap_or_else(|_| match r.get_ref(0) {
+                Ok(v) => format!("with id {v:?}"),
+                Err(_) => "without id".into(),
+            });
+            Ok(RowRead::Bad(BadRow { id, cause: e.to_string() }))
+        }
+        Err(e) => Err(e),
+    }
+}
+
 fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRow> {
     Ok(KeyRow {
         id: r.get(0)?,
@@ -715,16 +734,25 @@ impl KeyStore for SqliteStore {
 
     fn get(&self, id: &str) -> StoreResult<Option<KeyRow>> {
         let sql = format!("SELECT {COLUMNS} FROM keys WHERE id = ?1");
-        self.lease()?.run(|p| p.conn.prepare_cached(&sql)?.query_row([id], read_row).optional())
+        let read = self.lease()?.run(|p| p.conn.prepare_cached(&sql)?.query_row([id], read_row_checked).optional())?;
+        match read {
+            None => Ok(None),
+            Some(RowRead::Row(row)) => Ok(Some(row)),
+            Some(RowRead::Bad(bad)) => {
+                Err(StoreError::BadRow { store: self.name.clone(), id: bad.id, cause: bad.cause })
+            }
+        }
     }
 
     fn find(&self, query: &KeyQuery) -> StoreResult<Vec<KeyRow>> {
         let (sql, params) = find_sql(query, |n| format!("?{n}"), "+id");
-        self.lease()?.run(|p| {
-            let mut stmt = p.conn.prepare_cached(&sql)?;
-            let rows = stmt.query_map(rusqlite::params_from_iter(params.iter()), read_row)?;
-            rows.collect()
-        })
+        self.lease()?
+            .run(|p| {
+                let mut stmt = p.conn.prepare_cached(&sql)?;
+                let rows = stmt.query_map(rusqlite::params_from_iter(params.iter()), read_row_checked)?;
+                rows.collect::<rusqlite::Result<Vec<RowRead>>>()
+            })
+            .map(|rows| super::readable(&self.name, rows))
     }
 
     fn update(&self, row: &KeyRow) -> StoreResult<bool> {
@@ -793,8 +821,23 @@ impl KeyStore for SqliteStore {
         })
     }
 
-    fn scan(&self, f: &mut dyn FnMut(KeyRow) -> StoreResult<()>) -> StoreResult<()> {
-        self.stream(&format!("SELECT {COLUMNS} FROM keys ORDER BY token, id"), read_row, f)
+    fn scan_rows(&self, f: &mut dyn FnMut(RowRead) -> StoreResult<()>) -> StoreResult<()> {
+        self.stream(&format!("SELECT {COLUMNS} FROM keys ORDER BY token, id"), read_row_checked, f)
+    }
+
+    fn key_counts(&self) -> StoreResult<Vec<(String, String, u64)>> {
+        self.lease()?.run(|p| {
+            let mut stmt = p.conn.prepare(
+                "SELECT CAST(token AS TEXT), CAST(grp AS TEXT), COUNT(*) FROM keys GROUP BY 1, 2 ORDER BY 1, 2",
+            )?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64)))?;
+            rows.collect()
+        })
+    }
+
+    fn schema_version(&self) -> StoreResult<i64> {
+        self.lease()?
+            .run(|p| p.conn.query_row("SELECT COALESCE(MAX(version), 0) FROM schema_version", [], |r| r.get(0)))
     }
 
     fn begin(&self) -> StoreResult<Box<dyn StoreTx + '_>> {

@@ -548,13 +548,16 @@ impl Context<'_> {
     }
 }
 
-/// A CKA_P11SHIM_GROUP value: non-empty UTF-8 without control characters.
+/// A CKA_P11SHIM_GROUP value: UTF-8 text that is a valid group name ([`crate::attrs::check_group`]).
 pub(super) fn group_value(a: &Attr) -> Result<String> {
-    let text = a.as_bytes().and_then(|b| std::str::from_utf8(b).ok());
-    match text {
-        Some(g) if !g.is_empty() && !g.chars().any(char::is_control) => Ok(g.to_string()),
-        _ => {
-            crate::warn!("CKA_P11SHIM_GROUP must be non-empty UTF-8 text without control characters");
+    let Some(text) = a.as_bytes().and_then(|b| std::str::from_utf8(b).ok()) else {
+        crate::warn!("CKA_P11SHIM_GROUP must be UTF-8 text");
+        return Err(Error::Rv(CKR_ATTRIBUTE_VALUE_INVALID));
+    };
+    match crate::attrs::check_group(text) {
+        Ok(()) => Ok(text.to_string()),
+        Err(why) => {
+            crate::warn!("CKA_P11SHIM_GROUP: {why}");
             Err(Error::Rv(CKR_ATTRIBUTE_VALUE_INVALID))
         }
     }

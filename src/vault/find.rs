@@ -50,7 +50,14 @@ impl Vault {
             let generation = self.logged("checking the key store for changes", store.generation())?;
             let rows = self.logged("finding stored keys", store.find(&query))?;
             for row in rows {
-                let Some(attrs) = Template::decode(&row.attrs) else { continue };
+                let Some(attrs) = Template::decode(&row.attrs) else {
+                    crate::warn!(
+                        "key store {}: row {} has attributes that cannot be decoded: left out of the find",
+                        store.describe(),
+                        row.id
+                    );
+                    continue;
+                };
                 let visible = logged_in || attrs.bool(CKA_PRIVATE) == Some(false);
                 let mut own = attrs;
                 own.set(crate::attrs::Attr::bool(CKA_TOKEN, true));

@@ -137,7 +137,7 @@ impl Vault {
         let session = self.backend.open_session(slot, CKF_SERIAL_SESSION)?;
         sessions::opened_internal(session, slot);
         let result = (|| {
-            let set = mbk::find(self.backend, session, slot)?.ok_or_else(|| Error::Other(mbk::missing(label)))?;
+            let set = mbk::find(self.backend, session, slot)?.ok_or_else(|| Error::Missing(mbk::missing(label)))?;
             let sealer = mbk::HsmSealer { backend: self.backend, session, set: &set };
             Ok(f(&self.audit_trail(Some(&sealer))?))
         })();

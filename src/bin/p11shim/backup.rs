@@ -1,9 +1,11 @@
 //! `p11shim backup`, `restore`, `verify` (per group, under the MBK) and `db backup` / `db restore` (the whole
 //! store, standard mode only).
 
+use super::exit::Exit;
+use super::exit::{CliResult, Failure, Outcome};
 use super::pins::PinArgs;
+use super::progress::Progress;
 use super::users::{logons, open_store, other_tokens, LogonArgs, Seals};
-use super::{CliResult, Outcome};
 use clap::{Args, Subcommand};
 use p11shim::auth::Need;
 use p11shim::backup::export::{self, ExportOptions};
@@ -11,8 +13,8 @@ use p11shim::backup::import::{self, ImportOptions};
 use p11shim::backup::work::{audit, Work};
 use p11shim::backup::{db, verify};
 use p11shim::config::{Config, Storage};
+use p11shim::error::ErrorKind;
 use serde_json::json;
-use std::io::IsTerminal;
 use std::path::PathBuf;
 
 #[derive(Args)]
@@ -23,12 +25,15 @@ pub struct TokenArg {
 }
 
 impl TokenArg {
-    pub fn label(&self, config: &Config) -> Result<String, String> {
+    pub fn label(&self, config: &Config) -> Result<String, Failure> {
         if let Some(t) = &self.token {
             return Ok(t.clone());
         }
         config.slots.iter().find(|s| s.storage == Storage::Database).map(|s| s.token.clone()).ok_or_else(|| {
-            format!("no --token given and {} has no [[slot]] with storage = \"database\"", config.source.display())
+            Failure::usage(format!(
+                "no --token given and {} has no [[slot]] with storage = \"database\"",
+                config.source.display()
+            ))
         })
     }
 }
@@ -49,9 +54,6 @@ pub struct BackupArgs {
     /// wrapped). The token's own keys are not looked at.
     #[arg(long)]
     pub stored_only: bool,
-    /// Print a JSON summary on stdout (for scripts) instead of the report.
-    #[arg(long)]
-    pub json: bool,
     #[command(flatten)]
     pub token: TokenArg,
     #[command(flatten)]
@@ -70,8 +72,6 @@ pub struct RestoreArgs {
     /// Check the file and report what would be added, skipped and overwritten; change nothing.
     #[arg(long)]
     pub dry_run: bool,
-    #[arg(long)]
-    pub json: bool,
     #[command(flatten)]
     pub token: TokenArg,
     #[command(flatten)]
@@ -84,8 +84,6 @@ pub struct RestoreArgs {
 pub struct VerifyArgs {
     /// The backup file.
     pub file: PathBuf,
-    #[arg(long)]
-    pub json: bool,
     #[command(flatten)]
     pub token: TokenArg,
     #[command(flatten)]
@@ -99,6 +97,7 @@ pub enum DbCommand {
     /// Back up the whole key store (the BackupDatabase analog): standard mode only. Needs 02000000 (and
     /// 12000000 with --users).
     Backup {
+        /// The file to write; refused if anything exists there. It appears under this name only when complete.
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
         /// Include the users table.
@@ -114,6 +113,7 @@ pub enum DbCommand {
     /// Restore a whole-store backup (rows and users it holds replace those present): standard mode only.
     /// Needs 02000000 (and 12000000 when the file holds the users table).
     Restore {
+        /// The whole-store backup file (written by `p11shim db backup`).
         file: PathBuf,
         #[command(flatten)]
         token: TokenArg,
@@ -124,33 +124,49 @@ pub enum DbCommand {
     },
 }
 
-pub fn backup(config: &Config, a: BackupArgs) -> CliResult {
+/// The token, the key store and the sealers a backup command works with; users logged on from `--logon`.
+struct Session {
+    work: Work,
+    others: Vec<Work>,
+}
+
+impl Session {
+    fn open(config: &Config, token: &TokenArg, pins: Option<&PinArgs>) -> Result<Session, Failure> {
+        let label = token.label(config)?;
+        let work = match pins {
+            Some(pins) => Work::open(config, &label, &pins.user()?)?,
+            None => Work::open_public(config, &label)?,
+        };
+        let others = other_tokens(config, &work);
+        Ok(Session { work, others })
+    }
+}
+
+pub fn backup(config: &Config, a: BackupArgs, json: bool) -> CliResult {
     let store = open_store(config)?;
-    let label = a.token.label(config)?;
-    let work =
-        if a.stored_only { Work::open_public(config, &label) } else { Work::open(config, &label, &a.pins.user()?) }
-            .map_err(|e| e.to_string())?;
-    let others = other_tokens(config, &work);
-    let seals = Seals::new(&work, &others);
+    let s = Session::open(config, &a.token, (!a.stored_only).then_some(&a.pins))?;
+    let seals = Seals::new(&s.work, &s.others);
     let trail = seals.trail(store.as_ref(), config);
     let users = logons(&trail, config, &a.logon.logon)?;
-    let tty = std::io::stderr().is_terminal() && !a.json;
-    let mut progress = |n: u64| {
-        if tty && n % 500 == 0 {
-            eprint!("\rexported {n} keys…");
-        }
-    };
+    let mut bar = Progress::new("keys exported", None, json);
+    let mut progress = |n: u64| bar.update(n);
     let opts = ExportOptions { filter: &a.group, out: &a.out, replace: a.replace, stored_only: a.stored_only };
-    let report = export::export(&trail, &work, &users, &opts, &mut progress).map_err(|e| e.to_string())?;
-    if tty {
-        eprint!("\r");
-    }
-    if a.json {
+    let report = match export::export(&trail, &s.work, &users, &opts, &mut progress) {
+        Ok(report) => report,
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            let groups = known_groups(store.as_ref(), &s.work);
+            return Err(nothing_matched(&a.group, &groups, e));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    bar.finish();
+    let label = &s.work.token.label;
+    if json {
         let skipped: Vec<_> = report.skipped.iter().map(|s| json!({"key": s.key, "why": s.why})).collect();
         println!(
             "{}",
-            json!({"file": report.path, "mbk": report.fingerprint, "exported": report.exported, "stored": report.stored,
-                   "hsm": report.hsm, "groups": report.groups, "not_exported": skipped})
+            json!({"file": report.path, "token": label, "mbk": report.fingerprint, "exported": report.exported,
+                   "stored": report.stored, "hsm": report.hsm, "groups": report.groups, "not_exported": skipped})
         );
     } else {
         println!("Backup {} written: {} keys under MBK {}", report.path.display(), report.exported, report.fingerprint);
@@ -169,21 +185,47 @@ pub fn backup(config: &Config, a: BackupArgs) -> CliResult {
     }
 }
 
-pub fn restore(config: &Config, a: RestoreArgs) -> CliResult {
+/// Every group the key store and the token hold, for "did you mean" hints.
+fn known_groups(store: &dyn p11shim::store::KeyStore, work: &Work) -> Vec<String> {
+    let mut groups: Vec<String> = store.key_counts().unwrap_or_default().into_iter().map(|(_, g, _)| g).collect();
+    groups.push(work.slot_group.clone());
+    groups.sort();
+    groups.dedup();
+    groups
+}
+
+/// A backup whose group regex matched no key: exit status 4, naming the regex and the nearest groups.
+fn nothing_matched(regex: &str, groups: &[String], e: p11shim::error::Error) -> Failure {
+    let near = p11shim::admin::nearest(regex, groups.iter().map(String::as_str));
+    let hint = if near.is_empty() {
+        format!(
+            "groups present: {}",
+            if groups.is_empty() { "none".to_string() } else { quoted(groups.iter().take(20)) }
+        )
+    } else {
+        format!("did you mean {}? (the regex must match whole group names: 'Pay.*')", quoted(near.iter()))
+    };
+    Failure::new(Exit::NothingMatched, format!("{e}; {hint}"))
+}
+
+fn quoted<T: std::fmt::Display>(items: impl Iterator<Item = T>) -> String {
+    items.map(|g| format!("'{g}'")).collect::<Vec<_>>().join(", ")
+}
+
+pub fn restore(config: &Config, a: RestoreArgs, json: bool) -> CliResult {
     let store = open_store(config)?;
-    let label = a.token.label(config)?;
-    let work = Work::open(config, &label, &a.pins.user()?).map_err(|e| e.to_string())?;
-    let others = other_tokens(config, &work);
-    let seals = Seals::new(&work, &others);
+    let s = Session::open(config, &a.token, Some(&a.pins))?;
+    let seals = Seals::new(&s.work, &s.others);
     let trail = seals.trail(store.as_ref(), config);
     let users = logons(&trail, config, &a.logon.logon)?;
     let opts = ImportOptions { file: &a.file, overwrite: a.overwrite, dry_run: a.dry_run, mode: config.mode };
-    let report = import::import(&trail, &work, &users, &opts).map_err(|e| e.to_string())?;
+    let report = import::import(&trail, &s.work, &users, &opts)?;
     if let Some(recovered) = &report.recovered {
         eprintln!("p11shim: first {recovered}");
     }
+    let label = &s.work.token.label;
     let verb = if a.dry_run { "would be" } else { "were" };
-    if a.json {
+    if json {
         println!(
             "{}",
             json!({"file": a.file, "token": label, "dry_run": a.dry_run, "records": report.records,
@@ -209,19 +251,18 @@ pub fn restore(config: &Config, a: RestoreArgs) -> CliResult {
     Ok(Outcome::Done)
 }
 
-pub fn verify(config: &Config, a: VerifyArgs) -> CliResult {
+pub fn verify(config: &Config, a: VerifyArgs, json: bool) -> CliResult {
     let store = open_store(config)?;
-    let label = a.token.label(config)?;
-    let work = Work::open(config, &label, &a.pins.user()?).map_err(|e| e.to_string())?;
-    let others = other_tokens(config, &work);
-    let seals = Seals::new(&work, &others);
+    let s = Session::open(config, &a.token, Some(&a.pins))?;
+    let seals = Seals::new(&s.work, &s.others);
     let trail = seals.trail(store.as_ref(), config);
     let users = logons(&trail, config, &a.logon.logon)?;
-    let report = verify::verify(&trail, &work, &users, &a.file).map_err(|e| e.to_string())?;
-    if a.json {
+    let report = verify::verify(&trail, &s.work, &users, &a.file)?;
+    let label = &s.work.token.label;
+    if json {
         println!(
             "{}",
-            json!({"file": a.file, "ok": true, "mbk": report.fingerprint, "records": report.records,
+            json!({"file": a.file, "ok": true, "token": label, "mbk": report.fingerprint, "records": report.records,
                    "unwrapped": report.unwrapped, "groups": report.groups, "filter": report.filter, "time": report.time})
         );
     } else {
@@ -241,64 +282,85 @@ pub fn verify(config: &Config, a: VerifyArgs) -> CliResult {
     Ok(Outcome::Done)
 }
 
-pub fn db(config: &Config, command: DbCommand) -> CliResult {
+/// A refusal of a whole-store command: audited, then the failure with exit status 5.
+fn refused(trail: &p11shim::audit::Trail, who: &str, action: &str, why: String) -> CliResult {
+    audit(trail, who, &format!("refused: {action}"), "", 0, &why)?;
+    Err(Failure::denied(why))
+}
+
+pub fn db(config: &Config, command: DbCommand, json: bool) -> CliResult {
     let store = open_store(config)?;
     match command {
         DbCommand::Backup { out, users: with_users, token, logon, pins } => {
-            let work = Work::open(config, &token.label(config)?, &pins.user()?).map_err(|e| e.to_string())?;
-            let others = other_tokens(config, &work);
-            let seals = Seals::new(&work, &others);
+            let s = Session::open(config, &token, Some(&pins))?;
+            let seals = Seals::new(&s.work, &s.others);
             let trail = seals.trail(store.as_ref(), config);
             let who = logons(&trail, config, &logon.logon)?;
-            let checked = db::allowed(config.mode, "backup")
-                .map_err(|e| e.to_string())
-                .and_then(|_| who.require(Need::KeyStore).map_err(|d| format!("export denied: {d}")))
-                .and_then(|_| {
-                    if with_users {
-                        who.require(Need::UsersTable).map_err(|d| format!("export denied: {d}"))
-                    } else {
-                        Ok(())
-                    }
-                });
-            if let Err(e) = checked {
-                audit(&trail, &who.who(), "refused: db backup", "", 0, &e).map_err(|e| e.to_string())?;
-                return Err(e);
+            db::allowed(config.mode, "backup")?;
+            if let Err(d) = who.require(Need::KeyStore) {
+                return refused(&trail, &who.who(), "db backup", format!("export denied: {d}"));
             }
-            let result = db::backup(store.as_ref(), &work.sealer(), &out, with_users).map_err(|e| e.to_string());
+            if with_users {
+                if let Err(d) = who.require(Need::UsersTable) {
+                    return refused(&trail, &who.who(), "db backup", format!("export denied: {d}"));
+                }
+            }
+            p11shim::files::check_output_target(&out, false)
+                .map_err(|e| Failure::from(format!("{}: {e}", out.display())))?;
+            let result = db::backup(store.as_ref(), &s.work.sealer(), &out, with_users);
             let outcome = match &result {
                 Ok(s) => format!("ok: {} keys, {} users", s.keys, s.users),
                 Err(e) => format!("failed: {e}"),
             };
             let n = result.as_ref().map(|s| s.keys).unwrap_or(0);
-            audit(&trail, &who.who(), "db backup", "", n, &outcome).map_err(|e| e.to_string())?;
-            let s = result?;
-            println!("Whole-store backup {} written: {} keys, {} users", out.display(), s.keys, s.users);
+            audit(&trail, &who.who(), "db backup", "", n, &outcome)?;
+            let summary = result?;
+            if json {
+                println!(
+                    "{}",
+                    json!({"file": out, "store": store.describe(), "keys": summary.keys, "users": summary.users})
+                );
+            } else {
+                println!(
+                    "Whole-store backup {} written: {} keys, {} users",
+                    out.display(),
+                    summary.keys,
+                    summary.users
+                );
+            }
         }
         DbCommand::Restore { file, token, logon, pins } => {
-            let work = Work::open(config, &token.label(config)?, &pins.user()?).map_err(|e| e.to_string())?;
-            let others = other_tokens(config, &work);
-            let seals = Seals::new(&work, &others);
+            let s = Session::open(config, &token, Some(&pins))?;
+            let seals = Seals::new(&s.work, &s.others);
             let trail = seals.trail(store.as_ref(), config);
             let who = logons(&trail, config, &logon.logon)?;
-            let checked = db::allowed(config.mode, "restore")
-                .map_err(|e| e.to_string())
-                .and_then(|_| who.require(Need::KeyStore).map_err(|d| format!("import denied: {d}")));
-            if let Err(e) = checked {
-                audit(&trail, &who.who(), "refused: db restore", "", 0, &e).map_err(|e| e.to_string())?;
-                return Err(e);
+            db::allowed(config.mode, "restore")?;
+            if let Err(d) = who.require(Need::KeyStore) {
+                return refused(&trail, &who.who(), "db restore", format!("import denied: {d}"));
             }
             let users_denied = who.require(Need::UsersTable).err().map(|d| d.to_string());
-            let result =
-                db::restore(store.as_ref(), &work.sealer(), &file, users_denied.as_deref()).map_err(|e| e.to_string());
+            let result = db::restore(store.as_ref(), &s.work.sealer(), &file, users_denied.as_deref());
             let (action, outcome) = match &result {
                 Ok(s) => ("db restore", format!("ok: {} keys, {} users", s.keys, s.users)),
-                Err(e) if e.starts_with("import denied") => ("refused: db restore", e.clone()),
+                Err(e) if e.kind() == ErrorKind::Denied => ("refused: db restore", e.to_string()),
                 Err(e) => ("db restore", format!("failed: {e}")),
             };
             let n = result.as_ref().map(|s| s.keys).unwrap_or(0);
-            audit(&trail, &who.who(), action, "", n, &outcome).map_err(|e| e.to_string())?;
-            let s = result?;
-            println!("Whole-store backup {} restored: {} keys, {} users", file.display(), s.keys, s.users);
+            audit(&trail, &who.who(), action, "", n, &outcome)?;
+            let summary = result?;
+            if json {
+                println!(
+                    "{}",
+                    json!({"file": file, "store": store.describe(), "keys": summary.keys, "users": summary.users})
+                );
+            } else {
+                println!(
+                    "Whole-store backup {} restored: {} keys, {} users",
+                    file.display(),
+                    summary.keys,
+                    summary.users
+                );
+            }
         }
     }
     Ok(Outcome::Done)

@@ -1,16 +1,20 @@
 //! `p11shim`: the operator's command: argument parsing (clap) and dispatch, calling the same library code
-//! paths as the module. Each command group has its own file; every
-//! command calls library functions and prints their result. Exit status: 0 success, 1 failure, 2 usage
-//! error (clap), 3 success that needs attention (e.g. keys that could not be backed up, a change that could
-//! not be audited).
+//! paths as the module. Each command group has its own file; every command calls library functions and
+//! prints their result, as text or (--json) as one JSON document on stdout. The exit statuses are in
+//! [`exit::Exit`].
 
 mod audit;
 mod backup;
+mod exit;
+mod keys;
 mod mbk;
 mod pins;
+mod progress;
+mod status;
 mod users;
 
 use clap::{Parser, Subcommand};
+use exit::{Exit, Failure};
 use p11shim::config::{Config, ENV_CONFIG};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -24,18 +28,34 @@ use std::process::ExitCode;
 database slots in an RDBMS, wrapped under the HSM's master backup key (MBK).\n\n\
 The configuration is the module's own (p11shim.toml): --config, or $P11SHIM_CONFIG, or /etc/p11shim/p11shim.toml.\n\
 PINs are prompted on a terminal; for scripts give them in a file (--so-pin-file, --user-pin-file) or in the \
-environment (P11SHIM_SO_PIN, P11SHIM_USER_PIN). PINs and passwords are never logged or echoed."
+environment (P11SHIM_SO_PIN, P11SHIM_USER_PIN). PINs and passwords are never logged or echoed.\n\n\
+Start with `p11shim status`: it shows the backend, every slot, the key store and the audit log, and what needs \
+an operator, with the command that fixes it.",
+    after_long_help = format!("Exit status (the same for every command):\n{}", Exit::table())
 )]
 struct Cli {
     /// The p11shim.toml to use (default: $P11SHIM_CONFIG, else /etc/p11shim/p11shim.toml).
     #[arg(long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Print the result as one JSON document on stdout (for scripts); a failure prints {"error": {"exit",
+    /// "kind", "message"}} there. Progress is never printed then.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// The state of the whole installation at a glance: backend, mode, every slot (token present, MBK set),
+    /// key store (reachable, schema, keys per token and group, users), audit log, pending restores, and each
+    /// problem with the command that fixes it. Exit status 3 when something needs an operator, 7 when the
+    /// store or the HSM cannot be reached. No PIN, no logon.
+    Status(status::StatusArgs),
+    /// Stored keys: list them by token, group and label; move a key to another group (authorized like a
+    /// backup of both groups, audited).
+    #[command(subcommand)]
+    Keys(keys::KeysCommand),
     /// The master backup key set of a token. PINs: the SO PIN for every change (create also the user PIN);
     /// none for show.
     #[command(subcommand)]
@@ -67,45 +87,38 @@ enum Command {
     Audit(audit::AuditCommand),
 }
 
-/// What a command ends with: success, failure (message), or success that needs attention (status 3).
-pub enum Outcome {
-    Done,
-    Attention(String),
-}
-
-pub type CliResult = Result<Outcome, String>;
-
 fn main() -> ExitCode {
     // Die quietly when the reader of our output goes away (`p11shim audit show | head`), as Unix tools do,
     // rather than panic on a broken pipe. Every change a command makes is committed before it prints.
     // SAFETY: setting a signal's disposition to the default, before any thread starts.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let usage = e.use_stderr();
+            let _ = e.print();
+            // --help and --version print on stdout and succeed; every other parse error is a usage error.
+            return ExitCode::from(if usage { Exit::Usage.code() } else { Exit::Ok.code() });
+        }
+    };
+    let json = cli.json;
     let result = config(cli.config).and_then(|config| match cli.command {
-        Command::Mbk(c) => mbk::run(&config, c),
-        Command::Backup(a) => backup::backup(&config, a),
-        Command::Restore(a) => backup::restore(&config, a),
-        Command::Verify(a) => backup::verify(&config, a),
-        Command::Db(c) => backup::db(&config, c),
-        Command::User(c) => users::run(&config, c),
-        Command::Audit(c) => audit::run(&config, c),
+        Command::Status(a) => status::run(&config, a, json),
+        Command::Keys(c) => keys::run(&config, c, json),
+        Command::Mbk(c) => mbk::run(&config, c, json),
+        Command::Backup(a) => backup::backup(&config, a, json),
+        Command::Restore(a) => backup::restore(&config, a, json),
+        Command::Verify(a) => backup::verify(&config, a, json),
+        Command::Db(c) => backup::db(&config, c, json),
+        Command::User(c) => users::run(&config, c, json),
+        Command::Audit(c) => audit::run(&config, c, json),
     });
-    match result {
-        Ok(Outcome::Done) => ExitCode::SUCCESS,
-        Ok(Outcome::Attention(message)) => {
-            eprintln!("p11shim: {message}");
-            ExitCode::from(3)
-        }
-        Err(message) => {
-            eprintln!("p11shim: {message}");
-            ExitCode::FAILURE
-        }
-    }
+    exit::finish(result, json)
 }
 
-fn config(path: Option<PathBuf>) -> Result<Config, String> {
+fn config(path: Option<PathBuf>) -> Result<Config, Failure> {
     if let Some(p) = path {
         std::env::set_var(ENV_CONFIG, p);
     }
-    Config::from_env().map_err(|e| e.to_string())
+    Ok(Config::from_env()?)
 }

@@ -1,8 +1,8 @@
 //! `p11shim mbk …`: the master backup key set of a token.
 
+use super::exit::{CliResult, Failure, Outcome};
 use super::pins::PinArgs;
 use super::users::open_store;
-use super::{CliResult, Outcome};
 use clap::Subcommand;
 use p11shim::admin;
 use p11shim::audit::Trail;
@@ -94,76 +94,124 @@ pub enum MbkCommand {
     },
 }
 
-fn so_token(config: &Config, label: &str, pins: &PinArgs) -> Result<admin::Token, String> {
+fn so_token(config: &Config, label: &str, pins: &PinArgs) -> Result<admin::Token, Failure> {
     let pin = pins.so()?;
-    let mut token = admin::Token::open(config, label).map_err(|e| e.to_string())?;
-    token.login(cryptoki_sys::CKU_SO, &pin).map_err(|e| e.to_string())?;
+    let mut token = admin::Token::open(config, label)?;
+    token.login(cryptoki_sys::CKU_SO, &pin)?;
     Ok(token)
 }
 
-fn execute(config: &Config, command: MbkCommand) -> Result<String, String> {
+/// Prints the text lines, or nothing with --json (the command's JSON value is printed at its end).
+struct Out {
+    json: bool,
+}
+
+impl Out {
+    fn line(&self, text: impl std::fmt::Display) {
+        if !self.json {
+            println!("{text}");
+        }
+    }
+}
+
+/// What a command did: the audit log's summary and the JSON value for --json.
+fn execute(config: &Config, command: MbkCommand, out: &Out) -> Result<(String, serde_json::Value), Failure> {
+    use serde_json::json;
     Ok(match command {
         MbkCommand::Create { token, pins } => {
             let (so, user) = (pins.so()?, pins.user()?);
-            let set = admin::mbk_create(config, &token, &so, &user).map_err(|e| e.to_string())?;
-            println!("Created the master backup key set on token {token:?}.");
-            println!("  fingerprint:    {}", set.fingerprint);
-            println!("  wrap mechanism: {}", admin::mechanism_name(set.wrap));
-            println!("  user check:     the user can wrap, unwrap and MAC with it");
-            format!("ok: MBK set {}", set.fingerprint)
+            let set = admin::mbk_create(config, &token, &so, &user)?;
+            out.line(format!("Created the master backup key set on token {token:?}."));
+            out.line(format!("  fingerprint:    {}", set.fingerprint));
+            out.line(format!("  wrap mechanism: {}", admin::mechanism_name(set.wrap)));
+            out.line("  user check:     the user can wrap, unwrap and MAC with it");
+            (
+                format!("ok: MBK set {}", set.fingerprint),
+                json!({"token": token, "fingerprint": set.fingerprint, "wrap": admin::mechanism_name(set.wrap)}),
+            )
         }
         MbkCommand::Show { token } => {
-            let set = admin::mbk_show(config, &token).map_err(|e| e.to_string())?;
-            println!("token:          {token}");
-            println!("fingerprint:    {}", set.fingerprint);
-            println!("wrap mechanism: {}", admin::mechanism_name(set.wrap));
-            String::new()
+            let set = admin::mbk_show(config, &token)?;
+            out.line(format!("token:          {token}"));
+            out.line(format!("fingerprint:    {}", set.fingerprint));
+            out.line(format!("wrap mechanism: {}", admin::mechanism_name(set.wrap)));
+            if let Some(why) = &set.outdated {
+                out.line(format!("OUTDATED:       {why}"));
+            }
+            (
+                String::new(),
+                json!({"token": token, "fingerprint": set.fingerprint, "wrap": admin::mechanism_name(set.wrap),
+                       "outdated": set.outdated}),
+            )
         }
-        MbkCommand::CloneRequest { token, out, pins } => {
+        MbkCommand::CloneRequest { token, out: file, pins } => {
             let t = so_token(config, &token, &pins)?;
-            let req = clone::request(&t).map_err(|e| e.to_string())?;
-            clone::write_json(&out, &req).map_err(|e| e.to_string())?;
-            println!("Clone request {} written (transport key {}).", out.display(), req.request_id);
-            println!("Next, on the source HSM: p11shim mbk clone-to {} --token SOURCE --out RESPONSE", out.display());
-            format!("ok: transport key {} made, request {}", req.request_id, out.display())
+            let req = clone::request(&t)?;
+            clone::write_json(&file, &req)?;
+            out.line(format!("Clone request {} written (transport key {}).", file.display(), req.request_id));
+            out.line(format!(
+                "Next, on the source HSM: p11shim mbk clone-to {} --token SOURCE --out RESPONSE",
+                file.display()
+            ));
+            (
+                format!("ok: transport key {} made, request {}", req.request_id, file.display()),
+                json!({"token": token, "request": file, "transport_key": req.request_id}),
+            )
         }
-        MbkCommand::CloneTo { request, token, out, pins } => {
-            let req: clone::CloneRequest = clone::read_json(&request).map_err(|e| e.to_string())?;
+        MbkCommand::CloneTo { request, token, out: file, pins } => {
+            let req: clone::CloneRequest = clone::read_json(&request)?;
             let t = so_token(config, &token, &pins)?;
-            let resp = clone::respond(&t, &req).map_err(|e| e.to_string())?;
-            clone::write_json(&out, &resp).map_err(|e| e.to_string())?;
-            println!("Clone response {} written for transport key {}.", out.display(), req.request_id);
-            println!("  MBK fingerprint: {}", resp.fingerprint);
-            println!("Next, on the target HSM: p11shim mbk clone-accept {} --token {}", out.display(), req.token);
-            format!(
-                "ok: MBK set {} wrapped for transport key {} of token {:?}",
-                resp.fingerprint, req.request_id, req.token
+            let resp = clone::respond(&t, &req)?;
+            clone::write_json(&file, &resp)?;
+            out.line(format!("Clone response {} written for transport key {}.", file.display(), req.request_id));
+            out.line(format!("  MBK fingerprint: {}", resp.fingerprint));
+            out.line(format!(
+                "Next, on the target HSM: p11shim mbk clone-accept {} --token {}",
+                file.display(),
+                req.token
+            ));
+            (
+                format!(
+                    "ok: MBK set {} wrapped for transport key {} of token {:?}",
+                    resp.fingerprint, req.request_id, req.token
+                ),
+                json!({"token": token, "response": file, "fingerprint": resp.fingerprint,
+                       "transport_key": req.request_id, "target_token": req.token}),
             )
         }
         MbkCommand::CloneAccept { response, token, pins } => {
-            let resp: clone::CloneResponse = clone::read_json(&response).map_err(|e| e.to_string())?;
+            let resp: clone::CloneResponse = clone::read_json(&response)?;
             let t = so_token(config, &token, &pins)?;
-            let set = clone::accept(&t, &resp).map_err(|e| e.to_string())?;
-            println!("The MBK set is installed on token {token:?}; transport keys destroyed.");
-            println!("  fingerprint: {} (matches the source's)", set.fingerprint);
-            format!("ok: MBK set {} installed from {}", set.fingerprint, response.display())
+            let set = clone::accept(&t, &resp)?;
+            out.line(format!("The MBK set is installed on token {token:?}; transport keys destroyed."));
+            out.line(format!("  fingerprint: {} (matches the source's)", set.fingerprint));
+            (
+                format!("ok: MBK set {} installed from {}", set.fingerprint, response.display()),
+                json!({"token": token, "fingerprint": set.fingerprint}),
+            )
         }
         MbkCommand::ExportShares { token, threshold, shares, out_dir, pins } => {
             let t = so_token(config, &token, &pins)?;
-            let files = clone::export_shares(&t, threshold, shares, &out_dir).map_err(|e| e.to_string())?;
-            println!("{shares} shares written; any {threshold} rebuild the MBK set of token {token:?}:");
-            for f in files {
-                println!("  {}", f.display());
+            let files = clone::export_shares(&t, threshold, shares, &out_dir)?;
+            out.line(format!("{shares} shares written; any {threshold} rebuild the MBK set of token {token:?}:"));
+            for f in &files {
+                out.line(format!("  {}", f.display()));
             }
-            println!("The MBK was in this host's memory during the split (zeroized since): hand out the shares now.");
-            format!("ok: {shares} shares, any {threshold} rebuild the MBK set, written to {}", out_dir.display())
+            out.line("The MBK was in this host's memory during the split (zeroized since): hand out the shares now.");
+            (
+                format!("ok: {shares} shares, any {threshold} rebuild the MBK set, written to {}", out_dir.display()),
+                json!({"token": token, "threshold": threshold, "shares": files}),
+            )
         }
         MbkCommand::ImportShares { token, files, pins } => {
             let t = so_token(config, &token, &pins)?;
-            let set = clone::import_shares(&t, &files).map_err(|e| e.to_string())?;
-            println!("The MBK set is installed on token {token:?} from {} shares.", files.len());
-            println!("  fingerprint: {}", set.fingerprint);
-            format!("ok: MBK set {} installed from {} shares", set.fingerprint, files.len())
+            let set = clone::import_shares(&t, &files)?;
+            out.line(format!("The MBK set is installed on token {token:?} from {} shares.", files.len()));
+            out.line(format!("  fingerprint: {}", set.fingerprint));
+            (
+                format!("ok: MBK set {} installed from {} shares", set.fingerprint, files.len()),
+                json!({"token": token, "fingerprint": set.fingerprint}),
+            )
         }
     })
 }
@@ -183,13 +231,18 @@ impl MbkCommand {
     }
 }
 
-pub fn run(config: &Config, command: MbkCommand) -> CliResult {
+pub fn run(config: &Config, command: MbkCommand, json: bool) -> CliResult {
     let (label, action) = command.audited();
-    let result = execute(config, command);
+    let result = execute(config, command, &Out { json });
+    if json {
+        if let Ok((_, value)) = &result {
+            println!("{value}");
+        }
+    }
     let Some(action) = action else { return result.map(|_| Outcome::Done) };
     let outcome = match &result {
-        Ok(summary) => summary.clone(),
-        Err(e) => format!("failed: {e}"),
+        Ok((summary, _)) => summary.clone(),
+        Err(e) => format!("failed: {}", e.message),
     };
     // Sealed with the token's MBK set as it is now, else with that of another token of the config (a failed
     // create or a target awaiting its clone has none); with none at all the entry is unsealed, which the log
@@ -201,12 +254,14 @@ pub fn run(config: &Config, command: MbkCommand) -> CliResult {
         let sealer = work.as_ref().map(Work::sealer);
         let trail =
             Trail::new(store.as_ref(), sealer.as_ref().map(|s| s as &dyn p11shim::backup::format::Sealer), config);
-        trail.record(&format!("SO of {label}"), action, "", 0, &outcome).map(drop).map_err(|e| e.to_string())
+        trail.record(&format!("SO of {label}"), action, "", 0, &outcome).map(drop).map_err(Failure::from)
     });
     match (result, recorded) {
         (Ok(_), Ok(())) => Ok(Outcome::Done),
-        (Ok(_), Err(e)) => Ok(Outcome::Attention(format!("{action} done, but not audited: {e}"))),
+        (Ok(_), Err(e)) => Ok(Outcome::Attention(format!("{action} done, but not audited: {}", e.message))),
         (Err(e), Ok(())) => Err(e),
-        (Err(e), Err(audit)) => Err(format!("{e} (and not audited: {audit})")),
+        (Err(e), Err(audit)) => {
+            Err(Failure::new(e.exit, format!("{} (and not audited: {})", e.message, audit.message)))
+        }
     }
 }

@@ -1,5 +1,6 @@
 //! PINs and passwords for the command: from a file, the environment, or a prompt on the terminal.
 
+use super::exit::Failure;
 use p11shim::admin::Pin;
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -17,25 +18,26 @@ pub struct PinArgs {
 }
 
 impl PinArgs {
-    pub fn so(&self) -> Result<Pin, String> {
+    pub fn so(&self) -> Result<Pin, Failure> {
         secret("SO PIN", self.so_pin_file.clone(), "P11SHIM_SO_PIN", "--so-pin-file")
     }
-    pub fn user(&self) -> Result<Pin, String> {
+    pub fn user(&self) -> Result<Pin, Failure> {
         secret("user PIN", self.user_pin_file.clone(), "P11SHIM_USER_PIN", "--user-pin-file")
     }
 }
 
 /// A secret from `file` (its first line), else the environment variable `env`, else a prompt on the
 /// terminal; `what` names it in messages ("SO PIN", "password of user alice"), `flag` the option to give.
-pub fn secret(what: &str, file: Option<PathBuf>, env: &str, flag: &str) -> Result<Pin, String> {
+pub fn secret(what: &str, file: Option<PathBuf>, env: &str, flag: &str) -> Result<Pin, Failure> {
     if let Some(path) = file {
         let text = Zeroizing::new(
-            std::fs::read(&path).map_err(|e| format!("cannot read the {what} file {}: {e}", path.display()))?,
+            std::fs::read(&path)
+                .map_err(|e| Failure::usage(format!("cannot read the {what} file {}: {e}", path.display())))?,
         );
         let line = text.split(|b| *b == b'\n').next().unwrap_or_default();
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         if line.is_empty() {
-            return Err(format!("the {what} file {} is empty", path.display()));
+            return Err(Failure::usage(format!("the {what} file {} is empty", path.display())));
         }
         return Ok(Pin(Zeroizing::new(line.to_vec())));
     }
@@ -43,7 +45,7 @@ pub fn secret(what: &str, file: Option<PathBuf>, env: &str, flag: &str) -> Resul
         return Ok(Pin(Zeroizing::new(value.into_encoded_bytes())));
     }
     if !std::io::stdin().is_terminal() {
-        return Err(format!("no {what}: give {flag} or set {env}"));
+        return Err(Failure::usage(format!("no {what}: give {flag} or set {env}")));
     }
     let typed = Zeroizing::new(
         rpassword::prompt_password(format!("{what}: ")).map_err(|e| format!("cannot read the {what}: {e}"))?,

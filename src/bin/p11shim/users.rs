@@ -2,7 +2,7 @@
 //! needs permissions shares ([`LogonArgs`], [`logons`]).
 
 use super::backup::TokenArg;
-use super::{CliResult, Outcome};
+use super::exit::{CliResult, Failure, Outcome};
 use clap::Subcommand;
 use p11shim::admin::Pin;
 use p11shim::audit::Trail;
@@ -43,22 +43,22 @@ pub struct LogonArgs {
 }
 
 /// Logs on every `--logon` in order; the first failure stops (and nothing after it runs).
-pub fn logons(trail: &Trail, config: &Config, specs: &[String]) -> Result<Logons, String> {
+pub fn logons(trail: &Trail, config: &Config, specs: &[String]) -> Result<Logons, Failure> {
     logons_into(Logons::new(), trail, config, specs)
 }
 
-fn logons_into(mut logons: Logons, trail: &Trail, config: &Config, specs: &[String]) -> Result<Logons, String> {
+fn logons_into(mut logons: Logons, trail: &Trail, config: &Config, specs: &[String]) -> Result<Logons, Failure> {
     for spec in specs {
         match spec.split_once(',') {
             Some((name, key_file)) => {
                 if key_file.is_empty() {
-                    return Err(format!("--logon {spec}: no key file after the comma"));
+                    return Err(Failure::usage(format!("--logon {spec}: no key file after the comma")));
                 }
-                logons.logon_sign(trail, &config.logon, name, Path::new(key_file)).map_err(|e| e.to_string())?;
+                logons.logon_sign(trail, &config.logon, name, Path::new(key_file))?;
             }
             None => {
-                let password = logon_password(spec)?;
-                logons.logon_password(trail, &config.logon, spec, &password).map_err(|e| e.to_string())?;
+                let password = logon_password(spec).map_err(Failure::usage)?;
+                logons.logon_password(trail, &config.logon, spec, &password)?;
             }
         }
     }
@@ -67,15 +67,18 @@ fn logons_into(mut logons: Logons, trail: &Trail, config: &Config, specs: &[Stri
 
 /// The token whose MBK set's MAC key seals the users and the audit log, opened without a PIN: `--token`, else
 /// the config's first database slot, else its first [[slot]] whose token has an MBK set.
-pub fn sealing_token(config: &Config, token: &TokenArg) -> Result<Work, String> {
+pub fn sealing_token(config: &Config, token: &TokenArg) -> Result<Work, Failure> {
     if token.token.is_some() || config.slots.iter().any(|s| s.storage == p11shim::config::Storage::Database) {
-        return Work::open_public(config, &token.label(config)?).map_err(|e| e.to_string());
+        return Ok(Work::open_public(config, &token.label(config)?)?);
     }
     config.slots.iter().find_map(|s| Work::open_public(config, &s.token).ok()).ok_or_else(|| {
-        format!(
-            "no token of {} has a master backup key set, whose MAC key seals users and the audit log: create one \
-             (`p11shim mbk create --token LABEL`) or name the token with --token",
-            config.source.display()
+        Failure::new(
+            super::exit::Exit::NothingMatched,
+            format!(
+                "no token of {} has a master backup key set, whose MAC key seals users and the audit log: create \
+                 one (`p11shim mbk create --token LABEL`) or name the token with --token",
+                config.source.display()
+            ),
         )
     })
 }
@@ -160,9 +163,9 @@ pub struct CredentialArgs {
 }
 
 impl CredentialArgs {
-    fn read(&self, name: &str) -> Result<Credential, String> {
+    fn read(&self, name: &str) -> Result<Credential, Failure> {
         match &self.sign_key {
-            Some(path) => Ok(Credential::SignKey(auth::read_public_key(path).map_err(|e| e.to_string())?)),
+            Some(path) => Ok(Credential::SignKey(auth::read_public_key(path)?)),
             None => Ok(Credential::Password(new_password(name)?)),
         }
     }
@@ -199,9 +202,6 @@ pub enum UserCommand {
     /// List the users: name, mask, group regex, how they log on, failed logons in a row (and whether locked),
     /// and whether the row's seal verifies in the HSM. Needs no logon and no PIN.
     List {
-        /// One JSON array for scripts.
-        #[arg(long)]
-        json: bool,
         #[command(flatten)]
         token: TokenArg,
     },
@@ -248,12 +248,21 @@ pub enum UserCommand {
     },
 }
 
-/// The key store the config names.
-pub fn open_store(config: &Config) -> Result<Box<dyn KeyStore>, String> {
-    store::open(&config.store_url).map_err(|e| e.to_string())
+/// Prints what a command did: `value` with --json, else `text`.
+pub fn done(json: bool, value: serde_json::Value, text: String) {
+    if json {
+        println!("{value}");
+    } else {
+        println!("{text}");
+    }
 }
 
-pub fn run(config: &Config, command: UserCommand) -> CliResult {
+/// The key store the config names.
+pub fn open_store(config: &Config) -> Result<Box<dyn KeyStore>, Failure> {
+    Ok(store::open(&config.store_url)?)
+}
+
+pub fn run(config: &Config, command: UserCommand, json: bool) -> CliResult {
     let store = open_store(config)?;
     let token = match &command {
         UserCommand::Add { token, .. }
@@ -273,13 +282,13 @@ pub fn run(config: &Config, command: UserCommand) -> CliResult {
             let so_pin_given =
                 so_pin_file.is_some() || std::env::var_os("P11SHIM_SO_PIN").is_some_and(|v| !v.is_empty());
             // Checked before anything is asked for, so that a typo costs no PIN or password prompt.
-            auth::check_name(&name).map_err(|e| e.to_string())?;
-            auth::Perm::parse(&perm)?;
-            auth::group_regex(&group_regex).map_err(|e| e.to_string())?;
-            let first = store.user_list().map_err(|e| e.to_string())?.is_empty();
+            auth::check_name(&name).map_err(|e| Failure::usage(e.to_string()))?;
+            auth::Perm::parse(&perm).map_err(Failure::usage)?;
+            auth::group_regex(&group_regex).map_err(|e| Failure::usage(e.to_string()))?;
+            let first = store.user_list()?.is_empty();
             let so = if first {
                 let pin: Pin = super::pins::secret("SO PIN", so_pin_file, "P11SHIM_SO_PIN", "--so-pin-file")?;
-                Some(auth::so_logon(&trail, config, token.token.as_deref(), &pin).map_err(|e| e.to_string())?)
+                Some(auth::so_logon(&trail, config, token.token.as_deref(), &pin)?)
             } else {
                 None
             };
@@ -287,15 +296,23 @@ pub fn run(config: &Config, command: UserCommand) -> CliResult {
             let credential = credential.read(&name)?;
             let user = NewUser { name, perm, group_regex, credential };
             let info = auth::add_user(&trail, &logons, so.as_ref(), user).map_err(|e| match e {
-                auth::AuthError::Refused(message) if !first && so_pin_given => {
-                    format!("{message} (the SO PIN creates only the first user; log on as a user administrator)")
-                }
-                e => e.to_string(),
+                auth::AuthError::Refused(message) if !first && so_pin_given => Failure::denied(format!(
+                    "{message} (the SO PIN creates only the first user; log on as a user administrator)"
+                )),
+                e => e.into(),
             })?;
-            println!("Added user {} ({} {}, logs on with {}).", info.name, info.perm, info.group_regex, info.auth);
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"added": info.name, "perm": info.perm, "group_regex": info.group_regex,
+                                       "auth": info.auth})
+                );
+            } else {
+                println!("Added user {} ({} {}, logs on with {}).", info.name, info.perm, info.group_regex, info.auth);
+            }
         }
-        UserCommand::List { json, .. } => {
-            let users = auth::list_users(&trail, &config.logon).map_err(|e| e.to_string())?;
+        UserCommand::List { .. } => {
+            let users = auth::list_users(&trail, &config.logon)?;
             if json {
                 let list: Vec<_> = users
                     .iter()
@@ -334,24 +351,32 @@ pub fn run(config: &Config, command: UserCommand) -> CliResult {
         }
         UserCommand::Delete { name, logon, .. } => {
             let logons = logons(&trail, config, &logon.logon)?;
-            auth::delete_user(&trail, &logons, &name).map_err(|e| e.to_string())?;
-            println!("Deleted user {name}.");
+            auth::delete_user(&trail, &logons, &name)?;
+            done(json, serde_json::json!({"deleted": name}), format!("Deleted user {name}."));
         }
         UserCommand::Passwd { name, credential, logon, .. } => {
             let logons = logons(&trail, config, &logon.logon)?;
             let credential = credential.read(&name)?;
-            auth::change_credential(&trail, &logons, &name, credential).map_err(|e| e.to_string())?;
-            println!("Changed the credential of user {name}.");
+            auth::change_credential(&trail, &logons, &name, credential)?;
+            done(json, serde_json::json!({"changed": name}), format!("Changed the credential of user {name}."));
         }
         UserCommand::Unlock { name, logon, .. } => {
             let logons = logons(&trail, config, &logon.logon)?;
-            let cleared = auth::unlock_user(&trail, &logons, &name).map_err(|e| e.to_string())?;
-            println!("Unlocked user {name} ({cleared} failed logons cleared).");
+            let cleared = auth::unlock_user(&trail, &logons, &name)?;
+            done(
+                json,
+                serde_json::json!({"unlocked": name, "failed_logons_cleared": cleared}),
+                format!("Unlocked user {name} ({cleared} failed logons cleared)."),
+            );
         }
         UserCommand::Reseal { logon, .. } => {
             let logons = logons_into(Logons::for_reseal(), &trail, config, &logon.logon)?;
-            let names = auth::reseal_users(&trail, &logons).map_err(|e| e.to_string())?;
-            println!("Sealed {} users in {}: {}", names.len(), store.describe(), names.join(", "));
+            let names = auth::reseal_users(&trail, &logons)?;
+            done(
+                json,
+                serde_json::json!({"sealed": names, "store": store.describe()}),
+                format!("Sealed {} users in {}: {}", names.len(), store.describe(), names.join(", ")),
+            );
         }
     }
     Ok(Outcome::Done)
@@ -414,7 +439,8 @@ mod tests {
             Trail { store: &*store, sealer: Some(&TestSealer), also: Vec::new(), head: None, mode: Mode::Standard };
         let specs = ["s_one".to_string(), "s_two".to_string(), "s_three".to_string()];
         let err = logons(&trail, &config, &specs).unwrap_err();
-        assert_eq!(err, "logon failed for s_two");
+        assert_eq!(err.message, "logon failed for s_two");
+        assert_eq!(err.exit, super::super::exit::Exit::Denied);
         // s_three was never tried: no password asked (none is set, stdin is not a terminal), nothing logged.
         let mut actions = Vec::new();
         store
