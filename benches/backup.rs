@@ -1,4 +1,4 @@
-//! What per-group backup and restore cost (issue C): the real `p11shim backup`, `restore` and `verify`
+//! What per-group backup and restore cost: the real `p11shim backup`, `restore` and `verify`
 //! commands over SoftHSM2 and a SQLite key store, timed from outside (wall clock of the child process) with
 //! their peak memory (`ru_maxrss` of the child, from `wait4`).
 //!
@@ -674,7 +674,7 @@ fn perf(b: &Bench, file: &Path) -> Vec<String> {
 fn summary(knobs: &Knobs, res: &Results, total_secs: f64) -> String {
     let mut s = String::new();
     let w = &mut s;
-    writeln!(w, "\np11shim per-group backup and restore (issue C): summary ({total_secs:.0} s in all)").unwrap();
+    writeln!(w, "\np11shim per-group backup and restore: summary ({total_secs:.0} s in all)").unwrap();
     writeln!(
         w,
         "SoftHSM2 + SQLite key store; wall clock of the real commands, median of {} runs (min-max); \

@@ -1,4 +1,4 @@
-//! What keeping token objects in the key store costs (issue B): stored keys used through the shim against
+//! What keeping token objects in the key store costs: stored keys used through the shim against
 //! SoftHSM2's own keys used directly, with the real SoftHSM2 and the real key store (SQLite, and PostgreSQL).
 //!
 //! `cargo bench --bench store` measures, for each engine:
@@ -1664,7 +1664,7 @@ fn summary(knobs: &Knobs, r: &BTreeMap<String, f64>, took: Duration) -> String {
     };
     let has = |p: &str| knobs.phases.iter().any(|x| x == p);
     let engines: Vec<&str> = ["sqlite", "postgres"].into_iter().filter(|e| has(e)).collect();
-    let _ = writeln!(out, "\np11shim stored keys (issue B): summary ({:.0} s in all)", took.as_secs_f64());
+    let _ = writeln!(out, "\np11shim stored keys: summary ({:.0} s in all)", took.as_secs_f64());
     for p in &knobs.phases {
         let _ = write!(out, "  {p} {} s", fmt(get(&format!("{p}.phase_secs")), 0));
     }

@@ -306,7 +306,7 @@ impl Backend {
         }
     }
 
-    /// Opens a session of the shim's own (issue B uses these for stored keys).
+    /// Opens a session of the shim's own (stored keys are loaded in these).
     pub fn open_session(&self, slot: CK_SLOT_ID, flags: CK_FLAGS) -> Result<CK_SESSION_HANDLE> {
         let f = self.f.C_OpenSession.ok_or(Error::Rv(CKR_FUNCTION_NOT_SUPPORTED))?;
         let mut handle: CK_SESSION_HANDLE = 0;

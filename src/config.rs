@@ -73,7 +73,7 @@ impl LogonPolicy {
     }
 }
 
-/// The HSM's security mode, as the operator declares it (issue C): what whole-store operations and restores
+/// The HSM's security mode, as the operator declares it: what whole-store operations and restores
 /// may do.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -123,7 +123,7 @@ pub enum Storage {
     /// In the HSM, as the backend does (pass-through).
     #[default]
     Hsm,
-    /// In the key store, wrapped under the MBK (issue B).
+    /// In the key store, wrapped under the MBK.
     Database,
 }
 

@@ -1,5 +1,5 @@
 //! The object handle space. Backend handles pass through unchanged; handles with the top bit set belong to
-//! the shim (issue B puts stored keys there). A backend that itself hands out a handle with the top bit set
+//! the shim (stored keys are there). A backend that itself hands out a handle with the top bit set
 //! gets an alias in the shim's range, so the two spaces never collide whatever values the backend uses.
 //! The lookup costs one branch for ordinary handles: no lock, no allocation.
 //!
@@ -21,7 +21,7 @@ pub const SHIM_HANDLE_BIT: CK_OBJECT_HANDLE = 1 << (CK_ULONG::BITS - 1);
 pub enum ShimObject {
     /// A backend object whose own handle has the top bit set.
     Alias(CK_OBJECT_HANDLE),
-    /// A key kept in the key store (issue B); loaded into the HSM on first use.
+    /// A key kept in the key store; loaded into the HSM on first use.
     Stored(Arc<crate::vault::StoredKey>),
 }
 

@@ -1,5 +1,5 @@
 //! Which backend sessions are the application's and which are the shim's own. The application's
-//! C_CloseAllSessions must not close the shim's internal sessions (issue B keeps stored keys loaded in them),
+//! C_CloseAllSessions must not close the shim's internal sessions (stored keys are kept loaded in them),
 //! so when the shim holds sessions on a slot, C_CloseAllSessions closes the application's one by one.
 //! Only C_OpenSession/C_CloseSession/C_CloseAllSessions touch this table; no other call pays for it.
 

@@ -197,7 +197,7 @@ fn an_edited_field_is_found_at_its_entry(fx: &Fixture) {
     }
 }
 
-/// The finding's attack: edit an entry and re-hash every later one. The hashes chain again, but the MACs
+/// The attack: edit an entry and re-hash every later one. The hashes chain again, but the MACs
 /// (made in the HSM over each hash) do not verify.
 fn a_rehashed_tail_is_found_by_its_mac(fx: &Fixture) {
     let store = five_entries(fx);
@@ -311,7 +311,7 @@ fn an_unwritable_log_fails_the_operation_and_still_reports_the_refusal(fx: &Fixt
     assert!(err.starts_with("logon failed for nobody (and cannot write the audit log"), "{err}");
 }
 
-/// The command on a real token: what it writes is sealed by SoftHSM2's MAC key and verifies; the finding's
+/// The command on a real token: what it writes is sealed by SoftHSM2's MAC key and verifies; an attacker's
 /// re-hashed tail is found by its MAC; a tail re-sealed with the HSM's MAC key (which anyone with a session on
 /// the token can use) is found by the head file.
 fn cli_show_and_verify(fx: &Fixture) {
@@ -355,7 +355,7 @@ fn cli_show_and_verify(fx: &Fixture) {
     );
     assert!(add.status.success(), "{}", String::from_utf8_lossy(&add.stderr));
     let wrong = run(&["user", "delete", "bob", "--logon", "admin"], &[("P11SHIM_PASSWORD_ADMIN", "wrong")]);
-    assert_eq!(wrong.status.code(), Some(1));
+    assert_eq!(wrong.status.code(), Some(5), "a failed logon is a denial");
 
     let out = run(&["audit", "verify"], &[]);
     let text = String::from_utf8_lossy(&out.stdout);
@@ -374,7 +374,7 @@ fn cli_show_and_verify(fx: &Fixture) {
     let text = String::from_utf8(run(&["audit", "show"], &[]).stdout).unwrap();
     assert!(text.lines().count() == 4 && text.contains("user add admin"), "{text}");
 
-    // The finding: edit entry 2 and re-hash the tail.
+    // The attack: edit entry 2 and re-hash the tail.
     let store = fx.open();
     let mut prev = Vec::new();
     let mut rewritten = Vec::new();
@@ -397,7 +397,7 @@ fn cli_show_and_verify(fx: &Fixture) {
         prev = e.hash;
     }
     let out = run(&["audit", "verify"], &[]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(6), "a broken log is damaged input");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("audit entry 2:") && err.contains("MAC does not verify in the HSM"), "{err}");
 
@@ -416,7 +416,7 @@ fn cli_show_and_verify(fx: &Fixture) {
         fx.raw(&format!("UPDATE audit SET mac = {} WHERE seq = {}", hex_literal(fx, &mac), e.seq));
     }
     let out = run(&["audit", "verify"], &[]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(6));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("audit entry 3:") && err.contains("head file"), "{err}");
 }

@@ -1,4 +1,4 @@
-//! Backup and restore interrupted by device faults (issue D item 7, with issue C): the simulator fails a
+//! Backup and restore interrupted by device faults: the simulator fails a
 //! chosen call of the `p11shim` command's process (CSSIM_FAULTS). An interrupted backup leaves no file
 //! under its name; an interrupted restore leaves the target unchanged, both in a database slot (one
 //! transaction) and in a token's own objects (what was made is destroyed again). Simulator only: SoftHSM2

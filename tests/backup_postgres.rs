@@ -1,5 +1,5 @@
 //! Backup, restore and verify under the MBK, users and permissions, modes, crash safety and the audit log
-//! (issue C) with the shared key store: a real PostgreSQL server (tests/common/pg.rs, one database per test).
+//! with the shared key store: a real PostgreSQL server (tests/common/pg.rs, one database per test).
 //! The cases are in tests/backup_cases; the MBK cloning case, which does not depend on the store's engine,
 //! runs only with SQLite (tests/backup_sqlite.rs).
 mod backup_cases;
@@ -18,6 +18,7 @@ backup_cases!(Engine::Postgres;
     keys_kept_in_the_hsm_are_listed_by_backup,
     kill_9_during_backup_or_restore_changes_nothing,
     audit_records_everything_and_detects_an_edit,
+    operator_commands_and_exit_statuses,
 );
 
 // kill_9_during_a_native_restore_is_rolled_back_by_the_next runs with SQLite only (tests/backup_sqlite.rs): its

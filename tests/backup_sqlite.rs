@@ -1,5 +1,5 @@
 //! Backup, restore and verify under the MBK, users and permissions, modes, MBK cloning, crash safety and the
-//! audit log (issue C) with the embedded key store: SQLite. The cases are in tests/backup_cases.
+//! audit log with the embedded key store: SQLite. The cases are in tests/backup_cases.
 mod backup_cases;
 mod common;
 
@@ -18,4 +18,5 @@ backup_cases!(Engine::Sqlite;
     kill_9_during_backup_or_restore_changes_nothing,
     kill_9_during_a_native_restore_is_rolled_back_by_the_next,
     audit_records_everything_and_detects_an_edit,
+    operator_commands_and_exit_statuses,
 );

@@ -1,4 +1,4 @@
-//! Stored keys (issue B) with the shared key store: a real PostgreSQL server (tests/common/pg.rs). The
+//! Stored keys with the shared key store: a real PostgreSQL server (tests/common/pg.rs). The
 //! cases are in tests/vault_cases; the database-outage case is here (SQLite has no server to lose). This
 //! binary starts a cluster of its own, so that stopping it never disturbs other test binaries.
 mod common;

@@ -1,4 +1,4 @@
-//! Stored keys (issue B) with the embedded key store: SQLite. The cases are in tests/vault_cases.
+//! Stored keys with the embedded key store: SQLite. The cases are in tests/vault_cases.
 mod common;
 mod vault_cases;
 

@@ -1,4 +1,4 @@
-//! Stored keys (issue B) with the embedded key store (SQLite) over the CryptoServer simulator. The cases are
+//! Stored keys with the embedded key store (SQLite) over the CryptoServer simulator. The cases are
 //! in tests/vault_cases; tests/vault_sqlite.rs runs them over SoftHSM2.
 mod common;
 mod vault_cases;

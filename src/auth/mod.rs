@@ -1,4 +1,4 @@
-//! Users and permissions (issue C), after the CryptoServer model: a user has a name, a permission mask (8 hex
+//! Users and permissions, after the CryptoServer model: a user has a name, a permission mask (8 hex
 //! digits, one level per user-group slot, slot 0 rightmost), a group regex (the CXI_GROUP: which key groups
 //! the user's slot-0 level counts for) and either a password (kept as an argon2id hash) or an Ed25519 public
 //! key (signature logon, LogonSign). Users log on for one command; several logons stack and their levels

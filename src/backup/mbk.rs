@@ -15,7 +15,7 @@
 //!
 //! The fingerprint identifies the set without revealing anything about it: SHA-256 over the MAC key wrapped
 //! under the MBK (RFC 5649 is deterministic), truncated to 128 bits. Both keys go into it, so two HSMs show
-//! the same fingerprint exactly when they hold the same set (issue C clones it between HSMs). The load key is
+//! the same fingerprint exactly when they hold the same set (cloning copies it between HSMs). The load key is
 //! made from the MBK on each token, so it is not part of what is cloned.
 
 use crate::attrs::{Attr, Template, Value};

@@ -1,4 +1,4 @@
-//! Backup and restore of keys under the MBK (issue C), and the MBK itself.
+//! Backup and restore of keys under the MBK, and the MBK itself.
 
 pub mod clone;
 pub mod db;

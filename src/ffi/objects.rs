@@ -1,5 +1,5 @@
 //! The object functions the shim writes by hand (PKCS#11 2.40 §5.7, §5.13, §5.6 C_Logout). On a database
-//! slot (issue B), token objects the application creates become stored keys, and stored keys are found,
+//! slot, token objects the application creates become stored keys, and stored keys are found,
 //! read, changed and destroyed through the vault. Everywhere, the group attribute (CKA_P11SHIM_GROUP) is
 //! the shim's and never reaches the backend. Without database slots these are the plain forwarders of A
 //! plus one check of the template for the group attribute.

@@ -2,7 +2,7 @@
 //! object handles translated where marked); the short list of functions written by hand — the map of what
 //! the shim changes — is in `FUNCTION_LIST_2_40` below: C_Initialize, C_Finalize, C_GetInfo,
 //! C_GetFunctionList, C_OpenSession, C_CloseSession, C_CloseAllSessions, and for 3.0 C_GetInterfaceList,
-//! C_GetInterface; and in `objects`, where stored keys (issue B) and the group attribute are handled:
+//! C_GetInterface; and in `objects`, where stored keys and the group attribute are handled:
 //! C_Login, C_Logout, C_CreateObject, C_CopyObject, C_DestroyObject, C_GetObjectSize, C_GetAttributeValue,
 //! C_SetAttributeValue, C_FindObjectsInit, C_FindObjects, C_FindObjectsFinal, C_GenerateKey,
 //! C_GenerateKeyPair, C_WrapKey, C_UnwrapKey, C_DeriveKey; and C_InitToken in `token`.

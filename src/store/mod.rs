@@ -165,7 +165,7 @@ pub trait KeyStore: Send + Sync {
     /// Whether a row with this id exists (a primary-key lookup).
     fn exists(&self, id: &str) -> StoreResult<bool>;
 
-    // ---- issue C: whole-store iteration, bulk changes, users, audit ----------------------------------------
+    // ---- whole-store iteration, bulk changes, users, audit -------------------------------------------------
 
     /// Calls `f` with every key row, ordered by (token, id), streaming: memory stays flat however many rows
     /// there are (SQLite: one statement stepping; PostgreSQL: a portal/cursor fetching in batches). One
@@ -202,7 +202,7 @@ pub trait KeyStore: Send + Sync {
     /// so other writers wait until it ends).
     fn begin(&self) -> StoreResult<Box<dyn StoreTx + '_>>;
 
-    /// Users (issue C): insert a new user; `Duplicate` (id = name) if the name exists.
+    /// Users: insert a new user; `Duplicate` (id = name) if the name exists.
     fn user_insert(&self, user: &UserRow) -> StoreResult<()>;
     /// Inserts `user` only if there is no user at all (the first user, whom the SO PIN creates): true if
     /// inserted, false if a user exists (nothing written). Concurrent calls, from any process or host, make
@@ -242,7 +242,7 @@ pub trait StoreTx {
     fn commit(self: Box<Self>) -> StoreResult<()>;
 }
 
-/// A user of the shim's permission model (issue C), kept in the store.
+/// A user of the shim's permission model, kept in the store.
 #[derive(Clone, PartialEq, Eq)]
 pub struct UserRow {
     pub name: String,

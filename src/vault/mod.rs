@@ -1,4 +1,4 @@
-//! Stored keys (issue B): token objects of database slots live as rows of the key store, their secret
+//! Stored keys: token objects of database slots live as rows of the key store, their secret
 //! wrapped under the token's MBK and every row authenticated by a MAC made in the HSM. The application sees
 //! ordinary token objects with handles in the shim's range; the first use of one loads it into the HSM as a
 //! session object held by the shim (unwrap under the MBK), and later uses hit that copy while the store says

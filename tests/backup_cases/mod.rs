@@ -1,5 +1,5 @@
 //! Per-group backup, restore and verify under the MBK, users and permissions, FIPS/CC mode, the MBK between
-//! HSMs, crash safety and the audit log (issue C), end to end: every step runs the real `p11shim` command,
+//! HSMs, crash safety and the audit log, end to end: every step runs the real `p11shim` command,
 //! `pkcs11-tool` (through the shim, or SoftHSM2 itself to look at a token's own objects) and `openssl` in child
 //! processes, each test with its own SoftHSM2 token directory and its own key store.
 //!
@@ -56,14 +56,27 @@ impl Out {
         assert_eq!(self.code, Some(code), "{}", self.describe());
         self
     }
-    /// Asserts exit status 1 and that stderr contains every one of `parts`.
+    /// Asserts a failure (exit status 1, 4, 5, 6 or 7: not a usage error, not a partial success) and that
+    /// stderr contains every one of `parts`.
     #[track_caller]
     pub fn fails(self, parts: &[&str]) -> Out {
-        assert_eq!(self.code, Some(1), "expected a failure: {}", self.describe());
+        assert!(matches!(self.code, Some(1 | 4..=7)), "expected a failure: {}", self.describe());
         for p in parts {
             assert!(self.stderr.contains(p), "expected {p:?} in the error: {}", self.describe());
         }
         self
+    }
+    /// Asserts a refusal (exit status 5) naming every one of `parts`.
+    #[track_caller]
+    pub fn denied(self, parts: &[&str]) -> Out {
+        assert_eq!(self.code, Some(5), "expected a refusal: {}", self.describe());
+        self.fails(parts)
+    }
+    /// Asserts damaged input (exit status 6) named by every one of `parts`.
+    #[track_caller]
+    pub fn damaged(self, parts: &[&str]) -> Out {
+        assert_eq!(self.code, Some(6), "expected damaged input: {}", self.describe());
+        self.fails(parts)
     }
     #[track_caller]
     pub fn json(&self) -> Value {
@@ -1046,7 +1059,7 @@ pub fn permissions_follow_the_cryptoserver_rules(engine: Engine) {
         &["backup", "--group", "ProdKey", "--out", &file, "--token", "prod", "--logon", "alice", "--logon", &bob],
         &alice_pw,
     )
-    .fails(&["export denied"]);
+    .denied(&["export denied"]);
     assert!(!lab.path("prod.p11b").exists(), "a refused backup writes no file");
     let e = last(&lab);
     assert_eq!((s(&e, "action"), s(&e, "who"), s(&e, "group")), ("refused: backup", "alice,bob", "ProdKey"), "{e}");
@@ -1056,25 +1069,25 @@ pub fn permissions_follow_the_cryptoserver_rules(engine: Engine) {
     assert!(lab.path("prod.p11b").exists());
     // Alone, bob (level 0) and alice (other group) cannot either; a backup of alice's own group is allowed.
     lab.p11shim(&["backup", "--group", "ProdKey", "--out", &lab.p("x.p11b"), "--token", "prod", "--logon", &bob])
-        .fails(&["export denied"]);
+        .denied(&["export denied"]);
     lab.p11shim_env(
         &["backup", "--group", "Prod.*", "--out", &lab.p("x.p11b"), "--token", "prod", "--logon", "alice"],
         &alice_pw,
     )
-    .fails(&["export denied"]);
+    .denied(&["export denied"]);
     assert!(!lab.path("x.p11b").exists());
 
     // Restore likewise.
     lab.tool("prod", &["--delete-object", "--type", "secrkey", "--id", "01"]).ok();
     let before = lab.snapshot();
     lab.p11shim_env(&["restore", &file, "--token", "prod", "--logon", "alice", "--logon", &bob], &alice_pw)
-        .fails(&["import denied"]);
+        .denied(&["import denied"]);
     assert_eq!(lab.snapshot(), before, "a refused restore changed something");
     let e = last(&lab);
     assert_eq!((s(&e, "action"), s(&e, "who")), ("refused: restore", "alice,bob"), "{e}");
     assert!(s(&e, "result").contains("import denied"), "{e}");
-    lab.p11shim(&["restore", &file, "--token", "prod", "--logon", &bob]).fails(&["import denied"]);
-    lab.p11shim(&["restore", &file, "--token", "prod", "--dry-run", "--logon", &bob]).fails(&["import denied"]);
+    lab.p11shim(&["restore", &file, "--token", "prod", "--logon", &bob]).denied(&["import denied"]);
+    lab.p11shim(&["restore", &file, "--token", "prod", "--dry-run", "--logon", &bob]).denied(&["import denied"]);
     assert_eq!(lab.snapshot(), before);
     lab.p11shim(&["restore", &file, "--token", "prod", "--logon", &carol]).ok();
     assert_eq!(lab.labels_of("prod"), ["k"]);
@@ -1091,20 +1104,20 @@ pub fn permissions_follow_the_cryptoserver_rules(engine: Engine) {
         }
         lab.p11shim(&args)
     };
-    db("db1.bak", false, &[&carol]).fails(&["export denied"]);
-    db("db1.bak", false, &[&admin]).fails(&["export denied"]);
+    db("db1.bak", false, &[&carol]).denied(&["export denied"]);
+    db("db1.bak", false, &[&admin]).denied(&["export denied"]);
     assert!(!lab.path("db1.bak").exists());
     assert_eq!(s(&last(&lab), "action"), "refused: db backup");
     db("db1.bak", false, &[&dba]).ok();
     assert!(lab.path("db1.bak").exists());
-    db("db2.bak", true, &[&dba]).fails(&["export denied"]);
-    db("db2.bak", true, &[&admin]).fails(&["export denied"]);
-    db("db2.bak", true, &[&carol, &dba]).fails(&["export denied"]);
+    db("db2.bak", true, &[&dba]).denied(&["export denied"]);
+    db("db2.bak", true, &[&admin]).denied(&["export denied"]);
+    db("db2.bak", true, &[&carol, &dba]).denied(&["export denied"]);
     assert!(!lab.path("db2.bak").exists());
     db("db2.bak", true, &[&admin, &dba]).ok();
     let users = std::fs::read_to_string(lab.path("db2.bak")).unwrap().lines().filter(|l| l.starts_with("U ")).count();
     assert_eq!(users, 5, "admin, alice, bob, carol, dba");
-    lab.p11shim(&["db", "restore", &lab.p("db1.bak"), "--token", "prod", "--logon", &carol]).fails(&["import denied"]);
+    lab.p11shim(&["db", "restore", &lab.p("db1.bak"), "--token", "prod", "--logon", &carol]).denied(&["import denied"]);
     lab.p11shim(&["db", "restore", &lab.p("db1.bak"), "--token", "prod", "--logon", &dba]).ok();
     // Restoring the users table changes every user: it needs what backing it up needs (12000000), not only
     // 02000000, or a key store administrator could put back users (and rights) that were deleted.
@@ -1113,7 +1126,7 @@ pub fn permissions_follow_the_cryptoserver_rules(engine: Engine) {
     let without_bob = users();
     let r = lab.p11shim(&["db", "restore", &lab.p("db2.bak"), "--token", "prod", "--logon", &dba]);
     assert_eq!(users(), without_bob, "db restore of a users table with 02000000 only put users back: {}", r.stdout);
-    r.fails(&["import denied", "users table"]);
+    r.denied(&["import denied", "users table"]);
     assert_eq!(s(&last(&lab), "action"), "refused: db restore");
     lab.p11shim(&["db", "restore", &lab.p("db2.bak"), "--token", "prod", "--logon", &admin, "--logon", &dba]).ok();
     assert!(users().contains(&"bob".to_string()), "restored by 10000000 + 02000000");
@@ -1135,19 +1148,19 @@ pub fn permissions_follow_the_cryptoserver_rules(engine: Engine) {
             &args,
             &[("P11SHIM_PASSWORD_ALICE", "wrong-password"), ("P11SHIM_PASSWORD_NOBODY", "whatever-123")],
         );
-        r.fails(&["logon failed for"]);
+        r.denied(&["logon failed for"]);
         assert!(!lab.path("stacked.p11b").exists(), "{logons:?}: a failed logon wrote the backup");
         let mut args = vec!["db", "backup", "--users", "--out", &out, "--token", "prod", "--logon", &admin, "--logon"];
         let failing = format!("dba,{wrong_key}");
         args.push(&failing);
-        lab.p11shim(&args).fails(&["logon failed for dba"]);
+        lab.p11shim(&args).denied(&["logon failed for dba"]);
         assert!(!lab.path("stacked.p11b").exists());
     }
     let before = lab.snapshot();
     lab.tool("prod", &["--delete-object", "--type", "secrkey", "--id", "01"]).ok();
     let gone = lab.snapshot();
     lab.p11shim(&["restore", &file, "--token", "prod", "--logon", &carol, "--logon", &format!("bob,{wrong_key}")])
-        .fails(&["logon failed for bob"]);
+        .denied(&["logon failed for bob"]);
     assert_eq!(lab.snapshot(), gone, "a restore whose second logon fails changes nothing");
     assert_ne!(gone, before);
     let refusals: Vec<String> = lab
@@ -1305,7 +1318,7 @@ pub fn keys_kept_in_the_hsm_are_listed_by_backup(engine: Engine) {
     // are wrapped under the MBK already, and the token's own keys would need the user's login.
     let no_pin = [("P11SHIM_USER_PIN", "")];
     let all = ["backup", "--group", "Vault", "--out", &lab.p("nopin.p11b"), "--token", "vault", "--logon", &op];
-    lab.p11shim_env(&all, &no_pin).fails(&["no user PIN"]);
+    lab.p11shim_env(&all, &no_pin).status(2);
     let stored_only = [
         "backup",
         "--group",
@@ -1324,7 +1337,7 @@ pub fn keys_kept_in_the_hsm_are_listed_by_backup(engine: Engine) {
     assert!(r["not_exported"].as_array().unwrap().is_empty(), "the token's keys are not looked at: {r}");
     // Still under the group rules, and the file is a complete backup of what it holds.
     let nobody = ["backup", "--group", "Vault", "--out", &lab.p("nobody.p11b"), "--token", "vault", "--stored-only"];
-    lab.p11shim_env(&nobody, &no_pin).fails(&["export denied", "00000002"]);
+    lab.p11shim_env(&nobody, &no_pin).denied(&["export denied", "00000002"]);
     lab.p11shim(&["verify", &lab.p("stored.p11b"), "--token", "vault", "--logon", &op]).ok();
 }
 
@@ -1635,7 +1648,7 @@ pub fn audit_records_everything_and_detects_an_edit(engine: Engine) {
     lab.tool("prod", &["--keygen", "--key-type", "AES:32", "--label", "l", "--id", "02"]).ok();
     let file = lab.p("prod.p11b");
     lab.p11shim(&["backup", "--group", "ProdKey", "--out", &file, "--token", "prod", "--logon", &carol]).ok();
-    lab.p11shim(&["verify", &file, "--token", "prod"]).fails(&["verify denied", "00000002"]);
+    lab.p11shim(&["verify", &file, "--token", "prod"]).denied(&["verify denied", "00000002"]);
     lab.p11shim(&["verify", &file, "--token", "prod", "--logon", &carol]).ok();
     lab.tool("prod", &["--delete-object", "--type", "secrkey", "--id", "01"]).ok();
     lab.p11shim(&["restore", &file, "--token", "prod", "--logon", &carol]).ok();
@@ -1644,7 +1657,7 @@ pub fn audit_records_everything_and_detects_an_edit(engine: Engine) {
     let admin = lab.logon("admin");
     lab.p11shim(&["user", "passwd", "carol", "--sign-key", &new_pub.display().to_string(), "--logon", &admin]).ok();
     lab.p11shim(&["user", "delete", "bob", "--logon", &admin]).ok();
-    lab.p11shim(&["user", "delete", "carol", "--logon", &carol]).fails(&["logon failed for carol"]);
+    lab.p11shim(&["user", "delete", "carol", "--logon", &carol]).denied(&["logon failed for carol"]);
     let mut broken = std::fs::read_to_string(&file).unwrap();
     broken.truncate(broken.len() - 30);
     std::fs::write(lab.path("broken.p11b"), broken).unwrap();
@@ -1705,4 +1718,119 @@ pub fn audit_records_everything_and_detects_an_edit(engine: Engine) {
     lab.p11shim(&["audit", "verify"]).ok();
     lab.sql(&format!("DELETE FROM audit WHERE seq = {}", seq + 1));
     lab.p11shim(&["audit", "verify"]).fails(&[&format!("audit entry {}", seq + 1), "missing"]);
+}
+
+/// What an operator meets around the backups: `status`, `keys list` and `keys set-group`, the exit statuses
+/// scripts rely on, a backup that matches nothing, a key row changed outside p11shim, and a [[slot]] naming a
+/// token the backend does not have.
+pub fn operator_commands_and_exit_statuses(engine: Engine) {
+    let last = |lab: &Lab| lab.audit().pop().expect("an audit entry");
+    let lab = Lab::new(engine, "operator");
+    lab.db_token("prod", "ProdKey");
+    let fingerprint = lab.mbk_create("prod");
+    lab.admin("prod");
+    let carol = lab.user("carol", "00000002", "Prod.*");
+    lab.tool("prod", &["--keygen", "--key-type", "AES:32", "--label", "a1", "--id", "01"]).ok();
+    lab.tool("prod", &["--keygen", "--key-type", "AES:32", "--label", "a2", "--id", "02"]).ok();
+
+    // status: everything at a glance, exit 0 when all is well.
+    let status = lab.p11shim(&["status", "--json"]).ok().json();
+    let slot = &status["slots"][0];
+    assert_eq!((slot["token"].as_str(), slot["storage"].as_str()), (Some("prod"), Some("database")), "{status}");
+    assert_eq!(slot["mbk"].as_str(), Some(fingerprint.as_str()), "{status}");
+    assert_eq!((slot["present"].as_bool(), n(slot, "stored_keys")), (Some(true), 2), "{status}");
+    assert_eq!(n(&status["store"], "keys"), 2, "{status}");
+    assert_eq!(n(&status["store"]["users"], "sealed"), 2, "{status}");
+    assert_eq!(status["store"]["audit"]["chain"], "intact", "{status}");
+    assert_eq!(status["problems"], Value::Array(vec![]), "{status}");
+    let text = lab.p11shim(&["status"]).ok().stdout;
+    assert!(text.contains("no problems found") && text.contains(&fingerprint), "{text}");
+
+    // keys list: structured items.
+    let list = lab.p11shim(&["keys", "list", "--json"]).ok().json();
+    let keys = list["keys"].as_array().unwrap();
+    assert_eq!(keys.len(), 2, "{list}");
+    assert!(keys.iter().all(|k| k["class"] == "CKO_SECRET_KEY" && k["key_type"] == "CKK_AES" && k["group"] == "ProdKey"));
+    let a1 = keys.iter().find(|k| k["label"] == "a1").unwrap()["id"].as_str().unwrap().to_string();
+    assert_eq!(lab.p11shim(&["keys", "list", "--group", "Nope", "--json"]).ok().json()["keys"], Value::Array(vec![]));
+
+    // keys set-group: 00000002 for both groups; refused and audited otherwise; an invalid name is a usage error.
+    lab.p11shim(&["keys", "set-group", &a1, "ProdOther", "--logon", &carol]).ok();
+    let row = |id: &str| lab.rows().into_iter().find(|r| r.id == id).unwrap();
+    assert_eq!(row(&a1).group, "ProdOther");
+    assert_eq!(s(&last(&lab), "action"), "key group change");
+    lab.p11shim(&["keys", "set-group", &a1, "HR", "--logon", &carol]).denied(&["denied", "HR"]);
+    assert_eq!(row(&a1).group, "ProdOther", "a refused move changes nothing");
+    assert_eq!(s(&last(&lab), "action"), "refused: key group change");
+    lab.p11shim(&["keys", "set-group", &a1, "a\nb", "--logon", &carol]).status(2);
+    let missing = lab.p11shim(&["--json", "keys", "set-group", "00ff", "ProdKey", "--token", "prod", "--logon", &carol]);
+    let missing = missing.status(4);
+    assert_eq!(missing.json()["error"]["kind"], "not-found", "{}", missing.describe());
+    // The module agrees: the moved key is found by its new group through pkcs11-tool.
+    let objects = lab.tool("prod", &["--list-objects", "--type", "secrkey"]).ok().stdout;
+    assert!(objects.contains("a1") && objects.contains("a2"), "{objects}");
+
+    // A backup that matches nothing: exit 4, no file, the nearest groups named; an existing file stays.
+    let out = lab.p("nothing.p11b");
+    let r = lab.p11shim(&["backup", "--group", "Prod", "--out", &out, "--token", "prod", "--logon", &carol]);
+    r.status(4);
+    assert!(lab.p11shim(&["backup", "--group", "Prod", "--out", &out, "--token", "prod"]).stderr.contains("'ProdKey'"));
+    assert!(!lab.path("nothing.p11b").exists());
+    std::fs::write(lab.path("nothing.p11b"), b"the last good backup").unwrap();
+    let args = ["backup", "--group", "Prod", "--out", &out, "--replace", "--token", "prod", "--logon", &carol];
+    lab.p11shim(&args).status(4);
+    assert_eq!(std::fs::read(lab.path("nothing.p11b")).unwrap(), b"the last good backup");
+    // Denied is 5; a damaged file is 6.
+    let good = lab.p("good.p11b");
+    lab.p11shim(&["backup", "--group", "Prod.*", "--out", &good, "--token", "prod", "--logon", &carol]).ok();
+    lab.p11shim(&["verify", &good, "--token", "prod"]).denied(&[]);
+    let mut damaged = std::fs::read_to_string(lab.path("good.p11b")).unwrap();
+    damaged.truncate(damaged.len() - 20);
+    std::fs::write(lab.path("damaged.p11b"), damaged).unwrap();
+    lab.p11shim(&["verify", &lab.p("damaged.p11b"), "--token", "prod", "--logon", &carol]).damaged(&[]);
+
+    // A row changed outside p11shim: named by id, left out of finds with one log line, not exported.
+    let a2 = keys.iter().find(|k| k["label"] == "a2").unwrap()["id"].as_str().unwrap().to_string();
+    match engine {
+        Engine::Sqlite => lab.sql(&format!("UPDATE keys SET wrapped = 'not a blob' WHERE id = '{a2}'")),
+        Engine::Postgres => lab.sql(&format!(
+            "ALTER TABLE keys ALTER COLUMN wrapped DROP NOT NULL; UPDATE keys SET wrapped = NULL WHERE id = '{a2}'"
+        )),
+    }
+    let listed = lab.p11shim(&["keys", "list"]).status(3);
+    assert!(listed.stdout.contains(&format!("{a2}  UNREADABLE")), "{}", listed.describe());
+    let objects = lab.tool("prod", &["--list-objects", "--type", "secrkey"]).ok().stdout;
+    assert!(objects.contains("a1") && !objects.contains("a2"), "{objects}");
+    let log = std::fs::read_to_string(lab.path("shim.log")).unwrap();
+    assert!(log.contains(&format!("row {a2} cannot be read")), "{log}");
+    let partial = lab.p("partial.p11b");
+    let args = ["backup", "--group", "Prod.*", "--out", &partial, "--token", "prod", "--logon", &carol, "--json"];
+    let r = lab.p11shim(&args).status(3);
+    let report = r.json();
+    assert_eq!(n(&report, "exported"), 1, "{report}");
+    let why = report["not_exported"].to_string();
+    assert!(why.contains(&a2) && why.contains("cannot be read"), "{report}");
+
+    // A [[slot]] naming a token the backend does not have: the command refuses, status shows it, the module
+    // starts and logs one WARN line.
+    let config = std::fs::read_to_string(lab.config_path()).unwrap();
+    std::fs::write(lab.config_path(), format!("{config}[[slot]]\ntoken = \"prdo\"\nstorage = \"database\"\n")).unwrap();
+    let refused = lab.p11shim(&["mbk", "show", "--token", "prod"]).status(1);
+    assert!(refused.stderr.contains("\"prdo\" names no token") && refused.stderr.contains("did you mean \"prod\""));
+    let status = lab.p11shim(&["status", "--json"]).status(3).json();
+    assert!(status["problems"].to_string().contains("prdo"), "{status}");
+    lab.tool("prod", &["--list-slots"]).ok();
+    let log = std::fs::read_to_string(lab.path("shim.log")).unwrap();
+    assert!(log.lines().any(|l| l.contains("WARN") && l.contains("\"prdo\" names no token")), "{log}");
+    std::fs::write(lab.config_path(), config).unwrap();
+
+    // The key store out of reach: status says so with exit 7.
+    let unreachable = match engine {
+        Engine::Sqlite => "sqlite:/nonexistent/p11shim/keys.db".to_string(),
+        Engine::Postgres => "postgres://postgres@127.0.0.1:1/p11shim".to_string(),
+    };
+    let text = std::fs::read_to_string(lab.config_path()).unwrap().replace(&lab.url(), &unreachable);
+    std::fs::write(lab.path("unreachable.toml"), text).unwrap();
+    let r = lab.p11shim(&["--config", &lab.p("unreachable.toml"), "status"]).status(7);
+    assert!(r.stdout.contains("UNAVAILABLE"), "{}", r.describe());
 }

@@ -343,7 +343,7 @@ fn a_forked_child_can_initialize_and_work() {
     assert!(passed(out).0.contains("CHILD-DONE"));
 }
 
-/// The shim's own sessions (opened through the library's internals, as issue B's stored keys will be)
+/// The shim's own sessions (opened through the library's internals, as stored keys are)
 /// survive the application's C_CloseAllSessions, while the application's sessions are closed.
 #[test]
 fn close_all_sessions_spares_the_shims_own_sessions() {

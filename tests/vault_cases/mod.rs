@@ -1,4 +1,4 @@
-//! Stored keys (issue B), run through the shim with one key store engine and one backend per test binary:
+//! Stored keys, run through the shim with one key store engine and one backend per test binary:
 //! tests/vault_sqlite.rs and tests/vault_postgres.rs run these same cases (`vault_cases!`) over SoftHSM2,
 //! tests/vault_sqlite_cssim.rs over the CryptoServer simulator (whose MBK set uses the same CKA_TRUSTED,
 //! CKA_WRAP_WITH_TRUSTED, CKA_UNWRAP_TEMPLATE and HMAC as SoftHSM2's).

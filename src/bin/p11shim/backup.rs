@@ -296,7 +296,10 @@ pub fn db(config: &Config, command: DbCommand, json: bool) -> CliResult {
             let seals = Seals::new(&s.work, &s.others);
             let trail = seals.trail(store.as_ref(), config);
             let who = logons(&trail, config, &logon.logon)?;
-            db::allowed(config.mode, "backup")?;
+            if let Err(e) = db::allowed(config.mode, "backup") {
+                audit(&trail, &who.who(), "refused: db backup", "", 0, &e.to_string())?;
+                return Err(e.into());
+            }
             if let Err(d) = who.require(Need::KeyStore) {
                 return refused(&trail, &who.who(), "db backup", format!("export denied: {d}"));
             }
@@ -334,7 +337,10 @@ pub fn db(config: &Config, command: DbCommand, json: bool) -> CliResult {
             let seals = Seals::new(&s.work, &s.others);
             let trail = seals.trail(store.as_ref(), config);
             let who = logons(&trail, config, &logon.logon)?;
-            db::allowed(config.mode, "restore")?;
+            if let Err(e) = db::allowed(config.mode, "restore") {
+                audit(&trail, &who.who(), "refused: db restore", "", 0, &e.to_string())?;
+                return Err(e.into());
+            }
             if let Err(d) = who.require(Need::KeyStore) {
                 return refused(&trail, &who.who(), "db restore", format!("import denied: {d}"));
             }
