@@ -1750,7 +1750,9 @@ pub fn operator_commands_and_exit_statuses(engine: Engine) {
     let list = lab.p11shim(&["keys", "list", "--json"]).ok().json();
     let keys = list["keys"].as_array().unwrap();
     assert_eq!(keys.len(), 2, "{list}");
-    assert!(keys.iter().all(|k| k["class"] == "CKO_SECRET_KEY" && k["key_type"] == "CKK_AES" && k["group"] == "ProdKey"));
+    assert!(keys
+        .iter()
+        .all(|k| k["class"] == "CKO_SECRET_KEY" && k["key_type"] == "CKK_AES" && k["group"] == "ProdKey"));
     let a1 = keys.iter().find(|k| k["label"] == "a1").unwrap()["id"].as_str().unwrap().to_string();
     assert_eq!(lab.p11shim(&["keys", "list", "--group", "Nope", "--json"]).ok().json()["keys"], Value::Array(vec![]));
 
@@ -1763,7 +1765,8 @@ pub fn operator_commands_and_exit_statuses(engine: Engine) {
     assert_eq!(row(&a1).group, "ProdOther", "a refused move changes nothing");
     assert_eq!(s(&last(&lab), "action"), "refused: key group change");
     lab.p11shim(&["keys", "set-group", &a1, "a\nb", "--logon", &carol]).status(2);
-    let missing = lab.p11shim(&["--json", "keys", "set-group", "00ff", "ProdKey", "--token", "prod", "--logon", &carol]);
+    let missing =
+        lab.p11shim(&["--json", "keys", "set-group", "00ff", "ProdKey", "--token", "prod", "--logon", &carol]);
     let missing = missing.status(4);
     assert_eq!(missing.json()["error"]["kind"], "not-found", "{}", missing.describe());
     // The module agrees: the moved key is found by its new group through pkcs11-tool.
