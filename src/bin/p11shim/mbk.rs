@@ -33,6 +33,7 @@ pub enum MbkCommand {
     /// Step 1 of cloning the MBK to this HSM (run on the TARGET): make an RSA-3072 transport key pair in the
     /// HSM and write its public key to REQUEST. Needs the SO PIN.
     CloneRequest {
+        /// The token's label.
         #[arg(long, value_name = "LABEL")]
         token: String,
         /// Where to write the request (must not exist).
@@ -47,8 +48,10 @@ pub enum MbkCommand {
     CloneTo {
         /// The request file from step 1.
         request: PathBuf,
+        /// The token's label.
         #[arg(long, value_name = "LABEL")]
         token: String,
+        /// Where to write the response for the target (must not exist).
         #[arg(long, value_name = "RESPONSE")]
         out: PathBuf,
         #[command(flatten)]
@@ -59,6 +62,7 @@ pub enum MbkCommand {
     CloneAccept {
         /// The response file from step 2.
         response: PathBuf,
+        /// The token's label.
         #[arg(long, value_name = "LABEL")]
         token: String,
         #[command(flatten)]
@@ -68,6 +72,7 @@ pub enum MbkCommand {
     /// THIS HOST (in memory, zeroized after use) and in the share files; a FIPS HSM refuses it. Needs the
     /// SO PIN.
     ExportShares {
+        /// The token's label.
         #[arg(long, value_name = "LABEL")]
         token: String,
         /// M: how many shares rebuild the MBK.
@@ -84,6 +89,7 @@ pub enum MbkCommand {
     },
     /// Rebuild the MBK set from M share files and install it on a token that has none. Needs the SO PIN.
     ImportShares {
+        /// The token's label.
         #[arg(long, value_name = "LABEL")]
         token: String,
         /// The share files.

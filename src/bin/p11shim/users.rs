@@ -208,6 +208,7 @@ pub enum UserCommand {
     /// Delete a user (needs 10000000 from the logged-on users; the last user administrator cannot go). No PIN.
     #[command(after_long_help = MODEL)]
     Delete {
+        /// The user's name.
         name: String,
         #[command(flatten)]
         logon: LogonArgs,
@@ -217,6 +218,7 @@ pub enum UserCommand {
     /// Change a user's password or key: by a user administrator (10000000), or by the user logged on. No PIN.
     #[command(after_long_help = MODEL)]
     Passwd {
+        /// The user's name.
         name: String,
         #[command(flatten)]
         credential: CredentialArgs,
@@ -229,6 +231,7 @@ pub enum UserCommand {
     /// failures. Needs 10000000 from the logged-on users. No PIN.
     #[command(after_long_help = MODEL)]
     Unlock {
+        /// The user's name.
         name: String,
         #[command(flatten)]
         logon: LogonArgs,
