@@ -121,6 +121,7 @@ fn failed(what: &str, e: Error) -> CK_RV {
     match e {
         Error::Rv(rv) => rv,
         Error::Store(crate::store::StoreError::Unavailable { .. }) => CKR_DEVICE_ERROR,
+        Error::Denied(_) => CKR_ACTION_PROHIBITED,
         Error::Other(m)
             if m.starts_with("export denied") || m.starts_with("import denied") || m.starts_with("verify denied") =>
         {

@@ -153,10 +153,34 @@ pub fn shim_log() -> String {
     std::fs::read_to_string(common::test_dir().join("shim.log")).unwrap_or_default()
 }
 
-/// The `p11shim` command with this binary's environment.
+/// The `p11shim` command with this binary's environment. The command refuses a config whose [[slot]]s name
+/// tokens the backend does not have, and this binary's config names 40 that the tests make as they go: the
+/// command gets a config of its own (beside the shared one, so the same audit head file and restore journals)
+/// with the slots whose tokens exist now.
 pub fn cli() -> Command {
+    static CONFIGS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let present: Vec<String> = pkcs11()
+        .get_slots_with_token()
+        .unwrap()
+        .into_iter()
+        .filter_map(|slot| pkcs11().get_token_info(slot).ok())
+        .map(|info| info.label().trim_end().to_string())
+        .collect();
+    let shared = std::fs::read_to_string(config_path()).expect("the shared p11shim.toml");
+    let mut parts = shared.split("[[slot]]\n");
+    let mut config = parts.next().unwrap_or_default().to_string();
+    for slot in parts {
+        let label = slot.lines().next().and_then(|l| l.strip_prefix("token = ")).unwrap_or_default().trim_matches('"');
+        if present.iter().any(|p| p == label) {
+            config.push_str("[[slot]]\n");
+            config.push_str(slot);
+        }
+    }
+    let n = CONFIGS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = common::test_dir().join(format!("cli-{n}.toml"));
+    std::fs::write(&path, config).expect("write the command's config");
     let mut c = Command::new(env!("CARGO_BIN_EXE_p11shim"));
-    c.env("P11SHIM_SO_PIN", SO_PIN).env("P11SHIM_USER_PIN", USER_PIN);
+    c.env("P11SHIM_CONFIG", &path).env("P11SHIM_SO_PIN", SO_PIN).env("P11SHIM_USER_PIN", USER_PIN);
     c
 }
 
@@ -364,6 +388,15 @@ pub fn find_by_any_attribute_and_group() {
     assert_eq!(s.find_objects(&[Attribute::Label(b"b".to_vec())]).unwrap()[0], b);
     let got = s.get_attributes(b, &[AttributeType::VendorDefined(GROUP)]).unwrap();
     assert_eq!(got, vec![group_attr("Prod")]);
+    // One rule for group names: a control character, an invisible one, 65 characters or a space at an end is
+    // refused, and nothing is stored.
+    for bad in ["a\nb", "zero\u{200B}width", &"g".repeat(65), " Prod", ""] {
+        let mut t = aes_template("bad-group");
+        t.push(group_attr(bad));
+        let e = s.generate_key(&Mechanism::AesKeyGen, &t).unwrap_err();
+        assert_eq!(rv(e), RvError::AttributeValueInvalid, "group {bad:?}");
+    }
+    assert_eq!(rows("db03").len(), 4, "no key with a bad group name was stored");
     // Private keys are invisible without login.
     let ro = pkcs11().open_ro_session(common::find_token("db03").unwrap()).unwrap();
     ro.logout().ok();
