@@ -221,7 +221,7 @@ impl Share {
     /// Reads a share's text form; refuses a mistyped or damaged share (checksum), whatever the spacing and
     /// the case of the hex digits.
     pub fn from_text(text: &str) -> Result<ParsedShare> {
-        let bad = |why: &str| invalid(format!("not a valid p11shim share: {why}"));
+        let bad = |why: &str| Error::Damaged(format!("not a valid p11shim share: {why}"));
         let tokens: Vec<&str> = text.split_whitespace().collect();
         let [tag, version, position, word, threshold, fingerprint, data, sum] = tokens[..] else {
             if tokens.first() != Some(&TEXT_TAG) {

@@ -433,7 +433,7 @@ impl Vault {
         let Some(set) = found else {
             let message = mbk::missing(token);
             crate::error!("{message}");
-            return Err(Error::Other(message));
+            return Err(Error::Missing(message));
         };
         for h in set.handles() {
             objects::own(h);

@@ -143,6 +143,7 @@ impl Session {
 }
 
 pub fn backup(config: &Config, a: BackupArgs, json: bool) -> CliResult {
+    p11shim::backup::work::group_filter(&a.group).map_err(|e| Failure::usage(format!("--group: {e}")))?;
     let store = open_store(config)?;
     let s = Session::open(config, &a.token, (!a.stored_only).then_some(&a.pins))?;
     let seals = Seals::new(&s.work, &s.others);
