@@ -240,3 +240,54 @@ macro_rules! warn { ($($arg:tt)*) => { $crate::log_at!($crate::log::Level::Warn,
 macro_rules! info { ($($arg:tt)*) => { $crate::log_at!($crate::log::Level::Info, $($arg)*) }; }
 #[macro_export]
 macro_rules! debug { ($($arg:tt)*) => { $crate::log_at!($crate::log::Level::Debug, $($arg)*) }; }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Threads log while the file is moved away: every line is whole, none is lost, and once the check has
+    /// run the lines go to the new file. (Other unit tests of this process may log meanwhile: only this test's
+    /// lines are counted.)
+    #[test]
+    fn threads_logging_across_a_move_lose_no_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("shim.log");
+        configure(Some(&log), Level::Info).unwrap();
+        let write_lines = |tag: &'static str| {
+            let threads: Vec<_> = (0..4)
+                .map(|t| {
+                    std::thread::spawn(move || {
+                        for i in 0..500 {
+                            write(Level::Info, format_args!("rotation-test {tag} thread {t} line {i} end"));
+                        }
+                    })
+                })
+                .collect();
+            threads.into_iter().for_each(|t| t.join().unwrap());
+        };
+        write_lines("before");
+        std::fs::rename(&log, dir.path().join("shim.log.1")).unwrap();
+        let moving = std::thread::spawn(move || write_lines("during"));
+        moving.join().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        write_lines("after");
+        let ours = |name: &str| -> Vec<String> {
+            std::fs::read_to_string(dir.path().join(name))
+                .unwrap()
+                .lines()
+                .filter(|l| l.contains("rotation-test"))
+                .map(str::to_string)
+                .collect()
+        };
+        let (old, new) = (ours("shim.log.1"), ours("shim.log"));
+        for l in old.iter().chain(&new) {
+            assert!(l.starts_with("20") && l.ends_with(" end") && l.matches("rotation-test").count() == 1, "{l:?}");
+        }
+        assert_eq!(old.len() + new.len(), 3 * 4 * 500, "every line, once");
+        assert!(old.iter().all(|l| !l.contains(" after ")), "a line after the check went to the moved file");
+        assert_eq!(new.iter().filter(|l| l.contains(" after ")).count(), 4 * 500);
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&log).unwrap().permissions().mode() & 0o777, 0o600);
+        configure(None, Level::Off).unwrap();
+    }
+}

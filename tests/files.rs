@@ -67,14 +67,15 @@ fn passed(out: Output) -> (String, String) {
     (stdout, stderr)
 }
 
-/// A p11shim.toml in `dir` over this binary's backend, logging to `log_file` (as written in the file).
+/// A p11shim.toml in `dir` over this binary's backend, logging to `log_file` (as written in the file); the
+/// parent writes it, its child reads it.
 fn config(dir: &Path, log_file: &str) -> PathBuf {
     let path = dir.join("p11shim.toml");
-    std::fs::write(
-        &path,
-        format!("module = \"{}\"\nlog_file = \"{log_file}\"\nlog_level = \"info\"\n", common::backend_path().display()),
-    )
-    .unwrap();
+    if in_parent() {
+        let module = common::backend_path();
+        let text = format!("module = \"{}\"\nlog_file = \"{log_file}\"\nlog_level = \"info\"\n", module.display());
+        std::fs::write(&path, text).unwrap();
+    }
     path
 }
 
@@ -140,6 +141,10 @@ fn refused_setup(test: &str, case: &str, log_file: &str) -> String {
         in_child(test, &[("P11SHIM_CONFIG", path.to_str().unwrap()), ("P11SHIM_MODULE", ""), ("CASE", case)])
     else {
         if std::env::var("CASE").as_deref() == Ok(case) {
+            if case.starts_with("nobody") {
+                // SAFETY: this child drops root for good before it loads the shim; its test is this one.
+                assert!(unsafe { libc::setgid(65534) == 0 && libc::setuid(65534) == 0 }, "become nobody");
+            }
             println!("C_Initialize={}", rv(initialize(shim())));
         }
         return String::new();
@@ -186,6 +191,13 @@ fn what_cannot_keep_a_log_is_refused_at_c_initialize() {
         mkfifo(&fifo);
     }
     let missing = dir.join("no-such-dir").join("shim.log");
+    let roots = dir.join("roots.log");
+    if in_parent() {
+        std::fs::write(&roots, "").unwrap();
+        std::fs::set_permissions(&roots, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let in_roots_dir = dir.join("shim.log");
+    let root = unsafe { libc::geteuid() } == 0;
     for (case, file, reason) in [
         ("proc", "/proc/version", "proc"),
         ("sys", "/sys/kernel/mm/transparent_hugepage/enabled", "sysfs"),
@@ -193,8 +205,11 @@ fn what_cannot_keep_a_log_is_refused_at_c_initialize() {
         ("directory", dir.to_str().unwrap(), "directory"),
         ("fifo", fifo.to_str().unwrap(), "FIFO"),
         ("missing-dir", missing.to_str().unwrap(), "does not exist"),
+        // A process that may not append: nobody, to root's file or in root's directory.
+        ("nobody-file", roots.to_str().unwrap(), "Permission denied"),
+        ("nobody-dir", in_roots_dir.to_str().unwrap(), "Permission denied"),
     ] {
-        if case == "sys" && !Path::new(file).exists() {
+        if (case == "sys" && !Path::new(file).exists()) || (case.starts_with("nobody") && !root) {
             continue;
         }
         let line = refused_setup(test, case, file);
@@ -280,6 +295,38 @@ fn a_removed_log_is_made_again_0600() {
     assert_eq!(now.lines().count(), 1, "{now}");
     assert!(now.contains("finalized"), "{now}");
     assert_eq!(mode(&log), 0o600);
+}
+
+/// A link planted at the path once the file was moved is not followed: the shim says so once, in the file it
+/// still has, and goes on writing there; the next C_Initialize is refused.
+#[test]
+fn a_link_planted_after_a_move_is_not_followed() {
+    let test = "a_link_planted_after_a_move_is_not_followed";
+    let dir = case_dir(test);
+    let log = dir.join("shim.log");
+    let victim = victim(&dir);
+    let path = config(&dir, "shim.log");
+    let Some(out) = in_child(test, &[("P11SHIM_CONFIG", path.to_str().unwrap()), ("P11SHIM_MODULE", "")]) else {
+        let f = shim();
+        assert_eq!(initialize(f), CKR_OK);
+        std::fs::rename(&log, dir.join("shim.log.1")).unwrap();
+        std::os::unix::fs::symlink(&victim, &log).unwrap();
+        std::thread::sleep(PAST_THE_CHECK);
+        assert_eq!(finalize(f), CKR_OK);
+        std::thread::sleep(PAST_THE_CHECK);
+        assert_eq!(initialize(f), CKR_GENERAL_ERROR);
+        return;
+    };
+    let (_, stderr) = passed(out);
+    assert_untouched(&victim);
+    let moved = read(&dir.join("shim.log.1"));
+    let lines: Vec<&str> = moved.lines().collect();
+    assert_eq!(lines.len(), 4, "{moved}");
+    assert!(lines[0].contains("initialized over"), "{moved}");
+    assert!(lines[1].contains("WARN: log_file") && lines[1].contains("symbolic link"), "said once: {moved}");
+    assert!(lines[2].contains("finalized"), "{moved}");
+    assert!(lines[3].contains("C_Initialize failed") && lines[3].contains("symbolic link"), "{moved}");
+    assert!(!stderr.contains("p11shim"), "the set-up error went to the log the process has: {stderr}");
 }
 
 /// A forked child after a rotation writes to the new file; and a child that closed every descriptor and opened
