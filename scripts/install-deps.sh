@@ -20,6 +20,7 @@ packages=(
     openssh-server            # sshd for logins with a key in a database slot, tests/servers_cases
     openssh-client            # ssh -I, ssh-agent -P, ssh-add -s, ssh-keygen -D, tests/servers_cases
     libcap2-bin               # setcap: a harness given a file capability (AT_SECURE) in tests/safe_loading.rs
+    logrotate                 # logrotate -f with create and copytruncate against the shim's log, tests/files.rs
 )
 # A C toolchain only when there is none (some crates build C code).
 if ! command -v cc >/dev/null; then

@@ -130,23 +130,23 @@ fn head_line(entry: &AuditEntry) -> String {
     format!("{} {}\n", entry.seq, hex::encode(&entry.hash))
 }
 
-/// Appends the entry's head to the file (created 0600, never through a symlink) and fsyncs it. One write of
-/// a short line with O_APPEND: lines of concurrent processes never mix.
+/// Appends the entry's head to the file (created 0600, never through a symlink, a regular file only: a FIFO
+/// there would block every append) and fsyncs it. One write of a short line with O_APPEND: lines of
+/// concurrent processes never mix.
 fn append_head(path: &Path, entry: &AuditEntry) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)?;
+    let mut file = crate::files::open_append_private(path)?;
     file.write_all(head_line(entry).as_bytes())?;
     file.sync_data()
 }
 
 /// The highest head recorded in the head file: (seq, hash), None for a missing or empty file.
 fn read_head(path: &Path) -> Result<Option<(i64, Vec<u8>)>, String> {
-    let text = match std::fs::read_to_string(path) {
+    let read = || -> std::io::Result<String> {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut crate::files::open_read_regular(path)?, &mut text)?;
+        Ok(text)
+    };
+    let text = match read() {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(format!("cannot read the audit head file {}: {e}", path.display())),

@@ -166,9 +166,17 @@ impl Config {
     }
 
     /// As [`Config::from_env`], and which of the environment's overrides an AT_SECURE process ignored (for
-    /// the log).
+    /// the log). A `log_file` where no log can be appended is an error here, in the module and the command.
     pub fn from_env_noting() -> Result<(Config, Ignored)> {
-        Config::read(crate::secure::is_secure(), &|name| std::env::var_os(name), Path::new(DEFAULT_CONFIG))
+        let (config, ignored) =
+            Config::read(crate::secure::is_secure(), &|name| std::env::var_os(name), Path::new(DEFAULT_CONFIG))?;
+        if let Some(file) = &config.log_file {
+            crate::log::check_file(file).map_err(|e| Error::Config {
+                path: config.source.clone(),
+                cause: format!("log_file {}: {e}", file.display()),
+            })?;
+        }
+        Ok((config, ignored))
     }
 
     /// The configuration `env` points at, or in `secure` mode the file `default` alone, whose path must be

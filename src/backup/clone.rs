@@ -309,12 +309,29 @@ pub fn export_shares(token: &Token, threshold: u8, shares: u8, dir: &Path) -> Re
     let mut secret = Zeroizing::new(kwp_unwrap(&kek[..], &mbk_blob)?.to_vec());
     secret.extend_from_slice(&kwp_unwrap(&kek[..], &mac_blob)?);
     let parts = shamir::split(&secret, threshold, shares)?;
-    std::fs::create_dir_all(dir).map_err(|e| Error::Other(format!("cannot create {}: {e}", dir.display())))?;
+    crate::files::create_dir_private(dir).map_err(|e| Error::Other(format!("cannot create {}: {e}", dir.display())))?;
+    let paths: Vec<PathBuf> =
+        parts.iter().map(|share| dir.join(format!("mbk-share-{}-of-{shares}.txt", share.id))).collect();
+    // Every share file is new: none is written while another's path is taken.
+    for path in &paths {
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            return Err(Error::Other(format!(
+                "{} exists ({}): refusing to write over it; no share was written",
+                path.display(),
+                crate::files::kind(&meta)
+            )));
+        }
+    }
     let mut written = Vec::new();
-    for share in &parts {
-        let path = dir.join(format!("mbk-share-{}-of-{shares}.txt", share.id));
+    for (share, path) in parts.iter().zip(paths) {
         let text = share.to_text(shares, &set.fingerprint)?;
-        write_private(&path, format!("{}\n", text.as_str()).as_bytes())?;
+        if let Err(e) = write_private(&path, format!("{}\n", text.as_str()).as_bytes()) {
+            // Fewer shares than were asked for are no use, and each is still a part of the MBK.
+            for done in &written {
+                let _ = std::fs::remove_file(done);
+            }
+            return Err(e);
+        }
         written.push(path);
     }
     Ok(written)
@@ -397,19 +414,16 @@ fn kwp_wrap(kek: &[u8], key: &[u8]) -> Result<Vec<u8>> {
     Ok(buf)
 }
 
-/// Writes a file readable by its owner only, refusing to replace an existing one.
+/// Writes a file readable by its owner only (0600), refusing to replace anything at `path` (a file, a
+/// symbolic link, a device node); a file left half-written is removed.
 pub fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
+    let mut f = crate::files::create_new_private(path)
         .map_err(|e| Error::Other(format!("cannot create {}: {e}", path.display())))?;
-    f.write_all(bytes)
-        .and_then(|_| f.sync_all())
-        .map_err(|e| Error::Other(format!("cannot write {}: {e}", path.display())))
+    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|e| {
+        let _ = std::fs::remove_file(path);
+        Error::Other(format!("cannot write {}: {e}", path.display()))
+    })
 }
 
 /// Reads a JSON file (a request or a response).

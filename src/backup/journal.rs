@@ -133,11 +133,7 @@ impl Journal {
     pub fn open(work: &Work, dir: &Path) -> Result<(Journal, Option<String>)> {
         let token = work.token.label.clone();
         let lock_path = dir.join(name(&token, "lock"));
-        let lock = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
+        let lock = crate::files::open_append_private(&lock_path)
             .map_err(|e| Error::Other(format!("restore lock {}: {e}", lock_path.display())))?;
         if let Err(e) = try_lock(&lock) {
             return Err(Error::Other(if e.kind() == std::io::ErrorKind::WouldBlock {
@@ -150,7 +146,7 @@ impl Journal {
             }));
         }
         let mut journal = Journal { dir: dir.to_path_buf(), token, _lock: lock, body: None };
-        if !work.own_session && journal.path().exists() {
+        if !work.own_session && std::fs::symlink_metadata(journal.path()).is_ok() {
             // An application's session may hold blank session objects of its own, which a rollback cannot
             // tell from a half-made token object: the command does it, with a session of its own.
             return Err(Error::Other(format!(
@@ -172,10 +168,17 @@ impl Journal {
     /// Rolls back (or finishes) the restore whose journal is here.
     fn recover(&mut self, work: &Work) -> Result<Option<String>> {
         let path = self.path();
-        let text = match std::fs::read(&path) {
+        let read = |path: &Path| -> std::io::Result<Vec<u8>> {
+            let mut text = Vec::new();
+            std::io::Read::read_to_end(&mut crate::files::open_read_regular(path)?, &mut text)?;
+            Ok(text)
+        };
+        let text = match read(&path) {
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(Error::Other(format!("restore journal {}: {e}", path.display()))),
+            Err(e) => {
+                return Err(Error::Other(format!("restore journal {}: {e}; nothing was modified", path.display())))
+            }
         };
         let body: Body = serde_json::from_slice(&text).map_err(|e| {
             Error::Other(format!(
@@ -298,13 +301,22 @@ impl Journal {
         remove(&self.path())
     }
 
-    /// Writes the journal durably (temporary file, fsync, rename); `otherwise` says what a failure leaves.
+    /// Writes the journal durably (temporary file, fsync, rename); `otherwise` says what a failure leaves. The
+    /// temporary file is made afresh (0600, O_EXCL): what a dead restore left there is removed first, and a
+    /// link or a device put there in between is refused, never written through.
     fn write(&self, otherwise: &str) -> Result<()> {
         let path = self.path();
-        let fail = |e: std::io::Error| Error::Other(format!("restore journal {}: {e}; {otherwise}", path.display()));
         let temp = self.dir.join(format!("{}.tmp", name(&self.token, "journal")));
+        let fail = |file: &Path, e: std::io::Error| {
+            Error::Other(format!("restore journal {}: {e}; {otherwise}", file.display()))
+        };
         let text = serde_json::to_vec(&self.body).map_err(|e| Error::Other(e.to_string()))?;
-        let mut f = File::create(&temp).map_err(fail)?;
+        match std::fs::remove_file(&temp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(fail(&temp, e)),
+            _ => {}
+        }
+        let mut f = crate::files::create_new_private(&temp).map_err(|e| fail(&temp, e))?;
+        let fail = |e: std::io::Error| fail(&path, e);
         f.write_all(&text).map_err(fail)?;
         f.sync_all().map_err(fail)?;
         std::fs::rename(&temp, &path).map_err(fail)?;
