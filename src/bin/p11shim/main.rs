@@ -120,7 +120,14 @@ fn config(path: Option<PathBuf>) -> Result<Config, Failure> {
     if let Some(p) = path {
         std::env::set_var(ENV_CONFIG, p);
     }
-    Ok(Config::from_env()?)
+    let config = Config::from_env()?;
+    // What the library logs while a command runs (a rolled-back restore, an audit head file that could not be
+    // written) goes to the module's log too, when it exists: a command run as root never creates it, so the
+    // application's user keeps owning it.
+    if let Some(file) = config.log_file.as_deref().filter(|f| f.exists()) {
+        let _ = p11shim::log::configure(Some(file), config.log_level);
+    }
+    Ok(config)
 }
 
 #[cfg(test)]
