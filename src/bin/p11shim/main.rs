@@ -6,6 +6,7 @@
 
 mod audit;
 mod backup;
+mod docs;
 mod mbk;
 mod pins;
 mod users;
@@ -65,6 +66,9 @@ enum Command {
     /// The audit log, chained and sealed by the HSM: show it, verify it. No PIN, no logon.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
+    /// Write the man pages and shell completions into DIR (man/, completions/), for packaging.
+    #[command(hide = true)]
+    GenerateDocs { dir: PathBuf },
 }
 
 /// What a command ends with: success, failure (message), or success that needs attention (status 3).
@@ -81,6 +85,15 @@ fn main() -> ExitCode {
     // SAFETY: setting a signal's disposition to the default, before any thread starts.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
+    if let Command::GenerateDocs { dir } = &cli.command {
+        return match docs::generate(<Cli as clap::CommandFactory>::command(), dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("p11shim: {}: {e}", dir.display());
+                ExitCode::FAILURE
+            }
+        };
+    }
     let result = config(cli.config).and_then(|config| match cli.command {
         Command::Mbk(c) => mbk::run(&config, c),
         Command::Backup(a) => backup::backup(&config, a),
@@ -89,6 +102,7 @@ fn main() -> ExitCode {
         Command::Db(c) => backup::db(&config, c),
         Command::User(c) => users::run(&config, c),
         Command::Audit(c) => audit::run(&config, c),
+        Command::GenerateDocs { .. } => unreachable!("handled before the configuration is read"),
     });
     match result {
         Ok(Outcome::Done) => ExitCode::SUCCESS,
