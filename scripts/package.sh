@@ -107,10 +107,16 @@ conffiles=(/etc/p11shim/p11shim.toml /etc/pkcs11/modules/p11shim.module)
 crates=$(cargo tree -e normal -p p11shim --target "$(rustc -vV | sed -n 's/^host: //p')" --prefix none \
     --format '{p}: {l}' | grep -v -e '(proc-macro)' -e '^p11shim ' | sed 's/ (\*)$//; s/^/ /' | sort -u)
 awk -v crates="$crates" '/@CRATES@/ { print crates; next } { print }' packaging/copyright >"$doc/copyright"
-gzip -9n <packaging/changelog >"$doc/changelog.Debian.gz"
+# A native package (its version has no Debian revision): the changelog is changelog.gz, not changelog.Debian.gz.
+gzip -9n <packaging/changelog >"$doc/changelog.gz"
 gzip -9n <README.md >"$doc/README.md.gz"
 sed "s|@MULTIARCH@|$multiarch|g" packaging/README.Debian >"$doc/README.Debian"
 chmod 0644 "$doc"/*
+# /var/lib/p11shim is 0750 on purpose (wrapped keys and the audit log of database slots).
+install -d -m 0755 "$pkg/usr/share/lintian/overrides"
+printf '%s\n' "p11shim: non-standard-dir-perm 0750 != 0755 [var/lib/p11shim/]" \
+    >"$pkg/usr/share/lintian/overrides/p11shim"
+chmod 0644 "$pkg/usr/share/lintian/overrides/p11shim"
 ln -s p11shim "$dbg/usr/share/doc/p11shim-dbgsym"
 
 # Dependencies of the two ELF files, from the shared libraries they use (dpkg-shlibdeps wants a

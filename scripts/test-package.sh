@@ -62,7 +62,7 @@ done
 expect -rw-r--r-- usr/share/bash-completion/completions/p11shim
 expect -rw-r--r-- usr/share/zsh/vendor-completions/_p11shim
 expect -rw-r--r-- usr/share/fish/vendor_completions.d/p11shim.fish
-for f in copyright changelog.Debian.gz README.Debian README.md.gz; do
+for f in copyright changelog.gz README.Debian README.md.gz; do
     expect -rw-r--r-- "usr/share/doc/p11shim/$f"
 done
 ! grep -q generate-docs <<<"$listing" || fail "a page of the hidden generate-docs command"
