@@ -109,6 +109,17 @@ grep -qE "token label +: $label\$" <<<"$listed" || fail "the token is not listed
 info=$(P11SHIM_CONFIG=$sysroot/etc/p11shim/p11shim.toml pkcs11-tool --module "$module" --show-info 2>&1)
 grep -qi 'manufacturer.*p11shim' <<<"$info" || fail "not the shim: $info"
 
+step "the same with every key the shipped p11shim.toml shows commented out taken in"
+sed -E 's/^# ((log_file|log_level|mode|hsm_cache|token|storage|default_group|lockout_after|delay|delay_max) = )/\1/
+        s/^# (\[\[slot\]\]|\[logon\])$/\1/' "$sysroot/etc/p11shim/p11shim.toml" |
+    sed "s|^log_file = .*|log_file = \"$work/p11shim.log\"|" >"$work/every-key.toml"
+taken=$(grep -cE '^(log_file|log_level|mode|hsm_cache|token|storage|default_group|lockout_after|delay|delay_max) = ' \
+    "$work/every-key.toml")
+[[ $taken -eq 10 ]] || fail "expected 10 commented keys to take in, found $taken"
+listed=$(P11SHIM_CONFIG=$work/every-key.toml pkcs11-tool --module "$module" -L)
+grep -qE "token label +: $label\$" <<<"$listed" || fail "every key: the token is not listed: $listed"
+grep -q 'INFO: initialized over /usr/lib/softhsm/libsofthsm2.so' "$work/p11shim.log" || fail "every key: no log"
+
 step "p11shim --help, and the man pages through man -l"
 help=$("$cli" --help)
 grep -q '^Usage: p11shim' <<<"$help" || fail "p11shim --help: $help"
