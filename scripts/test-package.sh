@@ -100,6 +100,12 @@ sys.exit(0 if name == os.path.basename(sys.argv[2]) and crc == actual else 1)
 EOF
 done
 ls -l "$module" "$root/${CARGO_TARGET_DIR:-target}/release/libp11shim.so" 2>/dev/null || true
+if command -v gdb >/dev/null; then
+    # gdb finds the installed debug file by the build ID: a function's source file and line.
+    found=$(timeout 120 gdb -batch -nx -iex "set debug-file-directory $sysroot/usr/lib/debug" \
+        -ex 'info functions ^p11shim::config::Config::parse$' "$cli" 2>&1)
+    grep -qE '^[0-9]+:.*p11shim::config::Config::parse' <<<"$found" || fail "gdb finds no debug information: $found"
+fi
 
 step "pkcs11-tool -L through the installed module, with the shipped p11shim.toml as it is"
 label=p11shim-package
