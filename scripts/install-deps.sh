@@ -21,6 +21,10 @@ packages=(
     openssh-client            # ssh -I, ssh-agent -P, ssh-add -s, ssh-keygen -D, tests/servers_cases
     libcap2-bin               # setcap: a harness given a file capability (AT_SECURE) in tests/safe_loading.rs
     logrotate                 # logrotate -f with create and copytruncate against the shim's log, tests/files.rs
+    dpkg-dev                  # dpkg-shlibdeps, dpkg-architecture: the Debian packages (scripts/package.sh)
+    binutils                  # objcopy, strip, readelf: the packaged binaries stripped, their debug files
+    man-db                    # man -l (with groff): the packaged man pages render (scripts/test-package.sh)
+    p11-kit                   # p11-kit list-modules: the packaged p11-kit module file (scripts/test-package.sh)
 )
 # A C toolchain only when there is none (some crates build C code).
 if ! command -v cc >/dev/null; then

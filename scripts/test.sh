@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # p11shim's whole test suite, as CI runs it (.ci/run):
-#   system packages, rustfmt, clippy, release and debug builds, unit/integration tests, doc tests, and the
-#   demo (scripts/demo.sh) as a final end-to-end smoke test through pkcs11-tool and the OpenSSL engine.
+#   system packages, rustfmt, clippy, release build and the Debian packages built from it, debug build,
+#   unit/integration tests, doc tests, fuzzing, and the demo (scripts/demo.sh) as a final end-to-end smoke
+#   test through pkcs11-tool and the OpenSSL engine.
 # Usage: bash scripts/test.sh        (from anywhere; as root on Debian 12)
 # Stops at the first failing step with a non-zero status; prints the time each step took.
 set -euo pipefail
@@ -47,6 +48,7 @@ run "system packages" bash scripts/install-deps.sh
 run "format (cargo fmt --check)" cargo fmt --all -- --check
 run "lint (cargo clippy)" cargo clippy --workspace --all-targets -- -D warnings
 run "release build" cargo build --release --workspace
+run "Debian packages (scripts/test-package.sh)" bash scripts/test-package.sh
 # cargo test builds the library only as an rlib for the tests; the tests load the cdylib, so build it first.
 run "debug build (the .so files the tests load: shim, simulator; the p11shim command)" cargo build --workspace --lib --bins --examples
 # One throwaway PostgreSQL cluster shared by the test binaries (tests/common/pg.rs starts its own without it).

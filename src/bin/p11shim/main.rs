@@ -5,6 +5,7 @@
 
 mod audit;
 mod backup;
+mod docs;
 mod exit;
 mod keys;
 mod mbk;
@@ -85,6 +86,12 @@ enum Command {
     /// The audit log, chained and sealed by the HSM: show it, verify it. No PIN, no logon.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
+    /// Write the man pages and shell completions into DIR (man/, completions/), for packaging.
+    #[command(hide = true)]
+    GenerateDocs {
+        /// The directory to write man/ and completions/ into.
+        dir: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -101,6 +108,15 @@ fn main() -> ExitCode {
             return ExitCode::from(if usage { Exit::Usage.code() } else { Exit::Ok.code() });
         }
     };
+    if let Command::GenerateDocs { dir } = &cli.command {
+        return match docs::generate(<Cli as clap::CommandFactory>::command(), dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("p11shim: {}: {e}", dir.display());
+                ExitCode::from(Exit::Failed.code())
+            }
+        };
+    }
     let json = cli.json;
     let result = config(cli.config).and_then(|config| match cli.command {
         Command::Status(a) => status::run(&config, a, json),
@@ -112,6 +128,7 @@ fn main() -> ExitCode {
         Command::Db(c) => backup::db(&config, c, json),
         Command::User(c) => users::run(&config, c, json),
         Command::Audit(c) => audit::run(&config, c, json),
+        Command::GenerateDocs { .. } => unreachable!("handled before the configuration is read"),
     });
     exit::finish(result, json)
 }
