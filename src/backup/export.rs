@@ -2,11 +2,12 @@
 //! the MBK (stored keys are already; the token's own keys are wrapped with C_WrapKey, never in clear).
 //! Keys that cannot be exported are listed, never silently skipped. Streams: memory stays flat.
 
-use super::format::{BackupWriter, Header, Record, RecordKind, FORMAT_VERSION};
+use super::error::{BackupError, BackupResult};
+use super::format::{BackupWriter, Header, Leftover, Record, RecordKind, FORMAT_VERSION};
 use super::work::{self, audit, describe, record_of_row, Authorizer, Work};
 use crate::attrs::{self, Template};
 use crate::audit::Trail;
-use crate::error::{Error, Result};
+use crate::error::Error;
 use crate::store::{KeyStore, StoreError};
 use cryptoki_sys::*;
 use std::collections::{BTreeMap, BTreeSet};
@@ -39,6 +40,15 @@ pub struct ExportReport {
     pub hsm: u64,
     pub groups: BTreeMap<String, u64>,
     pub skipped: Vec<Skipped>,
+    /// Temporary files of killed backups to the same file, found and removed: each deserves a warning.
+    pub leftovers: Vec<Leftover>,
+}
+
+impl ExportReport {
+    /// No key matched the filter (the file was written, with no record).
+    pub fn nothing_matched(&self) -> bool {
+        self.exported == 0 && self.skipped.is_empty()
+    }
 }
 
 /// Exports every key of the store and of the work token whose group matches the filter. `progress` is
@@ -49,18 +59,14 @@ pub fn export(
     who: &dyn Authorizer,
     opts: &ExportOptions,
     progress: &mut dyn FnMut(u64),
-) -> Result<ExportReport> {
+) -> BackupResult<ExportReport> {
     let result = run(trail.store, work, who, opts, progress);
     let (count, outcome) = match &result {
         Ok(r) if r.skipped.is_empty() => (r.exported, "ok".to_string()),
         Ok(r) => (r.exported, format!("ok, {} keys could not be exported", r.skipped.len())),
         Err(e) => (0, format!("failed: {e}")),
     };
-    let action = if matches!(&result, Err(Error::Other(m)) if m.starts_with("export denied")) {
-        "refused: backup"
-    } else {
-        "backup"
-    };
+    let action = if matches!(&result, Err(e) if e.is_refusal()) { "refused: backup" } else { "backup" };
     audit(trail, &who.who(), action, opts.filter, count, &outcome)?;
     result
 }
@@ -71,7 +77,7 @@ fn run(
     who: &dyn Authorizer,
     opts: &ExportOptions,
     progress: &mut dyn FnMut(u64),
-) -> Result<ExportReport> {
+) -> BackupResult<ExportReport> {
     let filter = work::group_filter(opts.filter)?;
     let include_hsm = !opts.stored_only && filter.is_match(&work.slot_group);
     // First the permission check over every group the backup would hold: all or nothing.
@@ -86,7 +92,7 @@ fn run(
         groups.insert(work.slot_group.clone());
     }
     for g in &groups {
-        who.allow_group(g).map_err(|why| Error::Other(format!("export denied: {why}")))?;
+        who.allow_group(g).map_err(|why| BackupError::Denied { action: "export", why })?;
     }
 
     let header = Header {
@@ -101,7 +107,8 @@ fn run(
     let sealer = work.sealer();
     let mut report =
         ExportReport { path: opts.out.to_path_buf(), fingerprint: work.set.fingerprint.clone(), ..Default::default() };
-    let mut failure: Option<Error> = None;
+    report.leftovers = writer.leftovers().to_vec();
+    let mut failure: Option<BackupError> = None;
     let scanned = store.scan(&mut |row| {
         if !filter.is_match(&row.group) {
             return Ok(());
@@ -114,7 +121,7 @@ fn run(
                 Ok(true) => None,
                 Ok(false) => Some("its row MAC does not match: the row was changed outside p11shim".into()),
                 Err(e) => {
-                    failure = Some(e);
+                    failure = Some(e.into());
                     return Err(StoreError::Schema { store: String::new(), cause: "stopped".into() });
                 }
             }
@@ -124,7 +131,7 @@ fn run(
             return Ok(());
         }
         if let Err(e) = writer.write(&record_of_row(&row), &sealer) {
-            failure = Some(e);
+            failure = Some(e.into());
             return Err(StoreError::Schema { store: String::new(), cause: "stopped".into() });
         }
         report.stored += 1;

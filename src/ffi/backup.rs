@@ -16,7 +16,7 @@ use crate::backup::import::{self, ImportOptions};
 use crate::backup::verify;
 use crate::backup::work::Work;
 use crate::config::Config;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use cryptoki_sys::*;
 use std::ffi::{c_char, CStr};
 use std::path::PathBuf;
@@ -116,18 +116,10 @@ impl Ctx {
     }
 }
 
-fn failed(what: &str, e: Error) -> CK_RV {
+fn failed(what: &str, e: impl Into<crate::backup::error::BackupError>) -> CK_RV {
+    let e = e.into();
     crate::error!("{what}: {e}");
-    match e {
-        Error::Rv(rv) => rv,
-        Error::Store(crate::store::StoreError::Unavailable { .. }) => CKR_DEVICE_ERROR,
-        Error::Other(m)
-            if m.starts_with("export denied") || m.starts_with("import denied") || m.starts_with("verify denied") =>
-        {
-            CKR_ACTION_PROHIBITED
-        }
-        _ => CKR_FUNCTION_FAILED,
-    }
+    e.rv()
 }
 
 fn auth_failed(what: &str, e: AuthError) -> CK_RV {
