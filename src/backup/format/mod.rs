@@ -29,7 +29,7 @@
 
 mod reader;
 pub mod record;
-mod writer;
+pub(crate) mod writer;
 
 pub use reader::{verify_file, BackupReader};
 pub use record::{utc_now, Header, Record, RecordKind};
