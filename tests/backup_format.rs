@@ -997,3 +997,83 @@ fn a_9_mb_object_and_a_9_mb_label_stream_with_memory_bounded_by_the_record() {
         );
     });
 }
+
+// ---- the whole-store backup (db backup / db restore) ---------------------------------------------------------
+
+fn row(i: u64, value: usize) -> p11shim::store::KeyRow {
+    p11shim::store::KeyRow {
+        id: format!("{i:032x}"),
+        token: "prod".into(),
+        group: "ProdKey".into(),
+        class: 0,
+        key_type: 0,
+        label: format!("row {i}").into_bytes(),
+        ckid: vec![i as u8],
+        attrs: (0..value).map(|b| b as u8).collect(),
+        wrapped: vec![],
+        wrap_mech: 0x210a,
+        mbk: FP.into(),
+        mac: vec![7; 32],
+        version: 1,
+    }
+}
+
+#[test]
+fn whole_store_backups_are_private_regular_files_and_restore_line_by_line() {
+    use p11shim::backup::{db, error::BackupError};
+    let dir = tempfile::tempdir().unwrap();
+    let store = p11shim::store::open(&format!("sqlite:{}", dir.path().join("a.db").display())).unwrap();
+    for (i, size) in [(1, 10), (2, 3 << 20), (3, 0)] {
+        store.insert(&row(i, size)).unwrap();
+    }
+    let out = dir.path().join("all.p11db");
+    // Leftovers of a killed run are reported; outputs that are not new regular files are refused.
+    let max: u32 = fs::read_to_string("/proc/sys/kernel/pid_max").unwrap().trim().parse().unwrap();
+    let dead = dir.path().join(format!(".all.p11db.tmp-{}", max + 1));
+    fs::write(&dead, b"wrapped keys").unwrap();
+    let s = db::backup(store.as_ref(), &sealer(), &out, false).unwrap();
+    assert_eq!((s.keys, s.users, s.leftovers.len()), (3, 0, 1));
+    assert_eq!((s.leftovers[0].path.clone(), s.leftovers[0].bytes), (dead.clone(), 12));
+    assert!(!dead.exists());
+    assert_eq!(fs::metadata(&out).unwrap().permissions().mode() & 0o777, 0o600);
+    for path in [&out, Path::new("/dev/null"), dir.path()] {
+        let e = db::backup(store.as_ref(), &sealer(), path, false).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Io, "{}: {e}", path.display());
+    }
+    assert!(dir_entries(dir.path()).iter().all(|n| !n.contains(".tmp-")), "no temporary file stays");
+
+    // Restored into another store, row for row.
+    let other = p11shim::store::open(&format!("sqlite:{}", dir.path().join("b.db").display())).unwrap();
+    assert_eq!(db::restore(other.as_ref(), &sealer(), &out, None).unwrap().keys, 3);
+    let got = other.get(&format!("{:032x}", 2)).unwrap().unwrap();
+    assert!(got.attrs == row(2, 3 << 20).attrs);
+
+    // Damaged: refused, nothing changed.
+    let empty = || p11shim::store::open(&format!("sqlite:{}", dir.path().join("c.db").display())).unwrap();
+    let bytes = fs::read(&out).unwrap();
+    let bad = dir.path().join("bad.p11db");
+    let mut flipped = bytes.clone();
+    flipped[bytes.len() / 2] ^= 1;
+    let mut after = bytes.clone();
+    after.extend_from_slice(b"K {}\n");
+    for (what, content) in [
+        ("cut", &bytes[..bytes.len() - 10]),
+        ("cut at a line", &bytes[..bytes.iter().position(|&b| b == b'\n').unwrap() + 1]),
+        ("flipped", &flipped[..]),
+        ("after the trailer", &after[..]),
+        ("not one", &b"hello\n"[..]),
+    ] {
+        replace(&bad, content);
+        let c = empty();
+        let e = db::restore(c.as_ref(), &sealer(), &bad, None).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Damaged, "{what}: {e}");
+        assert!(matches!(e, BackupError::DamagedDb { .. }), "{what}: {e}");
+        assert!(c.get(&format!("{:032x}", 1)).unwrap().is_none(), "{what}: nothing restored");
+    }
+    // Another MAC key: the trailer.
+    let e = db::restore(empty().as_ref(), &SoftwareSealer::new(b"other"), &out, None).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Damaged);
+    // Whole-store operations outside standard mode are refused, as denied.
+    let e = db::allowed(p11shim::config::Mode::Cc, "backup").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Denied);
+}

@@ -295,6 +295,9 @@ pub(crate) unsafe extern "C" fn P11SHIM_ExportGroup(
         for s in &report.skipped {
             crate::warn!("export: {} was not exported: {}", s.key, s.why);
         }
+        for l in &report.leftovers {
+            crate::warn!("export: {l}");
+        }
         if !exported.is_null() {
             // SAFETY: non-NULL; the application passes room for a CK_ULONG.
             unsafe { *exported = report.exported as CK_ULONG };
