@@ -27,9 +27,6 @@ pub enum BackupError {
     /// standard mode).
     #[error("refused: {0}")]
     Refused(String),
-    /// Nothing matched (a whole-store restore of a file without the expected content, for example).
-    #[error("{0}")]
-    NothingMatched(String),
     /// A whole-store backup file that is not intact (db backup / db restore).
     #[error("{file}: {detail}; nothing was modified")]
     DamagedDb { file: PathBuf, detail: String },
@@ -50,7 +47,6 @@ impl BackupError {
             BackupError::Format(e) => e.kind(),
             BackupError::WrongMbk { .. } | BackupError::RecordMbk { .. } => ErrorKind::WrongMbk,
             BackupError::Denied { .. } | BackupError::Refused(_) => ErrorKind::Denied,
-            BackupError::NothingMatched(_) => ErrorKind::NothingMatched,
             BackupError::DamagedDb { .. } | BackupError::Changed(_) => ErrorKind::Damaged,
             BackupError::Hsm { cause, .. } => error_kind(cause),
             BackupError::Other(e) => error_kind(e),

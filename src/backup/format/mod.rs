@@ -94,7 +94,9 @@ pub enum ErrorKind {
     WrongMbk,
     /// The logged-on users may not do this (permissions, group regexes), or the mode forbids it.
     Denied,
-    /// Nothing matched what was asked for.
+    /// Nothing matched what was asked for. No error is of this kind: a backup of a filter that matches no key
+    /// succeeds with an empty file, and `ExportReport::nothing_matched` says so; the command may give it the
+    /// exit status of this kind.
     NothingMatched,
     /// The key store or the HSM cannot be reached (or the token is not there).
     Unavailable,
