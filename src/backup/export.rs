@@ -130,12 +130,13 @@ fn run(
             report.skipped.push(Skipped { key: format!("stored key {name}"), why });
             return Ok(());
         }
-        if let Err(e) = writer.write(&record_of_row(&row), &sealer) {
+        let record = record_of_row(row);
+        if let Err(e) = writer.write(&record, &sealer) {
             failure = Some(e.into());
             return Err(StoreError::Schema { store: String::new(), cause: "stopped".into() });
         }
         report.stored += 1;
-        *report.groups.entry(row.group).or_default() += 1;
+        *report.groups.entry(record.group).or_default() += 1;
         progress(report.stored);
         Ok(())
     });
