@@ -117,7 +117,7 @@ pub enum FormatError {
     Output { path: PathBuf, source: io::Error },
     #[error("not a p11shim backup ({0})")]
     NotABackup(String),
-    #[error("written by a newer p11shim: format version {0} (this p11shim reads versions {OLDEST_READ} to {FORMAT_VERSION}); verify or restore it with that version or a later one")]
+    #[error("{}", unknown_version(*.0))]
     UnknownVersion(u32),
     #[error("header: {0}")]
     Header(String),
@@ -156,6 +156,15 @@ pub enum FormatError {
     Sealer(Error),
     #[error("{0}")]
     Invalid(String),
+}
+
+fn unknown_version(v: u32) -> String {
+    let reads = format!("this p11shim reads versions {OLDEST_READ} to {FORMAT_VERSION}");
+    if v > FORMAT_VERSION {
+        format!("written by a newer p11shim: format version {v} ({reads}); verify or restore it with that version or a later one")
+    } else {
+        format!("unknown format version {v} ({reads})")
+    }
 }
 
 impl FormatError {
