@@ -88,8 +88,13 @@ pub enum ErrorKind {
     Denied,
     /// What was named does not exist (a token, a key, a user, an MBK set), or nothing matched.
     NotFound,
-    /// Input that cannot be used: damaged, edited, truncated, of an unknown version, or of another MBK.
+    /// Input that cannot be used: damaged, edited, truncated, of an unknown version.
     Damaged,
+    /// Input made under another MBK than the target token's.
+    WrongMbk,
+    /// A file cannot be read, or an output cannot be written where asked (it exists, it is not a regular
+    /// file, the disk is full).
+    Io,
     /// The key store or the HSM cannot be reached or failed as a device.
     Unavailable,
     /// Anything else.

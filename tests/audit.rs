@@ -8,9 +8,9 @@
 mod common;
 
 use common::pg::TestDb;
+use common::sealer::SoftwareSealer;
 use p11shim::audit::{self, Trail};
 use p11shim::auth::{self, Logons, NewUser};
-use p11shim::backup::format::SoftwareSealer;
 use p11shim::config::{LogonPolicy, Mode};
 use p11shim::store::{self, AuditEntry, KeyStore};
 use std::path::{Path, PathBuf};

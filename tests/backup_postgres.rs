@@ -19,6 +19,7 @@ backup_cases!(Engine::Postgres;
     kill_9_during_backup_or_restore_changes_nothing,
     audit_records_everything_and_detects_an_edit,
     operator_commands_and_exit_statuses,
+    a_9_mb_data_object_and_a_9_mb_label_back_up_verify_and_restore_byte_exact,
 );
 
 // kill_9_during_a_native_restore_is_rolled_back_by_the_next runs with SQLite only (tests/backup_sqlite.rs): its

@@ -19,4 +19,5 @@ backup_cases!(Engine::Sqlite;
     kill_9_during_a_native_restore_is_rolled_back_by_the_next,
     audit_records_everything_and_detects_an_edit,
     operator_commands_and_exit_statuses,
+    a_9_mb_data_object_and_a_9_mb_label_back_up_verify_and_restore_byte_exact,
 );

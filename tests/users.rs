@@ -6,11 +6,11 @@ mod common;
 
 use argon2::password_hash::PasswordHasher;
 use common::pg::TestDb;
+use common::sealer::SoftwareSealer;
 use ed25519_dalek::pkcs8::{EncodePrivateKey, EncodePublicKey};
 use ed25519_dalek::SigningKey;
 use p11shim::audit::Trail;
 use p11shim::auth::{self, AuthError, Credential, Logons, Need, NewUser};
-use p11shim::backup::format::SoftwareSealer;
 use p11shim::config::{LogonPolicy, Mode};
 use p11shim::store::{self, AuditEntry, KeyStore};
 use std::path::{Path, PathBuf};

@@ -1,11 +1,16 @@
 //! What the fuzz targets share: the sealers, an in-memory key store and a scratch file. None of it parses
 //! anything: every target calls the library's own readers.
 
-use p11shim::backup::format::{Sealer, SoftwareSealer};
+use p11shim::backup::format::Sealer;
+
+/// The tests' HMAC-SHA256 sealer (tests/common/sealer.rs): the library has none, it seals in the HSM.
+#[path = "../../tests/common/sealer.rs"]
+mod sealer;
 use p11shim::error::Result;
 use p11shim::store::{
     AuditDraft, AuditEntry, AuditSeal, KeyQuery, KeyRow, KeyStore, StoreResult, StoreTx, UserDelete, UserRow,
 };
+pub use sealer::SoftwareSealer;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 

@@ -6,24 +6,32 @@
 //! MAC (made in the HSM with the MBK set's MAC key) covers a SHA-256 chain over every line before it. Rows
 //! keep their own MACs, so a restored row is as trustworthy as it was in the store.
 
-use super::format::Sealer;
+use super::error::{BackupError, BackupResult};
+use super::format::writer::{create_temp, parent_dir, remove_abandoned_temps};
+use super::format::{FormatError, Leftover, Sealer, MAX_FIELD};
 use crate::config::Mode;
-use crate::error::{Error, Result};
+use crate::files;
 use crate::store::{KeyRow, KeyStore, UserRow};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::io::{BufRead, BufWriter, Write};
+use std::fs::File;
+use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::path::Path;
 
 const MAGIC: &str = "P11SHIM-DB-BACKUP 1";
 
+/// The longest line a restore reads: a key row whose byte fields hold [`MAX_FIELD`] bytes in all (as hex),
+/// and its names. SQLite limits a whole row to 10^9 bytes, so every row of an SQLite store fits; a longer
+/// line is refused before it is held in memory.
+pub const MAX_DB_LINE: u64 = 2 * MAX_FIELD + (1 << 20);
+
 /// Refuses whole-store operations outside standard mode, naming the per-group path.
-pub fn allowed(mode: Mode, what: &str) -> Result<()> {
+pub fn allowed(mode: Mode, what: &str) -> BackupResult<()> {
     if mode == Mode::Standard {
         return Ok(());
     }
-    Err(Error::Other(format!(
-        "refused: {what} of the whole key store is not allowed in {mode} mode (mode = \"{mode}\" in p11shim.toml), as on FIPS/CC HSM firmware; back up and restore per group instead: `p11shim backup --group REGEX --out FILE` and `p11shim restore FILE`"
+    Err(BackupError::Refused(format!(
+        "{what} of the whole key store is not allowed in {mode} mode (mode = \"{mode}\" in p11shim.toml), as on FIPS/CC HSM firmware; back up and restore per group instead: `p11shim backup --group REGEX --out FILE` and `p11shim restore FILE`"
     )))
 }
 
@@ -63,6 +71,8 @@ struct Trailer {
 pub struct DbSummary {
     pub keys: u64,
     pub users: u64,
+    /// Temporary files of killed whole-store backups to the same file, found and removed (backup only).
+    pub leftovers: Vec<Leftover>,
 }
 
 fn chain_step(chain: &mut [u8; 32], line: &[u8]) {
@@ -78,68 +88,96 @@ fn trailer_input(chain: &[u8; 32], keys: u64, users: u64) -> Vec<u8> {
     v
 }
 
-/// Writes the whole store (keys; users when `with_users`) to `out` (temporary file, fsync, rename).
-pub fn backup(store: &dyn KeyStore, sealer: &dyn Sealer, out: &Path, with_users: bool) -> Result<DbSummary> {
-    let dir = out.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = out.file_name().ok_or_else(|| Error::Other(format!("{} is not a file name", out.display())))?;
-    let temp = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
-    let io = |e: std::io::Error| Error::Other(format!("writing {}: {e}", temp.display()));
+/// Writes the whole store (keys; users when `with_users`) to `out`, which must not exist: a private
+/// temporary file (0600, never through a link), fsync, then a hard link to the name (refused atomically if
+/// the name appeared meanwhile).
+/// `progress` is called with the number of keys written so far.
+pub fn backup(
+    store: &dyn KeyStore,
+    sealer: &dyn Sealer,
+    out: &Path,
+    with_users: bool,
+    progress: &dyn Fn(u64),
+) -> BackupResult<DbSummary> {
+    files::check_output_target(out, false).map_err(|source| FormatError::Output { path: out.to_path_buf(), source })?;
+    let name = out
+        .file_name()
+        .ok_or_else(|| FormatError::Invalid(format!("{} is not a file name", out.display())))?
+        .to_string_lossy()
+        .into_owned();
+    let dir = parent_dir(out);
+    let leftovers = remove_abandoned_temps(&dir, &name);
+    let (temp, file) = create_temp(&dir, &name)?;
+    let io = |e: std::io::Error| BackupError::from(FormatError::Io { path: temp.clone(), source: e });
     let result = (|| {
-        use std::os::unix::fs::OpenOptionsExt;
-        let file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&temp).map_err(io)?;
         let mut w = BufWriter::new(file);
         let mut chain = [0u8; 32];
-        let mut summary = DbSummary::default();
-        let mut put = |w: &mut BufWriter<std::fs::File>, line: String| -> Result<()> {
-            chain_step(&mut chain, line.as_bytes());
-            w.write_all(line.as_bytes()).and_then(|_| w.write_all(b"\n")).map_err(io)
+        let mut summary = DbSummary { leftovers, ..Default::default() };
+        let mut put = |w: &mut BufWriter<File>, line: Vec<u8>| -> BackupResult<()> {
+            chain_step(&mut chain, &line);
+            w.write_all(&line).and_then(|_| w.write_all(b"\n")).map_err(io)
         };
-        put(&mut w, MAGIC.to_string())?;
+        put(&mut w, MAGIC.as_bytes().to_vec())?;
         let mut failed = None;
         store
             .scan(&mut |row| {
-                let line = format!("K {}", serde_json::to_string(&row_line(&row)).expect("plain data"));
-                if let Err(e) = put(&mut w, line) {
+                if let Err(e) = put(&mut w, line("K ", &row_line(&row))) {
                     failed = Some(e);
                     return Err(crate::store::StoreError::Schema { store: String::new(), cause: "stopped".into() });
                 }
                 summary.keys += 1;
+                progress(summary.keys);
                 Ok(())
             })
-            .or_else(|e| failed.take().map_or(Err(Error::Store(e)), Err))?;
+            .or_else(|e| failed.take().map_or(Err(BackupError::from(e)), Err))?;
         if with_users {
             for u in store.user_list()? {
-                let line = UserLine {
+                let user = UserLine {
                     name: u.name,
                     perm: u.perm,
                     group_regex: u.group_regex,
                     auth: u.auth,
                     secret: hex::encode(&u.secret),
                 };
-                put(&mut w, format!("U {}", serde_json::to_string(&line).expect("plain data")))?;
+                put(&mut w, line("U ", &user))?;
                 summary.users += 1;
             }
         }
         let mac = sealer.seal(&trailer_input(&chain, summary.keys, summary.users))?;
         let trailer = Trailer { keys: summary.keys, users: summary.users, mac: hex::encode(mac) };
-        writeln!(w, "T {}", serde_json::to_string(&trailer).expect("plain data")).map_err(io)?;
+        let mut last = line("T ", &trailer);
+        last.push(b'\n');
+        w.write_all(&last).map_err(io)?;
         let file = w.into_inner().map_err(|e| io(e.into_error()))?;
         file.sync_all().map_err(io)?;
-        if out.exists() {
-            return Err(Error::Other(format!("{} exists; choose another name or remove it first", out.display())));
+        match std::fs::hard_link(&temp, out) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let exists = std::io::Error::new(e.kind(), "exists; choose another name or remove it first");
+                return Err(FormatError::Output { path: out.to_path_buf(), source: exists }.into());
+            }
+            // A filesystem without hard links: check, then rename.
+            Err(_) => {
+                files::check_output_target(out, false)
+                    .map_err(|source| FormatError::Output { path: out.to_path_buf(), source })?;
+                std::fs::rename(&temp, out).map_err(io)?;
+            }
         }
-        std::fs::rename(&temp, out).map_err(io)?;
-        if let Ok(d) = std::fs::File::open(dir) {
+        if let Ok(d) = File::open(&dir) {
             let _ = d.sync_all();
         }
         Ok(summary)
     })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&temp);
-    }
+    let _ = std::fs::remove_file(&temp);
     result
 }
 
+/// One line's bytes: the prefix and the JSON, without the newline.
+fn line(prefix: &str, value: &impl Serialize) -> Vec<u8> {
+    let mut out = prefix.as_bytes().to_vec();
+    serde_json::to_writer(&mut out, value).expect("plain data always serializes");
+    out
+}
 fn row_line(r: &KeyRow) -> RowLine {
     RowLine {
         id: r.id.clone(),
@@ -157,33 +195,47 @@ fn row_line(r: &KeyRow) -> RowLine {
     }
 }
 
-/// Restores a whole-store backup: checks the file completely first, then replaces every row and user it
-/// holds in one transaction (users one by one after it; a user that exists is replaced). `users_denied` is
-/// why the logged-on users may not replace the users table (12000000), if they may not: a file that holds
-/// users is then refused before anything is changed.
+/// Restores a whole-store backup: checks the file completely first (reading it line by line), then reads
+/// it again and replaces every row it holds in one transaction, committed only if the second reading
+/// hashes to what the first checked (users one by one after it; a user that exists is replaced).
+/// `users_denied` is why the logged-on users may not replace the users table (12000000), if they may not:
+/// a file that holds users is then refused before anything is changed.
 pub fn restore(
     store: &dyn KeyStore,
     sealer: &dyn Sealer,
     file: &Path,
     users_denied: Option<&str>,
-) -> Result<DbSummary> {
-    let lines = read_checked(sealer, file)?;
+    progress: &dyn Fn(u64),
+) -> BackupResult<DbSummary> {
+    let checked = read_lines(file, &mut |number, _| {
+        progress(number);
+        Ok(())
+    })?;
+    if !sealer.check(&trailer_input(&checked.chain, checked.keys, checked.users), &checked.mac)?
+        || checked.trailer_keys != checked.keys
+        || checked.trailer_users != checked.users
+    {
+        return Err(damaged(
+            file,
+            "the trailer MAC does not match: the file was changed, truncated or made under another MBK",
+        ));
+    }
     if let Some(why) = users_denied {
-        if lines.iter().any(|l| l.starts_with("U ")) {
-            return Err(Error::Denied(format!("import denied: {} holds the users table: {why}", file.display())));
+        if checked.users > 0 {
+            return Err(BackupError::Denied {
+                action: "import",
+                why: format!("{} holds the users table: {why}", file.display()),
+            });
         }
     }
     let mut tx = store.begin()?;
     let mut summary = DbSummary::default();
     let mut users = Vec::new();
-    for (number, line) in lines.iter().enumerate().skip(1) {
-        let bad = |e: serde_json::Error| Error::Other(format!("{} line {}: {e}", file.display(), number + 1));
-        if let Some(json) = line.strip_prefix("K ") {
-            let r: RowLine = serde_json::from_str(json).map_err(bad)?;
-            let hexf = |s: &str, f: &str| {
-                hex::decode(s)
-                    .map_err(|_| Error::Other(format!("{} line {}: {f} is not hex", file.display(), number + 1)))
-            };
+    let again = read_lines(file, &mut |number, line| {
+        let bad = |what: String| damaged(file, &format!("line {number}: {what}"));
+        if let Some(json) = line.strip_prefix(b"K ") {
+            let r: RowLine = serde_json::from_slice(json).map_err(|e| bad(e.to_string()))?;
+            let hexf = |s: &str, f: &str| hex::decode(s).map_err(|_| bad(format!("{f} is not hex")));
             let row = KeyRow {
                 label: hexf(&r.label, "label")?,
                 ckid: hexf(&r.ckid, "ckid")?,
@@ -201,10 +253,10 @@ pub fn restore(
             };
             tx.replace(&row)?;
             summary.keys += 1;
-        } else if let Some(json) = line.strip_prefix("U ") {
-            let u: UserLine = serde_json::from_str(json).map_err(bad)?;
-            let secret = hex::decode(&u.secret)
-                .map_err(|_| Error::Other(format!("{} line {}: secret is not hex", file.display(), number + 1)))?;
+            progress(number);
+        } else if let Some(json) = line.strip_prefix(b"U ") {
+            let u: UserLine = serde_json::from_slice(json).map_err(|e| bad(e.to_string()))?;
+            let secret = hex::decode(&u.secret).map_err(|_| bad("secret is not hex".into()))?;
             users.push(UserRow {
                 name: u.name,
                 perm: u.perm,
@@ -217,6 +269,10 @@ pub fn restore(
                 mac: Vec::new(),
             });
         }
+        Ok(())
+    })?;
+    if again.chain != checked.chain || again.mac != checked.mac {
+        return Err(BackupError::Changed(file.to_path_buf()));
     }
     tx.commit()?;
     for mut u in users {
@@ -236,33 +292,66 @@ pub fn restore(
     Ok(summary)
 }
 
-/// Every line of the file (without the trailer), after checking the chain and the trailer MAC.
-fn read_checked(sealer: &dyn Sealer, file: &Path) -> Result<Vec<String>> {
-    let f = std::fs::File::open(file).map_err(|e| Error::Other(format!("cannot read {}: {e}", file.display())))?;
+fn damaged(file: &Path, detail: &str) -> BackupError {
+    BackupError::DamagedDb { file: file.to_path_buf(), detail: detail.to_string() }
+}
+
+/// What one reading of a whole-store backup found.
+struct Lines {
+    chain: [u8; 32],
+    keys: u64,
+    users: u64,
+    trailer_keys: u64,
+    trailer_users: u64,
+    mac: Vec<u8>,
+}
+
+/// Reads the file line by line (each at most [`MAX_DB_LINE`] bytes), hashing every line before the trailer
+/// into the chain and handing it (with its 1-based number) to `each`; returns the chain and the trailer.
+fn read_lines(file: &Path, each: &mut dyn FnMut(u64, &[u8]) -> BackupResult<()>) -> BackupResult<Lines> {
+    let f = File::open(file).map_err(|source| FormatError::Io { path: file.to_path_buf(), source })?;
+    let mut input = BufReader::with_capacity(1 << 16, f);
     let mut chain = [0u8; 32];
-    let mut lines = Vec::new();
     let (mut keys, mut users) = (0u64, 0u64);
-    for line in std::io::BufReader::new(f).lines() {
-        let line = line.map_err(|e| Error::Other(format!("reading {}: {e}", file.display())))?;
-        if lines.is_empty() && line != MAGIC {
-            return Err(Error::Other(format!("{} is not a p11shim whole-store backup ({MAGIC})", file.display())));
+    let mut buf = Vec::new();
+    for number in 1u64.. {
+        buf.clear();
+        input
+            .by_ref()
+            .take(MAX_DB_LINE + 1)
+            .read_until(b'\n', &mut buf)
+            .map_err(|source| FormatError::Io { path: file.to_path_buf(), source })?;
+        if buf.is_empty() {
+            break;
         }
-        if let Some(json) = line.strip_prefix("T ") {
-            let t: Trailer =
-                serde_json::from_str(json).map_err(|e| Error::Other(format!("{}: trailer: {e}", file.display())))?;
-            let mac = hex::decode(&t.mac).unwrap_or_default();
-            if t.keys != keys || t.users != users || !sealer.check(&trailer_input(&chain, keys, users), &mac)? {
-                return Err(Error::Other(format!(
-                    "{}: the trailer MAC does not match: the file was changed, truncated or made under another MBK; nothing was modified",
-                    file.display()
-                )));
+        if buf.last() != Some(&b'\n') {
+            let why = if buf.len() as u64 > MAX_DB_LINE { "longer than any row" } else { "cut short" };
+            return Err(damaged(file, &format!("truncated: line {number} is {why}")));
+        }
+        buf.pop();
+        let line = &buf[..];
+        if number == 1 && line != MAGIC.as_bytes() {
+            return Err(damaged(file, &format!("not a p11shim whole-store backup ({MAGIC})")));
+        }
+        if let Some(json) = line.strip_prefix(b"T ") {
+            let t: Trailer = serde_json::from_slice(json).map_err(|e| damaged(file, &format!("trailer: {e}")))?;
+            let mut rest = [0u8; 1];
+            if input.read(&mut rest).map_err(|source| FormatError::Io { path: file.to_path_buf(), source })? != 0 {
+                return Err(damaged(file, "data after the trailer"));
             }
-            return Ok(lines);
+            return Ok(Lines {
+                chain,
+                keys,
+                users,
+                trailer_keys: t.keys,
+                trailer_users: t.users,
+                mac: hex::decode(&t.mac).unwrap_or_default(),
+            });
         }
-        chain_step(&mut chain, line.as_bytes());
-        keys += line.starts_with("K ") as u64;
-        users += line.starts_with("U ") as u64;
-        lines.push(line);
+        chain_step(&mut chain, line);
+        keys += line.starts_with(b"K ") as u64;
+        users += line.starts_with(b"U ") as u64;
+        each(number, line)?;
     }
-    Err(Error::Other(format!("{}: truncated (no trailer); nothing was modified", file.display())))
+    Err(damaged(file, "truncated (no trailer)"))
 }

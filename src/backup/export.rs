@@ -2,12 +2,13 @@
 //! the MBK (stored keys are already; the token's own keys are wrapped with C_WrapKey, never in clear).
 //! Keys that cannot be exported are listed, never silently skipped. Streams: memory stays flat.
 
-use super::format::{BackupWriter, Header, Record, RecordKind, FORMAT_VERSION};
+use super::error::{BackupError, BackupResult};
+use super::format::{BackupWriter, Header, Leftover, Record, RecordKind, FORMAT_VERSION};
 use super::work::{self, audit, describe, record_of_row, Authorizer, Work};
 use crate::attrs::{self, Template};
 use crate::audit::Trail;
-use crate::error::{Error, Result};
-use crate::store::{KeyStore, StoreError};
+use crate::error::Error;
+use crate::store::{KeyStore, RowRead, StoreError};
 use cryptoki_sys::*;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -39,6 +40,8 @@ pub struct ExportReport {
     pub hsm: u64,
     pub groups: BTreeMap<String, u64>,
     pub skipped: Vec<Skipped>,
+    /// Temporary files of killed backups to the same file, found and removed: each deserves a warning.
+    pub leftovers: Vec<Leftover>,
 }
 
 /// Exports every key of the store and of the work token whose group matches the filter. `progress` is
@@ -49,18 +52,14 @@ pub fn export(
     who: &dyn Authorizer,
     opts: &ExportOptions,
     progress: &mut dyn FnMut(u64),
-) -> Result<ExportReport> {
+) -> BackupResult<ExportReport> {
     let result = run(trail.store, work, who, opts, progress);
     let (count, outcome) = match &result {
         Ok(r) if r.skipped.is_empty() => (r.exported, "ok".to_string()),
         Ok(r) => (r.exported, format!("ok, {} keys could not be exported", r.skipped.len())),
         Err(e) => (0, format!("failed: {e}")),
     };
-    let action = if matches!(&result, Err(Error::Other(m)) if m.starts_with("export denied")) {
-        "refused: backup"
-    } else {
-        "backup"
-    };
+    let action = if matches!(&result, Err(e) if e.is_refusal()) { "refused: backup" } else { "backup" };
     audit(trail, &who.who(), action, opts.filter, count, &outcome)?;
     result
 }
@@ -71,22 +70,33 @@ fn run(
     who: &dyn Authorizer,
     opts: &ExportOptions,
     progress: &mut dyn FnMut(u64),
-) -> Result<ExportReport> {
+) -> BackupResult<ExportReport> {
     let filter = work::group_filter(opts.filter)?;
     let include_hsm = !opts.stored_only && filter.is_match(&work.slot_group);
-    // First the permission check over every group the backup would hold: all or nothing.
+    // First the permission check over every group the backup would hold: all or nothing. A row that cannot
+    // be read is listed as not exported when its group matches, or cannot be read either.
     let mut groups = BTreeSet::new();
-    store.scan(&mut |row| {
-        if filter.is_match(&row.group) {
-            groups.insert(row.group);
+    let mut unreadable = Vec::new();
+    store.scan_rows(&mut |read| {
+        match read {
+            RowRead::Row(row) if filter.is_match(&row.group) => {
+                groups.insert(row.group);
+            }
+            RowRead::Row(_) => {}
+            RowRead::Bad(bad) if bad.group.as_deref().is_none_or(|g| filter.is_match(g)) => unreadable.push(bad),
+            RowRead::Bad(_) => {}
         }
         Ok(())
     })?;
     if include_hsm {
         groups.insert(work.slot_group.clone());
     }
+    let nothing = |where_: String| BackupError::NothingMatched { filter: opts.filter.to_string(), where_ };
+    if groups.is_empty() && unreadable.is_empty() {
+        return Err(nothing(format!(" in {}", store.describe())));
+    }
     for g in &groups {
-        who.allow_group(g).map_err(|why| Error::Other(format!("export denied: {why}")))?;
+        who.allow_group(g).map_err(|why| BackupError::Denied { action: "export", why })?;
     }
 
     let header = Header {
@@ -101,8 +111,15 @@ fn run(
     let sealer = work.sealer();
     let mut report =
         ExportReport { path: opts.out.to_path_buf(), fingerprint: work.set.fingerprint.clone(), ..Default::default() };
-    let mut failure: Option<Error> = None;
-    let scanned = store.scan(&mut |row| {
+    report.leftovers = writer.leftovers().to_vec();
+    for bad in unreadable {
+        let group = bad.group.as_deref().map_or(String::new(), |g| format!(", group {g:?}"));
+        let why = format!("its row cannot be read ({}): it was changed outside p11shim", bad.cause);
+        report.skipped.push(Skipped { key: format!("stored key (id {}{group})", bad.id), why });
+    }
+    let mut failure: Option<BackupError> = None;
+    let scanned = store.scan_rows(&mut |read| {
+        let RowRead::Row(row) = read else { return Ok(()) };
         if !filter.is_match(&row.group) {
             return Ok(());
         }
@@ -114,7 +131,7 @@ fn run(
                 Ok(true) => None,
                 Ok(false) => Some("its row MAC does not match: the row was changed outside p11shim".into()),
                 Err(e) => {
-                    failure = Some(e);
+                    failure = Some(e.into());
                     return Err(StoreError::Schema { store: String::new(), cause: "stopped".into() });
                 }
             }
@@ -123,12 +140,13 @@ fn run(
             report.skipped.push(Skipped { key: format!("stored key {name}"), why });
             return Ok(());
         }
-        if let Err(e) = writer.write(&record_of_row(&row), &sealer) {
-            failure = Some(e);
+        let record = record_of_row(row);
+        if let Err(e) = writer.write(&record, &sealer) {
+            failure = Some(e.into());
             return Err(StoreError::Schema { store: String::new(), cause: "stopped".into() });
         }
         report.stored += 1;
-        *report.groups.entry(row.group).or_default() += 1;
+        *report.groups.entry(record.group).or_default() += 1;
         progress(report.stored);
         Ok(())
     });
@@ -150,6 +168,10 @@ fn run(
         }
     }
     report.exported = report.stored + report.hsm;
+    if report.exported == 0 && report.skipped.is_empty() {
+        // The token's group matched, and it holds no key: the writer's temporary file goes with it.
+        return Err(nothing(format!(" in {} nor in token {:?}", store.describe(), work.token.label)));
+    }
     writer.finish(&sealer)?;
     Ok(report)
 }

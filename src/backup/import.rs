@@ -5,6 +5,7 @@
 //! slot, and for a token's own objects every object made is destroyed again if a later record fails, and a
 //! journal (src/backup/journal.rs) lets the next restore roll back one that was killed.
 
+use super::error::{BackupError, BackupResult};
 use super::format::{BackupReader, Header, Record, Sealer};
 use super::journal::{self, Journal, Triple};
 use super::work::{self, audit, describe, row_of_record, Authorizer, Work};
@@ -21,6 +22,17 @@ pub struct ImportOptions<'a> {
     pub overwrite: bool,
     pub dry_run: bool,
     pub mode: Mode,
+    /// Called with the records read so far: in the check of the whole file, then while restoring.
+    pub progress: &'a dyn Fn(Pass, u64),
+}
+
+/// Which pass over the file a restore is in, for progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pass {
+    /// Every MAC and the trailer, before anything is touched.
+    Check,
+    /// Record by record into the target.
+    Restore,
 }
 
 /// Keys by what restore did (or, with `dry_run`, would do) with them.
@@ -36,10 +48,10 @@ pub struct ImportReport {
     pub recovered: Option<String>,
 }
 
-pub fn import(trail: &Trail, work: &Work, who: &dyn Authorizer, opts: &ImportOptions) -> Result<ImportReport> {
+pub fn import(trail: &Trail, work: &Work, who: &dyn Authorizer, opts: &ImportOptions) -> BackupResult<ImportReport> {
     let result = run(trail.store, work, who, opts);
     let action = match &result {
-        Err(Error::Other(m)) if m.starts_with("import denied") || m.starts_with("refused") => "refused: restore",
+        Err(e) if e.is_refusal() => "refused: restore",
         _ if opts.dry_run => "restore --dry-run",
         _ => "restore",
     };
@@ -54,21 +66,54 @@ pub fn import(trail: &Trail, work: &Work, who: &dyn Authorizer, opts: &ImportOpt
     result
 }
 
-/// How many keys, and the names of the first [`NAMES_KEPT`] of them: memory stays flat with the key count.
+/// A key a restore added, skipped or overwrote, as scripts see it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct KeyItem {
+    pub id: String,
+    /// The label as text, or as 0x-prefixed hex when it is not printable UTF-8.
+    pub label: String,
+    pub group: String,
+    pub class: String,
+    pub key_type: String,
+}
+
+impl KeyItem {
+    fn of(record: &Record, id: &str) -> KeyItem {
+        let label = match std::str::from_utf8(&record.label) {
+            Ok(text) if !text.chars().any(char::is_control) => text.to_string(),
+            _ => format!("0x{}", hex::encode(&record.label)),
+        };
+        KeyItem {
+            id: id.to_string(),
+            label,
+            group: record.group.clone(),
+            class: crate::error::class_name(record.class),
+            key_type: crate::error::key_type_name(record.key_type),
+        }
+    }
+}
+
+impl std::fmt::Display for KeyItem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?} (id {}, group {:?}, {} {})", self.label, self.id, self.group, self.class, self.key_type)
+    }
+}
+
+/// How many keys, and the first [`NAMES_KEPT`] of them: memory stays flat with the key count.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct KeyList {
     pub count: u64,
-    pub names: Vec<String>,
+    pub items: Vec<KeyItem>,
 }
 
-/// How many names a report keeps per list.
+/// How many keys a report lists per list.
 pub const NAMES_KEPT: usize = 10_000;
 
 impl KeyList {
-    fn push(&mut self, name: String) {
+    fn push(&mut self, item: KeyItem) {
         self.count += 1;
-        if self.names.len() < NAMES_KEPT {
-            self.names.push(name);
+        if self.items.len() < NAMES_KEPT {
+            self.items.push(item);
         }
     }
     pub fn len(&self) -> usize {
@@ -79,15 +124,17 @@ impl KeyList {
     }
 }
 
-fn run(store: &dyn KeyStore, work: &Work, who: &dyn Authorizer, opts: &ImportOptions) -> Result<ImportReport> {
+fn run(store: &dyn KeyStore, work: &Work, who: &dyn Authorizer, opts: &ImportOptions) -> BackupResult<ImportReport> {
     if opts.overwrite && opts.mode == Mode::Cc {
-        return Err(Error::Other(
-            "refused: --overwrite is not allowed in CC mode (mode = \"cc\"); restore without it, or destroy the keys first".into(),
+        return Err(BackupError::Refused(
+            "--overwrite is not allowed in CC mode (mode = \"cc\"); restore without it, or destroy the keys first"
+                .into(),
         ));
     }
     // Pass 1: the whole file, before anything is touched.
-    let header = check(work, opts.file, &mut |_, record| {
-        who.allow_group(&record.group).map_err(|why| Error::Other(format!("import denied: {why}")))
+    let header = check(work, opts.file, &mut |number, record| {
+        (opts.progress)(Pass::Check, number);
+        who.allow_group(&record.group).map_err(|why| BackupError::Denied { action: "import", why })
     })?;
     let mut report = ImportReport { fingerprint: header.mbk.clone(), dry_run: opts.dry_run, ..Default::default() };
     // Pass 2: plan (and apply) record by record; the reader checks every MAC again, as the file could have
@@ -96,10 +143,11 @@ fn run(store: &dyn KeyStore, work: &Work, who: &dyn Authorizer, opts: &ImportOpt
     let mut reader = BackupReader::open(opts.file)?;
     if work.database {
         let mut tx = store.begin()?;
-        while let Some((_, record)) = reader.next_record(&sealer)? {
+        while let Some((number, record)) = reader.next_record(&sealer)? {
             report.records += 1;
+            (opts.progress)(Pass::Restore, number);
             let id = work::restored_id(&record, &work.token.label);
-            let name = describe(&record.label, &id, &record.group);
+            let name = KeyItem::of(&record, &id);
             let exists = tx.exists(&id)?;
             if exists && !opts.overwrite {
                 report.skipped.push(name);
@@ -111,7 +159,7 @@ fn run(store: &dyn KeyStore, work: &Work, who: &dyn Authorizer, opts: &ImportOpt
                 if let Some(attrs) = Template::decode(&row.attrs) {
                     row.attrs = crate::vault::restorable(&attrs, row.class).encode();
                 }
-                row.mac = sealer.seal(&crate::vault::mac_input(&row))?;
+                row.mac = sealer.seal(&crate::vault::mac_input(&row)).map_err(BackupError::Other)?;
                 if exists {
                     tx.replace(&row)?;
                 } else {
@@ -143,7 +191,7 @@ fn run(store: &dyn KeyStore, work: &Work, who: &dyn Authorizer, opts: &ImportOpt
     let mut replaced: Vec<(Triple, CK_OBJECT_HANDLE)> = Vec::new();
     while let Some((_, record)) = reader.next_record(&sealer)? {
         report.records += 1;
-        let name = describe(&record.label, &record.id, &record.group);
+        let name = KeyItem::of(&record, &record.id);
         let triple = Triple::new(record.class, &record.label, &record.ckid);
         let existing = index.present(&record);
         if planned.contains(&triple) || (!existing.is_empty() && !opts.overwrite) {
@@ -174,22 +222,26 @@ fn run(store: &dyn KeyStore, work: &Work, who: &dyn Authorizer, opts: &ImportOpt
     let mut reader = BackupReader::open(opts.file)?;
     let mut next = make_list.iter();
     let mut expected = next.next();
-    let applied = (|| -> Result<()> {
+    let applied = (|| -> BackupResult<()> {
         while let Some((number, record)) = reader.next_record(&sealer)? {
             let Some(want) = expected else { break };
             if Triple::new(record.class, &record.label, &record.ckid) != *want {
                 continue;
             }
+            (opts.progress)(Pass::Restore, number);
             let name = describe(&record.label, &record.id, &record.group);
-            let h = make(work, &record, true).map_err(|e| {
-                Error::Other(format!("record {number} ({name}): cannot be made on token {:?}: {e}", t.label))
+            let h = make(work, &record, true).map_err(|cause| BackupError::Hsm {
+                record: number,
+                name,
+                what: format!("cannot be made on token {:?}", t.label),
+                cause,
             })?;
             made.push(h);
             expected = next.next();
         }
         match expected {
             None => Ok(()),
-            Some(_) => Err(Error::Other(format!("{} changed during the restore", opts.file.display()))),
+            Some(_) => Err(BackupError::Changed(opts.file.to_path_buf())),
         }
     })();
     if let Err(e) = applied {
@@ -208,25 +260,26 @@ fn run(store: &dyn KeyStore, work: &Work, who: &dyn Authorizer, opts: &ImportOpt
 }
 
 /// Reads the whole file: format, MBK, every record MAC, the trailer. `each` sees every record.
-pub fn check(work: &Work, file: &Path, each: &mut dyn FnMut(u64, &Record) -> Result<()>) -> Result<Header> {
+pub fn check(work: &Work, file: &Path, each: &mut dyn FnMut(u64, &Record) -> BackupResult<()>) -> BackupResult<Header> {
     let sealer = work.sealer();
     let mut reader = BackupReader::open(file)?;
     let header = reader.header().clone();
     if header.mbk != work.set.fingerprint {
-        return Err(Error::Other(format!(
-            "wrong MBK: {} was made under MBK {}, but token {:?} has MBK {}; restore it on an HSM holding that MBK, or clone the MBK (p11shim mbk clone-request/clone-to/clone-accept); nothing was modified",
-            file.display(),
-            header.mbk,
-            work.token.label,
-            work.set.fingerprint
-        )));
+        return Err(BackupError::WrongMbk {
+            file: file.to_path_buf(),
+            file_mbk: header.mbk,
+            token: work.token.label.clone(),
+            token_mbk: work.set.fingerprint.clone(),
+        });
     }
     while let Some((number, record)) = reader.next_record(&sealer)? {
         if record.mbk != work.set.fingerprint {
-            return Err(Error::Other(format!(
-                "record {number} (id {}): wrapped under MBK {}, not {}; nothing was modified",
-                record.id, record.mbk, work.set.fingerprint
-            )));
+            return Err(BackupError::RecordMbk {
+                record: number,
+                id: record.id,
+                record_mbk: record.mbk,
+                token_mbk: work.set.fingerprint.clone(),
+            });
         }
         each(number, &record)?;
     }

@@ -2,6 +2,7 @@
 
 pub mod clone;
 pub mod db;
+pub mod error;
 pub mod export;
 pub mod format;
 pub mod import;

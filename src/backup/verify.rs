@@ -2,11 +2,11 @@
 //! trailer, that it was made under this token's MBK, and that every secret in it unwraps in this HSM (as a
 //! session object, destroyed at once). No HSM vendor tool offers this; operators ask for it.
 
+use super::error::{BackupError, BackupResult};
 use super::import::{check, make};
 use super::work::{audit, describe, Authorizer, Work};
 use crate::attrs;
 use crate::audit::Trail;
-use crate::error::{Error, Result};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -23,34 +23,38 @@ pub struct VerifyReport {
 
 /// Verifies `file`; the logged-on users need 00000002 for every group the file holds (as for a restore,
 /// since every secret is unwrapped in the HSM).
-pub fn verify(trail: &Trail, work: &Work, who: &dyn Authorizer, file: &Path) -> Result<VerifyReport> {
-    let result = run(work, who, file);
+/// `progress` is called with the number of records checked so far.
+pub fn verify(
+    trail: &Trail,
+    work: &Work,
+    who: &dyn Authorizer,
+    file: &Path,
+    progress: &dyn Fn(u64),
+) -> BackupResult<VerifyReport> {
+    let result = run(work, who, file, progress);
     let (count, outcome) = match &result {
         Ok(r) => (r.records, format!("ok: {} records, {} secrets unwrap", r.records, r.unwrapped)),
         Err(e) => (0, format!("failed: {e}")),
     };
-    let action = if matches!(&result, Err(Error::Other(m)) if m.starts_with("verify denied")) {
-        "refused: verify"
-    } else {
-        "verify"
-    };
+    let action = if matches!(&result, Err(e) if e.is_refusal()) { "refused: verify" } else { "verify" };
     audit(trail, &who.who(), action, &file.display().to_string(), count, &outcome)?;
     result
 }
 
-fn run(work: &Work, who: &dyn Authorizer, file: &Path) -> Result<VerifyReport> {
+fn run(work: &Work, who: &dyn Authorizer, file: &Path, progress: &dyn Fn(u64)) -> BackupResult<VerifyReport> {
     let mut report = VerifyReport::default();
     let t = &work.token;
     let header = check(work, file, &mut |number, record| {
-        who.allow_group(&record.group).map_err(|why| Error::Other(format!("verify denied: {why}")))?;
+        progress(number);
+        who.allow_group(&record.group).map_err(|why| BackupError::Denied { action: "verify", why })?;
         report.records += 1;
         *report.groups.entry(record.group.clone()).or_default() += 1;
         if attrs::has_secret(record.class) {
-            let h = make(work, record, false).map_err(|e| {
-                Error::Other(format!(
-                    "record {number} ({}): its secret does not unwrap in this HSM: {e}",
-                    describe(&record.label, &record.id, &record.group)
-                ))
+            let h = make(work, record, false).map_err(|cause| BackupError::Hsm {
+                record: number,
+                name: describe(&record.label, &record.id, &record.group),
+                what: "its secret does not unwrap in this HSM".into(),
+                cause,
             })?;
             t.backend.destroy_object(t.session, h)?;
             report.unwrapped += 1;

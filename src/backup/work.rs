@@ -121,21 +121,22 @@ pub fn group_filter(text: &str) -> Result<regex::Regex> {
         .map_err(|e| Error::Other(format!("group filter {text:?} is not a valid regular expression: {e}")))
 }
 
-/// A record for a key store row (its secret is already wrapped under the MBK).
-pub fn record_of_row(row: &KeyRow) -> Record {
+/// A record for a key store row (its secret is already wrapped under the MBK). Takes the row: a data
+/// object's value or a long label is not copied.
+pub fn record_of_row(row: KeyRow) -> Record {
     Record {
         kind: RecordKind::Stored,
-        id: row.id.clone(),
-        token: row.token.clone(),
-        group: row.group.clone(),
+        id: row.id,
+        token: row.token,
+        group: row.group,
         class: row.class,
         key_type: row.key_type,
-        label: row.label.clone(),
-        ckid: row.ckid.clone(),
-        attrs: row.attrs.clone(),
-        wrapped: row.wrapped.clone(),
+        label: row.label,
+        ckid: row.ckid,
+        attrs: row.attrs,
+        wrapped: row.wrapped,
         wrap_mech: row.wrap_mech,
-        mbk: row.mbk.clone(),
+        mbk: row.mbk,
     }
 }
 

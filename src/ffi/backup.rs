@@ -16,7 +16,7 @@ use crate::backup::import::{self, ImportOptions};
 use crate::backup::verify;
 use crate::backup::work::Work;
 use crate::config::Config;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use cryptoki_sys::*;
 use std::ffi::{c_char, CStr};
 use std::path::PathBuf;
@@ -116,19 +116,10 @@ impl Ctx {
     }
 }
 
-fn failed(what: &str, e: Error) -> CK_RV {
+fn failed(what: &str, e: impl Into<crate::backup::error::BackupError>) -> CK_RV {
+    let e = e.into();
     crate::error!("{what}: {e}");
-    match e {
-        Error::Rv(rv) => rv,
-        Error::Store(crate::store::StoreError::Unavailable { .. }) => CKR_DEVICE_ERROR,
-        Error::Denied(_) => CKR_ACTION_PROHIBITED,
-        Error::Other(m)
-            if m.starts_with("export denied") || m.starts_with("import denied") || m.starts_with("verify denied") =>
-        {
-            CKR_ACTION_PROHIBITED
-        }
-        _ => CKR_FUNCTION_FAILED,
-    }
+    e.rv()
 }
 
 fn auth_failed(what: &str, e: AuthError) -> CK_RV {
@@ -304,6 +295,9 @@ pub(crate) unsafe extern "C" fn P11SHIM_ExportGroup(
         for s in &report.skipped {
             crate::warn!("export: {} was not exported: {}", s.key, s.why);
         }
+        for l in &report.leftovers {
+            crate::warn!("export: {l}");
+        }
         if !exported.is_null() {
             // SAFETY: non-NULL; the application passes room for a CK_ULONG.
             unsafe { *exported = report.exported as CK_ULONG };
@@ -334,6 +328,7 @@ pub(crate) unsafe extern "C" fn P11SHIM_ImportFile(
             overwrite: flags & IMPORT_OVERWRITE != 0,
             dry_run: flags & IMPORT_DRY_RUN != 0,
             mode: ctx.config.mode,
+            progress: &|_, _| {},
         };
         let report = ctx
             .with_trail(|trail| import::import(trail, &ctx.work, logged.logons(), &opts))
@@ -363,7 +358,7 @@ pub(crate) unsafe extern "C" fn P11SHIM_VerifyFile(
         let ctx = Ctx::of(session)?;
         let logged = ctx.logged(session, "verify", &file.display().to_string())?;
         let report = ctx
-            .with_trail(|trail| verify::verify(trail, &ctx.work, logged.logons(), &file))
+            .with_trail(|trail| verify::verify(trail, &ctx.work, logged.logons(), &file, &|_| {}))
             .map_err(|e| failed("verify", e))?;
         if !records.is_null() {
             // SAFETY: non-NULL; room for a CK_ULONG.

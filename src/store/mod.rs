@@ -81,8 +81,8 @@ pub enum StoreError {
     Sealing(String),
     /// A key row that cannot be read: a column holds a value of the wrong type (or NULL), written outside
     /// p11shim. The other rows are unaffected.
-    #[error("key store {store}: row {id} cannot be read ({cause}); it was changed outside p11shim: restore the key from a backup or delete the row")]
-    BadRow { store: String, id: String, cause: String },
+    #[error("key store {store}: row {} cannot be read ({}); it was changed outside p11shim: restore the key from a backup or delete the row", row.id, row.cause)]
+    BadRow { store: String, row: Box<BadRow> },
 }
 
 impl StoreError {
@@ -109,10 +109,13 @@ pub enum RowRead {
     Bad(BadRow),
 }
 
-/// A key row that cannot be read: its id (or a description of it when even the id cannot be read) and why.
+/// A key row that cannot be read: its id (or a description of it when even the id cannot be read), its token
+/// and group when those columns can be read, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BadRow {
     pub id: String,
+    pub token: Option<String>,
+    pub group: Option<String>,
     pub cause: String,
 }
 
@@ -175,7 +178,7 @@ pub trait KeyStore: Send + Sync {
         let store = self.describe();
         self.scan_rows(&mut |read| match read {
             RowRead::Row(row) => f(row),
-            RowRead::Bad(bad) => Err(StoreError::BadRow { store: store.clone(), id: bad.id, cause: bad.cause }),
+            RowRead::Bad(bad) => Err(StoreError::BadRow { store: store.clone(), row: Box::new(bad) }),
         })
     }
     /// As `scan`, but a row that cannot be read is handed to `f` as [`RowRead::Bad`] and the scan goes on.

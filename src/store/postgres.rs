@@ -704,7 +704,8 @@ fn read_row(r: &postgres::Row) -> RowRead {
         Ok(row) => RowRead::Row(row),
         Err(e) => {
             let id = r.try_get::<_, String>(0).unwrap_or_else(|_| "without a readable id".into());
-            RowRead::Bad(BadRow { id, cause: e.to_string() })
+            let (token, group) = (r.try_get(1).ok(), r.try_get(2).ok());
+            RowRead::Bad(BadRow { id, token, group, cause: e.to_string() })
         }
     }
 }
@@ -740,7 +741,7 @@ impl KeyStore for PostgresStore {
             None => Ok(None),
             Some(RowRead::Row(row)) => Ok(Some(row)),
             Some(RowRead::Bad(bad)) => {
-                Err(StoreError::BadRow { store: self.name.clone(), id: bad.id, cause: bad.cause })
+                Err(StoreError::BadRow { store: self.name.clone(), row: Box::new(bad) })
             }
         }
     }

@@ -534,7 +534,8 @@ fn read_row_checked(r: &rusqlite::Row<'_>) -> rusqlite::Result<RowRead> {
                 Ok(v) => format!("with id {v:?}"),
                 Err(_) => "without id".into(),
             });
-            Ok(RowRead::Bad(BadRow { id, cause: e.to_string() }))
+            let (token, group) = (r.get(1).ok(), r.get(2).ok());
+            Ok(RowRead::Bad(BadRow { id, token, group, cause: e.to_string() }))
         }
         Err(e) => Err(e),
     }
@@ -739,7 +740,7 @@ impl KeyStore for SqliteStore {
             None => Ok(None),
             Some(RowRead::Row(row)) => Ok(Some(row)),
             Some(RowRead::Bad(bad)) => {
-                Err(StoreError::BadRow { store: self.name.clone(), id: bad.id, cause: bad.cause })
+                Err(StoreError::BadRow { store: self.name.clone(), row: Box::new(bad) })
             }
         }
     }

@@ -27,6 +27,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, Once, OnceLock};
 
 pub mod pg;
+pub mod sealer;
 
 /// The SO PIN of every token made by [`new_token`].
 pub const SO_PIN: &str = "so-pin-1234";

@@ -9,12 +9,13 @@ use super::users::{logons, open_store, other_tokens, LogonArgs, Seals};
 use clap::{Args, Subcommand};
 use p11shim::auth::Need;
 use p11shim::backup::export::{self, ExportOptions};
-use p11shim::backup::import::{self, ImportOptions};
+use p11shim::backup::import::{self, ImportOptions, Pass};
 use p11shim::backup::work::{audit, Work};
 use p11shim::backup::{db, verify};
 use p11shim::config::{Config, Storage};
 use p11shim::error::ErrorKind;
 use serde_json::json;
+use std::cell::RefCell;
 use std::path::PathBuf;
 
 #[derive(Args)]
@@ -161,13 +162,18 @@ pub fn backup(config: &Config, a: BackupArgs, json: bool) -> CliResult {
         Err(e) => return Err(e.into()),
     };
     bar.finish();
+    for leftover in &report.leftovers {
+        eprintln!("p11shim: warning: {leftover}");
+    }
     let label = &s.work.token.label;
     if json {
         let skipped: Vec<_> = report.skipped.iter().map(|s| json!({"key": s.key, "why": s.why})).collect();
+        let leftovers: Vec<String> = report.leftovers.iter().map(|l| l.to_string()).collect();
         println!(
             "{}",
             json!({"file": report.path, "token": label, "mbk": report.fingerprint, "exported": report.exported,
-                   "stored": report.stored, "hsm": report.hsm, "groups": report.groups, "not_exported": skipped})
+                   "stored": report.stored, "hsm": report.hsm, "groups": report.groups, "not_exported": skipped,
+                   "leftovers": leftovers})
         );
     } else {
         println!("Backup {} written: {} keys under MBK {}", report.path.display(), report.exported, report.fingerprint);
@@ -196,7 +202,7 @@ fn known_groups(store: &dyn p11shim::store::KeyStore, work: &Work) -> Vec<String
 }
 
 /// A backup whose group regex matched no key: exit status 4, naming the regex and the nearest groups.
-fn nothing_matched(regex: &str, groups: &[String], e: p11shim::error::Error) -> Failure {
+fn nothing_matched(regex: &str, groups: &[String], e: p11shim::backup::error::BackupError) -> Failure {
     let near = p11shim::admin::nearest(regex, groups.iter().map(String::as_str));
     let hint = if near.is_empty() {
         format!(
@@ -219,8 +225,23 @@ pub fn restore(config: &Config, a: RestoreArgs, json: bool) -> CliResult {
     let seals = Seals::new(&s.work, &s.others);
     let trail = seals.trail(store.as_ref(), config);
     let users = logons(&trail, config, &a.logon.logon)?;
-    let opts = ImportOptions { file: &a.file, overwrite: a.overwrite, dry_run: a.dry_run, mode: config.mode };
+    let bar = RefCell::new(Progress::new("records checked", None, json));
+    let progress = |pass: Pass, n: u64| {
+        let mut bar = bar.borrow_mut();
+        if pass == Pass::Restore && n == 1 {
+            *bar = Progress::new(if a.dry_run { "records planned" } else { "records restored" }, None, json);
+        }
+        bar.update(n);
+    };
+    let opts = ImportOptions {
+        file: &a.file,
+        overwrite: a.overwrite,
+        dry_run: a.dry_run,
+        mode: config.mode,
+        progress: &progress,
+    };
     let report = import::import(&trail, &s.work, &users, &opts)?;
+    bar.borrow_mut().finish();
     if let Some(recovered) = &report.recovered {
         eprintln!("p11shim: first {recovered}");
     }
@@ -229,11 +250,11 @@ pub fn restore(config: &Config, a: RestoreArgs, json: bool) -> CliResult {
     if json {
         println!(
             "{}",
-            json!({"file": a.file, "token": label, "dry_run": a.dry_run, "records": report.records,
-                   "added": report.added.names, "skipped": report.skipped.names, "overwritten": report.overwritten.names,
-                   "added_count": report.added.count, "skipped_count": report.skipped.count,
-                   "overwritten_count": report.overwritten.count, "names_kept_per_list": import::NAMES_KEPT,
-                   "recovered": report.recovered})
+            json!({"file": a.file, "token": label, "mbk": report.fingerprint, "dry_run": a.dry_run,
+                   "records": report.records, "added": report.added.items, "skipped": report.skipped.items,
+                   "overwritten": report.overwritten.items, "added_count": report.added.count,
+                   "skipped_count": report.skipped.count, "overwritten_count": report.overwritten.count,
+                   "items_kept_per_list": import::NAMES_KEPT, "recovered": report.recovered})
         );
     } else {
         println!("{} records in {} (MBK {})", report.records, a.file.display(), report.fingerprint);
@@ -241,7 +262,7 @@ pub fn restore(config: &Config, a: RestoreArgs, json: bool) -> CliResult {
             [("added", &report.added), ("skipped (present)", &report.skipped), ("overwritten", &report.overwritten)]
         {
             println!("  {} {verb} {what}", list.len());
-            for k in list.names.iter().take(50) {
+            for k in list.items.iter().take(50) {
                 println!("    {k}");
             }
             if list.len() > 50 {
@@ -258,7 +279,9 @@ pub fn verify(config: &Config, a: VerifyArgs, json: bool) -> CliResult {
     let seals = Seals::new(&s.work, &s.others);
     let trail = seals.trail(store.as_ref(), config);
     let users = logons(&trail, config, &a.logon.logon)?;
-    let report = verify::verify(&trail, &s.work, &users, &a.file)?;
+    let bar = RefCell::new(Progress::new("records verified", None, json));
+    let report = verify::verify(&trail, &s.work, &users, &a.file, &|n| bar.borrow_mut().update(n))?;
+    bar.borrow_mut().finish();
     let label = &s.work.token.label;
     if json {
         println!(
@@ -311,7 +334,15 @@ pub fn db(config: &Config, command: DbCommand, json: bool) -> CliResult {
             }
             p11shim::files::check_output_target(&out, false)
                 .map_err(|e| Failure::from(format!("{}: {e}", out.display())))?;
-            let result = db::backup(store.as_ref(), &s.work.sealer(), &out, with_users);
+            let bar = RefCell::new(Progress::new("keys written", None, json));
+            let result =
+                db::backup(store.as_ref(), &s.work.sealer(), &out, with_users, &|n| bar.borrow_mut().update(n));
+            bar.borrow_mut().finish();
+            if let Ok(summary) = &result {
+                for leftover in &summary.leftovers {
+                    eprintln!("p11shim: warning: {leftover}");
+                }
+            }
             let outcome = match &result {
                 Ok(s) => format!("ok: {} keys, {} users", s.keys, s.users),
                 Err(e) => format!("failed: {e}"),
@@ -346,7 +377,10 @@ pub fn db(config: &Config, command: DbCommand, json: bool) -> CliResult {
                 return refused(&trail, &who.who(), "db restore", format!("import denied: {d}"));
             }
             let users_denied = who.require(Need::UsersTable).err().map(|d| d.to_string());
-            let result = db::restore(store.as_ref(), &s.work.sealer(), &file, users_denied.as_deref());
+            let bar = RefCell::new(Progress::new("lines read", None, json));
+            let progress = |n| bar.borrow_mut().update(n);
+            let result = db::restore(store.as_ref(), &s.work.sealer(), &file, users_denied.as_deref(), &progress);
+            bar.borrow_mut().finish();
             let (action, outcome) = match &result {
                 Ok(s) => ("db restore", format!("ok: {} keys, {} users", s.keys, s.users)),
                 Err(e) if e.kind() == ErrorKind::Denied => ("refused: db restore", e.to_string()),

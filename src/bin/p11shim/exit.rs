@@ -86,7 +86,8 @@ impl From<ErrorKind> for Exit {
         match kind {
             ErrorKind::Denied => Exit::Denied,
             ErrorKind::NotFound => Exit::NothingMatched,
-            ErrorKind::Damaged => Exit::Damaged,
+            ErrorKind::Damaged | ErrorKind::WrongMbk => Exit::Damaged,
+            ErrorKind::Io => Exit::Failed,
             ErrorKind::Unavailable => Exit::Unavailable,
             ErrorKind::Failed => Exit::Failed,
         }
@@ -128,6 +129,12 @@ impl From<&str> for Failure {
 
 impl From<Error> for Failure {
     fn from(e: Error) -> Failure {
+        Failure::new(e.kind().into(), e.to_string())
+    }
+}
+
+impl From<p11shim::backup::error::BackupError> for Failure {
+    fn from(e: p11shim::backup::error::BackupError) -> Failure {
         Failure::new(e.kind().into(), e.to_string())
     }
 }
