@@ -740,9 +740,7 @@ impl KeyStore for PostgresStore {
         match rows.first().map(read_row) {
             None => Ok(None),
             Some(RowRead::Row(row)) => Ok(Some(row)),
-            Some(RowRead::Bad(bad)) => {
-                Err(StoreError::BadRow { store: self.name.clone(), row: Box::new(bad) })
-            }
+            Some(RowRead::Bad(bad)) => Err(StoreError::BadRow { store: self.name.clone(), row: Box::new(bad) }),
         }
     }
 

@@ -739,9 +739,7 @@ impl KeyStore for SqliteStore {
         match read {
             None => Ok(None),
             Some(RowRead::Row(row)) => Ok(Some(row)),
-            Some(RowRead::Bad(bad)) => {
-                Err(StoreError::BadRow { store: self.name.clone(), row: Box::new(bad) })
-            }
+            Some(RowRead::Bad(bad)) => Err(StoreError::BadRow { store: self.name.clone(), row: Box::new(bad) }),
         }
     }
 
