@@ -824,7 +824,8 @@ impl KeyStore for PostgresStore {
     }
 
     fn key_counts(&self) -> StoreResult<Vec<(String, String, u64)>> {
-        let sql = r#"SELECT token, grp, COUNT(*) FROM keys GROUP BY 1, 2 ORDER BY 1 COLLATE "C", 2 COLLATE "C""#;
+        let sql =
+            r#"SELECT token, grp, COUNT(*) FROM keys GROUP BY token, grp ORDER BY token COLLATE "C", grp COLLATE "C""#;
         let rows = self.run(true, |p| p.query(sql, &[]))?;
         Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get::<_, i64>(2) as u64)).collect())
     }

@@ -1902,7 +1902,7 @@ pub fn operator_commands_and_exit_statuses(engine: Engine) {
     assert!(refused.stderr.contains("\"prdo\" names no token") && refused.stderr.contains("did you mean \"prod\""));
     let status = lab.p11shim(&["status", "--json"]).status(3).json();
     assert!(status["problems"].to_string().contains("prdo"), "{status}");
-    lab.tool("prod", &["--list-slots"]).ok();
+    lab.tool("prod", &["--list-objects", "--type", "secrkey"]).ok();
     let log = std::fs::read_to_string(lab.path("shim.log")).unwrap();
     assert!(log.lines().any(|l| l.contains("WARN") && l.contains("\"prdo\" names no token")), "{log}");
     std::fs::write(lab.config_path(), config).unwrap();
