@@ -137,7 +137,7 @@ for page in p11shim p11shim-mbk-create p11shim-backup; do
     grep -q "^NAME" "$work/page.txt" || fail "man -l $file: no NAME section"
     grep -q "$page" "$work/page.txt" || fail "man -l $file: does not name $page"
 done
-grep -q 'p11shim mbk create' <(MANWIDTH=100 man -l "$sysroot/usr/share/man/man1/p11shim-mbk-create.1.gz") ||
+grep -qE 'p11shim +mbk +create' <(MANWIDTH=100 man -l "$sysroot/usr/share/man/man1/p11shim-mbk-create.1.gz") ||
     fail "p11shim-mbk-create(1) does not show how the command is typed"
 
 step "the bash completion loads and completes"

@@ -594,6 +594,11 @@ fn newer_versions_and_other_files_are_named() {
         replace(&path, content);
         assert_eq!(verify_err(&path), why);
     }
+    // A file a text transfer converted to CR LF, and a whole-store backup, are named as such.
+    replace(&path, b"P11SHIM-BACKUP 2\r\n{}\r\n");
+    assert!(verify_err(&path).contains("lines end with CR LF"), "{}", verify_err(&path));
+    replace(&path, b"P11SHIM-DB-BACKUP 1\nK {}\n");
+    assert!(verify_err(&path).contains("whole-store backup") && verify_err(&path).contains("p11shim db restore"));
     // The header's own format field must agree with the magic line.
     write(&dir.path().join("c.p11b"), 1);
     let mut l = lines(&dir.path().join("c.p11b"));

@@ -331,7 +331,14 @@ fn read_lines(file: &Path, each: &mut dyn FnMut(u64, &[u8]) -> BackupResult<()>)
         buf.pop();
         let line = &buf[..];
         if number == 1 && line != MAGIC.as_bytes() {
-            return Err(damaged(file, &format!("not a p11shim whole-store backup ({MAGIC})")));
+            let what = if line.starts_with(b"P11SHIM-BACKUP ") {
+                "it is a per-group backup (written by `p11shim backup`): restore it with `p11shim restore`".to_string()
+            } else if line.ends_with(b"\r") {
+                "its lines end with CR LF: a text transfer converted it; copy backups as binary files".to_string()
+            } else {
+                format!("not a p11shim whole-store backup ({MAGIC})")
+            };
+            return Err(damaged(file, &what));
         }
         if let Some(json) = line.strip_prefix(b"T ") {
             let t: Trailer = serde_json::from_slice(json).map_err(|e| damaged(file, &format!("trailer: {e}")))?;

@@ -345,6 +345,13 @@ fn check_magic(line: &[u8], got: &Line) -> FormatResult<u32> {
         if !full && !line.is_empty() && prefix.as_bytes().starts_with(line) {
             return Err(FormatError::CutShort { what: "the magic line".into() });
         }
+        if line.starts_with(b"P11SHIM-DB-BACKUP ") {
+            return Err(FormatError::NotABackup(
+                "it is a whole-store backup (written by `p11shim db backup`): restore it with `p11shim db restore`; \
+                 `verify` and `restore` read per-group backups"
+                    .into(),
+            ));
+        }
         let what =
             if line.is_empty() { "empty file".to_string() } else { format!("the first line is not {MAGIC} VERSION") };
         return Err(FormatError::NotABackup(what));
@@ -360,6 +367,11 @@ fn check_magic(line: &[u8], got: &Line) -> FormatResult<u32> {
         Some(_) if !full => Err(FormatError::CutShort { what: "the magic line".into() }),
         Some(v) => Ok(v),
         None if !full => Err(FormatError::CutShort { what: "the magic line".into() }),
+        None if digits.ends_with(b"\r") => Err(FormatError::NotABackup(
+            "its lines end with CR LF: a text transfer converted it; copy backups as binary files (if only the line \
+             ends changed, `sed -i 's/\\r$//' FILE` gives back the original, which its MACs then confirm)"
+                .into(),
+        )),
         None => Err(FormatError::NotABackup("the format version is not a number".into())),
     }
 }
