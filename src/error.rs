@@ -46,6 +46,7 @@ impl Error {
             Error::Denied(_) => cryptoki_sys::CKR_ACTION_PROHIBITED,
             Error::Damaged(_) => cryptoki_sys::CKR_FUNCTION_FAILED,
             Error::Store(crate::store::StoreError::Unavailable { .. }) => cryptoki_sys::CKR_DEVICE_ERROR,
+            Error::Store(crate::store::StoreError::Limit { .. }) => cryptoki_sys::CKR_DEVICE_MEMORY,
             Error::Store(_) => CKR_GENERAL_ERROR,
         }
     }

@@ -1,4 +1,4 @@
-//! The MBK between HSMs, so that a backup can be restored elsewhere (issue C item 7).
+//! The MBK between HSMs, so that a backup can be restored elsewhere.
 //!
 //! Cloning never shows the MBK to the host: the target makes an RSA-3072 transport key pair and hands out
 //! its public key (the request); the source's SO marks that public key trusted for this one wrap (the MBK is
@@ -132,12 +132,12 @@ pub fn request(token: &Token) -> Result<CloneRequest> {
 /// `mbk clone-to` on the source (SO logged in): the MBK set wrapped for the request's transport key.
 pub fn respond(token: &Token, req: &CloneRequest) -> Result<CloneResponse> {
     if req.format != REQUEST_FORMAT {
-        return Err(Error::Other(format!(
+        return Err(Error::Damaged(format!(
             "not a clone request (format {:?}, expected {REQUEST_FORMAT:?})",
             req.format
         )));
     }
-    let bad = |what: &str| Error::Other(format!("clone request: {what} is not hex"));
+    let bad = |what: &str| Error::Damaged(format!("clone request: {what} is not hex"));
     let modulus = hex::decode(&req.modulus).map_err(|_| bad("modulus"))?;
     let exponent = hex::decode(&req.exponent).map_err(|_| bad("exponent"))?;
     if modulus.len() < 384 {
@@ -147,10 +147,10 @@ pub fn respond(token: &Token, req: &CloneRequest) -> Result<CloneResponse> {
         )));
     }
     if request_id(&modulus, &exponent) != req.request_id {
-        return Err(Error::Other("clone request: its id does not match its key (edited?)".into()));
+        return Err(Error::Damaged("clone request: its id does not match its key (edited?)".into()));
     }
-    let set =
-        mbk::find(token.backend, token.session, token.slot)?.ok_or_else(|| Error::Other(mbk::missing(&token.label)))?;
+    let set = mbk::find(token.backend, token.session, token.slot)?
+        .ok_or_else(|| Error::Missing(mbk::missing(&token.label)))?;
     // Trusted (SO only) for this session: the MBK is extractable only under a trusted key.
     let target = token.backend.create_object(
         token.session,
@@ -203,7 +203,7 @@ pub fn respond(token: &Token, req: &CloneRequest) -> Result<CloneResponse> {
 /// destroys the transport keys.
 pub fn accept(token: &Token, resp: &CloneResponse) -> Result<MbkSet> {
     if resp.format != RESPONSE_FORMAT {
-        return Err(Error::Other(format!(
+        return Err(Error::Damaged(format!(
             "not a clone response (format {:?}, expected {RESPONSE_FORMAT:?})",
             resp.format
         )));
@@ -212,7 +212,7 @@ pub fn accept(token: &Token, resp: &CloneResponse) -> Result<MbkSet> {
     let publics = find_labelled(token, CKO_PUBLIC_KEY, TRANSPORT_LABEL)?;
     let privates = find_labelled(token, CKO_PRIVATE_KEY, TRANSPORT_LABEL)?;
     let (Some(&public), Some(&private)) = (publics.first(), privates.first()) else {
-        return Err(Error::Other(format!(
+        return Err(Error::Missing(format!(
             "token {:?} has no transport key: run `p11shim mbk clone-request --token {}` on it first",
             token.label, token.label
         )));
@@ -221,7 +221,7 @@ pub fn accept(token: &Token, resp: &CloneResponse) -> Result<MbkSet> {
     let id =
         request_id(parts.bytes(CKA_MODULUS).unwrap_or_default(), parts.bytes(CKA_PUBLIC_EXPONENT).unwrap_or_default());
     if id != resp.request_id {
-        return Err(Error::Other(format!(
+        return Err(Error::Damaged(format!(
             "this response answers request {}, but token {:?} holds transport key {id} (a newer request?)",
             resp.request_id, token.label
         )));
@@ -229,9 +229,9 @@ pub fn accept(token: &Token, resp: &CloneResponse) -> Result<MbkSet> {
     let hash = match resp.oaep.as_str() {
         "sha256" => CKM_SHA256,
         "sha1" => CKM_SHA_1,
-        other => return Err(Error::Other(format!("clone response: unknown OAEP hash {other:?}"))),
+        other => return Err(Error::Damaged(format!("clone response: unknown OAEP hash {other:?}"))),
     };
-    let bad = |what: &str| Error::Other(format!("clone response: {what} is not hex"));
+    let bad = |what: &str| Error::Damaged(format!("clone response: {what} is not hex"));
     let mbk_blob = hex::decode(&resp.mbk).map_err(|_| bad("mbk"))?;
     let mac_blob = hex::decode(&resp.mac).map_err(|_| bad("mac"))?;
     let mech = Mechanism::rsa_oaep(hash);
@@ -270,7 +270,7 @@ fn install(
             let _ = b.destroy_object(so, h);
         }
         return Err(match fingerprint {
-            Ok(got) => Error::Other(format!(
+            Ok(got) => Error::Damaged(format!(
                 "the MBK set received has fingerprint {got}, not {expected}: refused, nothing installed"
             )),
             Err(e) => e,
@@ -291,8 +291,8 @@ fn install(
 /// which `threshold` rebuild it; written as files `DIR/mbk-share-I-of-N.txt` (mode 0600). The clear keys
 /// are zeroized after use.
 pub fn export_shares(token: &Token, threshold: u8, shares: u8, dir: &Path) -> Result<Vec<PathBuf>> {
-    let set =
-        mbk::find(token.backend, token.session, token.slot)?.ok_or_else(|| Error::Other(mbk::missing(&token.label)))?;
+    let set = mbk::find(token.backend, token.session, token.slot)?
+        .ok_or_else(|| Error::Missing(mbk::missing(&token.label)))?;
     let kek = Zeroizing::new(random::<32>()?);
     // A trusted session key whose value the host knows: the MBK leaves the HSM wrapped under it, and the host
     // unwraps it in software.
@@ -347,11 +347,11 @@ pub fn import_shares(token: &Token, files: &[PathBuf]) -> Result<MbkSet> {
             std::fs::read_to_string(f).map_err(|e| Error::Other(format!("cannot read share {}: {e}", f.display())))?,
         );
         let parsed =
-            shamir::Share::from_text(text.trim()).map_err(|e| Error::Other(format!("share {}: {e}", f.display())))?;
+            shamir::Share::from_text(text.trim()).map_err(|e| Error::Damaged(format!("share {}: {e}", f.display())))?;
         let (share, fp) = (parsed.share, parsed.fingerprint);
         match &fingerprint {
             Some(known) if *known != fp => {
-                return Err(Error::Other(format!(
+                return Err(Error::Damaged(format!(
                     "share {} belongs to MBK {fp}, the others to {known}: shares of different MBKs cannot be combined",
                     f.display()
                 )))
@@ -363,7 +363,7 @@ pub fn import_shares(token: &Token, files: &[PathBuf]) -> Result<MbkSet> {
     let fingerprint = fingerprint.ok_or_else(|| Error::Other("no share files given".into()))?;
     let secret = shamir::combine(&parts)?;
     if secret.len() != 64 {
-        return Err(Error::Other(format!("the shares rebuild {} bytes, not the 64 of an MBK set", secret.len())));
+        return Err(Error::Damaged(format!("the shares rebuild {} bytes, not the 64 of an MBK set", secret.len())));
     }
     let kek = Zeroizing::new(random::<32>()?);
     let blobs = [kwp_wrap(&kek[..], &secret[..32])?, kwp_wrap(&kek[..], &secret[32..])?];
@@ -430,7 +430,7 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
 pub fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
     let text =
         std::fs::read_to_string(path).map_err(|e| Error::Other(format!("cannot read {}: {e}", path.display())))?;
-    serde_json::from_str(&text).map_err(|e| Error::Other(format!("{}: {e}", path.display())))
+    serde_json::from_str(&text).map_err(|e| Error::Damaged(format!("{}: {e}", path.display())))
 }
 
 /// Writes a JSON file (a request or a response), mode 0600, not replacing an existing one.

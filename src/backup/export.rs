@@ -22,6 +22,9 @@ pub struct ExportOptions<'a> {
     /// Only keys of the key store: the token's own keys are left out (they need the user's login to be
     /// wrapped; stored keys are wrapped already).
     pub stored_only: bool,
+    /// Write a backup with no key when nothing matches; else that is [`BackupError::NothingMatched`] and no
+    /// file is written.
+    pub allow_empty: bool,
 }
 
 /// A key that was not exported, and why.
@@ -92,7 +95,7 @@ fn run(
         groups.insert(work.slot_group.clone());
     }
     let nothing = |where_: String| BackupError::NothingMatched { filter: opts.filter.to_string(), where_ };
-    if groups.is_empty() && unreadable.is_empty() {
+    if groups.is_empty() && unreadable.is_empty() && !opts.allow_empty {
         return Err(nothing(format!(" in {}", store.describe())));
     }
     for g in &groups {
@@ -168,7 +171,7 @@ fn run(
         }
     }
     report.exported = report.stored + report.hsm;
-    if report.exported == 0 && report.skipped.is_empty() {
+    if report.exported == 0 && report.skipped.is_empty() && !opts.allow_empty {
         // The token's group matched, and it holds no key: the writer's temporary file goes with it.
         return Err(nothing(format!(" in {} nor in token {:?}", store.describe(), work.token.label)));
     }

@@ -288,7 +288,14 @@ pub(crate) unsafe extern "C" fn P11SHIM_ExportGroup(
         let (filter, out) = unsafe { (text(group_regex)?, text(path)?) };
         let ctx = Ctx::of(session)?;
         let logged = ctx.logged(session, "backup", &filter)?;
-        let opts = ExportOptions { filter: &filter, out: &PathBuf::from(out), replace: false, stored_only: false };
+        let opts = ExportOptions {
+            filter: &filter,
+            out: &PathBuf::from(out),
+            replace: false,
+            stored_only: false,
+            // The C interface reports the count; a caller tells an empty backup by it.
+            allow_empty: true,
+        };
         let report = ctx
             .with_trail(|trail| export::export(trail, &ctx.work, logged.logons(), &opts, &mut |_| {}))
             .map_err(|e| failed("export", e))?;

@@ -79,6 +79,9 @@ pub enum StoreError {
     /// What the HSM seals (an audit entry) could not be sealed; nothing was written.
     #[error("{0}")]
     Sealing(String),
+    /// The database refused a value over one of its limits (PostgreSQL: a label too long for its index).
+    #[error("key store {store}: a value is over the database's limits: {cause}")]
+    Limit { store: String, cause: String },
     /// A key row that cannot be read: a column holds a value of the wrong type (or NULL), written outside
     /// p11shim. The other rows are unaffected.
     #[error("key store {store}: row {} cannot be read ({}); it was changed outside p11shim: restore the key from a backup or delete the row", row.id, row.cause)]
@@ -93,6 +96,7 @@ impl StoreError {
             StoreError::Unavailable { .. } => ErrorKind::Unavailable,
             StoreError::BadRow { .. } => ErrorKind::Damaged,
             StoreError::Schema { .. }
+            | StoreError::Limit { .. }
             | StoreError::Sealing(_)
             | StoreError::Duplicate { .. }
             | StoreError::Url { .. } => ErrorKind::Failed,

@@ -307,6 +307,11 @@ impl PostgresStore {
             Some(db) => format!("{} ({})", db.message(), db.code().code()),
             None => e.to_string(),
         };
+        // Class 54, "program limit exceeded" (an index row too large for a long label), is the server refusing
+        // this value, not an outage: retrying or reconnecting would not help.
+        if e.as_db_error().is_some_and(|db| db.code().code().starts_with("54")) {
+            return StoreError::Limit { store: self.name.clone(), cause };
+        }
         StoreError::Unavailable { store: self.name.clone(), cause }
     }
 

@@ -55,6 +55,10 @@ pub struct BackupArgs {
     /// wrapped). The token's own keys are not looked at.
     #[arg(long)]
     pub stored_only: bool,
+    /// Write the file even when the regex matches no key (a backup with no key, exit status 0). Without it,
+    /// a backup that matches nothing writes no file (an existing FILE stays) and exits with status 4.
+    #[arg(long)]
+    pub allow_empty: bool,
     #[command(flatten)]
     pub token: TokenArg,
     #[command(flatten)]
@@ -152,7 +156,13 @@ pub fn backup(config: &Config, a: BackupArgs, json: bool) -> CliResult {
     let users = logons(&trail, config, &a.logon.logon)?;
     let mut bar = Progress::new("keys exported", None, json);
     let mut progress = |n: u64| bar.update(n);
-    let opts = ExportOptions { filter: &a.group, out: &a.out, replace: a.replace, stored_only: a.stored_only };
+    let opts = ExportOptions {
+        filter: &a.group,
+        out: &a.out,
+        replace: a.replace,
+        stored_only: a.stored_only,
+        allow_empty: a.allow_empty,
+    };
     let report = match export::export(&trail, &s.work, &users, &opts, &mut progress) {
         Ok(report) => report,
         Err(e) if e.kind() == ErrorKind::NotFound => {
@@ -204,7 +214,16 @@ fn known_groups(store: &dyn p11shim::store::KeyStore, work: &Work) -> Vec<String
 /// A backup whose group regex matched no key: exit status 4, naming the regex and the nearest groups.
 fn nothing_matched(regex: &str, groups: &[String], e: p11shim::backup::error::BackupError) -> Failure {
     let near = p11shim::admin::nearest(regex, groups.iter().map(String::as_str));
-    let hint = if near.is_empty() {
+    let matched: Vec<&String> = match p11shim::backup::work::group_filter(regex) {
+        Ok(re) => groups.iter().filter(|g| re.is_match(g)).collect(),
+        Err(_) => Vec::new(),
+    };
+    let hint = if !matched.is_empty() {
+        format!(
+            "the groups it matches hold no key: {} (--allow-empty writes an empty backup)",
+            quoted(matched.into_iter())
+        )
+    } else if near.is_empty() {
         format!(
             "groups present: {}",
             if groups.is_empty() { "none".to_string() } else { quoted(groups.iter().take(20)) }

@@ -2,6 +2,7 @@
 
 use super::exit::{CliResult, Failure, Outcome};
 use super::pins::PinArgs;
+use super::progress::Progress;
 use super::users::open_store;
 use clap::Subcommand;
 use p11shim::admin;
@@ -126,7 +127,9 @@ fn execute(config: &Config, command: MbkCommand, out: &Out) -> Result<(String, s
     Ok(match command {
         MbkCommand::Create { token, pins } => {
             let (so, user) = (pins.so()?, pins.user()?);
+            let working = Progress::working("creating the MBK set in the HSM", out.json);
             let set = admin::mbk_create(config, &token, &so, &user)?;
+            drop(working);
             out.line(format!("Created the master backup key set on token {token:?}."));
             out.line(format!("  fingerprint:    {}", set.fingerprint));
             out.line(format!("  wrap mechanism: {}", admin::mechanism_name(set.wrap)));
@@ -152,7 +155,9 @@ fn execute(config: &Config, command: MbkCommand, out: &Out) -> Result<(String, s
         }
         MbkCommand::CloneRequest { token, out: file, pins } => {
             let t = so_token(config, &token, &pins)?;
+            let working = Progress::working("making an RSA-3072 transport key pair in the HSM", out.json);
             let req = clone::request(&t)?;
+            drop(working);
             clone::write_json(&file, &req)?;
             out.line(format!("Clone request {} written (transport key {}).", file.display(), req.request_id));
             out.line(format!(
@@ -167,7 +172,9 @@ fn execute(config: &Config, command: MbkCommand, out: &Out) -> Result<(String, s
         MbkCommand::CloneTo { request, token, out: file, pins } => {
             let req: clone::CloneRequest = clone::read_json(&request)?;
             let t = so_token(config, &token, &pins)?;
+            let working = Progress::working("wrapping the MBK set for the transport key", out.json);
             let resp = clone::respond(&t, &req)?;
+            drop(working);
             clone::write_json(&file, &resp)?;
             out.line(format!("Clone response {} written for transport key {}.", file.display(), req.request_id));
             out.line(format!("  MBK fingerprint: {}", resp.fingerprint));
@@ -188,7 +195,9 @@ fn execute(config: &Config, command: MbkCommand, out: &Out) -> Result<(String, s
         MbkCommand::CloneAccept { response, token, pins } => {
             let resp: clone::CloneResponse = clone::read_json(&response)?;
             let t = so_token(config, &token, &pins)?;
+            let working = Progress::working("unwrapping and installing the MBK set", out.json);
             let set = clone::accept(&t, &resp)?;
+            drop(working);
             out.line(format!("The MBK set is installed on token {token:?}; transport keys destroyed."));
             out.line(format!("  fingerprint: {} (matches the source's)", set.fingerprint));
             (
@@ -198,7 +207,9 @@ fn execute(config: &Config, command: MbkCommand, out: &Out) -> Result<(String, s
         }
         MbkCommand::ExportShares { token, threshold, shares, out_dir, pins } => {
             let t = so_token(config, &token, &pins)?;
+            let working = Progress::working("splitting the MBK set into shares", out.json);
             let files = clone::export_shares(&t, threshold, shares, &out_dir)?;
+            drop(working);
             out.line(format!("{shares} shares written; any {threshold} rebuild the MBK set of token {token:?}:"));
             for f in &files {
                 out.line(format!("  {}", f.display()));
@@ -211,7 +222,9 @@ fn execute(config: &Config, command: MbkCommand, out: &Out) -> Result<(String, s
         }
         MbkCommand::ImportShares { token, files, pins } => {
             let t = so_token(config, &token, &pins)?;
+            let working = Progress::working("rebuilding and installing the MBK set", out.json);
             let set = clone::import_shares(&t, &files)?;
+            drop(working);
             out.line(format!("The MBK set is installed on token {token:?} from {} shares.", files.len()));
             out.line(format!("  fingerprint: {}", set.fingerprint));
             (

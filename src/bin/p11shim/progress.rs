@@ -39,6 +39,19 @@ impl Progress {
         let _ = err.flush();
     }
 
+    /// A step whose length is not known in items (an RSA key pair made in the HSM, a set of keys wrapped):
+    /// `what…` at once on a terminal, erased when the value is dropped.
+    pub fn working(what: &'static str, json: bool) -> Progress {
+        let mut p = Progress::new(what, None, json);
+        if p.on {
+            p.drawn = Some(Instant::now());
+            let mut err = std::io::stderr().lock();
+            let _ = write!(err, "\r\x1b[2K{what}…");
+            let _ = err.flush();
+        }
+        p
+    }
+
     /// Erases the line, so that what the command prints next starts clean.
     pub fn finish(&mut self) {
         if self.drawn.take().is_some() {
