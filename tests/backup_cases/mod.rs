@@ -486,22 +486,10 @@ pub fn child() {
     else {
         return;
     };
-    use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
     use cryptoki::mechanism::Mechanism;
     use cryptoki::object::Attribute;
-    use cryptoki::session::UserType;
-    use cryptoki::types::AuthPin;
     let n: usize = n.parse().unwrap();
-    let p = Pkcs11::new(common::shim_path()).expect("load the shim");
-    p.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)).expect("C_Initialize");
-    let slot = p
-        .get_slots_with_initialized_token()
-        .unwrap()
-        .into_iter()
-        .find(|s| p.get_token_info(*s).map(|i| i.label() == token).unwrap_or(false))
-        .expect("the token");
-    let s = p.open_rw_session(slot).unwrap();
-    s.login(UserType::User, Some(&AuthPin::new(USER_PIN.into()))).unwrap();
+    let s = child_session(&token);
     for i in 0..n {
         s.generate_key(
             &Mechanism::AesKeyGen,
@@ -516,6 +504,24 @@ pub fn child() {
         .unwrap_or_else(|e| panic!("key {i}: {e}"));
     }
     println!("@@MADE {n}");
+}
+
+/// A child's R/W session on `token` through the shim, the user logged in.
+fn child_session(token: &str) -> cryptoki::session::Session {
+    use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+    use cryptoki::session::UserType;
+    use cryptoki::types::AuthPin;
+    let p = Pkcs11::new(common::shim_path()).expect("load the shim");
+    p.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)).expect("C_Initialize");
+    let slot = p
+        .get_slots_with_initialized_token()
+        .unwrap()
+        .into_iter()
+        .find(|s| p.get_token_info(*s).map(|i| i.label() == token).unwrap_or(false))
+        .expect("the token");
+    let s = p.open_rw_session(slot).unwrap();
+    s.login(UserType::User, Some(&AuthPin::new(USER_PIN.into()))).unwrap();
+    s
 }
 
 /// The label of [`Lab::big`]'s key: `size` bytes, not all alike.
@@ -533,21 +539,9 @@ pub fn big_value(size: usize) -> Vec<u8> {
 /// PATH. Command-line tools cannot: an argument holds at most 128 KiB, and pkcs11-tool reads and writes at
 /// most 5,000 bytes of an object.
 fn big_objects(token: &str, what: &str) {
-    use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
     use cryptoki::mechanism::Mechanism;
     use cryptoki::object::{Attribute, AttributeType, ObjectClass};
-    use cryptoki::session::UserType;
-    use cryptoki::types::AuthPin;
-    let p = Pkcs11::new(common::shim_path()).expect("load the shim");
-    p.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)).expect("C_Initialize");
-    let slot = p
-        .get_slots_with_initialized_token()
-        .unwrap()
-        .into_iter()
-        .find(|s| p.get_token_info(*s).map(|i| i.label() == token).unwrap_or(false))
-        .expect("the token");
-    let s = p.open_rw_session(slot).unwrap();
-    s.login(UserType::User, Some(&AuthPin::new(USER_PIN.into()))).unwrap();
+    let s = child_session(token);
     let data = [Attribute::Class(ObjectClass::DATA), Attribute::Label(b"bigdata".to_vec())];
     match what {
         label if label.starts_with("label:") => {

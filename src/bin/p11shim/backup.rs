@@ -331,97 +331,88 @@ fn refused(trail: &p11shim::audit::Trail, who: &str, action: &str, why: String) 
     Err(Failure::denied(why))
 }
 
+/// What both whole-store commands do first: open the token, log the users on, check the mode and 02000000
+/// (each refusal audited); then `f` with the audit trail, the users and the token.
+fn whole_store(
+    config: &Config,
+    store: &dyn p11shim::store::KeyStore,
+    (token, logon, pins): (&TokenArg, &LogonArgs, &PinArgs),
+    what: &str,
+    f: impl FnOnce(&p11shim::audit::Trail, &p11shim::auth::Logons, &Work) -> CliResult,
+) -> CliResult {
+    let s = Session::open(config, token, Some(pins))?;
+    let seals = Seals::new(&s.work, &s.others);
+    let trail = seals.trail(store, config);
+    let who = logons(&trail, config, &logon.logon)?;
+    let action = format!("db {what}");
+    if let Err(e) = db::allowed(config.mode, what) {
+        audit(&trail, &who.who(), &format!("refused: {action}"), "", 0, &e.to_string())?;
+        return Err(e.into());
+    }
+    let direction = if what == "backup" { "export" } else { "import" };
+    if let Err(d) = who.require(Need::KeyStore) {
+        return refused(&trail, &who.who(), &action, format!("{direction} denied: {d}"));
+    }
+    f(&trail, &who, &s.work)
+}
+
+/// The end of a whole-store command: its summary, as text or JSON.
+fn print_db(json: bool, done: &str, file: &std::path::Path, store: &str, summary: &db::DbSummary) {
+    if json {
+        println!("{}", json!({"file": file, "store": store, "keys": summary.keys, "users": summary.users}));
+    } else {
+        println!("Whole-store backup {} {done}: {} keys, {} users", file.display(), summary.keys, summary.users);
+    }
+}
+
 pub fn db(config: &Config, command: DbCommand, json: bool) -> CliResult {
     let store = open_store(config)?;
     match command {
         DbCommand::Backup { out, users: with_users, token, logon, pins } => {
-            let s = Session::open(config, &token, Some(&pins))?;
-            let seals = Seals::new(&s.work, &s.others);
-            let trail = seals.trail(store.as_ref(), config);
-            let who = logons(&trail, config, &logon.logon)?;
-            if let Err(e) = db::allowed(config.mode, "backup") {
-                audit(&trail, &who.who(), "refused: db backup", "", 0, &e.to_string())?;
-                return Err(e.into());
-            }
-            if let Err(d) = who.require(Need::KeyStore) {
-                return refused(&trail, &who.who(), "db backup", format!("export denied: {d}"));
-            }
-            if with_users {
-                if let Err(d) = who.require(Need::UsersTable) {
-                    return refused(&trail, &who.who(), "db backup", format!("export denied: {d}"));
+            whole_store(config, store.as_ref(), (&token, &logon, &pins), "backup", |trail, who, work| {
+                if with_users {
+                    if let Err(d) = who.require(Need::UsersTable) {
+                        return refused(trail, &who.who(), "db backup", format!("export denied: {d}"));
+                    }
                 }
-            }
-            p11shim::files::check_output_target(&out, false)
-                .map_err(|e| Failure::from(format!("{}: {e}", out.display())))?;
-            let bar = RefCell::new(Progress::new("keys written", None, json));
-            let result =
-                db::backup(store.as_ref(), &s.work.sealer(), &out, with_users, &|n| bar.borrow_mut().update(n));
-            bar.borrow_mut().finish();
-            if let Ok(summary) = &result {
-                for leftover in &summary.leftovers {
-                    eprintln!("p11shim: warning: {leftover}");
+                p11shim::files::check_output_target(&out, false)
+                    .map_err(|e| Failure::from(format!("{}: {e}", out.display())))?;
+                let bar = RefCell::new(Progress::new("keys written", None, json));
+                let progress = |n| bar.borrow_mut().update(n);
+                let result = db::backup(store.as_ref(), &work.sealer(), &out, with_users, &progress);
+                bar.borrow_mut().finish();
+                if let Ok(summary) = &result {
+                    for leftover in &summary.leftovers {
+                        eprintln!("p11shim: warning: {leftover}");
+                    }
                 }
-            }
-            let outcome = match &result {
-                Ok(s) => format!("ok: {} keys, {} users", s.keys, s.users),
-                Err(e) => format!("failed: {e}"),
-            };
-            let n = result.as_ref().map(|s| s.keys).unwrap_or(0);
-            audit(&trail, &who.who(), "db backup", "", n, &outcome)?;
-            let summary = result?;
-            if json {
-                println!(
-                    "{}",
-                    json!({"file": out, "store": store.describe(), "keys": summary.keys, "users": summary.users})
-                );
-            } else {
-                println!(
-                    "Whole-store backup {} written: {} keys, {} users",
-                    out.display(),
-                    summary.keys,
-                    summary.users
-                );
-            }
+                let outcome = match &result {
+                    Ok(s) => format!("ok: {} keys, {} users", s.keys, s.users),
+                    Err(e) => format!("failed: {e}"),
+                };
+                let n = result.as_ref().map(|s| s.keys).unwrap_or(0);
+                audit(trail, &who.who(), "db backup", "", n, &outcome)?;
+                print_db(json, "written", &out, &store.describe(), &result?);
+                Ok(Outcome::Done)
+            })
         }
         DbCommand::Restore { file, token, logon, pins } => {
-            let s = Session::open(config, &token, Some(&pins))?;
-            let seals = Seals::new(&s.work, &s.others);
-            let trail = seals.trail(store.as_ref(), config);
-            let who = logons(&trail, config, &logon.logon)?;
-            if let Err(e) = db::allowed(config.mode, "restore") {
-                audit(&trail, &who.who(), "refused: db restore", "", 0, &e.to_string())?;
-                return Err(e.into());
-            }
-            if let Err(d) = who.require(Need::KeyStore) {
-                return refused(&trail, &who.who(), "db restore", format!("import denied: {d}"));
-            }
-            let users_denied = who.require(Need::UsersTable).err().map(|d| d.to_string());
-            let bar = RefCell::new(Progress::new("lines read", None, json));
-            let progress = |n| bar.borrow_mut().update(n);
-            let result = db::restore(store.as_ref(), &s.work.sealer(), &file, users_denied.as_deref(), &progress);
-            bar.borrow_mut().finish();
-            let (action, outcome) = match &result {
-                Ok(s) => ("db restore", format!("ok: {} keys, {} users", s.keys, s.users)),
-                Err(e) if e.kind() == ErrorKind::Denied => ("refused: db restore", e.to_string()),
-                Err(e) => ("db restore", format!("failed: {e}")),
-            };
-            let n = result.as_ref().map(|s| s.keys).unwrap_or(0);
-            audit(&trail, &who.who(), action, "", n, &outcome)?;
-            let summary = result?;
-            if json {
-                println!(
-                    "{}",
-                    json!({"file": file, "store": store.describe(), "keys": summary.keys, "users": summary.users})
-                );
-            } else {
-                println!(
-                    "Whole-store backup {} restored: {} keys, {} users",
-                    file.display(),
-                    summary.keys,
-                    summary.users
-                );
-            }
+            whole_store(config, store.as_ref(), (&token, &logon, &pins), "restore", |trail, who, work| {
+                let users_denied = who.require(Need::UsersTable).err().map(|d| d.to_string());
+                let bar = RefCell::new(Progress::new("lines read", None, json));
+                let progress = |n| bar.borrow_mut().update(n);
+                let result = db::restore(store.as_ref(), &work.sealer(), &file, users_denied.as_deref(), &progress);
+                bar.borrow_mut().finish();
+                let (action, outcome) = match &result {
+                    Ok(s) => ("db restore", format!("ok: {} keys, {} users", s.keys, s.users)),
+                    Err(e) if e.kind() == ErrorKind::Denied => ("refused: db restore", e.to_string()),
+                    Err(e) => ("db restore", format!("failed: {e}")),
+                };
+                let n = result.as_ref().map(|s| s.keys).unwrap_or(0);
+                audit(trail, &who.who(), action, "", n, &outcome)?;
+                print_db(json, "restored", &file, &store.describe(), &result?);
+                Ok(Outcome::Done)
+            })
         }
     }
-    Ok(Outcome::Done)
 }
