@@ -86,7 +86,11 @@ fn run(
                 groups.insert(row.group);
             }
             RowRead::Row(_) => {}
-            RowRead::Bad(bad) if bad.group.as_deref().is_none_or(|g| filter.is_match(g)) => unreadable.push(bad),
+            RowRead::Bad(bad) if bad.group.as_deref().is_none_or(|g| filter.is_match(g)) => {
+                // Its group, when readable, is checked like any other: the report names the row.
+                groups.extend(bad.group.clone());
+                unreadable.push(bad)
+            }
             RowRead::Bad(_) => {}
         }
         Ok(())

@@ -1911,6 +1911,10 @@ pub fn operator_commands_and_exit_statuses(engine: Engine) {
     assert_eq!(n(&report, "exported"), 1, "{report}");
     let why = report["not_exported"].to_string();
     assert!(why.contains(&a2) && why.contains("cannot be read"), "{report}");
+    // Its group (readable) is checked like any other: without a logon for it, no file naming the row.
+    let nobody = lab.p("nobody.p11b");
+    lab.p11shim(&["backup", "--group", "ProdKey", "--out", &nobody, "--stored-only", "--token", "prod"]).denied(&[]);
+    assert!(!lab.path("nobody.p11b").exists());
 
     // A [[slot]] naming a token the backend does not have: the command refuses, status shows it, the module
     // starts and logs one WARN line.
