@@ -11,7 +11,7 @@ use p11shim::store::StoreError;
 pub enum Exit {
     /// Done.
     Ok = 0,
-    /// Failed for another reason than those below (a configuration error, a refusal of the security mode, a
+    /// Failed for another reason than those below (a configuration error, an output that cannot be written, a
     /// backend error); nothing was changed unless the message says so.
     Failed = 1,
     /// The command line is wrong (unknown option, missing argument, invalid value).
@@ -22,7 +22,8 @@ pub enum Exit {
     /// Nothing matched or what was named does not exist: a backup whose group regex matched no key, an unknown
     /// key id, user or token, a token without an MBK set.
     NothingMatched = 4,
-    /// Refused: a logon failed or is throttled, the logged-on users lack a permission, a PIN is wrong.
+    /// Refused: a logon failed or is throttled, the logged-on users lack a permission, a PIN is wrong, the
+    /// security mode forbids it.
     Denied = 5,
     /// The input cannot be used: a backup, share or clone file that is damaged, edited, truncated, of an
     /// unknown version, or made under another MBK. Nothing was changed.
@@ -65,11 +66,11 @@ impl Exit {
     pub fn table() -> String {
         let text = |e: Exit| match e {
             Exit::Ok => "done",
-            Exit::Failed => "failed (configuration, security mode, backend error; see the message)",
+            Exit::Failed => "failed (configuration, output not writable, backend error; see the message)",
             Exit::Usage => "usage error (unknown option, missing or invalid argument)",
             Exit::Partial => "done, but needs attention (keys not exported, not audited, problems found)",
             Exit::NothingMatched => "nothing matched, or what was named does not exist",
-            Exit::Denied => "denied (logon failed or throttled, permission missing, wrong PIN)",
+            Exit::Denied => "denied (logon failed or throttled, permission missing, wrong PIN, security mode)",
             Exit::Damaged => "damaged input (bad MAC, truncated, edited, unknown version, another MBK)",
             Exit::Unavailable => "key store or HSM unavailable",
         };
