@@ -396,6 +396,10 @@ fn cli_show_and_verify(fx: &Fixture) {
         }
         prev = e.hash;
     }
+    let out = run(&["audit", "verify", "--json"], &[]);
+    assert_eq!(out.status.code(), Some(6), "a broken log is damaged input");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON document");
+    assert_eq!((report["intact"].as_bool(), report["first_bad"]["seq"].as_i64()), (Some(false), Some(2)), "{report}");
     let out = run(&["audit", "verify"], &[]);
     assert_eq!(out.status.code(), Some(6), "a broken log is damaged input");
     let err = String::from_utf8_lossy(&out.stderr);

@@ -1938,6 +1938,9 @@ pub fn operator_commands_and_exit_statuses(engine: Engine) {
     std::fs::write(lab.path("unreachable.toml"), text).unwrap();
     let r = lab.p11shim(&["--config", &lab.p("unreachable.toml"), "status"]).status(7);
     assert!(r.stdout.contains("UNAVAILABLE"), "{}", r.describe());
+    // With --json, the status document is the only one on stdout.
+    let r = lab.p11shim(&["--config", &lab.p("unreachable.toml"), "status", "--json"]).status(7);
+    assert_eq!(r.json()["store"]["reachable"], false, "{}", r.describe());
 }
 
 // ---- records of any size -----------------------------------------------------------------------------------

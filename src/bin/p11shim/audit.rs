@@ -57,7 +57,13 @@ pub fn run(config: &Config, command: AuditCommand, json: bool) -> CliResult {
                             println!("  {line}");
                         }
                     }
-                    Err(Failure::new(Exit::Damaged, format!("audit log of {} is broken: {bad}", store.describe())))
+                    // With --json the report above is the document: it names the bad entry.
+                    let message = format!("audit log of {} is broken: {bad}", store.describe());
+                    Err(if json {
+                        Failure::reported(Exit::Damaged, message)
+                    } else {
+                        Failure::new(Exit::Damaged, message)
+                    })
                 }
                 (None, head) => {
                     if !json {

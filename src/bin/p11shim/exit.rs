@@ -100,11 +100,18 @@ impl From<ErrorKind> for Exit {
 pub struct Failure {
     pub exit: Exit,
     pub message: String,
+    /// The command printed its own JSON document about it already (`status`): no error object then.
+    pub reported: bool,
 }
 
 impl Failure {
     pub fn new(exit: Exit, message: impl Into<String>) -> Failure {
-        Failure { exit, message: message.into() }
+        Failure { exit, message: message.into(), reported: false }
+    }
+
+    /// A failure the command's own output describes already (with --json, its document is the only one).
+    pub fn reported(exit: Exit, message: impl Into<String>) -> Failure {
+        Failure { reported: true, ..Failure::new(exit, message) }
     }
 
     pub fn usage(message: impl Into<String>) -> Failure {
@@ -178,7 +185,7 @@ pub fn finish(result: CliResult, json: bool) -> std::process::ExitCode {
         }
         Err(failure) => {
             eprintln!("p11shim: {}", failure.message);
-            if json {
+            if json && !failure.reported {
                 let error = serde_json::json!({"error": {
                     "exit": failure.exit.code(), "kind": failure.exit.name(), "message": failure.message,
                 }});

@@ -157,7 +157,7 @@ pub fn run(config: &Config, _args: StatusArgs, json: bool) -> CliResult {
     }
     if !status.backend.reachable || !status.store.reachable {
         let what = if status.backend.reachable { "the key store" } else { "the backend" };
-        return Err(Failure::new(Exit::Unavailable, format!("{what} cannot be reached (see above)")));
+        return Err(Failure::reported(Exit::Unavailable, format!("{what} cannot be reached (see above)")));
     }
     match status.problems.len() {
         0 => Ok(Outcome::Done),
