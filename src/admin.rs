@@ -78,10 +78,7 @@ impl Token {
         }
         let Some(slot) = present.iter().find(|(_, l)| l == label).map(|(slot, _)| *slot) else {
             finalize();
-            let hint = match nearest(label, present.iter().map(|(_, l)| l.as_str())).first() {
-                Some(n) => format!("; did you mean {n:?}?"),
-                None => String::new(),
-            };
+            let hint = label_hint(label, present.iter().map(|(_, l)| l.as_str()));
             return Err(Error::Missing(format!(
                 "no initialized token labelled {label:?} in {}{hint} (list them with `p11shim status` or `pkcs11-tool --module {} -L`)",
                 backend.path.display(),
@@ -174,13 +171,15 @@ pub fn missing_slots(config: &Config, backend: &Backend, present: &[(CK_SLOT_ID,
             } else {
                 format!("its tokens: {}", labels.iter().map(|l| format!("{l:?}")).collect::<Vec<_>>().join(", "))
             };
-            let hint = match nearest(&s.token, labels.iter().copied()).first() {
-                Some(n) => format!("; did you mean {n:?}?"),
-                None => String::new(),
-            };
+            let hint = label_hint(&s.token, labels.iter().copied());
             format!("[[slot]] token = {:?} names no token of {} ({list}){hint}", s.token, backend.path.display())
         })
         .collect()
+}
+
+/// "; did you mean "LABEL"?" for the token label nearest to `label`, or nothing.
+fn label_hint<'a>(label: &str, labels: impl IntoIterator<Item = &'a str>) -> String {
+    nearest(label, labels).first().map(|n| format!("; did you mean {n:?}?")).unwrap_or_default()
 }
 
 /// The candidates closest to `word` (edit distance at most a third of its length, at least 2), nearest

@@ -79,17 +79,21 @@ pub struct KeyItem {
 
 impl KeyItem {
     fn of(record: &Record, id: &str) -> KeyItem {
-        let label = match std::str::from_utf8(&record.label) {
-            Ok(text) if !text.chars().any(char::is_control) => text.to_string(),
-            _ => format!("0x{}", hex::encode(&record.label)),
-        };
         KeyItem {
             id: id.to_string(),
-            label,
+            label: label_text(&record.label),
             group: record.group.clone(),
             class: crate::error::class_name(record.class),
             key_type: crate::error::key_type_name(record.key_type),
         }
+    }
+}
+
+/// A label as listings show it: as text, or as 0x-prefixed hex when it is not printable UTF-8.
+pub fn label_text(label: &[u8]) -> String {
+    match std::str::from_utf8(label) {
+        Ok(text) if !text.chars().any(char::is_control) => text.to_string(),
+        _ => format!("0x{}", hex::encode(label)),
     }
 }
 

@@ -4,6 +4,7 @@ use super::backup::TokenArg;
 use super::exit::{CliResult, Failure, Outcome};
 use super::users::{logons, open_store, other_tokens, LogonArgs, Seals};
 use clap::Subcommand;
+use p11shim::backup::import::label_text;
 use p11shim::backup::keys::{self, KeyFilter};
 use p11shim::backup::work::Work;
 use p11shim::config::Config;
@@ -51,16 +52,9 @@ pub fn run(config: &Config, command: KeysCommand, json: bool) -> CliResult {
     }
 }
 
-fn printable(bytes: &[u8]) -> String {
-    match std::str::from_utf8(bytes) {
-        Ok(text) if !text.chars().any(char::is_control) => text.to_string(),
-        _ => format!("0x{}", hex::encode(bytes)),
-    }
-}
-
 fn item(row: &KeyRow) -> serde_json::Value {
     json!({"id": row.id, "token": row.token, "group": row.group, "class": class_name(row.class),
-           "key_type": key_type_name(row.key_type), "label": printable(&row.label), "ckid": hex::encode(&row.ckid),
+           "key_type": key_type_name(row.key_type), "label": label_text(&row.label), "ckid": hex::encode(&row.ckid),
            "mbk": row.mbk})
 }
 
@@ -88,7 +82,7 @@ fn list(config: &Config, token: Option<String>, group: Option<String>, label: Op
                 row.group,
                 class_name(row.class),
                 key_type_name(row.key_type),
-                printable(&row.label)
+                label_text(&row.label)
             );
         }
         for b in &bad {
@@ -126,15 +120,15 @@ fn set_group(config: &Config, id: &str, group: &str, token: &TokenArg, logon: &L
     if json {
         println!(
             "{}",
-            json!({"id": moved.id, "label": printable(&moved.label), "from": moved.from, "to": moved.to, "moved": !same})
+            json!({"id": moved.id, "label": label_text(&moved.label), "from": moved.from, "to": moved.to, "moved": !same})
         );
     } else if same {
-        println!("Stored key {} ({}) is in group {:?} already.", moved.id, printable(&moved.label), moved.to);
+        println!("Stored key {} ({}) is in group {:?} already.", moved.id, label_text(&moved.label), moved.to);
     } else {
         println!(
             "Stored key {} ({}) moved from group {:?} to {:?}.",
             moved.id,
-            printable(&moved.label),
+            label_text(&moved.label),
             moved.from,
             moved.to
         );

@@ -262,12 +262,11 @@ fn look_at_backend(config: &Config, store: Option<&dyn KeyStore>, status: &mut S
             format!("correct the label in {} (or initialize the token)", config.source.display()),
         );
     }
-    let stored: std::collections::BTreeMap<&str, u64> =
-        status.store.groups.iter().fold(Default::default(), |mut m, g| {
-            *m.entry(g.token.as_str()).or_default() += g.keys;
-            m
-        });
-    let stored: std::collections::BTreeMap<String, u64> = stored.into_iter().map(|(t, n)| (t.to_string(), n)).collect();
+    // Stored keys per token, owned: the loop below adds problems to `status`.
+    let mut stored = std::collections::BTreeMap::<String, u64>::new();
+    for g in &status.store.groups {
+        *stored.entry(g.token.clone()).or_default() += g.keys;
+    }
     let mut works = Vec::new();
     let mut labels: Vec<String> = config.slots.iter().map(|s| s.token.clone()).collect();
     labels.extend(present.iter().map(|(_, l)| l.clone()).filter(|l| !config.slots.iter().any(|s| &s.token == l)));
