@@ -55,6 +55,7 @@ struct RawConfig {
     #[serde(default)]
     mode: Mode,
     log_file: Option<PathBuf>,
+    device_mbk: Option<bool>,
     #[serde(default)]
     slot: Vec<SlotConfig>,
     #[serde(default)]
@@ -67,6 +68,9 @@ pub struct Config {
     pub state: PathBuf,
     pub mode: Mode,
     pub log_file: Option<PathBuf>,
+    /// Whether the device has a master backup key facility (the vendor interface "CSSIM MBK" and the admin
+    /// tool's `mbk` commands); default true.
+    pub device_mbk: bool,
     pub slots: Vec<SlotConfig>,
     pub faults: FaultConfig,
 }
@@ -117,6 +121,7 @@ impl Config {
             state: base.join(raw.state.unwrap_or_else(|| PathBuf::from("cssim-state.json"))),
             mode: raw.mode,
             log_file: raw.log_file.map(|p| base.join(p)),
+            device_mbk: raw.device_mbk.unwrap_or(true),
             slots,
             faults: fault_config,
         })
@@ -135,6 +140,9 @@ mod tests {
         assert_eq!(c.log_file.as_deref(), Some(Path::new("/x/l.log")));
         assert_eq!(c.mode, Mode::Cc);
         assert_eq!(c.slots.len(), 1);
+        assert!(c.device_mbk, "a device has an MBK facility unless the configuration says otherwise");
+        let c = Config::parse("device_mbk = false\n", Path::new("/x"), None).unwrap();
+        assert!(!c.device_mbk);
     }
 
     #[test]
@@ -151,6 +159,8 @@ mod tests {
     fn mistakes_are_reported() {
         assert!(Config::parse("mode = \"fast\"", Path::new("/"), None).is_err());
         assert!(Config::parse("stat = \"x\"", Path::new("/"), None).is_err());
+        assert!(Config::parse("device_mbk = \"yes\"", Path::new("/"), None).is_err());
+        assert!(Config::parse("device_mbks = true", Path::new("/"), None).is_err());
         assert!(Config::parse("[[slot]]\nlabel = \"a\"", Path::new("/"), None).is_err());
         assert!(Config::parse("", Path::new("/"), Some("fail = [{function=\"C_Nope\", rv=5}]")).is_err());
     }

@@ -3,17 +3,18 @@
 //! It stands in for a Utimaco CryptoServer behind p11shim in tests and demos: slots `SLOT_0000`…, tokens and
 //! token objects persisted in one state file shared by every process that loads the module, the FIPS and CC
 //! firmware refusals (no clear-text key import or export, no overwriting keys), and fault injection
-//! (failures, latency, device removal, lost sessions). See `README.md` for the configuration.
+//! (failures, latency, device removal, lost sessions), and the device's master backup key (MBK). See `README.md` for the configuration.
 //!
 //! Layers, from the C ABI down: [`ffi`] (the only place with raw pointers) → [`module`] (the PKCS#11
-//! functions on safe types) → [`object`] (attribute rules), [`mech`] (the cryptography), [`store`]
-//! (persistence), [`config`] and [`faults`].
+//! functions on safe types) → [`object`] (attribute rules), [`mech`] (the cryptography), [`mbk`] (the MBK,
+//! its shares and key blobs), [`store`] (persistence), [`config`] and [`faults`].
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod config;
 pub mod faults;
 mod ffi;
 mod log;
+mod mbk;
 mod mech;
 mod module;
 mod object;

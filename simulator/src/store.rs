@@ -1,4 +1,5 @@
-//! The device state file: tokens and token objects, shared by every process that loads the module.
+//! The device state file: tokens, token objects and the device's master backup key (MBK), shared by every
+//! process that loads the module and by the admin tool.
 //!
 //! Writes are crash-safe (temporary file in the same directory, fsync, rename over the state file, fsync the
 //! directory) and serialized between processes by an flock on `<state>.lock`; a writer re-reads the state
@@ -6,7 +7,7 @@
 //! is always either the old or the new version. A process re-reads the file when its identity (inode, size,
 //! mtime) changed.
 
-use crate::object::Object;
+use crate::object::{Bytes, Object};
 use crate::token::PinHash;
 use crate::Result;
 use cryptoki_sys::*;
@@ -39,11 +40,16 @@ pub struct DeviceState {
     pub next_uid: u64,
     /// Initialized tokens by slot index.
     pub tokens: BTreeMap<usize, TokenState>,
+    /// The device's master backup key (AES-256), loaded by the admin tool; never a PKCS#11 object. The file
+    /// stands for the device's secure memory: the key is in it in clear, as all key material of the simulator.
+    /// Absent in state files written before the MBK existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mbk: Option<Bytes>,
 }
 
 impl Default for DeviceState {
     fn default() -> DeviceState {
-        DeviceState { format: 1, generation: 0, next_uid: 1, tokens: BTreeMap::new() }
+        DeviceState { format: 1, generation: 0, next_uid: 1, tokens: BTreeMap::new(), mbk: None }
     }
 }
 
@@ -144,6 +150,15 @@ impl Store {
     /// Changes the state with `f` under the inter-process lock, on the newest state, and writes it. Nothing
     /// changes (in memory or on disk) when `f` fails.
     pub fn mutate<R>(&mut self, f: impl FnOnce(&mut DeviceState) -> Result<R>) -> Result<R> {
+        self.update(f)
+    }
+
+    /// [`Store::mutate`] with the caller's error type (the admin tool's messages); the store's own failures
+    /// are CK_RVs (CKR_DEVICE_ERROR: the lock, a corrupt file, the write).
+    pub fn update<R, E: From<CK_RV>>(
+        &mut self,
+        f: impl FnOnce(&mut DeviceState) -> std::result::Result<R, E>,
+    ) -> std::result::Result<R, E> {
         let _lock = FileLock::acquire(&self.lock_path).map_err(|_| CKR_DEVICE_ERROR)?;
         self.refresh()?;
         let before = self.state.clone();
@@ -157,7 +172,7 @@ impl Store {
         self.state.generation += 1;
         if let Err(e) = self.write() {
             self.state = before;
-            return Err(e);
+            return Err(e.into());
         }
         Ok(result)
     }
