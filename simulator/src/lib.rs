@@ -7,9 +7,11 @@
 //!
 //! Layers, from the C ABI down: [`ffi`] (the only place with raw pointers) → [`module`] (the PKCS#11
 //! functions on safe types) → [`object`] (attribute rules), [`mech`] (the cryptography), [`mbk`] (the MBK,
-//! its shares and key blobs), [`store`] (persistence), [`config`] and [`faults`].
+//! its shares and key blobs), [`store`] (persistence), [`config`] and [`faults`]. [`admin`] is the library
+//! side of the `cssim-admin` tool.
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod admin;
 pub mod config;
 pub mod faults;
 mod ffi;
