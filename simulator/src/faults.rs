@@ -1,6 +1,7 @@
 //! Fault injection: failing chosen calls, latency, device removal, lost sessions, a crash while writing state.
 //!
-//! Calls are counted per process from C_Initialize (C_Initialize and C_GetFunctionList are not counted):
+//! Calls are counted per process from C_Initialize (C_Initialize, C_GetFunctionList, C_GetInterfaceList and
+//! C_GetInterface are not counted; the vendor functions of "CSSIM MBK" are):
 //! the first counted call is number 1. Every decision is deterministic given the configuration and `seed`.
 
 use cryptoki_sys::*;
@@ -83,6 +84,9 @@ pub const FUNCTIONS: &[&str] = &[
     "C_CancelFunction",
     "C_WaitForSlotEvent",
 ];
+
+/// The functions of the vendor interface "CSSIM MBK": counted and failed like the PKCS#11 functions.
+pub const VENDOR_FUNCTIONS: &[&str] = &["CSSIM_GetMbkInfo", "CSSIM_BackupKey", "CSSIM_RestoreKey"];
 
 /// Return values that a fault rule may name instead of giving the number.
 const RV_NAMES: &[(&str, CK_RV)] = &[
@@ -187,7 +191,8 @@ impl FaultConfig {
 
     pub fn validate(&self) -> Result<(), String> {
         for rule in &self.fail {
-            if !FUNCTIONS.contains(&rule.function.as_str()) {
+            let name = rule.function.as_str();
+            if !FUNCTIONS.contains(&name) && !VENDOR_FUNCTIONS.contains(&name) {
                 return Err(format!("fail: unknown function {:?}", rule.function));
             }
             if rule.function == "C_Initialize" || rule.function == "C_GetFunctionList" {
@@ -383,5 +388,7 @@ mod tests {
         ] {
             assert!(FaultConfig::parse(text).and_then(|c| c.validate()).is_err(), "{text}");
         }
+        let vendor = FaultConfig::parse("fail = [{function=\"CSSIM_BackupKey\", nth=1, rv=0x30}]").unwrap();
+        assert_eq!(vendor.validate(), Ok(()));
     }
 }

@@ -3,7 +3,8 @@
 //! It stands in for a Utimaco CryptoServer behind p11shim in tests and demos: slots `SLOT_0000`…, tokens and
 //! token objects persisted in one state file shared by every process that loads the module, the FIPS and CC
 //! firmware refusals (no clear-text key import or export, no overwriting keys), and fault injection
-//! (failures, latency, device removal, lost sessions), and the device's master backup key (MBK). See `README.md` for the configuration.
+//! (failures, latency, device removal, lost sessions), and the device's master backup key (MBK) with the vendor
+//! interface "CSSIM MBK" that backs keys up under it. See `README.md` for the configuration.
 //!
 //! Layers, from the C ABI down: [`ffi`] (the only place with raw pointers) → [`module`] (the PKCS#11
 //! functions on safe types) → [`object`] (attribute rules), [`mech`] (the cryptography), [`mbk`] (the MBK,
@@ -24,7 +25,7 @@ mod session;
 mod store;
 mod token;
 
-pub use ffi::C_GetFunctionList;
+pub use ffi::{C_GetFunctionList, C_GetInterface, C_GetInterfaceList};
 
 /// Every module function returns a `CK_RV` on failure: `Err(CKR_X)?` reads naturally.
 pub(crate) type Result<T> = std::result::Result<T, cryptoki_sys::CK_RV>;

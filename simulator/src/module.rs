@@ -7,8 +7,10 @@
 use crate::config::{Config, Mode};
 use crate::faults::Faults;
 use crate::log::Log;
+use crate::mbk::blob::{self, BlobError};
+use crate::mbk::{Fingerprint, Mbk, CKR_CSSIM_BLOB_FORMAT, CKR_CSSIM_BLOB_MAC, CKR_CSSIM_NO_MBK, CKR_CSSIM_WRONG_MBK};
 use crate::mech::{self, aes, ec, rsa, Cipher, HashAlg, Key, Mechanism, Param, Signer};
-use crate::object::{template_bytes, template_get, template_ulong, Attr, Object, Origin, Template};
+use crate::object::{check_shape, template_bytes, template_get, template_ulong, Attr, Object, Origin, Template};
 use crate::session::{Find, Op, Session};
 use crate::store::{Store, TokenState};
 use crate::token::{self, PinHash, MANUFACTURER};
@@ -1132,6 +1134,91 @@ impl Module {
         self.inner().insert(self, h, &s, vec![obj]).map(|v| v[0])
     }
 
+    // --- The device MBK and key backups (vendor interface "CSSIM MBK") ---
+
+    /// The MBK facility exists unless the configuration says `device_mbk = false` (then the interface is not
+    /// offered; a caller that kept its functions from another configuration gets CKR_FUNCTION_NOT_SUPPORTED).
+    fn mbk_facility(&self) -> Result<()> {
+        if self.config.device_mbk {
+            Ok(())
+        } else {
+            Err(CKR_FUNCTION_NOT_SUPPORTED)
+        }
+    }
+
+    /// Logs a refusal of the MBK functions and returns its CK_RV.
+    fn refuse_mbk(&self, rv: CK_RV, message: &str) -> CK_RV {
+        self.log.line(&format!("MBK: {message} (CK_RV {rv:#x})"));
+        rv
+    }
+
+    /// CSSIM_GetMbkInfo: the fingerprint of the MBK of the device behind `id`, if it holds one.
+    pub fn mbk_info(&self, id: CK_SLOT_ID) -> Result<Option<Fingerprint>> {
+        self.mbk_facility()?;
+        self.slot(id)?;
+        Ok(self.inner().device_mbk()?.map(|m| m.fingerprint()))
+    }
+
+    /// CSSIM_BackupKey: the blob of a key object under the device MBK. The firmware's sanctioned backup path:
+    /// whatever CKA_SENSITIVE and CKA_EXTRACTABLE say, in every mode.
+    pub fn backup_key(&self, h: CK_SESSION_HANDLE, key: CK_OBJECT_HANDLE) -> Result<Vec<u8>> {
+        self.mbk_facility()?;
+        let (object, mbk) = {
+            let mut inner = self.inner();
+            let s = inner.session(h)?;
+            let (_, object) = inner.resolve(&s, key, CKR_KEY_HANDLE_INVALID)?;
+            if !object.is_key() {
+                return Err(CKR_KEY_HANDLE_INVALID);
+            }
+            (object, inner.device_mbk()?)
+        };
+        let Some(mbk) = mbk else {
+            return Err(self.refuse_mbk(CKR_CSSIM_NO_MBK, "key backup refused: the device holds no MBK"));
+        };
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
+        blob::seal(&mbk, &object, now)
+    }
+
+    /// CSSIM_RestoreKey: the object of a blob made under the device MBK, with exactly the attributes it holds;
+    /// a session object unless `template` (CKA_TOKEN only) says CKA_TOKEN true. Every refusal creates nothing.
+    pub fn restore_key(&self, h: CK_SESSION_HANDLE, data: &[u8], template: &Template) -> Result<CK_OBJECT_HANDLE> {
+        self.mbk_facility()?;
+        let (s, mbk) = {
+            let mut inner = self.inner();
+            let s = inner.session(h)?;
+            let mbk = inner.device_mbk()?;
+            (s, mbk)
+        };
+        let mut token = false;
+        for (ty, value) in template {
+            if *ty != CKA_TOKEN {
+                return Err(CKR_ATTRIBUTE_TYPE_INVALID);
+            }
+            check_shape(CKA_TOKEN, value)?;
+            token = value.as_bytes().is_some_and(|b| b.first().is_some_and(|v| *v != 0));
+        }
+        let Some(mbk) = mbk else {
+            return Err(self.refuse_mbk(CKR_CSSIM_NO_MBK, "key restore refused: the device holds no MBK"));
+        };
+        let mut object = blob::open(&mbk, data).map_err(|e| match e {
+            BlobError::Format => self.refuse_mbk(
+                CKR_CSSIM_BLOB_FORMAT,
+                "key restore refused: not a key blob, truncated, or an unknown blob version",
+            ),
+            BlobError::WrongMbk(theirs) => self.refuse_mbk(
+                CKR_CSSIM_WRONG_MBK,
+                &format!(
+                    "key restore refused: blob made under another MBK (fingerprint {theirs}; the device holds {})",
+                    mbk.fingerprint()
+                ),
+            ),
+            BlobError::Mac => self
+                .refuse_mbk(CKR_CSSIM_BLOB_MAC, "key restore refused: blob MAC does not verify (altered or damaged)"),
+        })?;
+        object.set(CKA_TOKEN, Attr::bool(token));
+        self.inner().insert(self, h, &s, vec![object]).map(|v| v[0])
+    }
+
     // --- Random numbers (§5.15) ---
 
     pub fn generate_random(&self, h: CK_SESSION_HANDLE, out: &mut [u8]) -> Result<()> {
@@ -1184,6 +1271,15 @@ fn collides(token: &TokenState, obj: &Object, except: Option<u64>) -> bool {
 }
 
 impl Inner {
+    /// The device's MBK as the state file has it now (another process may have loaded or replaced it).
+    fn device_mbk(&mut self) -> Result<Option<Mbk>> {
+        self.store.refresh()?;
+        match &self.store.state.mbk {
+            None => Ok(None),
+            Some(b) => Mbk::from_bytes(&b.0).map(Some).ok_or(CKR_DEVICE_ERROR),
+        }
+    }
+
     fn session(&self, h: CK_SESSION_HANDLE) -> Result<Arc<Session>> {
         self.sessions.get(&h).cloned().ok_or(CKR_SESSION_HANDLE_INVALID)
     }

@@ -1,6 +1,7 @@
-//! The C ABI: the only place with `extern "C"` and raw pointers. The library exports one symbol,
-//! C_GetFunctionList; every other function is reached through its 2.40 table (no C_GetInterface: this is a
-//! 2.40 module, and cryptoki would call it if it existed).
+//! The C ABI: the only place with `extern "C"` and raw pointers. The library exports three symbols:
+//! C_GetFunctionList (the 2.40 table), C_GetInterfaceList and C_GetInterface ([`interface`]: "PKCS 11" 2.40,
+//! whose function list is that same table, and the vendor interface "CSSIM MBK"). Every other function is
+//! reached through the tables.
 //!
 //! Every entry point has the same shape ([`entry`]): catch_unwind (a panic becomes CKR_GENERAL_ERROR), the
 //! initialized module, the fault machinery, then the function on safe types from [`crate::module`].
@@ -9,6 +10,7 @@
 #![allow(non_snake_case)]
 
 mod args;
+mod interface;
 
 use crate::module::{self, Module, Step};
 use crate::Result;
@@ -18,6 +20,8 @@ use args::{
 use cryptoki_sys::*;
 use std::ffi::c_void;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+
+pub use interface::{C_GetInterface, C_GetInterfaceList};
 
 fn guard(f: impl FnOnce() -> Result<()>) -> CK_RV {
     match catch_unwind(AssertUnwindSafe(f)) {
@@ -132,7 +136,7 @@ static FUNCTION_LIST: CK_FUNCTION_LIST = CK_FUNCTION_LIST {
     C_WaitForSlotEvent: Some(C_WaitForSlotEvent),
 };
 
-/// C_GetFunctionList (§5.4): the module's only exported symbol.
+/// C_GetFunctionList (§5.4).
 ///
 /// # Safety
 /// `list` must be NULL or writable.

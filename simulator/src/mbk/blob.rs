@@ -20,6 +20,9 @@
 //! 1 attribute array) | length (4) | value`, an attribute array's value as `type (8) | length (4) | value`
 //! per element; values are as the object holds them (CK_ULONG in the host's byte order).
 
+// CK_ULONG is u64 on 64-bit Linux, narrower elsewhere: the format's 8-byte fields are written with casts.
+#![allow(clippy::unnecessary_cast)]
+
 use super::{Fingerprint, Mbk};
 use crate::object::{Attr, Bytes, Object};
 use aes_gcm::aead::{Aead, KeyInit, Payload};
