@@ -18,6 +18,7 @@ use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use zeroize::Zeroizing;
 
 /// One initialized token.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -129,7 +130,8 @@ impl Store {
     fn load(&mut self) -> std::result::Result<(), String> {
         // Identity first: if the file is replaced between the stat and the read, the next refresh reads again.
         let id = file_id(&self.path);
-        self.state = match std::fs::read(&self.path) {
+        // The file's text holds key material (keys, the MBK): zeroized once parsed.
+        self.state = match std::fs::read(&self.path).map(Zeroizing::new) {
             Ok(data) => serde_json::from_slice(&data).map_err(|e| format!("corrupt state file: {e}"))?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => DeviceState::default(),
             Err(e) => return Err(e.to_string()),
@@ -190,7 +192,7 @@ impl Store {
             }
         }
         let tmp = dir.join(format!("{prefix}{}", std::process::id()));
-        let data = serde_json::to_vec_pretty(&self.state).map_err(|_| CKR_GENERAL_ERROR)?;
+        let data = Zeroizing::new(serde_json::to_vec_pretty(&self.state).map_err(|_| CKR_GENERAL_ERROR)?);
         self.writes += 1;
         let io = |_| CKR_DEVICE_ERROR;
         let mut file = File::create(&tmp).map_err(io)?;
