@@ -88,8 +88,17 @@ extern "C" fn release() {
 mod tests {
     use super::*;
 
+    /// The tests share the one fork lock: each runs alone, so that no other test's threads hold it when one
+    /// checks that it is free.
+    static ALONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    fn alone() -> std::sync::MutexGuard<'static, ()> {
+        ALONE.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     #[test]
     fn a_child_forked_while_threads_use_the_shims_tables_finds_them_free() {
+        let _alone = alone();
         use std::sync::atomic::{AtomicBool, Ordering};
         register();
         static STOP: AtomicBool = AtomicBool::new(false);
@@ -139,6 +148,7 @@ mod tests {
 
     #[test]
     fn a_thread_may_nest_quiet_while_a_fork_waits() {
+        let _alone = alone();
         register();
         let (done, finished) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -167,6 +177,7 @@ mod tests {
 
     #[test]
     fn a_fork_waits_for_sqlite_calls_and_the_child_is_free() {
+        let _alone = alone();
         drop(quiet());
         // SAFETY: fork in a test; the child only takes the lock and exits.
         let pid = unsafe { libc::fork() };
