@@ -57,11 +57,13 @@ pub struct MemStore {
     pub rows: Mutex<Vec<KeyRow>>,
     pub users: Mutex<Vec<UserRow>>,
     pub audit: Mutex<Vec<AuditEntry>>,
+    /// Seal keys of device MBKs, by fingerprint (ordered, as the stores list them).
+    pub seals: Mutex<std::collections::BTreeMap<String, Vec<u8>>>,
 }
 
 impl MemStore {
     pub fn with(rows: Vec<KeyRow>, users: Vec<UserRow>) -> MemStore {
-        MemStore { rows: Mutex::new(rows), users: Mutex::new(users), audit: Mutex::default() }
+        MemStore { rows: Mutex::new(rows), users: Mutex::new(users), audit: Mutex::default(), seals: Mutex::default() }
     }
 }
 
@@ -75,6 +77,23 @@ fn upsert(rows: &mut Vec<KeyRow>, row: &KeyRow) {
 impl KeyStore for MemStore {
     fn describe(&self) -> String {
         "memory".into()
+    }
+    fn seal_key(&self, mbk: &str) -> StoreResult<Option<Vec<u8>>> {
+        Ok(self.seals.lock().unwrap().get(mbk).cloned())
+    }
+    fn seal_key_insert(&self, mbk: &str, blob: &[u8]) -> StoreResult<bool> {
+        let mut seals = self.seals.lock().unwrap();
+        if seals.contains_key(mbk) {
+            return Ok(false);
+        }
+        seals.insert(mbk.to_string(), blob.to_vec());
+        Ok(true)
+    }
+    fn sealed_under(&self, mbk: &str) -> StoreResult<bool> {
+        Ok(self.rows.lock().unwrap().iter().any(|r| r.mbk == mbk))
+    }
+    fn seal_keys(&self) -> StoreResult<Vec<(String, Vec<u8>)>> {
+        Ok(self.seals.lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect())
     }
     fn insert(&self, row: &KeyRow) -> StoreResult<()> {
         upsert(&mut self.rows.lock().unwrap(), row);

@@ -235,6 +235,18 @@ pub trait KeyStore: Send + Sync {
     fn audit_append(&self, entry: AuditDraft, seal: AuditSeal) -> StoreResult<AuditEntry>;
     /// Every audit entry in `seq` order, streaming like `scan`.
     fn audit_scan(&self, f: &mut dyn FnMut(AuditEntry) -> StoreResult<()>) -> StoreResult<()>;
+
+    // ---- seal keys of device MBKs (see backup::mbk::Device) ---------------------------------------------
+
+    /// The seal key blob kept for the device MBK with this fingerprint, if any.
+    fn seal_key(&self, mbk: &str) -> StoreResult<Option<Vec<u8>>>;
+    /// Stores the seal key blob for `mbk` unless one is there already (then nothing is written): true if
+    /// stored. Concurrent calls from any process or host store one.
+    fn seal_key_insert(&self, mbk: &str, blob: &[u8]) -> StoreResult<bool>;
+    /// Whether any key row or audit entry is sealed under the MBK with this fingerprint.
+    fn sealed_under(&self, mbk: &str) -> StoreResult<bool>;
+    /// Every seal key: (fingerprint, blob), ordered by fingerprint.
+    fn seal_keys(&self) -> StoreResult<Vec<(String, Vec<u8>)>>;
 }
 
 /// A bulk-change transaction on the key rows (see [`KeyStore::begin`]).
@@ -411,7 +423,7 @@ fn redact_password_param(url: &str) -> String {
 /// 1 keys, 2 users (and an index for whole-store scans), 3 audit, 4 notifications naming the changed row
 /// (PostgreSQL; nothing to change in SQLite), 5 users sealed by the HSM with failed-logon counters, audit
 /// entries sealed by the HSM and recording the mode.
-pub const SCHEMA_VERSION: i64 = 5;
+pub const SCHEMA_VERSION: i64 = 6;
 
 /// The columns of `users` in the order both engines read and write them.
 const USER_COLUMNS: &str = "name, perm, group_regex, auth, secret, version, failed, last_failed, mac";

@@ -134,6 +134,14 @@ const MIGRATIONS: &[(i64, &str)] = &[
         ADD COLUMN mac BYTEA NOT NULL DEFAULT '\x'::bytea,
         ADD COLUMN mbk TEXT NOT NULL DEFAULT '';"#,
     ),
+    (
+        6,
+        r#"CREATE TABLE seal_keys (
+        mbk     TEXT PRIMARY KEY NOT NULL,
+        blob    BYTEA NOT NULL,
+        created TIMESTAMPTZ NOT NULL DEFAULT now()
+    );"#,
+    ),
 ];
 
 pub struct PostgresStore {
@@ -833,6 +841,33 @@ impl KeyStore for PostgresStore {
             r#"SELECT token, grp, COUNT(*) FROM keys GROUP BY token, grp ORDER BY token COLLATE "C", grp COLLATE "C""#;
         let rows = self.run(true, |p| p.query(sql, &[]))?;
         Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get::<_, i64>(2) as u64)).collect())
+    }
+
+    fn seal_key(&self, mbk: &str) -> StoreResult<Option<Vec<u8>>> {
+        let rows = self.run(true, |p| p.query("SELECT blob FROM seal_keys WHERE mbk = $1", &[&mbk]))?;
+        Ok(rows.first().map(|r| r.get(0)))
+    }
+
+    fn seal_key_insert(&self, mbk: &str, blob: &[u8]) -> StoreResult<bool> {
+        let n = self.run(false, |p| {
+            p.execute("INSERT INTO seal_keys (mbk, blob) VALUES ($1, $2) ON CONFLICT (mbk) DO NOTHING", &[&mbk, &blob])
+        })?;
+        Ok(n == 1)
+    }
+
+    fn sealed_under(&self, mbk: &str) -> StoreResult<bool> {
+        let rows = self.run(true, |p| {
+            p.query(
+                "SELECT EXISTS (SELECT 1 FROM keys WHERE mbk = $1) OR EXISTS (SELECT 1 FROM audit WHERE mbk = $1)",
+                &[&mbk],
+            )
+        })?;
+        Ok(rows.first().map(|r| r.get(0)).unwrap_or(false))
+    }
+
+    fn seal_keys(&self) -> StoreResult<Vec<(String, Vec<u8>)>> {
+        let rows = self.run(true, |p| p.query("SELECT mbk, blob FROM seal_keys ORDER BY mbk", &[]))?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
     fn schema_version(&self) -> StoreResult<i64> {

@@ -87,6 +87,14 @@ const MIGRATIONS: &[(i64, &str)] = &[
     ALTER TABLE audit ADD COLUMN mac BLOB NOT NULL DEFAULT x'';
     ALTER TABLE audit ADD COLUMN mbk TEXT NOT NULL DEFAULT '';",
     ),
+    (
+        6,
+        "CREATE TABLE seal_keys (
+        mbk     TEXT PRIMARY KEY NOT NULL,
+        blob    BLOB NOT NULL,
+        created TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+    );",
+    ),
 ];
 
 pub struct SqliteStore {
@@ -830,6 +838,43 @@ impl KeyStore for SqliteStore {
                 "SELECT CAST(token AS TEXT), CAST(grp AS TEXT), COUNT(*) FROM keys GROUP BY 1, 2 ORDER BY 1, 2",
             )?;
             let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64)))?;
+            rows.collect()
+        })
+    }
+
+    fn seal_key(&self, mbk: &str) -> StoreResult<Option<Vec<u8>>> {
+        self.lease()?.run(|p| {
+            p.conn
+                .prepare_cached("SELECT blob FROM seal_keys WHERE mbk = ?1")?
+                .query_row([mbk], |r| r.get(0))
+                .optional()
+        })
+    }
+
+    fn seal_key_insert(&self, mbk: &str, blob: &[u8]) -> StoreResult<bool> {
+        let n = self.lease()?.run(|p| {
+            p.conn
+                .prepare_cached("INSERT INTO seal_keys (mbk, blob) VALUES (?1, ?2) ON CONFLICT (mbk) DO NOTHING")?
+                .execute(rusqlite::params![mbk, blob])
+        })?;
+        self.wrote();
+        Ok(n == 1)
+    }
+
+    fn sealed_under(&self, mbk: &str) -> StoreResult<bool> {
+        self.lease()?.run(|p| {
+            p.conn
+                .prepare_cached(
+                    "SELECT EXISTS (SELECT 1 FROM keys WHERE mbk = ?1) OR EXISTS (SELECT 1 FROM audit WHERE mbk = ?1)",
+                )?
+                .query_row([mbk], |r| r.get(0))
+        })
+    }
+
+    fn seal_keys(&self) -> StoreResult<Vec<(String, Vec<u8>)>> {
+        self.lease()?.run(|p| {
+            let mut stmt = p.conn.prepare_cached("SELECT mbk, blob FROM seal_keys ORDER BY mbk")?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
             rows.collect()
         })
     }
