@@ -1476,6 +1476,23 @@ fn cssim_path() -> PathBuf {
     path
 }
 
+/// Gives the simulated device of `conf` its own MBK, as its administrators would (p11shim then keeps stored
+/// keys as the device's blobs), unless it holds one from an earlier run.
+fn device_mbk(conf: &Path) {
+    let admin = profile_dir().join("cssim-admin");
+    let run = |args: &[&str]| {
+        let out = Command::new(&admin).arg("--config").arg(conf).args(args).output().expect("run cssim-admin");
+        assert!(out.status.success(), "cssim-admin {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    if run(&["mbk", "show"]).contains("fingerprint") {
+        return;
+    }
+    let shares = conf.with_file_name("mbk-shares");
+    let _ = std::fs::remove_dir_all(&shares);
+    run(&["mbk", "generate", "--shares", "1", "--threshold", "1", "--out", &shares.to_string_lossy()]);
+}
+
 /// Item 6 for each backend, with the key store on SQLite: the population is made once (a process of its
 /// own), then each variant runs in a fresh process: "bounded" with the default `hsm_cache` (8 under `cargo
 /// test`, where the population is small), "unbounded" with no practical bound, up to 1,000 used keys.
@@ -1490,6 +1507,7 @@ fn cache_phase(knobs: &Knobs, results: &mut Results) {
                 let conf = dir.join("cssim.toml");
                 std::fs::write(&conf, "state = \"cssim-state.json\"\nlog_file = \"cssim.log\"\n[[slot]]\n")
                     .expect("write cssim.toml");
+                device_mbk(&conf);
                 (cssim_path(), ("CSSIM_CONFIG", conf))
             }
         };

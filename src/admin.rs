@@ -236,6 +236,11 @@ pub fn mbk_create(config: &Config, label: &str, so_pin: &Pin, user_pin: &Pin) ->
             set.fingerprint
         ))
     })?;
+    let mut set = set;
+    if set.is_device() {
+        let store = crate::store::open(&config.store_url)?;
+        mbk::attach_seal(&mut set, token.backend, token.session, store.as_ref(), true)?;
+    }
     Ok(set)
 }
 

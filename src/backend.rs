@@ -20,6 +20,43 @@ pub struct Backend {
     /// The backend's 3.0 table, when it offers a "PKCS 11" interface of version 3.x through a
     /// C_GetInterface that is its own.
     pub f3: Option<CK_FUNCTION_LIST_3_0>,
+    /// The device's own master backup key, when the backend offers it through C_GetInterface
+    /// ([`DEVICE_MBK_INTERFACE`], e.g. the CryptoServer simulator): key backup and restore under an MBK the
+    /// device keeps inside (see [`crate::hsm`] for the calls).
+    pub device_mbk: Option<DeviceMbkFunctions>,
+}
+
+/// The name of the vendor interface of a device that keeps its own master backup key
+/// (simulator/include/cssim_mbk.h).
+pub const DEVICE_MBK_INTERFACE: &[u8] = b"CSSIM MBK";
+
+/// What `CSSIM_GetMbkInfo` reports: whether the device holds an MBK, and its fingerprint.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub struct DeviceMbkInfo {
+    pub loaded: CK_BBOOL,
+    pub fingerprint: [CK_BYTE; 16],
+}
+
+/// The function list of the device MBK interface, version 1.x (simulator/include/cssim_mbk.h).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct DeviceMbkFunctions {
+    pub version: CK_VERSION,
+    pub get_info: Option<unsafe extern "C" fn(CK_SLOT_ID, *mut DeviceMbkInfo) -> CK_RV>,
+    pub backup_key:
+        Option<unsafe extern "C" fn(CK_SESSION_HANDLE, CK_OBJECT_HANDLE, *mut CK_BYTE, *mut CK_ULONG) -> CK_RV>,
+    #[allow(clippy::type_complexity)]
+    pub restore_key: Option<
+        unsafe extern "C" fn(
+            CK_SESSION_HANDLE,
+            *mut CK_BYTE,
+            CK_ULONG,
+            *mut CK_ATTRIBUTE,
+            CK_ULONG,
+            *mut CK_OBJECT_HANDLE,
+        ) -> CK_RV,
+    >,
 }
 
 // SAFETY: the tables hold only function pointers into the backend, which stays loaded for the life of the
@@ -90,25 +127,29 @@ fn open(path: &Path, secure: bool) -> Result<Backend> {
             "it is p11shim itself (or a copy of it), which would forward every call to itself: name the HSM vendor's PKCS#11 library as `module` (or in P11SHIM_MODULE)".into(),
         ));
     }
-    let f3 = interface_3x(&lib, get_list as *const c_void);
+    let interfaces = interfaces(&lib, get_list as *const c_void);
+    let f3 = interface_3x(&interfaces);
+    let device_mbk = device_mbk(&interfaces);
     // The module must never be unloaded (SoftHSM2 and others crash at exit if they are).
     std::mem::forget(lib);
-    Ok(Backend { path: path.to_path_buf(), f, f3 })
+    Ok(Backend { path: path.to_path_buf(), f, f3, device_mbk })
 }
 
-/// The backend's 3.x table, if its C_GetInterface is its own (dlsym also searches the module's dependencies,
-/// which may export a C_GetInterface of their own) and it offers "PKCS 11" with major version 3.
-fn interface_3x(lib: &libloading::os::unix::Library, own_symbol: *const c_void) -> Option<CK_FUNCTION_LIST_3_0> {
+/// The interfaces the backend lists, if its C_GetInterfaceList is its own (dlsym also searches the module's
+/// dependencies, which may export one of their own): name and function list of each.
+fn interfaces(lib: &libloading::os::unix::Library, own_symbol: *const c_void) -> Vec<(Vec<u8>, *mut c_void)> {
     type GetInterfaceList = unsafe extern "C" fn(*mut CK_INTERFACE, *mut CK_ULONG) -> CK_RV;
     // SAFETY: C_GetInterfaceList has this signature in PKCS#11 3.x.
-    let get = *unsafe { lib.get::<GetInterfaceList>(b"C_GetInterfaceList\0") }.ok()?;
-    if object_base(get as *const c_void)? != object_base(own_symbol)? {
-        return None;
+    let Some(get) = unsafe { lib.get::<GetInterfaceList>(b"C_GetInterfaceList\0") }.ok().map(|g| *g) else {
+        return Vec::new();
+    };
+    if object_base(get as *const c_void).is_none() || object_base(get as *const c_void) != object_base(own_symbol) {
+        return Vec::new();
     }
     let mut count: CK_ULONG = 0;
     // SAFETY: a NULL list asks for the count.
     if unsafe { get(std::ptr::null_mut(), &mut count) } != CKR_OK || count == 0 || count > 64 {
-        return None;
+        return Vec::new();
     }
     let mut list =
         vec![
@@ -117,31 +158,51 @@ fn interface_3x(lib: &libloading::os::unix::Library, own_symbol: *const c_void) 
         ];
     // SAFETY: list has room for `count` entries.
     if unsafe { get(list.as_mut_ptr(), &mut count) } != CKR_OK {
-        return None;
+        return Vec::new();
     }
     list.truncate(count as usize);
+    list.iter()
+        .filter(|i| !i.pInterfaceName.is_null() && !i.pFunctionList.is_null())
+        .map(|i| {
+            // SAFETY: the module returned a NUL-terminated name.
+            let name = unsafe { std::ffi::CStr::from_ptr(i.pInterfaceName as *const std::ffi::c_char) };
+            (name.to_bytes().to_vec(), i.pFunctionList)
+        })
+        .collect()
+}
+
+/// The backend's 3.x table, if it offers "PKCS 11" with major version 3.
+fn interface_3x(interfaces: &[(Vec<u8>, *mut c_void)]) -> Option<CK_FUNCTION_LIST_3_0> {
     let mut best: Option<CK_FUNCTION_LIST_3_0> = None;
-    for iface in &list {
-        if iface.pInterfaceName.is_null() || iface.pFunctionList.is_null() {
-            continue;
-        }
-        // SAFETY: the module returned a NUL-terminated name.
-        let name = unsafe { std::ffi::CStr::from_ptr(iface.pInterfaceName as *const std::ffi::c_char) };
-        if name.to_bytes() != b"PKCS 11" {
+    for (name, list) in interfaces {
+        if name != b"PKCS 11" {
             continue;
         }
         // SAFETY: every function list starts with its CK_VERSION.
-        let version = unsafe { *(iface.pFunctionList as *const CK_VERSION) };
+        let version = unsafe { *(*list as *const CK_VERSION) };
         if version.major != 3 {
             continue;
         }
         // SAFETY: a "PKCS 11" list of version 3.x starts with the 3.0 layout (3.1 and 3.2 only append).
-        let table = unsafe { *(iface.pFunctionList as *const CK_FUNCTION_LIST_3_0) };
+        let table = unsafe { *(*list as *const CK_FUNCTION_LIST_3_0) };
         if best.is_none_or(|b| (b.version.minor) < version.minor) {
             best = Some(table);
         }
     }
     best
+}
+
+/// The device MBK interface of version 1.x with every function present, if the backend offers it.
+fn device_mbk(interfaces: &[(Vec<u8>, *mut c_void)]) -> Option<DeviceMbkFunctions> {
+    let (_, list) = interfaces.iter().find(|(name, _)| name == DEVICE_MBK_INTERFACE)?;
+    // SAFETY: every function list starts with its CK_VERSION.
+    let version = unsafe { *(*list as *const CK_VERSION) };
+    if version.major != 1 {
+        return None;
+    }
+    // SAFETY: a "CSSIM MBK" list of version 1.x has this layout (later minor versions only append).
+    let table = unsafe { *(*list as *const DeviceMbkFunctions) };
+    (table.get_info.is_some() && table.backup_key.is_some() && table.restore_key.is_some()).then_some(table)
 }
 
 /// Whether the module at `path` defines C_GetInterface, read from its ELF dynamic symbol table without loading

@@ -583,6 +583,45 @@ impl Backend {
     }
 }
 
+impl Backend {
+    /// The device's MBK as `CSSIM_GetMbkInfo` reports it for `slot`: None when the backend has no device
+    /// MBK interface; `loaded` false when the device holds no MBK.
+    pub fn device_mbk_info(&self, slot: CK_SLOT_ID) -> Result<Option<crate::backend::DeviceMbkInfo>> {
+        let Some(get) = self.device_mbk.and_then(|d| d.get_info) else { return Ok(None) };
+        let mut info = crate::backend::DeviceMbkInfo::default();
+        // SAFETY: a valid out pointer to a struct of the interface's layout.
+        rv_ok(unsafe { get(slot, &mut info) })?;
+        Ok(Some(info))
+    }
+
+    /// The key's blob under the device's MBK (`CSSIM_BackupKey`): encrypted and MAC'd inside the device,
+    /// with all the key's attributes.
+    pub fn device_backup(&self, session: CK_SESSION_HANDLE, key: CK_OBJECT_HANDLE) -> Result<Vec<u8>> {
+        let backup = self.device_mbk.and_then(|d| d.backup_key).ok_or(Error::Rv(CKR_FUNCTION_NOT_SUPPORTED))?;
+        let mut len: CK_ULONG = 0;
+        // SAFETY: NULL output asks for the length.
+        rv_ok(unsafe { backup(session, key, std::ptr::null_mut(), &mut len) })?;
+        let mut out = vec![0u8; len as usize];
+        // SAFETY: room for `len` bytes.
+        rv_ok(unsafe { backup(session, key, out.as_mut_ptr(), &mut len) })?;
+        out.truncate(len as usize);
+        Ok(out)
+    }
+
+    /// Makes the object a device blob holds, with exactly its attributes, as a session object of `session`
+    /// or a token object (`CSSIM_RestoreKey`). A blob of another MBK or a damaged one creates nothing.
+    pub fn device_restore(&self, session: CK_SESSION_HANDLE, blob: &[u8], token: bool) -> Result<CK_OBJECT_HANDLE> {
+        let restore = self.device_mbk.and_then(|d| d.restore_key).ok_or(Error::Rv(CKR_FUNCTION_NOT_SUPPORTED))?;
+        let template = Template(vec![Attr::bool(CKA_TOKEN, token)]);
+        let mut raw = Raw::new(&template);
+        let (p, n) = raw.ptr();
+        let mut handle = 0;
+        // SAFETY: every pointer refers to a value alive for the call; the blob is only read.
+        rv_ok(unsafe { restore(session, blob.as_ptr() as *mut u8, blob.len() as CK_ULONG, p, n, &mut handle) })?;
+        Ok(handle)
+    }
+}
+
 /// A blank-padded PKCS#11 string field as text.
 pub fn padded_text(field: &[CK_UTF8CHAR]) -> String {
     String::from_utf8_lossy(field).trim_end_matches([' ', '\0']).to_string()

@@ -1049,7 +1049,7 @@ fn whole_store_backups_are_private_regular_files_and_restore_line_by_line() {
 
     // Restored into another store, row for row.
     let other = p11shim::store::open(&format!("sqlite:{}", dir.path().join("b.db").display())).unwrap();
-    assert_eq!(db::restore(other.as_ref(), &sealer(), &out, None, &|_| {}).unwrap().keys, 3);
+    assert_eq!(db::restore(other.as_ref(), &sealer(), None, &out, None, &|_| {}).unwrap().keys, 3);
     let got = other.get(&format!("{:032x}", 2)).unwrap().unwrap();
     assert!(got.attrs == row(2, 3 << 20).attrs);
 
@@ -1070,13 +1070,13 @@ fn whole_store_backups_are_private_regular_files_and_restore_line_by_line() {
     ] {
         replace(&bad, content);
         let c = empty();
-        let e = db::restore(c.as_ref(), &sealer(), &bad, None, &|_| {}).unwrap_err();
+        let e = db::restore(c.as_ref(), &sealer(), None, &bad, None, &|_| {}).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Damaged, "{what}: {e}");
         assert!(matches!(e, BackupError::DamagedDb { .. }), "{what}: {e}");
         assert!(c.get(&format!("{:032x}", 1)).unwrap().is_none(), "{what}: nothing restored");
     }
     // Another MAC key: the trailer.
-    let e = db::restore(empty().as_ref(), &SoftwareSealer::new(b"other"), &out, None, &|_| {}).unwrap_err();
+    let e = db::restore(empty().as_ref(), &SoftwareSealer::new(b"other"), None, &out, None, &|_| {}).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Damaged);
     // Whole-store operations outside standard mode are refused, as denied.
     let e = db::allowed(p11shim::config::Mode::Cc, "backup").unwrap_err();

@@ -34,7 +34,7 @@ fuzz_target!(|data: &[u8]| {
     for sealer in [&real as &dyn Sealer, &AcceptAll] {
         for users_denied in [None, Some("the users table is not yours")] {
             let store = MemStore::default();
-            match db::restore(&store, sealer, path, users_denied, &|_| {}) {
+            match db::restore(&store, sealer, None, path, users_denied, &|_| {}) {
                 Ok(summary) => {
                     let (rows, users) = (rows(&store), users(&store));
                     assert!(rows.len() as u64 <= summary.keys && users.len() as u64 <= summary.users);
@@ -48,7 +48,8 @@ fuzz_target!(|data: &[u8]| {
                     let written = db::backup(&store, sealer, &out, true, &|_| {}).expect("backing up a memory store");
                     assert_eq!((written.keys, written.users), (rows.len() as u64, users.len() as u64));
                     let second = MemStore::default();
-                    let again = db::restore(&second, sealer, &out, None, &|_| {}).expect("a backup just written restores");
+                    let again = db::restore(&second, sealer, None, &out, None, &|_| {})
+                        .expect("a backup just written restores");
                     assert_eq!((again.keys, again.users), (written.keys, written.users));
                     assert!(self::rows(&second) == rows, "rows survive a backup and restore");
                     assert!(self::users(&second) == users, "users survive a backup and restore");

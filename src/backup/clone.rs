@@ -79,6 +79,7 @@ fn refuse_existing(token: &Token) -> Result<()> {
 
 /// `mbk clone-request` on the target (SO logged in): a fresh RSA-3072 transport key pair; its public key.
 pub fn request(token: &Token) -> Result<CloneRequest> {
+    no_device(token)?;
     refuse_existing(token)?;
     for class in [CKO_PUBLIC_KEY, CKO_PRIVATE_KEY] {
         for h in find_labelled(token, class, TRANSPORT_LABEL)? {
@@ -131,6 +132,7 @@ pub fn request(token: &Token) -> Result<CloneRequest> {
 
 /// `mbk clone-to` on the source (SO logged in): the MBK set wrapped for the request's transport key.
 pub fn respond(token: &Token, req: &CloneRequest) -> Result<CloneResponse> {
+    no_device(token)?;
     if req.format != REQUEST_FORMAT {
         return Err(Error::Damaged(format!(
             "not a clone request (format {:?}, expected {REQUEST_FORMAT:?})",
@@ -202,6 +204,7 @@ pub fn respond(token: &Token, req: &CloneRequest) -> Result<CloneResponse> {
 /// `mbk clone-accept` on the target (SO logged in): unwraps the MBK set, checks its fingerprint, and
 /// destroys the transport keys.
 pub fn accept(token: &Token, resp: &CloneResponse) -> Result<MbkSet> {
+    no_device(token)?;
     if resp.format != RESPONSE_FORMAT {
         return Err(Error::Damaged(format!(
             "not a clone response (format {:?}, expected {RESPONSE_FORMAT:?})",
@@ -291,6 +294,7 @@ fn install(
 /// which `threshold` rebuild it; written as files `DIR/mbk-share-I-of-N.txt` (mode 0600). The clear keys
 /// are zeroized after use.
 pub fn export_shares(token: &Token, threshold: u8, shares: u8, dir: &Path) -> Result<Vec<PathBuf>> {
+    no_device(token)?;
     let set = mbk::find(token.backend, token.session, token.slot)?
         .ok_or_else(|| Error::Missing(mbk::missing(&token.label)))?;
     let kek = Zeroizing::new(random::<32>()?);
@@ -339,6 +343,7 @@ pub fn export_shares(token: &Token, threshold: u8, shares: u8, dir: &Path) -> Re
 
 /// `mbk import-shares` (SO logged in): rebuilds the MBK set from `threshold` share files and installs it.
 pub fn import_shares(token: &Token, files: &[PathBuf]) -> Result<MbkSet> {
+    no_device(token)?;
     refuse_existing(token)?;
     let mut parts = Vec::new();
     let mut fingerprint: Option<String> = None;
@@ -437,4 +442,17 @@ pub fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
 pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
     let text = serde_json::to_string_pretty(value).map_err(|e| Error::Other(e.to_string()))?;
     write_private(path, format!("{text}\n").as_bytes())
+}
+
+/// Refuses to clone or share an MBK that the HSM keeps itself: p11shim cannot read it out, and the device
+/// has its own way to bring the same MBK to other devices.
+fn no_device(token: &Token) -> Result<()> {
+    match mbk::device(token.backend, token.slot) {
+        Ok(None) => Ok(()),
+        Ok(Some(set)) => Err(Error::Denied(format!(
+            "token {:?}: the HSM keeps its own master backup key (device MBK, fingerprint {}), which never leaves it: p11shim has no MBK set to clone or share. Give other devices the same MBK from its shares with the HSM's administration tool (CryptoServer: csadm MBKImport; simulator: cssim-admin mbk import)",
+            token.label, set.fingerprint
+        ))),
+        Err(e) => Err(e),
+    }
 }

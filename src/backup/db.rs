@@ -60,6 +60,13 @@ struct UserLine {
     secret: String,
 }
 
+/// A seal key of a device MBK (see backup::mbk::Device): the rows sealed under that MBK need it.
+#[derive(Serialize, Deserialize)]
+struct SealLine {
+    mbk: String,
+    blob: String,
+}
+
 #[derive(Serialize, Deserialize)]
 struct Trailer {
     keys: u64,
@@ -118,6 +125,9 @@ pub fn backup(
             w.write_all(&line).and_then(|_| w.write_all(b"\n")).map_err(io)
         };
         put(&mut w, MAGIC.as_bytes().to_vec())?;
+        for (mbk, blob) in store.seal_keys()? {
+            put(&mut w, line("S ", &SealLine { mbk, blob: hex::encode(blob) }))?;
+        }
         let mut failed = None;
         store
             .scan(&mut |row| {
@@ -200,9 +210,13 @@ fn row_line(r: &KeyRow) -> RowLine {
 /// hashes to what the first checked (users one by one after it; a user that exists is replaced).
 /// `users_denied` is why the logged-on users may not replace the users table (12000000), if they may not:
 /// a file that holds users is then refused before anything is changed.
+/// `file_sealer` is the file's own when its MACs were made with another key than `sealer`'s (a device MBK's
+/// seal key of another store, see [`seal_keys_of`]): every row's MAC is then checked with it and the row
+/// sealed again with `sealer`.
 pub fn restore(
     store: &dyn KeyStore,
     sealer: &dyn Sealer,
+    file_sealer: Option<&dyn Sealer>,
     file: &Path,
     users_denied: Option<&str>,
     progress: &dyn Fn(u64),
@@ -211,7 +225,9 @@ pub fn restore(
         progress(number);
         Ok(())
     })?;
-    if !sealer.check(&trailer_input(&checked.chain, checked.keys, checked.users), &checked.mac)?
+    if !file_sealer
+        .unwrap_or(sealer)
+        .check(&trailer_input(&checked.chain, checked.keys, checked.users), &checked.mac)?
         || checked.trailer_keys != checked.keys
         || checked.trailer_users != checked.users
     {
@@ -236,7 +252,7 @@ pub fn restore(
         if let Some(json) = line.strip_prefix(b"K ") {
             let r: RowLine = serde_json::from_slice(json).map_err(|e| bad(e.to_string()))?;
             let hexf = |s: &str, f: &str| hex::decode(s).map_err(|_| bad(format!("{f} is not hex")));
-            let row = KeyRow {
+            let mut row = KeyRow {
                 label: hexf(&r.label, "label")?,
                 ckid: hexf(&r.ckid, "ckid")?,
                 attrs: hexf(&r.attrs, "attrs")?,
@@ -251,6 +267,13 @@ pub fn restore(
                 mbk: r.mbk,
                 version: 1,
             };
+            if let Some(theirs) = file_sealer.filter(|_| row.mbk == sealer.key_name()) {
+                let input = crate::vault::mac_input(&row);
+                if !theirs.check(&input, &row.mac)? {
+                    return Err(bad(format!("stored key {}: its MAC does not match: the row was changed", row.id)));
+                }
+                row.mac = sealer.seal(&input)?;
+            }
             tx.replace(&row)?;
             summary.keys += 1;
             progress(number);
@@ -290,6 +313,21 @@ pub fn restore(
         summary.users += 1;
     }
     Ok(summary)
+}
+
+/// The seal keys a whole-store backup holds: (device MBK fingerprint, blob). Its trailer MAC is made with
+/// the one of the MBK that made the file, which a restore into a store without it must use.
+pub fn seal_keys_of(file: &Path) -> BackupResult<Vec<(String, Vec<u8>)>> {
+    let mut seals = Vec::new();
+    read_lines(file, &mut |number, line| {
+        if let Some(json) = line.strip_prefix(b"S ") {
+            let bad = |what: String| damaged(file, &format!("line {number}: {what}"));
+            let s: SealLine = serde_json::from_slice(json).map_err(|e| bad(e.to_string()))?;
+            seals.push((s.mbk, hex::decode(&s.blob).map_err(|_| bad("the seal key blob is not hex".into()))?));
+        }
+        Ok(())
+    })?;
+    Ok(seals)
 }
 
 fn damaged(file: &Path, detail: &str) -> BackupError {

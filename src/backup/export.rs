@@ -113,6 +113,7 @@ fn run(
         source: format!("{}; {}", hostname(), store.describe()),
         filter: opts.filter.to_string(),
         count: 0,
+        seal: work.set.device.as_ref().and_then(|d| d.seal.clone()),
     };
     let mut writer = BackupWriter::create_with(opts.out, header, opts.replace)?;
     let sealer = work.sealer();
@@ -206,7 +207,7 @@ fn hsm_record(work: &Work, handle: CK_OBJECT_HANDLE) -> std::result::Result<Reco
     let id = work::hsm_key_id(&t.label, class, &label, &ckid);
     let name = format!("HSM key {}", describe(&label, &id, &work.slot_group));
     let wrapped = if secret {
-        t.backend.wrap_key(t.session, &work.set.wrap_mechanism(), work.set.mbk, handle).map_err(|e| {
+        work.set.wrap(t.backend, t.session, handle).map_err(|e| {
             let why = match e {
                 Error::Rv(CKR_KEY_UNEXTRACTABLE) => "not extractable: it cannot leave the HSM, not even wrapped".into(),
                 Error::Rv(CKR_KEY_NOT_WRAPPABLE) => "not wrappable under the MBK".into(),

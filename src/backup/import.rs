@@ -8,7 +8,7 @@
 use super::error::{BackupError, BackupResult};
 use super::format::{BackupReader, Header, Record, Sealer};
 use super::journal::{self, Journal, Triple};
-use super::work::{self, audit, describe, row_of_record, Authorizer, Work};
+use super::work::{self, audit, describe, row_of_record, Authorizer, HsmSealer, Work};
 use crate::attrs::{Attr, Template};
 use crate::audit::Trail;
 use crate::config::Mode;
@@ -144,10 +144,12 @@ fn run(store: &dyn KeyStore, work: &Work, who: &dyn Authorizer, opts: &ImportOpt
     // Pass 2: plan (and apply) record by record; the reader checks every MAC again, as the file could have
     // changed since pass 1.
     let sealer = work.sealer();
+    let file_set = work.file_set(&header)?;
+    let file_sealer = HsmSealer { backend: work.token.backend, session: work.token.session, set: &file_set };
     let mut reader = BackupReader::open(opts.file)?;
     if work.database {
         let mut tx = store.begin()?;
-        while let Some((number, record)) = reader.next_record(&sealer)? {
+        while let Some((number, record)) = reader.next_record(&file_sealer)? {
             report.records += 1;
             (opts.progress)(Pass::Restore, number);
             let id = work::restored_id(&record, &work.token.label);
@@ -193,7 +195,7 @@ fn run(store: &dyn KeyStore, work: &Work, who: &dyn Authorizer, opts: &ImportOpt
     let mut planned: std::collections::HashSet<Triple> = std::collections::HashSet::new();
     let mut make_list: Vec<Triple> = Vec::new();
     let mut replaced: Vec<(Triple, CK_OBJECT_HANDLE)> = Vec::new();
-    while let Some((_, record)) = reader.next_record(&sealer)? {
+    while let Some((_, record)) = reader.next_record(&file_sealer)? {
         report.records += 1;
         let name = KeyItem::of(&record, &record.id);
         let triple = Triple::new(record.class, &record.label, &record.ckid);
@@ -227,7 +229,7 @@ fn run(store: &dyn KeyStore, work: &Work, who: &dyn Authorizer, opts: &ImportOpt
     let mut next = make_list.iter();
     let mut expected = next.next();
     let applied = (|| -> BackupResult<()> {
-        while let Some((number, record)) = reader.next_record(&sealer)? {
+        while let Some((number, record)) = reader.next_record(&file_sealer)? {
             let Some(want) = expected else { break };
             if Triple::new(record.class, &record.label, &record.ckid) != *want {
                 continue;
@@ -265,7 +267,6 @@ fn run(store: &dyn KeyStore, work: &Work, who: &dyn Authorizer, opts: &ImportOpt
 
 /// Reads the whole file: format, MBK, every record MAC, the trailer. `each` sees every record.
 pub fn check(work: &Work, file: &Path, each: &mut dyn FnMut(u64, &Record) -> BackupResult<()>) -> BackupResult<Header> {
-    let sealer = work.sealer();
     let mut reader = BackupReader::open(file)?;
     let header = reader.header().clone();
     if header.mbk != work.set.fingerprint {
@@ -276,6 +277,8 @@ pub fn check(work: &Work, file: &Path, each: &mut dyn FnMut(u64, &Record) -> Bac
             token_mbk: work.set.fingerprint.clone(),
         });
     }
+    let file_set = work.file_set(&header)?;
+    let sealer = HsmSealer { backend: work.token.backend, session: work.token.session, set: &file_set };
     while let Some((number, record)) = reader.next_record(&sealer)? {
         if record.mbk != work.set.fingerprint {
             return Err(BackupError::RecordMbk {

@@ -40,9 +40,67 @@ pub struct MbkSet {
     pub fingerprint: String,
     /// Why the set cannot be trusted to keep custody (made by an earlier version of p11shim); None when it can.
     pub outdated: Option<String>,
+    /// Set when the device keeps the MBK itself: then the set has no objects at all (`mbk`, `mac` are 0,
+    /// `load` is None, `wrap` is [`DEVICE_BLOB`]), keys are stored as the device's blobs, and MACs are made
+    /// with the key store's seal key for this MBK (see [`Device`]).
+    pub device: Option<Device>,
+}
+
+/// The device's MBK, as a set uses it. The MBK never leaves the device and no application can use it; what
+/// p11shim seals (key rows, users, audit entries, backup records) is MAC'd inside the device with a seal key:
+/// an HMAC key made in the device once per MBK and key store, kept in the store only as the device's blob
+/// under the MBK (never in clear, never as a token object), and brought back into a session object of the
+/// shim's for each MAC, destroyed right after. A backup carries the blob, so any device with the same MBK
+/// checks it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Device {
+    /// The seal key's blob; None until [`attach_seal`] found or made it.
+    pub seal: Option<Vec<u8>>,
+}
+
+/// The `wrap_mech` recorded for a device blob (in key rows and backup records): not a mechanism, a marker.
+pub const DEVICE_BLOB: CK_MECHANISM_TYPE = CKM_VENDOR_DEFINED | 0x4353_424b;
+/// The device holds no MBK (simulator/include/cssim_mbk.h).
+pub const CKR_DEVICE_NO_MBK: CK_RV = CKR_VENDOR_DEFINED + 0x4353_0001;
+/// A blob made under another MBK.
+pub const CKR_DEVICE_WRONG_MBK: CK_RV = CKR_VENDOR_DEFINED + 0x4353_0002;
+/// A blob whose MAC does not verify: altered or damaged.
+pub const CKR_DEVICE_BLOB_MAC: CK_RV = CKR_VENDOR_DEFINED + 0x4353_0003;
+/// Not a blob, truncated, or an unknown blob version.
+pub const CKR_DEVICE_BLOB_FORMAT: CK_RV = CKR_VENDOR_DEFINED + 0x4353_0004;
+
+/// What a device's refusal of a blob means, for messages.
+pub fn device_refusal(rv: CK_RV) -> Option<&'static str> {
+    match rv {
+        CKR_DEVICE_NO_MBK => Some("the device holds no MBK"),
+        CKR_DEVICE_WRONG_MBK => Some("wrong MBK: the blob was made under another MBK than the device's"),
+        CKR_DEVICE_BLOB_MAC => Some("blob MAC: the blob was altered or damaged"),
+        CKR_DEVICE_BLOB_FORMAT => Some("blob format: not a device blob, truncated, or of an unknown version"),
+        _ => None,
+    }
 }
 
 impl MbkSet {
+    /// Whether the device keeps the MBK (no objects of p11shim's in the token).
+    pub fn is_device(&self) -> bool {
+        self.device.is_some()
+    }
+    /// What kind of MBK this is, for messages, status and backup headers: "device" or "set".
+    pub fn kind(&self) -> &'static str {
+        if self.is_device() {
+            "device"
+        } else {
+            "set"
+        }
+    }
+    /// The key's blob under the MBK: the device's backup of it, or the key wrapped under the set's MBK.
+    pub fn wrap(&self, backend: &Backend, session: CK_SESSION_HANDLE, key: CK_OBJECT_HANDLE) -> Result<Vec<u8>> {
+        if self.is_device() {
+            backend.device_backup(session, key).map_err(device_error)
+        } else {
+            backend.wrap_key(session, &self.wrap_mechanism(), self.mbk, key)
+        }
+    }
     pub fn wrap_mechanism(&self) -> Mechanism {
         Mechanism::plain(self.wrap)
     }
@@ -51,6 +109,9 @@ impl MbkSet {
     }
     /// Every object of the set (the application may name none of them).
     pub fn handles(&self) -> Vec<CK_OBJECT_HANDLE> {
+        if self.is_device() {
+            return Vec::new();
+        }
         [Some(self.mbk), Some(self.mac), self.load].into_iter().flatten().collect()
     }
     /// The set, if it keeps custody; else an error that says how to replace it. Needed before anything is
@@ -86,20 +147,153 @@ pub struct HsmSealer<'a> {
     pub set: &'a MbkSet,
 }
 
+impl HsmSealer<'_> {
+    /// Runs `f` with the MAC key: the set's, or the device's seal key brought back for this one call.
+    fn with_mac<R>(&self, f: impl FnOnce(CK_OBJECT_HANDLE) -> Result<R>) -> Result<R> {
+        let Some(device) = &self.set.device else { return f(self.set.mac) };
+        let blob = device.seal.as_deref().ok_or_else(|| {
+            Error::Missing(format!(
+                "the key store has no seal key for the device MBK {} yet: make it with `p11shim mbk create`",
+                self.set.fingerprint
+            ))
+        })?;
+        let key = self.backend.device_restore(self.session, blob, false).map_err(device_error)?;
+        crate::objects::own(key);
+        let result = f(key);
+        let _ = self.backend.destroy_object(self.session, key);
+        crate::objects::disown(key);
+        result
+    }
+}
+
 impl super::format::Sealer for HsmSealer<'_> {
     fn seal(&self, data: &[u8]) -> Result<Vec<u8>> {
-        self.backend.sign(self.session, &MbkSet::mac_mechanism(), self.set.mac, data)
+        self.with_mac(|mac| self.backend.sign(self.session, &MbkSet::mac_mechanism(), mac, data))
     }
     fn key_name(&self) -> String {
         self.set.fingerprint.clone()
     }
     fn check(&self, data: &[u8], mac: &[u8]) -> Result<bool> {
-        match self.backend.verify(self.session, &MbkSet::mac_mechanism(), self.set.mac, data, mac) {
+        self.with_mac(|key| match self.backend.verify(self.session, &MbkSet::mac_mechanism(), key, data, mac) {
             Ok(()) => Ok(true),
             Err(Error::Rv(CKR_SIGNATURE_INVALID | CKR_SIGNATURE_LEN_RANGE)) => Ok(false),
             Err(e) => Err(e),
-        }
+        })
     }
+}
+
+/// A device refusal as an error whose message names it (wrong MBK, blob MAC, blob format, no MBK); other
+/// errors as they are.
+pub fn device_error(e: Error) -> Error {
+    match &e {
+        Error::Rv(rv) => match device_refusal(*rv) {
+            Some(why) if *rv == CKR_DEVICE_WRONG_MBK => Error::Damaged(why.to_string()),
+            Some(why) if *rv == CKR_DEVICE_NO_MBK => Error::Missing(format!("{why}: {}", device_missing_fix())),
+            Some(why) => Error::Damaged(why.to_string()),
+            None => e,
+        },
+        _ => e,
+    }
+}
+
+fn device_missing_fix() -> &'static str {
+    "load it from its shares with the device's administration tool (CryptoServer: csadm MBKImport; simulator: cssim-admin mbk import), or generate one there (csadm MBKGenerate; cssim-admin mbk generate)"
+}
+
+/// The device's MBK, if the backend keeps one itself: Ok(None) when it has no device MBK interface (the set
+/// of objects is used then); an error that says how to load one when the device offers it but holds none.
+pub fn device(backend: &Backend, slot: CK_SLOT_ID) -> Result<Option<MbkSet>> {
+    let Some(info) = backend.device_mbk_info(slot)? else { return Ok(None) };
+    if info.loaded == CK_FALSE {
+        return Err(Error::Missing(format!(
+            "the HSM keeps its own master backup key (MBK), but holds none: {}",
+            device_missing_fix()
+        )));
+    }
+    Ok(Some(MbkSet {
+        mbk: 0,
+        mac: 0,
+        load: None,
+        wrap: DEVICE_BLOB,
+        fingerprint: format_fingerprint(&info.fingerprint),
+        outdated: None,
+        device: Some(Device::default()),
+    }))
+}
+
+/// The seal key template: HMAC-SHA256, sign and verify only, never extractable, a public session object (MACs
+/// are checked before any login, as the set's MAC key allows; see the README's security model).
+fn seal_template() -> Template {
+    Template(vec![
+        Attr::ulong(CKA_CLASS, CKO_SECRET_KEY),
+        Attr::ulong(CKA_KEY_TYPE, CKK_GENERIC_SECRET),
+        Attr::ulong(CKA_VALUE_LEN, 32),
+        Attr::bytes(CKA_LABEL, b"p11shim-seal"),
+        Attr::bool(CKA_TOKEN, false),
+        Attr::bool(CKA_PRIVATE, false),
+        Attr::bool(CKA_SENSITIVE, true),
+        Attr::bool(CKA_EXTRACTABLE, false),
+        Attr::bool(CKA_SIGN, true),
+        Attr::bool(CKA_VERIFY, true),
+        Attr::bool(CKA_ENCRYPT, false),
+        Attr::bool(CKA_DECRYPT, false),
+        Attr::bool(CKA_WRAP, false),
+        Attr::bool(CKA_UNWRAP, false),
+        Attr::bool(CKA_DERIVE, false),
+        Attr::bytes(CKA_ALLOWED_MECHANISMS, &CKM_SHA256_HMAC.to_ne_bytes()),
+    ])
+}
+
+/// Finds the key store's seal key for a device set, or makes it: in the device, backed up under its MBK, the
+/// blob stored (the first writer wins when several hosts start at once). Refused when the store holds rows
+/// sealed under this MBK but no seal key: a new one would fail every one of them, so the store lost its seal
+/// key and must get it back (from a backup of the store, or any backup file made under this MBK).
+/// With `create` false, a store without the seal key leaves the set without one (sealing then fails with a
+/// message naming `p11shim mbk create`): commands that read a whole-store backup bring their own.
+pub fn attach_seal(
+    set: &mut MbkSet,
+    backend: &Backend,
+    session: CK_SESSION_HANDLE,
+    store: &dyn crate::store::KeyStore,
+    create: bool,
+) -> Result<()> {
+    let Some(device) = set.device.as_mut() else { return Ok(()) };
+    if device.seal.is_some() {
+        return Ok(());
+    }
+    if let Some(blob) = store.seal_key(&set.fingerprint)? {
+        device.seal = Some(blob);
+        return Ok(());
+    }
+    if !create {
+        return Ok(());
+    }
+    if store.sealed_under(&set.fingerprint)? {
+        return Err(Error::Damaged(format!(
+            "{} holds rows sealed under the device MBK {} but not the seal key they were sealed with: it was deleted; put it back from a backup of the store (p11shim db restore) or restore a backup file made under this MBK",
+            store.describe(),
+            set.fingerprint
+        )));
+    }
+    let key = backend.generate_key(session, &Mechanism::plain(CKM_GENERIC_SECRET_KEY_GEN), &seal_template())?;
+    let blob = backend.device_backup(session, key).map_err(device_error);
+    let _ = backend.destroy_object(session, key);
+    let blob = blob?;
+    if !store.seal_key_insert(&set.fingerprint, &blob)? {
+        crate::debug!("another process made the seal key for device MBK {} first", set.fingerprint);
+    }
+    let stored = store
+        .seal_key(&set.fingerprint)?
+        .ok_or_else(|| Error::Other(format!("{}: the seal key just stored cannot be read back", store.describe())))?;
+    if let Some(d) = set.device.as_mut() {
+        d.seal = Some(stored);
+    }
+    Ok(())
+}
+
+/// A copy of a device set that seals with `blob` (the seal key a backup file carries).
+pub fn device_seal_of(set: &MbkSet, blob: Vec<u8>) -> MbkSet {
+    MbkSet { device: Some(Device { seal: Some(blob) }), ..set.clone() }
 }
 
 /// What the MBK's unwrap template forces on every object unwrapped under it.
@@ -198,6 +392,9 @@ fn find_one(backend: &Backend, session: CK_SESSION_HANDLE, label: &str) -> Resul
 /// The key set on the session's token, if there is one (every key is a public object: no login needed). A
 /// set made by an earlier version is returned with `outdated` saying why nothing may be unwrapped under it.
 pub fn find(backend: &Backend, session: CK_SESSION_HANDLE, slot: CK_SLOT_ID) -> Result<Option<MbkSet>> {
+    if let Some(device) = device(backend, slot)? {
+        return Ok(Some(device));
+    }
     let (Some(mbk), Some(mac)) = (find_one(backend, session, MBK_LABEL)?, find_one(backend, session, MAC_LABEL)?)
     else {
         return Ok(None);
@@ -228,7 +425,7 @@ pub fn find(backend: &Backend, session: CK_SESSION_HANDLE, slot: CK_SLOT_ID) -> 
         }
     };
     let fingerprint = fingerprint(backend, session, mbk, mac, wrap)?;
-    Ok(Some(MbkSet { mbk, mac, load, wrap, fingerprint, outdated }))
+    Ok(Some(MbkSet { mbk, mac, load, wrap, fingerprint, outdated, device: None }))
 }
 
 pub(crate) fn fingerprint(
@@ -383,6 +580,10 @@ fn make_load(
 
 /// Creates the key set in a session where the SO is logged in. Refuses if one exists already.
 pub fn create(backend: &Backend, so_session: CK_SESSION_HANDLE, slot: CK_SLOT_ID) -> Result<MbkSet> {
+    // A device that keeps its own MBK needs nothing made: p11shim owns no MBK object there.
+    if let Some(device) = device(backend, slot)? {
+        return Ok(device);
+    }
     if let Some(existing) = find(backend, so_session, slot)? {
         return Err(Error::Other(format!(
             "the token already has a master backup key (fingerprint {}); p11shim never replaces one, since every stored key and backup depends on it",
@@ -415,13 +616,16 @@ pub(crate) fn complete(
         crate::error!("making the MBK's load key failed ({e}); the MBK and MAC key were created and must be removed by re-initializing the token")
     })?;
     let fingerprint = fingerprint(backend, so_session, mbk, mac, wrap)?;
-    Ok(MbkSet { mbk, mac, load: Some(load), wrap, fingerprint, outdated: None })
+    Ok(MbkSet { mbk, mac, load: Some(load), wrap, fingerprint, outdated: None, device: None })
 }
 
 /// Checks, as a logged-in user, that the set does what the key store needs and refuses what custody forbids:
 /// a key the user makes is wrapped under the MBK and unwrapped again under each unwrapping key as stored keys
 /// are loaded, never into a readable object, and a MAC is made and checked.
 pub fn self_test(backend: &Backend, user_session: CK_SESSION_HANDLE, set: &MbkSet) -> Result<()> {
+    if set.is_device() {
+        return device_self_test(backend, user_session);
+    }
     let probe = Template(vec![
         Attr::ulong(CKA_CLASS, CKO_SECRET_KEY),
         Attr::ulong(CKA_KEY_TYPE, CKK_AES),
@@ -460,6 +664,37 @@ pub fn self_test(backend: &Backend, user_session: CK_SESSION_HANDLE, set: &MbkSe
         backend.verify(user_session, &MbkSet::mac_mechanism(), set.mac, &wrapped, &mac)
     })();
     let _ = backend.destroy_object(user_session, key);
+    result
+}
+
+/// The device MBK's self-test: a sensitive key made in the device is backed up and restored as a session
+/// object, which keeps its attributes (its value stays unreadable).
+fn device_self_test(backend: &Backend, session: CK_SESSION_HANDLE) -> Result<()> {
+    let probe = Template(vec![
+        Attr::ulong(CKA_CLASS, CKO_SECRET_KEY),
+        Attr::ulong(CKA_KEY_TYPE, CKK_AES),
+        Attr::ulong(CKA_VALUE_LEN, 32),
+        Attr::bool(CKA_TOKEN, false),
+        Attr::bool(CKA_PRIVATE, true),
+        Attr::bool(CKA_SENSITIVE, true),
+        Attr::bool(CKA_EXTRACTABLE, false),
+        Attr::bool(CKA_ENCRYPT, true),
+    ]);
+    let key = backend.generate_key(session, &Mechanism::plain(CKM_AES_KEY_GEN), &probe)?;
+    let result = (|| {
+        let blob = backend.device_backup(session, key).map_err(device_error)?;
+        let copy = backend.device_restore(session, &blob, false).map_err(device_error)?;
+        let got = backend.attributes(session, copy, &[CKA_SENSITIVE, CKA_EXTRACTABLE, CKA_PRIVATE]);
+        let _ = backend.destroy_object(session, copy);
+        let got = got?;
+        if got.bool(CKA_SENSITIVE) != Some(true) || got.bool(CKA_EXTRACTABLE) != Some(false) {
+            return Err(Error::Other(
+                "the device restored a sensitive, unextractable key with other attributes: it does not keep a key's attributes in its blobs, so p11shim cannot keep custody on it".into(),
+            ));
+        }
+        Ok(())
+    })();
+    let _ = backend.destroy_object(session, key);
     result
 }
 
@@ -504,6 +739,7 @@ mod tests {
             wrap: CKM_AES_KEY_WRAP_PAD,
             fingerprint: String::new(),
             outdated: None,
+            device: None,
         };
         let key = |s: bool, x: bool, w: bool, p: bool| {
             Template(vec![

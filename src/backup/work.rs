@@ -42,34 +42,36 @@ impl Work {
     pub fn open(config: &Config, label: &str, user_pin: &Pin) -> Result<Work> {
         let mut token = Token::open(config, label)?;
         token.login(CKU_USER, user_pin)?;
-        Work::on(config, token, label)
+        Work::on(config, token, label, true)
     }
 
     /// Opens the token `label` without a login: enough for what needs only the MBK set's public keys (the
     /// MAC key that seals users and the audit log and checks stored rows; stored keys' blobs, which are
     /// wrapped already). Private objects of the token are out of sight then.
     pub fn open_public(config: &Config, label: &str) -> Result<Work> {
-        Work::on(config, Token::open(config, label)?, label)
+        Work::on(config, Token::open(config, label)?, label, true)
     }
 
     /// As `open_public`, without refusing a config whose other `[[slot]]`s name tokens the backend lacks
-    /// (`p11shim status` reports those).
+    /// (`p11shim status` reports those), and without making anything (a device MBK's seal key).
     pub fn open_public_lenient(config: &Config, label: &str) -> Result<Work> {
-        Work::on(config, Token::open_lenient(config, label)?, label)
+        Work::on(config, Token::open_lenient(config, label)?, label, false)
     }
 
-    fn on(config: &Config, token: Token, label: &str) -> Result<Work> {
+    fn on(config: &Config, token: Token, label: &str, create: bool) -> Result<Work> {
         let set =
             mbk::find(token.backend, token.session, token.slot)?.ok_or_else(|| Error::Missing(mbk::missing(label)))?;
         let slot = config.slots.iter().find(|s| s.token == label);
-        Ok(Work {
+        let mut work = Work {
             database: slot.is_some_and(|s| s.storage == Storage::Database),
             slot_group: slot.map(|s| s.default_group.clone()).unwrap_or_else(|| label.to_string()),
             state_dir: state_dir(config),
             own_session: true,
             token,
             set,
-        })
+        };
+        work.attach_seal(config, create)?;
+        Ok(work)
     }
 
     /// Works with an application's logged-in session (the C interface).
@@ -77,18 +79,47 @@ impl Work {
         let set = mbk::find(token.backend, token.session, token.slot)?
             .ok_or_else(|| Error::Missing(mbk::missing(&token.label)))?;
         let slot = config.slots.iter().find(|s| s.token == token.label);
-        Ok(Work {
+        let mut work = Work {
             database: slot.is_some_and(|s| s.storage == Storage::Database),
             slot_group: slot.map(|s| s.default_group.clone()).unwrap_or_else(|| token.label.clone()),
             state_dir: state_dir(config),
             own_session: false,
             token,
             set,
-        })
+        };
+        work.attach_seal(config, true)?;
+        Ok(work)
     }
 
     pub fn sealer(&self) -> HsmSealer<'_> {
         HsmSealer { backend: self.token.backend, session: self.token.session, set: &self.set }
+    }
+
+    /// The set whose MAC key checks a backup file with this header: the token's, or for a file a device MBK
+    /// made, a copy of the token's device set that seals with the seal key the file carries (the file's MBK
+    /// must be the device's: the fingerprints are compared before any record is read).
+    pub fn file_set(&self, header: &super::format::Header) -> std::result::Result<MbkSet, super::error::BackupError> {
+        match (&header.seal, self.set.is_device()) {
+            (None, false) => Ok(self.set.clone()),
+            (Some(seal), true) => Ok(mbk::device_seal_of(&self.set, seal.clone())),
+            (seal, _) => Err(super::error::BackupError::Other(Error::Damaged(format!(
+                "the backup was made with {}, but token {:?} uses {} ({})",
+                if seal.is_some() { "an HSM's own (device) MBK" } else { "a p11shim MBK set" },
+                self.token.label,
+                if self.set.is_device() { "the HSM's own (device) MBK" } else { "a p11shim MBK set" },
+                self.set.fingerprint
+            )))),
+        }
+    }
+
+    /// Attaches the key store's seal key to a device set, made if the store has none yet (see
+    /// [`mbk::attach_seal`]); nothing for a set of objects.
+    fn attach_seal(&mut self, config: &Config, create: bool) -> Result<()> {
+        if !self.set.is_device() {
+            return Ok(());
+        }
+        let store = crate::store::open(&config.store_url)?;
+        mbk::attach_seal(&mut self.set, self.token.backend, self.token.session, store.as_ref(), create)
     }
 
     /// Checks a key store row's MAC with this token's MAC key.

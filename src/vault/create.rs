@@ -34,6 +34,16 @@ use std::sync::Arc;
 /// probe.
 const TWIN_CHANGES: [CK_ATTRIBUTE_TYPE; 5] =
     [CKA_SENSITIVE, CKA_EXTRACTABLE, CKA_WRAP_WITH_TRUSTED, CKA_ALWAYS_SENSITIVE, CKA_NEVER_EXTRACTABLE];
+/// What a device set's twin changes: it is private.
+const DEVICE_TWIN_CHANGES: [CK_ATTRIBUTE_TYPE; 1] = [CKA_PRIVATE];
+
+fn twin_changes(set: &MbkSet) -> &'static [CK_ATTRIBUTE_TYPE] {
+    if set.is_device() {
+        &DEVICE_TWIN_CHANGES
+    } else {
+        &TWIN_CHANGES
+    }
+}
 
 /// How many request shapes a process remembers.
 const SHAPES_KEPT: usize = 256;
@@ -60,9 +70,14 @@ pub struct Request {
 
 impl Request {
     /// The twin's template: as asked, but sensitive and extractable under a trusted key only, so that it can
-    /// be wrapped under the MBK and its value never read.
-    fn twin(&self) -> Template {
+    /// be wrapped under the MBK and its value never read; with a device MBK, as asked but private, so that
+    /// nobody without the user's login can restore its blob into a usable key.
+    fn twin(&self, set: &MbkSet) -> Template {
         let mut t = self.exact.clone();
+        if set.is_device() {
+            t.set(Attr::bool(CKA_PRIVATE, true));
+            return t;
+        }
         t.set(Attr::bool(CKA_SENSITIVE, true));
         t.set(Attr::bool(CKA_EXTRACTABLE, true));
         t.set(Attr::bool(CKA_WRAP_WITH_TRUSTED, true));
@@ -110,6 +125,15 @@ fn keep(set: &MbkSet, view: &Template, class: CK_OBJECT_CLASS) -> Keep {
     }
     if !attrs::has_secret(class) {
         return Keep::Public;
+    }
+    if set.is_device() {
+        // The device's blob gives the key back exactly as it is; only a value the application may read stays
+        // in the HSM (the shim answers a stored key's secret parts as sensitive).
+        return match (view.bool(CKA_SENSITIVE), view.bool(CKA_EXTRACTABLE), view.bool(CKA_PRIVATE)) {
+            (Some(true), _, Some(true)) | (_, Some(false), Some(true)) => Keep::Wrap,
+            (Some(true), _, _) | (_, Some(false), _) => Keep::Twin,
+            _ => Keep::Resident("its value can be read (CKA_SENSITIVE=false, CKA_EXTRACTABLE=true)".into()),
+        };
     }
     match set.unwrapper_for(view) {
         Some(h) if Some(h) == set.load => Keep::Twin,
@@ -274,7 +298,17 @@ impl Vault {
                 }
             }
             let group = if request.named_group { request.group.clone() } else { row.group.clone() };
-            match keep(&set, &view, row.class) {
+            let mut how = keep(&set, &view, row.class);
+            // A device blob holds the attributes it was made with: the copy is backed up as the HSM made it,
+            // and only while it is private (its blob must not be usable without a login).
+            let device_copy = set.is_device() && attrs::has_secret(row.class);
+            if device_copy
+                && !matches!(how, Keep::Resident(_))
+                && self.backend.attributes(session, copy, &[CKA_PRIVATE])?.bool(CKA_PRIVATE) != Some(true)
+            {
+                how = Keep::Resident("the copy is not private (CKA_PRIVATE=false)".into());
+            }
+            match how {
                 Keep::Resident(why) => {
                     let cx = Context {
                         vault: self,
@@ -287,6 +321,10 @@ impl Vault {
                         make: &|t: &Template| make(t).map(|key| Made { key, public: None }),
                     };
                     cx.resident(&why).map(|c| c.key)
+                }
+                _ if device_copy => {
+                    let blob = set.wrap(self.backend, session, copy)?;
+                    self.insert_row(slot, policy, &set, &group, view, blob)
                 }
                 _ => self.insert_row(slot, policy, &set, &group, view, row.wrapped.clone()),
             }
@@ -331,7 +369,7 @@ impl Vault {
 
     /// Wraps an object of the application's session under the MBK.
     fn wrap(&self, session: CK_SESSION_HANDLE, set: &MbkSet, object: CK_OBJECT_HANDLE) -> Result<Vec<u8>> {
-        self.backend.wrap_key(session, &set.wrap_mechanism(), set.mbk, object)
+        set.wrap(self.backend, session, object)
     }
 
     /// Seals and inserts a row; the application's handle for it.
@@ -433,7 +471,7 @@ impl Context<'_> {
             },
             Keep::Twin => {
                 self.discard(&probe);
-                let probed: Vec<Attr> = TWIN_CHANGES.iter().filter_map(|t| view.get(*t).cloned()).collect();
+                let probed: Vec<Attr> = twin_changes(self.set).iter().filter_map(|t| view.get(*t).cloned()).collect();
                 self.twin(&probed)
             }
             Keep::Resident(why) => {
@@ -447,7 +485,7 @@ impl Context<'_> {
     /// cannot make or wrap the twin.
     fn twin(&self, probed: &[Attr]) -> Result<(Created, Option<Shape>)> {
         let learned = Shape::Twin(probed.to_vec());
-        let twin = match self.make(&self.request.twin()) {
+        let twin = match self.make(&self.request.twin(self.set)) {
             Ok(t) => t,
             Err(e) if cannot(&e) => {
                 return self.kept(format!("the HSM cannot make it extractable under the MBK only ({e})"));
@@ -568,7 +606,15 @@ mod tests {
     use super::*;
 
     fn set() -> MbkSet {
-        MbkSet { mbk: 1, mac: 2, load: Some(3), wrap: CKM_AES_KEY_WRAP_PAD, fingerprint: String::new(), outdated: None }
+        MbkSet {
+            mbk: 1,
+            mac: 2,
+            load: Some(3),
+            wrap: CKM_AES_KEY_WRAP_PAD,
+            fingerprint: String::new(),
+            outdated: None,
+            device: None,
+        }
     }
 
     fn key(flags: &[(CK_ATTRIBUTE_TYPE, bool)]) -> Template {

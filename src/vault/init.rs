@@ -108,6 +108,9 @@ impl Vault {
         };
         let who = format!("pkcs11-so@{}", plan.new_database.as_deref().unwrap_or(&plan.labels[0]));
         let result = match &made {
+            Ok(Some((fp, _))) if self.backend.device_mbk.is_some() => {
+                format!("ok: {deleted} stored keys destroyed; the HSM's own MBK {fp} is used")
+            }
             Ok(Some((fp, _))) => format!("ok: {deleted} stored keys destroyed; new MBK set {fp}"),
             Ok(None) => format!("ok: {deleted} stored keys destroyed; the token is no longer a database slot"),
             Err(e) => format!("failed: {deleted} stored keys destroyed, but no MBK set: {e}"),
@@ -137,7 +140,8 @@ impl Vault {
         let session = self.backend.open_session(slot, CKF_SERIAL_SESSION)?;
         sessions::opened_internal(session, slot);
         let result = (|| {
-            let set = mbk::find(self.backend, session, slot)?.ok_or_else(|| Error::Missing(mbk::missing(label)))?;
+            let mut set = mbk::find(self.backend, session, slot)?.ok_or_else(|| Error::Missing(mbk::missing(label)))?;
+            mbk::attach_seal(&mut set, self.backend, session, self.store()?, true)?;
             let sealer = mbk::HsmSealer { backend: self.backend, session, set: &set };
             Ok(f(&self.audit_trail(Some(&sealer))?))
         })();

@@ -429,8 +429,10 @@ impl Vault {
         if let Some(set) = lock(&self.mbks).get(&slot) {
             return Ok(set.clone());
         }
-        let found = self.with_session(slot, |s| mbk::find(self.backend, s, slot))?;
-        let Some(set) = found else {
+        let found = self
+            .with_session(slot, |s| mbk::find(self.backend, s, slot))
+            .inspect_err(|e| crate::error!("token {token:?}: {e}"))?;
+        let Some(mut set) = found else {
             let message = mbk::missing(token);
             crate::error!("{message}");
             return Err(Error::Missing(message));
@@ -439,6 +441,14 @@ impl Vault {
             objects::own(h);
         }
         set.current(token)?;
+        if set.is_device() {
+            let store = self.store()?;
+            set = self.with_session(slot, |s| {
+                let mut attached = set.clone();
+                mbk::attach_seal(&mut attached, self.backend, s, store, true)?;
+                Ok(attached)
+            })?;
+        }
         lock(&self.mbks).insert(slot, set.clone());
         Ok(set)
     }
@@ -453,7 +463,8 @@ impl Vault {
             for h in set.handles() {
                 objects::own(h);
             }
-            if set.outdated.is_none() {
+            // A device set is kept once its seal key is attached (Vault::mbk).
+            if set.outdated.is_none() && !set.is_device() {
                 lock(&self.mbks).insert(slot, set);
             }
         }
@@ -685,7 +696,16 @@ impl Vault {
             ));
         };
         let mech = unwrap_mechanism(&set, row.wrap_mech);
-        let made = self.with_session(slot, |s| recipe.make(self.backend, s, mech, &row.wrapped));
+        let made = self.with_session(slot, |s| {
+            let h = recipe.make(self.backend, s, mech, &row.wrapped)?;
+            if recipe.device {
+                if let Err(why) = self.blob_agrees(s, h, &attrs) {
+                    let _ = self.backend.destroy_object(s, h);
+                    return Err(self.refuse(row, &why));
+                }
+            }
+            Ok(h)
+        });
         match made {
             Ok(h) => {
                 objects::own(h);
@@ -716,6 +736,50 @@ impl Vault {
             ));
         }
         Template::decode(&row.attrs).ok_or_else(|| self.refuse(row, "its attributes cannot be decoded"))
+    }
+
+    /// A device blob carries the key's attributes, which the device enforces; the row carries what the
+    /// application reads. They must agree on everything that decides what the key may do (its class, type,
+    /// usage, sensitivity, extractability, re-authentication, allowed mechanisms): else what the shim
+    /// reports would not be true of the key in the HSM (a row forged by a holder of the user PIN who can
+    /// write the store, or a blob put under another row).
+    fn blob_agrees(
+        &self,
+        session: CK_SESSION_HANDLE,
+        copy: CK_OBJECT_HANDLE,
+        row: &Template,
+    ) -> std::result::Result<(), String> {
+        const DECIDING: [CK_ATTRIBUTE_TYPE; 17] = [
+            CKA_CLASS,
+            CKA_KEY_TYPE,
+            CKA_ENCRYPT,
+            CKA_DECRYPT,
+            CKA_SIGN,
+            CKA_VERIFY,
+            CKA_SIGN_RECOVER,
+            CKA_VERIFY_RECOVER,
+            CKA_WRAP,
+            CKA_UNWRAP,
+            CKA_DERIVE,
+            CKA_SENSITIVE,
+            CKA_EXTRACTABLE,
+            CKA_WRAP_WITH_TRUSTED,
+            CKA_ALWAYS_AUTHENTICATE,
+            CKA_TRUSTED,
+            CKA_ALLOWED_MECHANISMS,
+        ];
+        let present: Vec<CK_ATTRIBUTE_TYPE> = DECIDING.into_iter().filter(|ty| row.get(*ty).is_some()).collect();
+        let blob = self
+            .backend
+            .attributes(session, copy, &present)
+            .map_err(|e| format!("its blob's attributes cannot be read ({e})"))?;
+        match present.into_iter().find(|ty| blob.get(*ty) != row.get(*ty)) {
+            None => Ok(()),
+            Some(ty) => Err(format!(
+                "its row and its device blob disagree on {} (the row was changed outside p11shim, or holds another key's blob)",
+                crate::error::attr_name(ty)
+            )),
+        }
     }
 
     /// A stored key refused: one clear log line naming it, its store and why.

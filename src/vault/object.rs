@@ -105,7 +105,13 @@ impl Vault {
                 false => None,
             };
             let set = self.mbk(key.slot, &row.token)?;
+            let wrapped = if set.is_device() && attrs::has_secret(row.class) {
+                self.device_rewrap(key.slot, &row, changes)?
+            } else {
+                row.wrapped.clone()
+            };
             let mut updated = KeyRow {
+                wrapped,
                 label: attrs.bytes(CKA_LABEL).unwrap_or_default().to_vec(),
                 ckid: attrs.bytes(CKA_ID).unwrap_or_default().to_vec(),
                 attrs: attrs.encode(),
@@ -153,6 +159,27 @@ impl Vault {
         } else {
             Err(Error::Rv(CKR_OBJECT_HANDLE_INVALID))
         }
+    }
+}
+
+impl Vault {
+    /// A device blob holds the key's attributes, which the device enforces when it restores it: an attribute
+    /// change makes a new blob. The old one is restored as a session object of the shim's, the change is
+    /// made there (so the HSM checks it by its own rules), and the object is backed up again.
+    fn device_rewrap(&self, slot: CK_SLOT_ID, row: &KeyRow, changes: &Template) -> Result<Vec<u8>> {
+        let hsm =
+            Template(changes.0.iter().filter(|a| !matches!(a.ty, CKA_P11SHIM_GROUP | CKA_TOKEN)).cloned().collect());
+        if hsm.0.is_empty() {
+            return Ok(row.wrapped.clone());
+        }
+        self.with_session(slot, |s| {
+            let copy = self.backend.device_restore(s, &row.wrapped, false).map_err(crate::backup::mbk::device_error)?;
+            crate::objects::own(copy);
+            let blob = self.backend.set_attributes(s, copy, &hsm).and_then(|()| self.backend.device_backup(s, copy));
+            let _ = self.backend.destroy_object(s, copy);
+            crate::objects::disown(copy);
+            blob
+        })
     }
 }
 

@@ -13,6 +13,9 @@ pub struct Recipe {
     pub template: Template,
     /// The MBK or the load key, for a secret; None for a public object, made with C_CreateObject.
     pub unwrapper: Option<CK_OBJECT_HANDLE>,
+    /// A secret kept as the device's blob: the device restores it with exactly the attributes it was backed
+    /// up with (the template only says token or session object).
+    pub device: bool,
 }
 
 /// The attributes that only name an object (the first two, any object; all, a key).
@@ -25,8 +28,17 @@ impl Recipe {
     /// usable only after login). None for a secret no unwrapping key of the set may give (see
     /// MbkSet::unwrapper_for).
     pub fn exact(set: &MbkSet, attrs: &Template, class: u64, token: bool) -> Option<Recipe> {
+        if set.is_device() {
+            return Some(Recipe::device(attrs, class, token));
+        }
         let unwrapper = if attrs::has_secret(class) { Some(set.unwrapper_for(attrs)?) } else { None };
-        Some(Recipe { template: settable(attrs, class, token), unwrapper })
+        Some(Recipe { template: settable(attrs, class, token), unwrapper, device: false })
+    }
+
+    /// A device set's recipe: a secret is the device's blob, restored as it was backed up; a public object
+    /// is made with C_CreateObject as with a set of objects.
+    fn device(attrs: &Template, class: u64, token: bool) -> Recipe {
+        Recipe { template: settable(attrs, class, token), unwrapper: None, device: attrs::has_secret(class) }
     }
 
     /// The recipe without the attributes that only name the object (label and id; a key's subject and
@@ -45,9 +57,12 @@ impl Recipe {
     /// As [`Recipe::exact`] for the attributes [`restorable`] gives a backup record: only backups restore
     /// this way.
     pub fn restorable(set: &MbkSet, attrs: &Template, class: u64, token: bool) -> Recipe {
+        if set.is_device() {
+            return Recipe::device(attrs, class, token);
+        }
         let attrs = restorable(attrs, class);
         let unwrapper = if attrs::has_secret(class) { set.unwrapper_for(&attrs).or(Some(set.mbk)) } else { None };
-        Recipe { template: settable(&attrs, class, token), unwrapper }
+        Recipe { template: settable(&attrs, class, token), unwrapper, device: false }
     }
 
     /// Makes the object in `session`: unwraps `wrapped` (made with `wrap_mech`) or creates it.
@@ -58,6 +73,10 @@ impl Recipe {
         wrap_mech: CK_MECHANISM_TYPE,
         wrapped: &[u8],
     ) -> Result<CK_OBJECT_HANDLE> {
+        if self.device {
+            let token = self.template.bool(CKA_TOKEN) == Some(true);
+            return backend.device_restore(session, wrapped, token).map_err(crate::backup::mbk::device_error);
+        }
         match self.unwrapper {
             Some(unwrapper) => {
                 let mech = crate::hsm::Mechanism::plain(wrap_mech);
@@ -72,6 +91,7 @@ impl Recipe {
 /// backed up with a value one could read (or wrap under any key); no unwrap may give that, so it comes back
 /// sensitive and extractable under trusted keys only, and its row says so.
 pub fn restorable(attrs: &Template, class: u64) -> Template {
+    // (A device set restores its blobs exactly: see Recipe::restorable.)
     let mut attrs = attrs.clone();
     if attrs::has_secret(class) && attrs.bool(CKA_EXTRACTABLE) != Some(false) {
         attrs.set(attrs::Attr::bool(CKA_SENSITIVE, true));
@@ -136,7 +156,15 @@ mod tests {
     use crate::attrs::Attr;
 
     fn set() -> MbkSet {
-        MbkSet { mbk: 1, mac: 2, load: Some(3), wrap: CKM_AES_KEY_WRAP_PAD, fingerprint: String::new(), outdated: None }
+        MbkSet {
+            mbk: 1,
+            mac: 2,
+            load: Some(3),
+            wrap: CKM_AES_KEY_WRAP_PAD,
+            fingerprint: String::new(),
+            outdated: None,
+            device: None,
+        }
     }
 
     fn key(extra: &[Attr]) -> Template {

@@ -403,6 +403,7 @@ fn parse_header(line: &[u8], version: u32) -> FormatResult<Header> {
             source: h.source,
             filter: h.filter,
             count: h.count,
+            seal: None,
         });
     }
     let h: HeaderLine<'_> = serde_json::from_slice(body).map_err(bad)?;
@@ -412,6 +413,16 @@ fn parse_header(line: &[u8], version: u32) -> FormatResult<Header> {
     if super::record::line("", &h) != line {
         return Err(edited());
     }
+    let seal = match (h.mbk_kind.as_deref(), h.seal.as_deref()) {
+        (None, None) => None,
+        (Some(super::record::DEVICE_KIND), Some(seal)) => {
+            Some(hex::decode(seal).map_err(|e| FormatError::Header(format!("the seal key blob is not hex: {e}")))?)
+        }
+        (Some(kind), _) if kind != super::record::DEVICE_KIND => {
+            return Err(FormatError::Header(format!("unknown MBK kind {kind:?} (written by a newer p11shim?)")))
+        }
+        _ => return Err(FormatError::Header("mbk_kind \"device\" and the seal key blob go together".into())),
+    };
     Ok(Header {
         format: h.format,
         mbk: h.mbk.into_owned(),
@@ -419,5 +430,6 @@ fn parse_header(line: &[u8], version: u32) -> FormatResult<Header> {
         source: h.source.into_owned(),
         filter: h.filter.into_owned(),
         count: 0,
+        seal,
     })
 }

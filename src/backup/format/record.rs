@@ -30,6 +30,10 @@ pub struct Header {
     /// file says it in its trailer only, so a reader's header has 0 until the trailer has been checked, and
     /// the [`super::Summary`] has it.
     pub count: u64,
+    /// Set when a device's own MBK made the file (the header says `"mbk_kind":"device"`): the blob, under that
+    /// MBK, of the seal key whose MACs the file carries, so that any device holding the MBK checks them.
+    /// None for an MBK set of p11shim's (no `mbk_kind` in the header).
+    pub seal: Option<Vec<u8>>,
 }
 
 impl Header {
@@ -47,6 +51,7 @@ impl Header {
             source: source.into(),
             filter: filter.into(),
             count: 0,
+            seal: None,
         }
     }
 }
@@ -64,7 +69,16 @@ pub(super) struct HeaderLine<'a> {
     pub source: std::borrow::Cow<'a, str>,
     #[serde(borrow)]
     pub filter: std::borrow::Cow<'a, str>,
+    /// "device" when a device's own MBK made the file; absent for an MBK set.
+    #[serde(default, skip_serializing_if = "Option::is_none", borrow)]
+    pub mbk_kind: Option<std::borrow::Cow<'a, str>>,
+    /// The seal key's device blob (hex), with `mbk_kind`.
+    #[serde(default, skip_serializing_if = "Option::is_none", borrow)]
+    pub seal: Option<std::borrow::Cow<'a, str>>,
 }
+
+/// The `mbk_kind` of a file a device's own MBK made.
+pub(super) const DEVICE_KIND: &str = "device";
 
 impl<'a> HeaderLine<'a> {
     pub fn of(h: &'a Header) -> Self {
@@ -74,6 +88,8 @@ impl<'a> HeaderLine<'a> {
             time: h.time.as_str().into(),
             source: h.source.as_str().into(),
             filter: h.filter.as_str().into(),
+            mbk_kind: h.seal.as_ref().map(|_| DEVICE_KIND.into()),
+            seal: h.seal.as_ref().map(|b| hex::encode(b).into()),
         }
     }
 }

@@ -401,7 +401,22 @@ pub fn db(config: &Config, command: DbCommand, json: bool) -> CliResult {
                 let users_denied = who.require(Need::UsersTable).err().map(|d| d.to_string());
                 let bar = RefCell::new(Progress::new("lines read", None, json));
                 let progress = |n| bar.borrow_mut().update(n);
-                let result = db::restore(store.as_ref(), &work.sealer(), &file, users_denied.as_deref(), &progress);
+                // A device MBK's rows were sealed with the seal key of the store the file came from.
+                let theirs = match work.set.is_device() {
+                    true => db::seal_keys_of(&file)?
+                        .into_iter()
+                        .find(|(mbk, _)| *mbk == work.set.fingerprint)
+                        .map(|(_, blob)| p11shim::backup::mbk::device_seal_of(&work.set, blob)),
+                    false => None,
+                };
+                let file_sealer = theirs.as_ref().map(|set| p11shim::backup::mbk::HsmSealer {
+                    backend: work.token.backend,
+                    session: work.token.session,
+                    set,
+                });
+                let file_sealer = file_sealer.as_ref().map(|s| s as &dyn p11shim::backup::format::Sealer);
+                let result =
+                    db::restore(store.as_ref(), &work.sealer(), file_sealer, &file, users_denied.as_deref(), &progress);
                 bar.borrow_mut().finish();
                 let (action, outcome) = match &result {
                     Ok(s) => ("db restore", format!("ok: {} keys, {} users", s.keys, s.users)),

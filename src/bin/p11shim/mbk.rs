@@ -130,6 +130,16 @@ fn execute(config: &Config, command: MbkCommand, out: &Out) -> Result<(String, s
             let working = Progress::working("creating the MBK set in the HSM", out.json);
             let set = admin::mbk_create(config, &token, &so, &user)?;
             drop(working);
+            if set.is_device() {
+                out.line(format!("Token {token:?}: the HSM keeps its own master backup key (device MBK), which p11shim uses; it made no MBK object."));
+                out.line(format!("  fingerprint:    {}", set.fingerprint));
+                out.line("  key store:      the seal key for this MBK is in the key store (as the device's blob)");
+                out.line("  user check:     the user can back up and restore keys under it");
+                return Ok((
+                    format!("ok: device MBK {} in use", set.fingerprint),
+                    json!({"token": token, "kind": "device", "fingerprint": set.fingerprint}),
+                ));
+            }
             out.line(format!("Created the master backup key set on token {token:?}."));
             out.line(format!("  fingerprint:    {}", set.fingerprint));
             out.line(format!("  wrap mechanism: {}", admin::mechanism_name(set.wrap)));
@@ -141,6 +151,12 @@ fn execute(config: &Config, command: MbkCommand, out: &Out) -> Result<(String, s
         }
         MbkCommand::Show { token } => {
             let set = admin::mbk_show(config, &token)?;
+            if set.is_device() {
+                out.line(format!("token:          {token}"));
+                out.line("kind:           device (the HSM's own MBK is in use; p11shim has no MBK object)");
+                out.line(format!("fingerprint:    {}", set.fingerprint));
+                return Ok((String::new(), json!({"token": token, "kind": "device", "fingerprint": set.fingerprint})));
+            }
             out.line(format!("token:          {token}"));
             out.line(format!("fingerprint:    {}", set.fingerprint));
             out.line(format!("wrap mechanism: {}", admin::mechanism_name(set.wrap)));
@@ -149,8 +165,8 @@ fn execute(config: &Config, command: MbkCommand, out: &Out) -> Result<(String, s
             }
             (
                 String::new(),
-                json!({"token": token, "fingerprint": set.fingerprint, "wrap": admin::mechanism_name(set.wrap),
-                       "outdated": set.outdated}),
+                json!({"token": token, "kind": "set", "fingerprint": set.fingerprint,
+                       "wrap": admin::mechanism_name(set.wrap), "outdated": set.outdated}),
             )
         }
         MbkCommand::CloneRequest { token, out: file, pins } => {

@@ -51,6 +51,8 @@ struct SlotState {
     default_group: Option<String>,
     /// The fingerprint of the token's MBK set.
     mbk: Option<String>,
+    /// "device" (the HSM's own MBK) or "set" (p11shim's MBK set in the token).
+    mbk_kind: Option<&'static str>,
     /// Why the MBK set is missing or cannot be used.
     mbk_problem: Option<String>,
     /// Key rows of this token in the store.
@@ -285,6 +287,7 @@ fn look_at_backend(config: &Config, store: Option<&dyn KeyStore>, status: &mut S
             slot,
             default_group: configured.map(|s| s.default_group.clone()),
             mbk: None,
+            mbk_kind: None,
             mbk_problem: None,
             stored_keys: (store.is_some() && storage == "database").then(|| stored.get(&label).copied().unwrap_or(0)),
         };
@@ -292,6 +295,7 @@ fn look_at_backend(config: &Config, store: Option<&dyn KeyStore>, status: &mut S
             match Work::open_public_lenient(config, &label) {
                 Ok(work) => {
                     state.mbk = Some(work.set.fingerprint.clone());
+                    state.mbk_kind = Some(work.set.kind());
                     if let Some(why) = &work.set.outdated {
                         state.mbk_problem = Some(why.clone());
                         status.problem("error", format!("token {label:?}: {why}"), "see `p11shim mbk --help`".into());
@@ -444,7 +448,8 @@ fn print_text(s: &Status) {
         };
         let mbk = match (&slot.mbk, &slot.mbk_problem, slot.present) {
             (_, _, false) => String::new(),
-            (Some(f), None, _) => format!("MBK {f}"),
+            (Some(f), None, _) if slot.mbk_kind == Some("device") => format!("device MBK {f}"),
+            (Some(f), None, _) => format!("MBK set {f}"),
             (Some(f), Some(_), _) => red(&format!("MBK {f} OUTDATED")),
             (None, _, _) if slot.storage == "database" => red("NO MBK SET"),
             (None, _, _) => "no MBK set".into(),
