@@ -48,6 +48,7 @@ fn write_device(test: &str) -> PathBuf {
         ),
     )
     .unwrap();
+    common::give_device_mbk(&conf);
     conf
 }
 

@@ -1,4 +1,5 @@
-//! Stored keys with the embedded key store (SQLite) over the CryptoServer simulator. The cases are
+//! Stored keys with the embedded key store (SQLite) over the CryptoServer simulator, with its device MBK (which
+//! p11shim uses: no MBK objects in the token). The cases are
 //! in tests/vault_cases; tests/vault_sqlite.rs runs them over SoftHSM2.
 mod common;
 mod vault_cases;

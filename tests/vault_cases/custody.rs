@@ -189,6 +189,34 @@ impl Raw {
 
 /// The labels the shim gives its own objects in the token.
 const OWN_LABELS: [&[u8]; 3] = [b"p11shim-mbk", b"p11shim-mbk-mac", b"p11shim-mbk-load"];
+/// The label of the seal key p11shim brings back from its device blob for one MAC at a time (device MBK).
+const SEAL_LABEL: &[u8] = b"p11shim-seal";
+
+/// The backend's device MBK interface, as an attacker loading the backend directly gets it.
+fn device_functions() -> &'static p11shim::backend::DeviceMbkFunctions {
+    type GetInterface = unsafe extern "C" fn(*mut u8, *mut CK_VERSION, *mut *mut CK_INTERFACE, CK_FLAGS) -> CK_RV;
+    // SAFETY: the backend is loaded already (same instance); C_GetInterface has the 3.0 signature; the name is
+    // NUL-terminated and the interface's function list lives as long as the library, which is never unloaded.
+    unsafe {
+        let lib = libloading::Library::new(common::backend_path()).expect("dlopen the backend");
+        let get = lib.get::<GetInterface>(b"C_GetInterface\0").expect("the device offers C_GetInterface");
+        let mut version = CK_VERSION { major: 1, minor: 0 };
+        let mut iface: *mut CK_INTERFACE = std::ptr::null_mut();
+        assert_eq!(get(c"CSSIM MBK".as_ptr() as *mut u8, &mut version, &mut iface, 0), CKR_OK);
+        let list = (*iface).pFunctionList as *const p11shim::backend::DeviceMbkFunctions;
+        std::mem::forget(lib);
+        &*list
+    }
+}
+
+/// `CSSIM_RestoreKey` of a blob as a session object, called by an attacker with a session on the device.
+fn device_restore(h: CK_SESSION_HANDLE, blob: &[u8]) -> Result<u64, CK_RV> {
+    let restore = device_functions().restore_key.expect("CSSIM_RestoreKey");
+    let mut out = 0;
+    // SAFETY: the blob is only read; no template; a valid out pointer.
+    ok(unsafe { restore(h, blob.as_ptr() as *mut u8, blob.len() as CK_ULONG, std::ptr::null_mut(), 0, &mut out) })?;
+    Ok(out)
+}
 
 /// Templates an attacker would try to unwrap a stored key's blob into, for a key of `class`/`key_type`: every
 /// combination of the flags that decide whether a value can be read or taken out.
@@ -318,7 +346,14 @@ pub fn custody_holds_against_a_pin_holder() {
         .copied()
         .filter(|o| hsm.get(h, *o, CKA_LABEL).is_ok_and(|l| OWN_LABELS.contains(&l.as_slice())))
         .collect();
-    assert_eq!(own.len(), 3, "the MBK set is there to attack (MBK, MAC key, load key)");
+    if common::device_mbk() {
+        // The device keeps its MBK itself: there is no MBK object of any kind to attack, and the seal key
+        // exists only during one MAC (it is the device's blob in the key store the rest of the time).
+        assert!(own.is_empty(), "no p11shim MBK object on a device with its own MBK: {own:?}");
+        assert!(everything.iter().all(|o| hsm.get(h, *o, CKA_LABEL).ok().as_deref() != Some(SEAL_LABEL)));
+    } else {
+        assert_eq!(own.len(), 3, "the MBK set is there to attack (MBK, MAC key, load key)");
+    }
     let copies: Vec<u64> = everything
         .iter()
         .copied()
@@ -367,6 +402,17 @@ pub fn custody_holds_against_a_pin_holder() {
                     hsm.destroy(h, got);
                 }
             }
+        }
+    }
+    if common::device_mbk() {
+        // The device's own restore gives every blob back, to anyone with the user's login, only as the key
+        // it was: never in a form whose value can be read or taken out.
+        assert_eq!(unwrapped, 0, "no key of the token unwraps a device blob");
+        for row in rows.iter().filter(|r| !r.wrapped.is_empty()) {
+            let got = device_restore(h, &row.wrapped).expect("the device restores its blob");
+            cannot_get_the_value(&hsm, h, got, &format!("row {} restored by the device", row.id));
+            unwrapped += 1;
+            hsm.destroy(h, got);
         }
     }
     assert!(unwrapped > 0, "the attack reached the HSM: some unwraps succeed (into protected objects)");
@@ -455,7 +501,11 @@ pub fn custody_child() {
         .copied()
         .filter(|k| hsm.get(h, *k, CKA_LABEL).is_ok_and(|l| OWN_LABELS.contains(&l.as_slice())))
         .collect();
-    assert_eq!(own.len(), 3, "the MBK set is visible without a PIN (public objects)");
+    if common::device_mbk() {
+        assert!(own.is_empty(), "no MBK object on a device with its own MBK");
+    } else {
+        assert_eq!(own.len(), 3, "the MBK set is visible without a PIN (public objects)");
+    }
     let mut tried = 0;
     for blob in blobs.split(',').filter(|b| !b.is_empty()) {
         let f: Vec<&str> = blob.split(':').collect();
@@ -468,6 +518,12 @@ pub fn custody_child() {
                     panic!("without a PIN, key {k} unwrapped a stored key ({t:?}) into object {got}");
                 }
             }
+        }
+        if common::device_mbk() {
+            // The device's restore needs the user's login for a stored key (always private).
+            tried += 1;
+            let got = device_restore(h, &wrapped);
+            assert_eq!(got, Err(CKR_USER_NOT_LOGGED_IN), "without a PIN the device restores no stored key");
         }
         for &k in &own {
             let mut m = mech_of(CKM_AES_ECB);
@@ -493,11 +549,18 @@ pub fn forged_rows_never_give_the_value() {
     let row = rows("db23").into_iter().find(|r| r.label == b"victim").expect("its row");
     let hsm = Raw::backend();
     let h = s.handle();
-    let mac_key = hsm
-        .find(h, &[(CKA_LABEL, b"p11shim-mbk-mac".to_vec())])
-        .expect("find")
-        .pop()
-        .expect("the MAC key is visible on the backend");
+    let device = common::device_mbk();
+    let mac_key = if device {
+        // The seal key is the device's blob in the key store, which this attacker reads and restores.
+        let blob = seal_blob(&row.mbk);
+        assert!(!blob.is_empty(), "the seal key's blob is in the store");
+        device_restore(h, &blob).expect("the device restores the seal key for anyone with a session")
+    } else {
+        hsm.find(h, &[(CKA_LABEL, b"p11shim-mbk-mac".to_vec())])
+            .expect("find")
+            .pop()
+            .expect("the MAC key is visible on the backend")
+    };
     let forge = |edit: &dyn Fn(&mut p11shim::attrs::Template)| {
         let mut forged = row.clone();
         let mut attrs = p11shim::attrs::Template::decode(&forged.attrs).unwrap();
@@ -514,7 +577,12 @@ pub fn forged_rows_never_give_the_value() {
         a.set(Attr::bool(CKA_EXTRACTABLE, true));
     });
     assert_eq!(refused_after_change(&s, key), RvError::GeneralError, "a row that would load readable is refused");
-    assert!(shim_log().contains("whose value could be read or wrapped under any key"), "{}", shim_log());
+    let why = if device {
+        "its row and its device blob disagree on CKA_SENSITIVE"
+    } else {
+        "whose value could be read or wrapped under any key"
+    };
+    assert!(shim_log().contains(why), "{}", shim_log());
     assert_eq!(Raw::shim().get(h, key.handle(), CKA_VALUE), Err(CKR_ATTRIBUTE_SENSITIVE), "never the value");
     // Extractable under any key.
     forge(&|a| {
@@ -523,8 +591,22 @@ pub fn forged_rows_never_give_the_value() {
         a.set(Attr::bool(CKA_WRAP_WITH_TRUSTED, false));
     });
     assert_eq!(refused_after_change(&s, key), RvError::GeneralError, "a row that would load wrappable is refused");
-    // A usage flag: accepted (what a MAC made by a PIN holder cannot catch; the README says so), and the HSM
-    // copy enforces what the row says.
+    // A usage flag: with an MBK set, accepted (what a MAC made by a PIN holder cannot catch; the README says
+    // so), and the HSM copy enforces what the row says. A device blob holds the key's own flags, which the
+    // row must repeat: the forged row is refused.
+    if device {
+        forge(&|a| {
+            a.set(Attr::bool(CKA_SENSITIVE, true));
+            a.set(Attr::bool(CKA_EXTRACTABLE, false));
+            a.set(Attr::bool(CKA_ENCRYPT, false));
+        });
+        assert_eq!(refused_after_change(&s, key), RvError::GeneralError, "a row that lies about a usage flag");
+        assert!(shim_log().contains("disagree on CKA_ENCRYPT"), "{}", shim_log());
+        forge(&|a| a.set(Attr::bool(CKA_ENCRYPT, true)));
+        encrypt_roundtrip(&s, key).expect("the row as the blob says it: the key works again");
+        assert!(Raw::shim().wrap(h, CKM_AES_KEY_WRAP_PAD, key.handle(), key.handle()).is_err());
+        return;
+    }
     forge(&|a| {
         a.set(Attr::bool(CKA_SENSITIVE, true));
         a.set(Attr::bool(CKA_EXTRACTABLE, false));
@@ -719,7 +801,11 @@ pub fn init_token_empties_a_database_slot() {
     result.expect("C_InitToken of a database slot");
     assert!(rows("db26").is_empty(), "the token's stored keys are destroyed with it");
     let after = fingerprint().expect("a new MBK set, made with the SO PIN given");
-    assert_ne!(after, before);
+    if common::device_mbk() {
+        assert_eq!(after, before, "the device's MBK belongs to the device, not to the token");
+    } else {
+        assert_ne!(after, before);
+    }
     let slot = common::find_token("db26").expect("the token");
     let so = p.open_rw_session(slot).unwrap();
     so.login(cryptoki::session::UserType::So, Some(&cryptoki::types::AuthPin::new(SO_PIN.into()))).unwrap();

@@ -71,6 +71,20 @@ pub fn store_url() -> String {
 /// The key store is read and edited from a child process (this test binary re-run as `store_child`): a
 /// second copy of SQLite in this process beside the shim's own would break SQLite's POSIX locks (closing
 /// one copy's file descriptor drops the other's locks) and lose the shim's commits.
+/// The seal key blob the store keeps for the device MBK `mbk` (read by the store child); empty if none.
+pub fn seal_blob(mbk: &str) -> Vec<u8> {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "store_child", "--nocapture", "--test-threads=1"])
+        .env("VAULT_STORE_OP", "seal")
+        .env("VAULT_STORE_ARG", mbk)
+        .env("VAULT_STORE_URL", store_url())
+        .output()
+        .expect("run the store child");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().find_map(|l| l.split_once("@@SEAL ").map(|(_, b)| b.trim().to_string()));
+    hex::decode(line.expect("the child printed the seal key")).expect("hex")
+}
+
 fn store_op(op: &str, arg: &str) -> Vec<KeyRow> {
     let out = Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "store_child", "--nocapture", "--test-threads=1"])
@@ -104,6 +118,7 @@ pub fn store_child() {
             }
         }
         "update" => assert!(store.update(&decode_row(&arg)).expect("update"), "row changed meanwhile"),
+        "seal" => println!("@@SEAL {}", hex::encode(store.seal_key(&arg).expect("read").unwrap_or_default())),
         other => panic!("unknown store op {other}"),
     }
     println!("@@DONE");
@@ -320,7 +335,9 @@ pub fn stored_key_is_a_row_not_an_hsm_object() {
     let row = &rows[0];
     assert_eq!(row.label, b"k1");
     assert_eq!(row.group, "G01", "the slot's default_group");
-    assert_eq!(row.wrap_mech, cryptoki_sys::CKM_AES_KEY_WRAP_PAD);
+    // The device's own blob where it keeps its MBK; else RFC 5649 under the MBK set.
+    let how = if common::device_mbk() { p11shim::backup::mbk::DEVICE_BLOB } else { cryptoki_sys::CKM_AES_KEY_WRAP_PAD };
+    assert_eq!(row.wrap_mech, how);
     assert!(!row.wrapped.is_empty() && !row.mac.is_empty());
     not_in_hsm_token("db01", "k1");
     encrypt_roundtrip(&s, key).expect("a stored key encrypts and decrypts");
@@ -559,10 +576,38 @@ pub fn handles_survive_close_all_sessions_and_logout() {
     encrypt_roundtrip(&s, key).expect("after logout and a new login");
 }
 
-/// A database token initialized with the HSM's own tool has no MBK set until an operator makes one.
+/// A database token initialized with the HSM's own tool has no MBK set until an operator makes one. On a
+/// device that keeps its own MBK there is nothing to make: the token works at once, and `mbk` says so.
 pub fn missing_mbk_says_how_to_create_it() {
     let slot = common::new_token_on_backend("db08");
     let s = user_session(slot);
+    if common::device_mbk() {
+        let k = s.generate_key(&Mechanism::AesKeyGen, &aes_template("x")).expect("no MBK to create first");
+        encrypt_roundtrip(&s, k).expect("and it works");
+        let device = common::cssim_admin(&common::test_dir().join("cssim.toml"), &["mbk", "show"]);
+        let device_fp = device.lines().find_map(|l| l.strip_prefix("fingerprint:")).expect("the device's").trim();
+        for _ in 0..2 {
+            let made = cli().args(["mbk", "create", "--token", "db08"]).output().unwrap();
+            assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+            let text = String::from_utf8_lossy(&made.stdout);
+            assert!(text.contains("keeps its own master backup key") && text.contains(device_fp), "{text}");
+        }
+        let shown = cli().args(["mbk", "show", "--token", "db08", "--json"]).output().unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+        assert_eq!(v["kind"], "device");
+        assert_eq!(v["fingerprint"], device_fp, "p11shim shows the device's own fingerprint");
+        let dir = common::test_dir().join("db08-shares");
+        let shares = ["mbk", "export-shares", "--token", "db08", "--threshold", "2", "--shares", "3", "--out-dir"];
+        let shares: Vec<&str> = shares.into_iter().chain([dir.to_str().unwrap()]).collect();
+        let request = ["mbk", "clone-request", "--token", "db08", "--out", dir.to_str().unwrap()];
+        for (command, args) in [("export-shares", &shares[..]), ("clone-request", &request[..])] {
+            let refused = cli().args(args).output().unwrap();
+            assert!(!dir.exists(), "mbk {command} wrote nothing");
+            assert_eq!(refused.status.code(), Some(5), "mbk {command} is refused: nothing of p11shim's to share");
+            assert!(String::from_utf8_lossy(&refused.stderr).contains("cssim-admin mbk import"));
+        }
+        return;
+    }
     let e = s.generate_key(&Mechanism::AesKeyGen, &aes_template("x")).unwrap_err();
     assert_eq!(rv(e), RvError::GeneralError);
     assert!(shim_log().contains("p11shim mbk create --token db08"), "log: {}", shim_log());
@@ -888,10 +933,21 @@ pub fn every_creation_path_stores() {
     );
     // An unextractable key cannot be wrapped into the store (nor made extractable by a copy): the HSM keeps the
     // copy as an ordinary token object of the token's group, and the log says why.
+    // A device that keeps its own MBK backs up any key, so there the copy is stored as it is.
     let kept = s
         .copy_object(native, &[Attribute::Token(true), Attribute::Label(b"kept".to_vec())])
         .expect("an unextractable key copied as a token object");
-    assert!(kept.handle() & (1 << 63) == 0, "a backend handle: the HSM holds it");
+    if common::device_mbk() {
+        assert!(kept.handle() & (1 << 63) != 0, "stored as the device's blob");
+        assert!(rows("db12").iter().any(|r| r.label == b"kept"), "its row");
+    } else {
+        assert!(kept.handle() & (1 << 63) == 0, "a backend handle: the HSM holds it");
+        assert!(
+            shim_log().contains("kept in the HSM as an ordinary token object (group \"G12\")"),
+            "a log line says why: {}",
+            shim_log()
+        );
+    }
     assert_eq!(
         s.encrypt(&Mechanism::AesEcb, kept, &block).unwrap(),
         s.encrypt(&Mechanism::AesEcb, native, &block).unwrap()
@@ -899,11 +955,6 @@ pub fn every_creation_path_stores() {
     assert_eq!(
         s.get_attributes(kept, &[AttributeType::Token, AttributeType::Extractable]).unwrap(),
         vec![Attribute::Token(true), Attribute::Extractable(false)]
-    );
-    assert!(
-        shim_log().contains("kept in the HSM as an ordinary token object (group \"G12\")"),
-        "a log line says why: {}",
-        shim_log()
     );
     // A key whose value may be read cannot be stored (nothing may load it readable): the HSM keeps its copy.
     let readable = s
@@ -935,7 +986,11 @@ pub fn every_creation_path_stores() {
     );
     let mut labels: Vec<String> = rows("db12").iter().map(|r| String::from_utf8_lossy(&r.label).into_owned()).collect();
     labels.sort();
-    assert_eq!(labels, ["adopted", "alice", "alice", "copy", "derived", "imported", "kek", "note", "unwrapped"]);
+    let mut expected = vec!["adopted", "alice", "alice", "copy", "derived", "imported", "kek", "note", "unwrapped"];
+    if common::device_mbk() {
+        expected.insert(7, "kept");
+    }
+    assert_eq!(labels, expected);
     // A read-only session cannot make token objects.
     let ro = pkcs11().open_ro_session(slot).unwrap();
     assert_eq!(rv(ro.generate_key(&Mechanism::AesKeyGen, &aes_template("ro")).unwrap_err()), RvError::SessionReadOnly);
