@@ -21,13 +21,18 @@ struct Device {
 
 impl Device {
     fn new(root: &Path, name: &str) -> Device {
+        Device::in_mode(root, name, "standard")
+    }
+
+    /// A device whose firmware runs in `mode` ("standard", "fips" or "cc").
+    fn in_mode(root: &Path, name: &str, mode: &str) -> Device {
         let dir = root.join(name);
         std::fs::create_dir_all(&dir).unwrap();
         let conf = dir.join("cssim.toml");
         std::fs::write(
             &conf,
             format!(
-                "state = \"cssim-state.json\"\nlog_file = \"cssim.log\"\n\
+                "state = \"cssim-state.json\"\nlog_file = \"cssim.log\"\nmode = \"{mode}\"\n\
                  [[slot]]\nlabel = \"{TOKEN}\"\nso_pin = \"{SO_PIN}\"\nuser_pin = \"{USER_PIN}\"\n"
             ),
         )
@@ -219,8 +224,10 @@ fn devices_of_one_mbk_share_keys_backups_and_a_store_and_no_other_device_can() {
     let _ = std::fs::remove_dir_all(&root);
     std::fs::create_dir_all(&root).unwrap();
 
-    // Device A generates its MBK; device B loads it from two of the three shares; device C has another.
-    let (a, b, c) = (Device::new(&root, "dev-a"), Device::new(&root, "dev-b"), Device::new(&root, "dev-c"));
+    // Device A generates its MBK; device B (FIPS firmware: no clear-text key import or export) loads it from
+    // two of the three shares; device C has another.
+    let (a, b, c) =
+        (Device::new(&root, "dev-a"), Device::in_mode(&root, "dev-b", "fips"), Device::new(&root, "dev-c"));
     let shares = root.join("shares-a");
     let fingerprint = generate(&a, &shares);
     b.admin(&["mbk", "import", &share(&shares, 1), &share(&shares, 3)]);
