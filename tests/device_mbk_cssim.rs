@@ -226,8 +226,7 @@ fn devices_of_one_mbk_share_keys_backups_and_a_store_and_no_other_device_can() {
 
     // Device A generates its MBK; device B (FIPS firmware: no clear-text key import or export) loads it from
     // two of the three shares; device C has another.
-    let (a, b, c) =
-        (Device::new(&root, "dev-a"), Device::in_mode(&root, "dev-b", "fips"), Device::new(&root, "dev-c"));
+    let (a, b, c) = (Device::new(&root, "dev-a"), Device::in_mode(&root, "dev-b", "fips"), Device::new(&root, "dev-c"));
     let shares = root.join("shares-a");
     let fingerprint = generate(&a, &shares);
     b.admin(&["mbk", "import", &share(&shares, 1), &share(&shares, 3)]);
