@@ -21,7 +21,8 @@
 //! 6. C_FindObjects by label as a process uses more and more stored keys (0, 100, 1,000 and 10,000 of a
 //!    population of 10,000): each key used is loaded into the HSM, which keeps at most `[store] hsm_cache`
 //!    of them (the default, "bounded"), against no bound ("unbounded", up to 1,000 used); on SoftHSM2 and on
-//!    the CryptoServer simulator (libcssim.so), SQLite; in processes of their own (phase `cache`).
+//!    the CryptoServer simulator (libcssim.so) with its device MBK and without it (an MBK set), SQLite; in
+//!    processes of their own (phase `cache`).
 //!
 //! Each engine (and SoftHSM2's own token store) runs in a child process of this one (this binary started
 //! again with STORE_BENCH_PHASE set), with a SoftHSM2 token directory of its own: one shim configuration
@@ -1498,18 +1499,26 @@ fn device_mbk(conf: &Path) {
 /// test`, where the population is small), "unbounded" with no practical bound, up to 1,000 used keys.
 fn cache_phase(knobs: &Knobs, results: &mut Results) {
     let root = PathBuf::from(std::env::var("STORE_BENCH_DIR").expect("STORE_BENCH_DIR"));
-    for backend in ["softhsm", "cssim"] {
+    for backend in CACHE_BACKENDS {
         let dir = root.join(backend);
         std::fs::create_dir_all(&dir).expect("create the cache bench dir");
         let (module, env) = match backend {
             "softhsm" => (softhsm_path(), ("SOFTHSM2_CONF", make_tokens(&dir, &[DB]))),
-            _ => {
+            // The simulator with its device MBK (stored keys are its blobs), and without it (an MBK set).
+            "cssim" | "cssim-set" => {
                 let conf = dir.join("cssim.toml");
-                std::fs::write(&conf, "state = \"cssim-state.json\"\nlog_file = \"cssim.log\"\n[[slot]]\n")
-                    .expect("write cssim.toml");
-                device_mbk(&conf);
+                let switch = if backend == "cssim" { "" } else { "device_mbk = false\n" };
+                std::fs::write(
+                    &conf,
+                    format!("state = \"cssim-state.json\"\nlog_file = \"cssim.log\"\n{switch}[[slot]]\n"),
+                )
+                .expect("write cssim.toml");
+                if backend == "cssim" {
+                    device_mbk(&conf);
+                }
                 (cssim_path(), ("CSSIM_CONFIG", conf))
             }
+            other => unreachable!("item 6 backend {other}"),
         };
         let url = format!("sqlite:{}", dir.join("keys.db").display());
         let bounded = if knobs.bench_mode { String::new() } else { "hsm_cache = 8\n".into() };
@@ -1537,7 +1546,7 @@ fn cache_phase(knobs: &Knobs, results: &mut Results) {
                     ("STORE_BENCH_CACHE_MODULE", module.display().to_string()),
                     ("STORE_BENCH_CACHE_VARIANT", variant.to_string()),
                     ("STORE_BENCH_CACHE_LEVELS", levels),
-                    ("STORE_BENCH_CACHE_INIT", (backend == "cssim" && variant == "populate").to_string()),
+                    ("STORE_BENCH_CACHE_INIT", (backend != "softhsm" && variant == "populate").to_string()),
                 ],
             );
             assert!(!got.is_empty(), "item 6, {backend} {variant}: the helper process failed");
@@ -1548,6 +1557,9 @@ fn cache_phase(knobs: &Knobs, results: &mut Results) {
         }
     }
 }
+
+/// Item 6's backends: SoftHSM2 (an MBK set), the simulator with its device MBK, and without it (an MBK set).
+const CACHE_BACKENDS: [&str; 3] = ["softhsm", "cssim", "cssim-set"];
 
 /// The labels of item 6's population.
 fn cache_label(i: usize) -> String {
@@ -1928,10 +1940,10 @@ fn summary(knobs: &Knobs, r: &BTreeMap<String, f64>, took: Duration) -> String {
         );
         let _ = writeln!(
             out,
-            "{:<8} {:<10} {:>8} {:>24} {:>6} {:>7} {:>10}",
+            "{:<9} {:<10} {:>8} {:>24} {:>6} {:>7} {:>10}",
             "backend", "cache", "used", "find", "ratio", "copies", "use µs/key"
         );
-        for backend in ["softhsm", "cssim"] {
+        for backend in CACHE_BACKENDS {
             for variant in ["bounded", "unbounded"] {
                 let k = |f: &str| format!("cache.{backend}.{variant}.{f}");
                 let none =
@@ -1946,7 +1958,7 @@ fn summary(knobs: &Knobs, r: &BTreeMap<String, f64>, took: Duration) -> String {
                     };
                     let _ = writeln!(
                         out,
-                        "{:<8} {:<10} {:>8} {:>24} {:>6} {:>7} {:>10}",
+                        "{:<9} {:<10} {:>8} {:>24} {:>6} {:>7} {:>10}",
                         backend,
                         variant,
                         used,

@@ -248,8 +248,8 @@ fn seal_template() -> Template {
 /// blob stored (the first writer wins when several hosts start at once). Refused when the store holds rows
 /// sealed under this MBK but no seal key: a new one would fail every one of them, so the store lost its seal
 /// key and must get it back (from a backup of the store, or any backup file made under this MBK).
-/// With `create` false, a store without the seal key leaves the set without one (sealing then fails with a
-/// message naming `p11shim mbk create`): commands that read a whole-store backup bring their own.
+/// With `create` false (`p11shim status`, which changes nothing), a store without the seal key leaves the set
+/// without one: sealing then fails with a message naming `p11shim mbk create`.
 pub fn attach_seal(
     set: &mut MbkSet,
     backend: &Backend,
@@ -699,6 +699,23 @@ fn device_self_test(backend: &Backend, session: CK_SESSION_HANDLE) -> Result<()>
 }
 
 #[cfg(test)]
+impl MbkSet {
+    /// A set of objects with handles 1 (MBK), 2 (MAC key) and 3 (load key), for unit tests of what is decided
+    /// from it.
+    pub(crate) fn for_tests() -> MbkSet {
+        MbkSet {
+            mbk: 1,
+            mac: 2,
+            load: Some(3),
+            wrap: CKM_AES_KEY_WRAP_PAD,
+            fingerprint: String::new(),
+            outdated: None,
+            device: None,
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -732,15 +749,7 @@ mod tests {
 
     #[test]
     fn each_unwrapping_key_loads_exactly_what_it_may() {
-        let set = MbkSet {
-            mbk: 1,
-            mac: 2,
-            load: Some(3),
-            wrap: CKM_AES_KEY_WRAP_PAD,
-            fingerprint: String::new(),
-            outdated: None,
-            device: None,
-        };
+        let set = MbkSet::for_tests();
         let key = |s: bool, x: bool, w: bool, p: bool| {
             Template(vec![
                 Attr::bool(CKA_SENSITIVE, s),

@@ -606,15 +606,7 @@ mod tests {
     use super::*;
 
     fn set() -> MbkSet {
-        MbkSet {
-            mbk: 1,
-            mac: 2,
-            load: Some(3),
-            wrap: CKM_AES_KEY_WRAP_PAD,
-            fingerprint: String::new(),
-            outdated: None,
-            device: None,
-        }
+        MbkSet::for_tests()
     }
 
     fn key(flags: &[(CK_ATTRIBUTE_TYPE, bool)]) -> Template {

@@ -156,15 +156,7 @@ mod tests {
     use crate::attrs::Attr;
 
     fn set() -> MbkSet {
-        MbkSet {
-            mbk: 1,
-            mac: 2,
-            load: Some(3),
-            wrap: CKM_AES_KEY_WRAP_PAD,
-            fingerprint: String::new(),
-            outdated: None,
-            device: None,
-        }
+        MbkSet::for_tests()
     }
 
     fn key(extra: &[Attr]) -> Template {
