@@ -2195,9 +2195,11 @@ pub fn a_backup_while_hosts_write_is_one_snapshot(engine: Engine) {
         assert_eq!(records.len(), 1 + of_file.iter().map(|(f, l)| (l - f + 1) as usize).sum::<usize>(), "{file}");
         runs.push(of_file);
     }
-    // The writers wrote while the backups ran: every writer's window moved between the first and the last.
-    for i in 0..WRITERS {
-        assert!(runs[2][i].1 > runs[0][i].1, "writer {i} did not move on between the backups: {runs:?}");
+    // The writers wrote while the backups ran: each file saw other windows than the one before. (Not every
+    // writer moves every time: SQLite's waiting writers retry after sleeps, and one can lose to the others
+    // for a second or more.)
+    for b in 1..runs.len() {
+        assert!(runs[b] != runs[b - 1], "no writer moved on between backups {} and {b}: {runs:?}", b - 1);
     }
 
     // Each file restores into a fresh store as exactly its keys.
