@@ -7,116 +7,14 @@
 mod common;
 
 use common::pg::PgCluster;
+use common::pgtls::Pki;
 use p11shim::store::{self, KeyQuery, StoreError};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 
 /// The password every URL carries (trust authentication ignores it): no message may show it.
 const PASSWORD: &str = "pw-never-shown-9f2";
-
-/// Runs the openssl command in `dir`.
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl").args(args).current_dir(dir).stdin(Stdio::null()).output().expect("openssl");
-    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
-
-/// The test PKI: a CA, the server's certificate (DNS localhost and IP 127.0.0.1), a client certificate for
-/// role `certuser`, and another CA that signed none of them.
-struct Pki {
-    dir: tempfile::TempDir,
-}
-
-impl Pki {
-    fn make() -> Pki {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path();
-        for name in ["ca", "other-ca"] {
-            openssl(
-                d,
-                &[
-                    "req",
-                    "-x509",
-                    "-newkey",
-                    "ec",
-                    "-pkeyopt",
-                    "ec_paramgen_curve:P-256",
-                    "-nodes",
-                    "-days",
-                    "2",
-                    "-subj",
-                    &format!("/CN=p11shim test {name}"),
-                    "-keyout",
-                    &format!("{name}.key"),
-                    "-out",
-                    &format!("{name}.pem"),
-                ],
-            );
-        }
-        let issue = |name: &str, subject: &str, ext: &str| {
-            openssl(
-                d,
-                &[
-                    "req",
-                    "-newkey",
-                    "ec",
-                    "-pkeyopt",
-                    "ec_paramgen_curve:P-256",
-                    "-nodes",
-                    "-subj",
-                    subject,
-                    "-keyout",
-                    &format!("{name}.key"),
-                    "-out",
-                    &format!("{name}.csr"),
-                ],
-            );
-            std::fs::write(d.join(format!("{name}.ext")), ext).unwrap();
-            openssl(
-                d,
-                &[
-                    "x509",
-                    "-req",
-                    "-in",
-                    &format!("{name}.csr"),
-                    "-CA",
-                    "ca.pem",
-                    "-CAkey",
-                    "ca.key",
-                    "-CAcreateserial",
-                    "-days",
-                    "2",
-                    "-extfile",
-                    &format!("{name}.ext"),
-                    "-out",
-                    &format!("{name}.pem"),
-                ],
-            );
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(d.join(format!("{name}.key")), std::fs::Permissions::from_mode(0o600)).unwrap();
-        };
-        issue("server", "/CN=localhost", "subjectAltName = DNS:localhost, IP:127.0.0.1\n");
-        issue("client", "/CN=certuser", "extendedKeyUsage = clientAuth\n");
-        Pki { dir }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-}
-
-/// The uid and gid of the postgres system user when we are root (the server runs as it), else None.
-fn postgres_owner() -> Option<(u32, u32)> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return None;
-    }
-    let id = |flag: &str| {
-        let out = Command::new("id").args([flag, "postgres"]).output().unwrap();
-        String::from_utf8(out.stdout).unwrap().trim().parse::<u32>().unwrap()
-    };
-    Some((id("-u"), id("-g")))
-}
 
 /// A cluster that speaks only TLS, with the PKI's server certificate, and the PKI itself.
 struct TlsServer {
@@ -131,36 +29,8 @@ fn server() -> &'static TlsServer {
     SERVER.get_or_init(|| {
         let pki = Pki::make();
         let cluster = PgCluster::start();
-        let port = cluster.url().rsplit(':').next().unwrap().split('/').next().unwrap().to_string();
-        let psql = |sql: &str| {
-            let out = Command::new("psql")
-                .args([cluster.url(), "-v", "ON_ERROR_STOP=1", "-qc", sql])
-                .stdin(Stdio::null())
-                .output()
-                .unwrap();
-            assert!(out.status.success(), "psql {sql}: {}", String::from_utf8_lossy(&out.stderr));
-        };
-        psql("CREATE ROLE certuser LOGIN SUPERUSER");
-        cluster.pause();
-        let data = cluster.dir().join("data");
-        for (from, to) in [("server.pem", "server.crt"), ("server.key", "server.key"), ("ca.pem", "root.crt")] {
-            std::fs::copy(pki.path(from), data.join(to)).unwrap();
-            if let Some((uid, gid)) = postgres_owner() {
-                std::os::unix::fs::chown(data.join(to), Some(uid), Some(gid)).unwrap();
-            }
-        }
-        let mut conf = std::fs::read_to_string(data.join("postgresql.conf")).unwrap();
-        conf.push_str(
-            "\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\nssl_ca_file = 'root.crt'\n",
-        );
-        std::fs::write(data.join("postgresql.conf"), conf).unwrap();
-        // TLS only over TCP; certuser must show a certificate the CA signed for it.
-        std::fs::write(
-            data.join("pg_hba.conf"),
-            "local all all trust\nhostssl all certuser 127.0.0.1/32 cert\nhostssl all all 127.0.0.1/32 trust\n",
-        )
-        .unwrap();
-        cluster.resume();
+        let port = common::pgtls::port(cluster.url());
+        common::pgtls::tls_only(&cluster, &pki);
         TlsServer { _cluster: cluster, pki, port }
     })
 }
@@ -247,7 +117,7 @@ fn a_wrong_host_name_is_refused_by_verify_full_only() {
 fn a_plaintext_server_or_client_is_refused() {
     let s = server();
     let plain = PgCluster::start();
-    let port = plain.url().rsplit(':').next().unwrap().split('/').next().unwrap().to_string();
+    let port = common::pgtls::port(plain.url());
     let ca = s.ca();
     for mode in ["require", "verify-ca", "verify-full"] {
         let url = format!("postgres://postgres:{PASSWORD}@127.0.0.1:{port}/p11shim?sslmode={mode}&sslrootcert={ca}");
