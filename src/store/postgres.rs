@@ -1067,7 +1067,8 @@ impl KeyStore for PostgresStore {
                 return Err(self.unavailable(&e));
             }
             drop(pooled);
-            drop(std::mem::take(&mut *self.idle.lock().unwrap_or_else(|e| e.into_inner())));
+            let stale = std::mem::take(&mut *self.idle.lock().unwrap_or_else(|e| e.into_inner()));
+            drop(stale); // closed outside the lock (closing takes the slots' lock)
             pooled = self.acquire()?.0;
             self.tls.clean(|| pooled.client.batch_execute("BEGIN")).map_err(|e| self.unavailable(&e))?;
         }

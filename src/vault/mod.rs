@@ -226,6 +226,8 @@ struct Kept {
     at: u64,
     /// Its MAC was checked in the HSM, or this process made it: a load need not check it again.
     verified: bool,
+    /// When it was last read, written or found current.
+    seen: std::time::Instant,
     bytes: usize,
 }
 
@@ -249,7 +251,7 @@ impl Kept {
         let reserved = KEPT_BYTES.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
             (used + bytes <= KEPT_BUDGET).then_some(used + bytes)
         });
-        reserved.is_ok().then_some(Kept { row, at, verified, bytes })
+        reserved.is_ok().then_some(Kept { row, at, verified, seen: std::time::Instant::now(), bytes })
     }
 }
 
@@ -561,34 +563,74 @@ impl Vault {
         keep.ok_or(Error::Rv(invalid))
     }
 
-    /// The loaded copy of a key, while the store cannot be reached, if the key was last known current less
-    /// than `[store] outage_grace` ago: when a call last confirmed it with the store, or, for a key used
-    /// on the warm path since, when the store's change feed went down having heard of no change to it.
-    /// The copy is not marked current (the next call asks the store again), so a key destroyed or changed
-    /// elsewhere meanwhile is refused as soon as the store answers.
-    fn in_grace(&self, store: &dyn KeyStore, key: &StoredKey) -> Option<CK_OBJECT_HANDLE> {
+    /// A copy of a key to use while the store cannot be reached, if the key was last known current less than
+    /// `[store] outage_grace` ago: when a call last confirmed it with the store, or, for a key used on the
+    /// warm path since, when the store's change feed went down having heard of no change to it. The loaded
+    /// copy; or, for a key evicted from the HSM cache, a copy loaded from the row this process holds (its
+    /// MAC checked in the HSM unless it was before). Neither is marked current (the next call asks the
+    /// store again), so a key destroyed or changed elsewhere meanwhile is refused as soon as the store
+    /// answers.
+    fn in_grace(&self, store: &dyn KeyStore, key: &Arc<StoredKey>) -> Option<CK_OBJECT_HANDLE> {
         let grace = self.options.outage_grace;
-        let mut st = lock(&key.state);
-        let (Some(h), Some(checked)) = (st.loaded, st.checked) else { return None };
-        if st.gone || grace.is_zero() {
-            return None;
+        let within = |confirmed: Option<std::time::Instant>, version: i64, at: u64| {
+            let last = confirmed.max(store.current_when_lost(&key.id, version, at))?;
+            Some(last.elapsed()).filter(|ago| *ago <= grace)
+        };
+        let (row, verified) = {
+            let mut st = lock(&key.state);
+            if st.gone || grace.is_zero() {
+                return None;
+            }
+            if let (Some(h), Some(checked)) = (st.loaded, st.checked) {
+                let ago = within(st.confirmed, st.version, checked)?;
+                self.graced(key, &mut st, ago);
+                return Some(h);
+            }
+            let kept = st.kept.as_ref()?;
+            within(Some(kept.seen), kept.row.version, kept.at)?;
+            (kept.row.clone(), kept.verified)
+        };
+        let fresh = self.load(key.slot, &row, verified).ok()?;
+        let (use_, stale) = {
+            let mut st = lock(&key.state);
+            let kept = st.kept.as_ref().filter(|k| *k.row == *row).map(|k| (k.at, k.seen));
+            match (st.gone, st.loaded, kept) {
+                (false, None, Some((at, seen))) => {
+                    // Current when the row was: checked at its generation, confirmed when it was seen.
+                    st.loaded = Some(fresh);
+                    st.version = row.version;
+                    st.checked = Some(at);
+                    st.confirmed = Some(seen);
+                    key.publish(&st);
+                    let ago = seen.elapsed();
+                    self.graced(key, &mut st, ago);
+                    (Some(fresh), None)
+                }
+                // Another thread loaded a copy meanwhile, or the key changed or went: not this copy.
+                (false, Some(h), _) => (Some(h), Some(fresh)),
+                _ => (None, Some(fresh)),
+            }
+        };
+        if let Some(stale) = stale {
+            self.destroy_own(key.slot, stale);
         }
-        let fed = store.current_when_lost(&key.id, st.version, checked);
-        let last = st.confirmed.max(fed)?;
-        let ago = last.elapsed();
-        if ago > grace {
-            return None;
+        if use_ == Some(fresh) {
+            self.admit(key);
         }
+        use_
+    }
+
+    /// Logs, once per outage, that a key's copy is used under the grace.
+    fn graced(&self, key: &StoredKey, st: &mut KeyState, ago: std::time::Duration) {
         if !std::mem::replace(&mut st.graced, true) {
             crate::info!(
-                "stored key {}: the key store cannot be reached; its loaded copy, known current {} ago, is used \
-                 for up to outage_grace = {}",
+                "stored key {}: the key store cannot be reached; its copy, known current {} ago, is used for up \
+                 to outage_grace = {}",
                 key.id,
                 humantime::format_duration(std::time::Duration::from_millis(ago.as_millis() as u64)),
-                humantime::format_duration(grace)
+                humantime::format_duration(self.options.outage_grace)
             );
         }
-        Some(h)
     }
 
     /// A key whose copy was just loaded joins the cache; while the cache holds more than `cache` keys, the
@@ -718,6 +760,7 @@ impl Vault {
         if let Some(k) = st.kept.as_mut().filter(|k| *k.row == *row) {
             k.at = at;
             k.verified |= verified;
+            k.seen = std::time::Instant::now();
             return;
         }
         st.kept = None;
