@@ -38,9 +38,9 @@
 //! Environment knobs (full run / under `cargo test`):
 //! - FLEET_HOSTS=8/2, FLEET_THREADS=4/2: processes and threads per process;
 //! - FLEET_KEYS=100000/300: keys populated;
-//! - FLEET_SECS=30/3: length of the load run; FLEET_RESTART_SECS=30/5: of each restart run;
-//! - FLEET_PAUSE_AT=10/2: seconds into a restart run at which the server is stopped; FLEET_OUTAGE=5/1: how
-//!   long it stays down; FLEET_RECOVERY=10/10: seconds after it accepts connections again until which a
+//! - FLEET_SECS=30/3: length of the load run; FLEET_RESTART_SECS=30/8: of each restart run;
+//! - FLEET_PAUSE_AT=10/1.5: seconds into a restart run at which the server is stopped; FLEET_OUTAGE=5/1: how
+//!   long it stays down; FLEET_RECOVERY=5/3: seconds after it accepts connections again until which a
 //!   failure still counts as in the window;
 //! - FLEET_MIX=80,10,5,5: percentages of use, find, create, destroy;
 //! - FLEET_MAX_CONNECTIONS (unset): written as `[store] max_connections` when set;
@@ -270,10 +270,10 @@ impl Knobs {
             threads: env_num("FLEET_THREADS", pick(4.0, 2.0)) as usize,
             keys: env_num("FLEET_KEYS", pick(100_000.0, 300.0)) as usize,
             secs: env_num("FLEET_SECS", pick(30.0, 3.0)),
-            restart_secs: env_num("FLEET_RESTART_SECS", pick(30.0, 5.0)),
-            pause_at: env_num("FLEET_PAUSE_AT", pick(10.0, 2.0)),
+            restart_secs: env_num("FLEET_RESTART_SECS", pick(30.0, 8.0)),
+            pause_at: env_num("FLEET_PAUSE_AT", pick(10.0, 1.5)),
             outage: env_num("FLEET_OUTAGE", pick(5.0, 1.0)),
-            recovery: env_num("FLEET_RECOVERY", 10.0),
+            recovery: env_num("FLEET_RECOVERY", pick(5.0, 3.0)),
             mix: [mix[0], mix[0] + mix[1], mix[0] + mix[1] + mix[2], 100],
             max_connections: std::env::var("FLEET_MAX_CONNECTIONS")
                 .ok()
