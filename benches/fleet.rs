@@ -9,9 +9,11 @@
 //! 2. populate: 100,000 stored HMAC keys (generic secrets labelled k0000000…) made through the shim, in
 //!    parallel by all hosts (4 threads each), timed;
 //! 3. load: every host runs 4 threads, each with a session of its own, for 30 s, each operation drawn at
-//!    random (`FLEET_MIX`, default 80,10,5,5):
-//!    - use (80 %): C_FindObjects by the label of a random key of the 100,000, then C_SignInit + C_Sign
+//!    random (`FLEET_MIX`, default 70,10,10,5,5):
+//!    - use (70 %): C_FindObjects by the label of a random key of the 100,000, then C_SignInit + C_Sign
 //!      (HMAC-SHA256, 64 B) with the key found, so the HSM cache and the store both work;
+//!    - held (10 %): C_SignInit + C_Sign with the handle of one of the keys of this thread's last 4 uses
+//!      (loaded, no find: what `[store] outage_grace` keeps working while the store is away);
 //!    - find (10 %): the find alone;
 //!    - create (5 %): C_GenerateKey of a stored key with a label of its own;
 //!    - destroy (5 %): C_DestroyObject of a key this thread created in the run (a create when it has none).
@@ -43,7 +45,8 @@
 //!   long it stays down; FLEET_RECOVERY=5/3: seconds after it accepts connections again until which a
 //!   failure still counts as in the window;
 //! - FLEET_MIX=80,10,5,5: percentages of use, find, create, destroy;
-//! - FLEET_MAX_CONNECTIONS (unset): written as `[store] max_connections` when set;
+//! - FLEET_MAX_CONNECTIONS (unset): written as `[store] max_connections` when set; every process must stay
+//!   within it (default 4) plus one (its change listener);
 //! - FLEET_GRACES=0s,default: the restart runs, one per `[store] outage_grace` value ("default" writes none);
 //! - FLEET_APP_NAME=shim: "url" sets application_name=fleet-hN in each host's URL;
 //! - SOFTHSM2_MODULE: libsofthsm2.so if it is not in a usual place.
@@ -69,6 +72,11 @@ const SO_PIN: &str = "12345678";
 const USER_PIN: &str = "123456";
 /// The database slot's token on every host.
 const DB: &str = "fleet";
+/// `[store] max_connections` when the configuration does not say.
+const DEFAULT_MAX_CONNECTIONS: usize = 4;
+/// Handles of recently found keys each thread keeps for `Kind::Held` (4 threads x 4 stay within the
+/// default `[store] hsm_cache` of 32 loaded keys per process).
+const HELD: usize = 4;
 /// A find that returned CKR_OK but not exactly one key: recorded as this (not a PKCS#11 value).
 const WRONG_COUNT: CK_RV = 0xF1EE_7001;
 
@@ -238,7 +246,7 @@ struct Knobs {
     pause_at: f64,
     outage: f64,
     recovery: f64,
-    /// Cumulative thresholds out of 100 for use, find, create (destroy takes the rest).
+    /// Cumulative thresholds out of 100 for use, held, find, create (destroy takes the rest).
     mix: [u32; 4],
     max_connections: Option<usize>,
     graces: Vec<String>,
@@ -256,12 +264,12 @@ impl Knobs {
     fn from_env() -> Knobs {
         let bench_mode = std::env::args().any(|a| a == "--bench");
         let pick = |full: f64, quick: f64| if bench_mode { full } else { quick };
-        let mix_text = std::env::var("FLEET_MIX").unwrap_or_else(|_| "80,10,5,5".into());
+        let mix_text = std::env::var("FLEET_MIX").unwrap_or_else(|_| "70,10,10,5,5".into());
         let mix: Vec<u32> = mix_text
             .split(',')
             .map(|s| s.trim().parse().unwrap_or_else(|_| panic!("FLEET_MIX: {s:?} is not a number")))
             .collect();
-        assert!(mix.len() == 4 && mix.iter().sum::<u32>() == 100, "FLEET_MIX needs four percentages summing to 100");
+        assert!(mix.len() == 5 && mix.iter().sum::<u32>() == 100, "FLEET_MIX needs five percentages summing to 100");
         let graces = std::env::var("FLEET_GRACES").unwrap_or_else(|_| "0s,default".into());
         let graces: Vec<String> = graces.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
         let knobs = Knobs {
@@ -274,7 +282,7 @@ impl Knobs {
             pause_at: env_num("FLEET_PAUSE_AT", pick(10.0, 1.5)),
             outage: env_num("FLEET_OUTAGE", pick(5.0, 1.0)),
             recovery: env_num("FLEET_RECOVERY", pick(5.0, 3.0)),
-            mix: [mix[0], mix[0] + mix[1], mix[0] + mix[1] + mix[2], 100],
+            mix: [0, 1, 2, 3].map(|i| mix[..=i].iter().sum()),
             max_connections: std::env::var("FLEET_MAX_CONNECTIONS")
                 .ok()
                 .map(|v| v.trim().parse().unwrap_or_else(|_| panic!("FLEET_MAX_CONNECTIONS={v:?} is not a number"))),
@@ -568,17 +576,19 @@ impl Drop for Children {
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Kind {
     Use,
+    Held,
     Find,
     Create,
     Destroy,
 }
 
 impl Kind {
-    const ALL: [Kind; 4] = [Kind::Use, Kind::Find, Kind::Create, Kind::Destroy];
+    const ALL: [Kind; 5] = [Kind::Use, Kind::Held, Kind::Find, Kind::Create, Kind::Destroy];
 
     fn name(self) -> &'static str {
         match self {
             Kind::Use => "use (find + HMAC sign)",
+            Kind::Held => "HMAC sign, held handle",
             Kind::Find => "find by label",
             Kind::Create => "create",
             Kind::Destroy => "destroy",
@@ -588,6 +598,7 @@ impl Kind {
     fn short(self) -> &'static str {
         match self {
             Kind::Use => "use",
+            Kind::Held => "held",
             Kind::Find => "find",
             Kind::Create => "create",
             Kind::Destroy => "destroy",
@@ -718,6 +729,8 @@ fn host_load(knobs: &Knobs) {
                     XorShift(0x9e37_79b9_7f4a_7c15 ^ (((run * 1000 + host * 100 + t) as u64 + 1) * 0x2545_f491));
                 let mut records = Vec::new();
                 let mut mine: Vec<(u32, CK_OBJECT_HANDLE)> = Vec::new();
+                // Handles of the keys of the last few successful uses.
+                let mut held: Vec<CK_OBJECT_HANDLE> = Vec::new();
                 let mut seq = 0u32;
                 loop {
                     let t0 = Instant::now();
@@ -727,24 +740,34 @@ fn host_load(knobs: &Knobs) {
                     let roll = (rng.next() % 100) as u32;
                     let mut kind = match roll {
                         r if r < knobs.mix[0] => Kind::Use,
-                        r if r < knobs.mix[1] => Kind::Find,
-                        r if r < knobs.mix[2] => Kind::Create,
+                        r if r < knobs.mix[1] => Kind::Held,
+                        r if r < knobs.mix[2] => Kind::Find,
+                        r if r < knobs.mix[3] => Kind::Create,
                         _ => Kind::Destroy,
                     };
                     if kind == Kind::Destroy && mine.is_empty() {
                         kind = Kind::Create;
                     }
+                    if kind == Kind::Held && held.is_empty() {
+                        kind = Kind::Use;
+                    }
                     let mut key_seq = 0;
                     let result = match kind {
-                        Kind::Use | Kind::Find => {
+                        Kind::Use => {
                             let label = populated_label(rng.below(knobs.keys));
                             shim.find_one(session, label.as_bytes()).and_then(|key| {
-                                if kind == Kind::Use {
-                                    shim.hmac(session, key)
-                                } else {
-                                    Ok(())
+                                shim.hmac(session, key)?;
+                                if held.len() == HELD {
+                                    held.remove(0);
                                 }
+                                held.push(key);
+                                Ok(())
                             })
+                        }
+                        Kind::Held => shim.hmac(session, held[rng.below(held.len())]),
+                        Kind::Find => {
+                            let label = populated_label(rng.below(knobs.keys));
+                            shim.find_one(session, label.as_bytes()).map(drop)
                         }
                         Kind::Create => {
                             key_seq = seq;
@@ -1187,8 +1210,8 @@ fn parent(knobs: &Knobs) {
 
     let _ = writeln!(
         report,
-        "fleet bench{}: {} hosts x {} threads, one PostgreSQL store, {} stored HMAC keys; mix use/find/create/destroy \
-         {}/{}/{}/{} %",
+        "fleet bench{}: {} hosts x {} threads, one PostgreSQL store, {} stored HMAC keys; mix \
+         use/held/find/create/destroy {}/{}/{}/{}/{} %",
         if knobs.bench_mode { "" } else { " (small: without --bench)" },
         knobs.hosts,
         knobs.threads,
@@ -1196,7 +1219,8 @@ fn parent(knobs: &Knobs) {
         knobs.mix[0],
         knobs.mix[1] - knobs.mix[0],
         knobs.mix[2] - knobs.mix[1],
-        100 - knobs.mix[2]
+        knobs.mix[3] - knobs.mix[2],
+        100 - knobs.mix[3]
     );
     let _ = writeln!(
         report,
@@ -1236,13 +1260,12 @@ fn parent(knobs: &Knobs) {
         if !missing.is_empty() {
             failures.push(format!("{name}: no connection seen under application_name {missing:?}"));
         }
-        if let Some(limit) = knobs.max_connections {
-            for n in &r.host_names {
-                if let Some(&m) = r.conns.max.get(n) {
-                    if m > limit as i64 + 1 {
-                        failures
-                            .push(format!("{name}: {n} had {m} connections (max_connections = {limit}, + listener)"));
-                    }
+        // At most max_connections for statements, plus the change listener.
+        let limit = knobs.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
+        for n in &r.host_names {
+            if let Some(&m) = r.conns.max.get(n) {
+                if m > limit as i64 + 1 {
+                    failures.push(format!("{name}: {n} had {m} connections (max_connections = {limit}, + listener)"));
                 }
             }
         }
