@@ -34,8 +34,8 @@
 //! the connection died) at most once; no other row. The plain load run must have no failure at all.
 //!
 //! The summary table is printed at the end and written to target/fleet-summary.txt. Everything else lives
-//! under target/bench-fleet/ (wiped at the start). The shim and the CLI are those of the bench's profile
-//! (`cargo bench` builds them in release).
+//! under target/bench-fleet/ (wiped at the start). The shim and the CLI are those of the bench's profile:
+//! `cargo build --release --workspace --lib --bins` first (`cargo bench` does not build the cdylib).
 //!
 //! Environment knobs (full run / under `cargo test`):
 //! - FLEET_HOSTS=8/2, FLEET_THREADS=4/2: processes and threads per process;
@@ -332,7 +332,8 @@ fn softhsm_path() -> PathBuf {
 /// test` builds the library as an rlib for this binary, not the cdylib it loads).
 fn built(name: &str) -> PathBuf {
     let path = profile_dir().join(name);
-    assert!(path.exists(), "{} is missing: cargo build --workspace --lib --bins", path.display());
+    let build = if profile_dir().ends_with("release") { "cargo build --release" } else { "cargo build" };
+    assert!(path.exists(), "{} is missing: {build} --workspace --lib --bins", path.display());
     let built = std::fs::metadata(&path).and_then(|m| m.modified()).expect("mtime");
     let mut stack = vec![repo().join("src")];
     while let Some(dir) = stack.pop() {
@@ -341,7 +342,7 @@ fn built(name: &str) -> PathBuf {
             if p.is_dir() {
                 stack.push(p);
             } else if entry.metadata().and_then(|m| m.modified()).is_ok_and(|t| t > built) {
-                panic!("{} is newer than {}: cargo build --workspace --lib --bins", p.display(), path.display());
+                panic!("{} is newer than {}: {build} --workspace --lib --bins", p.display(), path.display());
             }
         }
     }
@@ -870,7 +871,8 @@ fn sample_connections(url: &str, stop: &AtomicBool, into: &Mutex<ConnSamples>) {
         }
         if let Some(c) = &mut client {
             let q = "SELECT application_name, count(*) FROM pg_stat_activity \
-                     WHERE datname = current_database() AND pid <> pg_backend_pid() GROUP BY 1";
+                     WHERE datname = current_database() AND backend_type = 'client backend' \
+                     AND pid <> pg_backend_pid() GROUP BY 1";
             match c.query(q, &[]) {
                 Ok(rows) => {
                     let mut s = into.lock().unwrap();
