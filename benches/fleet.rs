@@ -33,7 +33,8 @@
 //! destroy returned CKR_OK, gone; a key whose creation or destroy failed (the commit may have landed before
 //! the connection died) at most once; no other row. The plain load run must have no failure at all.
 //!
-//! The summary table is printed at the end and written to target/fleet-summary.txt. Everything else lives
+//! The summary table is printed at the end and written to target/fleet-summary.txt; every failed operation
+//! (times, host, kind, CK_RV) to target/bench-fleet/failures-runN.txt. Everything else lives
 //! under target/bench-fleet/ (wiped at the start). The shim and the CLI are those of the bench's profile:
 //! `cargo build --release --workspace --lib --bins` first (`cargo bench` does not build the cdylib).
 //!
@@ -1038,6 +1039,16 @@ fn quantile(v: &[u32], q: f64) -> f64 {
     v[((v.len() - 1) as f64 * q).round() as usize] as f64
 }
 
+/// Every failed operation of a run, one line each: start and end (ms from the run's start), host, kind, CK_RV.
+fn write_failures(path: &Path, r: &RunResult) {
+    let mut text = String::from("# start_ms end_ms host kind ck_rv\n");
+    for (h, rec) in r.records.iter().filter(|(_, x)| x.rv != CKR_OK) {
+        let (start, end) = (rec.start_us as f64 / 1000.0, (rec.start_us + rec.dur_us) as f64 / 1000.0);
+        let _ = writeln!(text, "{start:.3} {end:.3} {h} {} {:#x}", rec.kind.short(), rec.rv);
+    }
+    std::fs::write(path, text).expect("write the failures file");
+}
+
 /// Failures of a run outside its outage window (or any, without one), and any that is not CKR_DEVICE_ERROR.
 fn check_failures(r: &RunResult, recovery: f64) -> Vec<String> {
     let mut problems = Vec::new();
@@ -1254,6 +1265,7 @@ fn parent(knobs: &Knobs) {
         print!("{table}");
         report.push_str(&table);
         failures.extend(check_failures(&r, knobs.recovery));
+        write_failures(&root.join(format!("failures-run{run}.txt")), &r);
         let problems = check_store(&cluster.url, knobs.keys, &ledger);
         if !problems.is_empty() {
             failures.push(format!("{name}: the store does not match the operations:\n{}", problems.join("\n")));
