@@ -173,6 +173,16 @@ fn failover(grace: Option<&str>) {
     let sig = s.sign(&Mechanism::Ecdsa, ec_private, &[1u8; 32]).expect("ECDSA");
     s.verify(&Mechanism::Ecdsa, ec_public, &[1u8; 32], &sig).expect("verify");
     let mut db = sql(primary.url());
+    // A commit returns once the standby has it: the premise of "no key created with CKR_OK is lost".
+    let sync: Vec<String> = db
+        .query("SELECT sync_state FROM pg_stat_replication", &[])
+        .expect("pg_stat_replication")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(sync, ["sync"], "the standby replicates synchronously");
+    let commit: String = db.query_one("SHOW synchronous_commit", &[]).expect("SHOW").get(0);
+    assert_eq!(commit, "on");
     let warm_ids: Vec<String> = (0..WARM).map(|i| row_id(&mut db, &format!("warm{i}"))).collect();
     let (early_id, late_id) = (row_id(&mut db, "early"), row_id(&mut db, "late"));
     drop(db);
