@@ -238,7 +238,7 @@ pub fn mbk_create(config: &Config, label: &str, so_pin: &Pin, user_pin: &Pin) ->
     })?;
     let mut set = set;
     if set.is_device() {
-        let store = crate::store::open(&config.store_url)?;
+        let store = crate::store::open_with(&config.store_url, &config.store)?;
         mbk::attach_seal(&mut set, token.backend, token.session, store.as_ref(), true)?;
     }
     Ok(set)

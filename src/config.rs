@@ -102,10 +102,21 @@ impl std::fmt::Display for Mode {
 struct StoreFile {
     url: Option<String>,
     hsm_cache: Option<usize>,
+    max_connections: Option<usize>,
+    outage_grace: Option<String>,
 }
 
 /// How many stored keys a process keeps loaded in the HSM when the config does not say (see README).
 pub const DEFAULT_HSM_CACHE: usize = 32;
+/// How many connections to a PostgreSQL store one process opens for statements when the config does not say
+/// (its change listener has one more): enough for a few threads using keys at once, since a use of a key
+/// whose row is held needs no round trip.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4;
+/// How long a key confirmed current keeps working while the key store cannot be reached, when the config
+/// does not say: a restart of PostgreSQL (seconds) or a failover to a standby (tens of seconds) passes
+/// unnoticed by applications using keys they used within this time, and a key destroyed or changed elsewhere
+/// meanwhile works here at most this long after this process last saw it current.
+pub const DEFAULT_OUTAGE_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -148,6 +159,8 @@ pub struct Config {
     pub store_url: String,
     /// How many stored keys a process keeps loaded in the HSM at most (`[store] hsm_cache`).
     pub hsm_cache: usize,
+    /// `[store] max_connections` and `outage_grace`.
+    pub store: crate::store::StoreOptions,
     pub slots: Vec<SlotConfig>,
     pub mode: Mode,
     /// `[logon]`: throttling and lockout of failed logons.
@@ -257,7 +270,9 @@ impl Config {
             (Some(_), None) => Level::Info,
             (None, _) => Level::Off,
         };
-        let (store_url, hsm_cache) = file.store.map(|s| (s.url, s.hsm_cache)).unwrap_or_default();
+        let store_file = file.store.unwrap_or_default();
+        let store = store_options(&store_file, &source)?;
+        let (store_url, hsm_cache) = (store_file.url, store_file.hsm_cache);
         let hsm_cache = match hsm_cache {
             None => DEFAULT_HSM_CACHE,
             Some(n) if (1..=1_000_000).contains(&n) => n,
@@ -322,6 +337,7 @@ impl Config {
             log_level,
             store_url,
             hsm_cache,
+            store,
             slots,
             mode: file.mode,
             logon,
@@ -355,16 +371,47 @@ impl std::fmt::Display for Ignored {
 /// The audit head file's name beside the config file when `[audit] head_file` is not set.
 pub const DEFAULT_AUDIT_HEAD: &str = "audit.head";
 
-fn logon_policy(file: LogonFile, source: &Path) -> Result<LogonPolicy> {
-    let default = LogonPolicy::default();
-    let duration = |key: &str, text: Option<String>, default: std::time::Duration| match text {
+/// A duration setting `[section] key` from its text, or `default` when it is not set.
+fn duration(source: &Path, key: &str, text: Option<&str>, default: std::time::Duration) -> Result<std::time::Duration> {
+    match text {
         None => Ok(default),
         Some(text) => humantime::parse_duration(text.trim()).map_err(|e| Error::Config {
             path: source.to_path_buf(),
-            cause: format!(
-                "[logon] {key} = {text:?}: not a duration ({e}); write e.g. \"1s\", \"250ms\", \"5m\" or \"0s\""
-            ),
+            cause: format!("{key} = {text:?}: not a duration ({e}); write e.g. \"1s\", \"250ms\", \"5m\" or \"0s\""),
         }),
+    }
+}
+
+fn store_options(file: &StoreFile, source: &Path) -> Result<crate::store::StoreOptions> {
+    let max_connections = match file.max_connections {
+        None => DEFAULT_MAX_CONNECTIONS,
+        Some(n) if (1..=64).contains(&n) => n,
+        Some(n) => {
+            return Err(Error::Config {
+                path: source.to_path_buf(),
+                cause: format!(
+                    "[store] max_connections = {n}: the connections a process opens to the key store are 1 to 64"
+                ),
+            })
+        }
+    };
+    let outage_grace = duration(source, "[store] outage_grace", file.outage_grace.as_deref(), DEFAULT_OUTAGE_GRACE)?;
+    if outage_grace > std::time::Duration::from_secs(3600) {
+        return Err(Error::Config {
+            path: source.to_path_buf(),
+            cause: format!(
+                "[store] outage_grace = {:?}: at most 1h (a key destroyed elsewhere keeps working here that long)",
+                humantime::format_duration(outage_grace).to_string()
+            ),
+        });
+    }
+    Ok(crate::store::StoreOptions { max_connections, outage_grace })
+}
+
+fn logon_policy(file: LogonFile, source: &Path) -> Result<LogonPolicy> {
+    let default = LogonPolicy::default();
+    let duration = |key: &str, text: Option<String>, default: std::time::Duration| {
+        duration(source, &format!("[logon] {key}"), text.as_deref(), default)
     };
     let delay = duration("delay", file.delay, default.delay)?;
     let delay_max = duration("delay_max", file.delay_max, default.delay_max)?;
@@ -505,6 +552,26 @@ mod tests {
             SlotConfig { token: "t1".into(), storage: Storage::Database, default_group: "Prod".into() }
         );
         assert_eq!(c.slots[1], SlotConfig { token: "t2".into(), storage: Storage::Hsm, default_group: "t2".into() });
+    }
+
+    #[test]
+    fn store_connections_and_outage_grace_have_defaults_and_bounds() {
+        let c = Config::parse("module = \"/m.so\"", Path::new("/c.toml"), None).unwrap();
+        assert_eq!(c.store.max_connections, DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(c.store.outage_grace, DEFAULT_OUTAGE_GRACE);
+        let text = "module = \"/m.so\"\n[store]\nmax_connections = 9\noutage_grace = \"0s\"";
+        let c = Config::parse(text, Path::new("/c.toml"), None).unwrap();
+        assert_eq!((c.store.max_connections, c.store.outage_grace), (9, std::time::Duration::ZERO));
+        for (bad, says) in [
+            ("max_connections = 0", "max_connections = 0"),
+            ("max_connections = 65", "max_connections = 65"),
+            ("outage_grace = \"soon\"", "outage_grace = \"soon\": not a duration"),
+            ("outage_grace = \"2h\"", "at most 1h"),
+        ] {
+            let text = format!("module = \"/m.so\"\n[store]\n{bad}");
+            let e = Config::parse(&text, Path::new("/c.toml"), None).unwrap_err().to_string();
+            assert!(e.contains("/c.toml") && e.contains(says), "{bad}: {e}");
+        }
     }
 
     #[test]

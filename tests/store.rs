@@ -942,6 +942,122 @@ fn postgres_store_recovers_when_the_server_returns() {
     changed_from(&*store, seen);
 }
 
+/// The connections to the server named `name` in pg_stat_activity.
+fn connections_named(url: &str, name: &str) -> i64 {
+    let mut client = ::postgres::Client::connect(url, ::postgres::NoTls).unwrap();
+    client.query_one("SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", &[&name]).unwrap().get(0)
+}
+
+#[test]
+fn postgres_connections_are_named_by_process_unless_the_url_names_them() {
+    let db = TestDb::fresh();
+    let store = store::open(db.url()).unwrap();
+    store.get(&id(1)).unwrap();
+    assert!(connections_named(db.url(), &format!("p11shim pid {}", std::process::id())) >= 1);
+    let named = store::open(&format!("{}?application_name=billing-7", db.url())).unwrap();
+    named.get(&id(1)).unwrap();
+    assert_eq!(connections_named(db.url(), "billing-7"), 2, "one for statements, one for the listener");
+}
+
+#[test]
+fn postgres_connections_of_a_process_are_bounded() {
+    let db = TestDb::fresh();
+    let options = store::StoreOptions { max_connections: 2, ..Default::default() };
+    // A name of its own: the other tests of this process open stores too.
+    let name = format!("bounded-{}", std::process::id());
+    let store = store::open_with(&format!("{}?application_name={name}", db.url()), &options).unwrap();
+    for n in 0..20 {
+        store.insert(&row(n, "tok", "g", &format!("k{n}"))).unwrap();
+    }
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let most = std::thread::scope(|s| {
+        let sampler = s.spawn(|| {
+            let mut most = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                most = most.max(connections_named(db.url(), &name));
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            most
+        });
+        let workers: Vec<_> = (0..8)
+            .map(|t| {
+                let store = &store;
+                s.spawn(move || {
+                    for i in 0..150 {
+                        let query = KeyQuery {
+                            token: "tok".into(),
+                            label: Some(format!("k{}", (t + i) % 20).into_bytes()),
+                            ..Default::default()
+                        };
+                        assert_eq!(store.find(&query).unwrap().len(), 1);
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join().unwrap();
+        }
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        sampler.join().unwrap()
+    });
+    // Two for statements, one for the change listener; 8 threads shared them.
+    assert!((2..=3).contains(&most), "{most} connections seen with max_connections = 2");
+
+    // A scan holds its connection while its callback uses the store: with one connection allowed, the
+    // callback still gets one (else it would wait for its own thread).
+    let options = store::StoreOptions { max_connections: 1, ..Default::default() };
+    let one = store::open_with(db.url(), &options).unwrap();
+    let mut seen = 0;
+    one.scan_rows(&mut |read| {
+        if let store::RowRead::Row(r) = read {
+            assert!(one.get(&r.id)?.is_some());
+            seen += 1;
+        }
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(seen, 20);
+}
+
+#[test]
+fn postgres_store_says_which_rows_were_current_when_its_feed_was_lost() {
+    let cluster = PgCluster::start();
+    let db = TestDb::create(cluster.url());
+    let store = store::open(db.url()).unwrap();
+    let (a, b) = (row(1, "tok", "g", "a"), row(2, "tok", "g", "b"));
+    store.insert(&a).unwrap();
+    store.insert(&b).unwrap();
+    let at = settled(&*store);
+    assert_eq!(store.current_when_lost(&a.id, 1, at), None, "the feed is up");
+    // Another host changes b: this store hears of it.
+    let other = store::open(db.url()).unwrap();
+    let mut b2 = b.clone();
+    b2.version = 2;
+    other.update(&b2).unwrap();
+    drop(other);
+    let heard = changed_from(&*store, at);
+    settled(&*store);
+
+    let before = Instant::now();
+    cluster.pause();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while store.generation().unwrap() == store.generation().unwrap() {
+        assert!(Instant::now() < deadline, "the feed still up 5 s after the server went away");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let lost = store.current_when_lost(&a.id, 1, at).expect("a was current when the feed went down");
+    assert!(lost >= before && lost <= Instant::now(), "the moment the feed went down");
+    assert_eq!(store.current_when_lost(&b.id, 1, at), None, "b changed after `at`");
+    assert!(store.current_when_lost(&b.id, 2, heard).is_some(), "b's new version, known current after the change");
+    let later = store.generation().unwrap();
+    assert_eq!(store.current_when_lost(&a.id, 1, later), None, "a generation after the loss proves nothing");
+
+    cluster.resume();
+    assert_eq!(store.get(&a.id).unwrap(), Some(a.clone()));
+    settled(&*store);
+    assert_eq!(store.current_when_lost(&a.id, 1, at), None, "the feed is up again");
+}
+
 // ---- Measurements (not assertions): cargo test --release --test store -- --ignored --nocapture ----
 
 both_engines_ignored!(measure_find_by_label_among_100k_rows_and_generation);

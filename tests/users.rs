@@ -583,10 +583,11 @@ impl Cli {
         assert!(out.status.success(), "setup-token.sh: {}", String::from_utf8_lossy(&out.stderr));
         let softhsm_conf = hsm.join("softhsm2.conf").display().to_string();
         let config = fx.dir().join("p11shim.toml");
+        // A delay after a failed logon that outlasts the next command even on a loaded machine.
         std::fs::write(
             &config,
             format!(
-                "module = \"{}\"\n[store]\nurl = \"{}\"\n[logon]\ndelay = \"100ms\"\n[[slot]]\ntoken = \"users\"\nstorage = \"database\"\n",
+                "module = \"{}\"\n[store]\nurl = \"{}\"\n[logon]\ndelay = \"1m\"\n[[slot]]\ntoken = \"users\"\nstorage = \"database\"\n",
                 common::SOFTHSM,
                 fx.url()
             ),

@@ -118,7 +118,7 @@ impl Work {
         if !self.set.is_device() {
             return Ok(());
         }
-        let store = crate::store::open(&config.store_url)?;
+        let store = crate::store::open_with(&config.store_url, &config.store)?;
         mbk::attach_seal(&mut self.set, self.token.backend, self.token.session, store.as_ref(), create)
     }
 

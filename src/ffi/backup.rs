@@ -93,7 +93,7 @@ impl Ctx {
         }
         let setup = || -> Result<Ctx> {
             let config = Config::from_env()?;
-            let store = crate::store::open(&config.store_url)?;
+            let store = crate::store::open_with(&config.store_url, &config.store)?;
             let token = Token::borrowed(backend, info.slotID, session)?;
             let work = Work::borrowed(&config, token)?;
             Ok(Ctx { config, store, work })

@@ -5,7 +5,8 @@
 use std::fmt;
 
 pub mod changes;
-pub mod postgres;
+mod pgtls;
+mod postgres;
 pub mod sqlite;
 
 /// One stored key (or public key) as kept in a row.
@@ -168,6 +169,13 @@ pub trait KeyStore: Send + Sync {
     fn unchanged_since(&self, id: &str, version: i64, at: u64, now: u64) -> bool {
         let _ = (id, version);
         at == now
+    }
+    /// While the store's change feed is down: the moment it went down, if row `id` at `version`, known
+    /// current at generation `at`, was still current then (no change concerning it was heard between `at`
+    /// and that moment). None when the feed is up, or the engine has none, or the row may have changed.
+    fn current_when_lost(&self, id: &str, version: i64, at: u64) -> Option<std::time::Instant> {
+        let _ = (id, version, at);
+        None
     }
     /// Whether a row with this id exists (a primary-key lookup).
     fn exists(&self, id: &str) -> StoreResult<bool>;
@@ -380,10 +388,34 @@ impl AuditEntry {
 /// them against the config file) or `postgres://…` / `postgresql://…`. Creates the schema or migrates it
 /// to the current version (versioned migrations; safe when several processes open the store at once).
 pub fn open(url: &str) -> StoreResult<Box<dyn KeyStore>> {
+    open_with(url, &StoreOptions::default())
+}
+
+/// The `[store]` settings a store is opened with, beside its URL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreOptions {
+    /// The most connections to a PostgreSQL server one process opens for statements (its change listener
+    /// has one more); a call finding all in use waits for one.
+    pub max_connections: usize,
+    /// How long after a key was last confirmed current it keeps working while the store cannot be reached.
+    pub outage_grace: std::time::Duration,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            max_connections: crate::config::DEFAULT_MAX_CONNECTIONS,
+            outage_grace: crate::config::DEFAULT_OUTAGE_GRACE,
+        }
+    }
+}
+
+/// Opens the store at `url` with `options`.
+pub fn open_with(url: &str, options: &StoreOptions) -> StoreResult<Box<dyn KeyStore>> {
     if let Some(path) = url.strip_prefix("sqlite:") {
         Ok(Box::new(sqlite::SqliteStore::open(std::path::Path::new(path))?))
     } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        Ok(Box::new(postgres::PostgresStore::open(url)?))
+        Ok(Box::new(postgres::PostgresStore::open(url, options.max_connections)?))
     } else {
         Err(StoreError::Url { url: redact(url), cause: "use sqlite:PATH or postgres://USER@HOST:PORT/DB".into() })
     }

@@ -7,6 +7,7 @@
 //! round trips.
 
 use super::changes::{Change, ChangeLog};
+use super::pgtls::{self, Tls};
 use super::{
     chain, find_sql, foreign_schema, from_db, newer_schema, redact, split_user, to_db, AuditDraft, AuditEntry, BadRow,
     KeyQuery, KeyRow, KeyStore, Param, RowRead, StoreError, StoreResult, StoreTx, UserDelete, UserRow, AUDIT_COLUMNS,
@@ -14,16 +15,15 @@ use super::{
 };
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::ToSql;
-use postgres::{Client, Config, NoTls, Statement};
+use postgres::{Client, Config, Statement};
+use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 /// Used when the URL sets no `connect_timeout`: an unreachable host must not hang the application.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Idle connections kept for reuse; more are opened under load and closed when handed back.
-const MAX_IDLE: usize = 8;
 /// The channel the trigger notifies on.
 const CHANNEL: &str = "p11shim_keys";
 /// Serializes migrations between processes (pg_advisory_xact_lock key: "p11shim" in ASCII).
@@ -35,6 +35,13 @@ const AUDIT_LOCK: i64 = 0x7031_3161_7564_6974;
 const USERS_LOCK: i64 = 0x7031_3175_7365_7273;
 /// Rows fetched per round trip by the streaming reads (scan, audit_scan).
 const SCAN_BATCH: i32 = 1000;
+/// After a connection attempt that failed slowly (SLOW_FAILURE or more: a host that does not answer, rather
+/// than one that refuses), calls within RETRY_AFTER fail at once with its error instead of waiting as long
+/// again: one attempt a second however many calls a process serves, and each call quick to fail (which is
+/// what keys used under outage_grace need). Quick refusals are tried again at every call, so a server that
+/// returns is used by the first call after.
+const SLOW_FAILURE: Duration = Duration::from_millis(100);
+const RETRY_AFTER: Duration = Duration::from_secs(1);
 /// Reconnect delays of the listener: doubled from MIN to MAX while the server stays away.
 const LISTEN_BACKOFF_MIN: Duration = Duration::from_millis(100);
 const LISTEN_BACKOFF_MAX: Duration = Duration::from_secs(2);
@@ -146,10 +153,16 @@ const MIGRATIONS: &[(i64, &str)] = &[
 
 pub struct PostgresStore {
     config: Config,
+    /// Plaintext or TLS, as the URL's sslmode and certificates say.
+    tls: Tls,
     /// The URL without its password, the name in every message.
     name: String,
     /// Connections not in use. The mutex guards only the push and pop, never a statement.
     idle: Mutex<Vec<Pooled>>,
+    /// How many connections are open (idle or in use), at most `[store] max_connections`.
+    slots: Arc<Slots>,
+    /// The last failed connection attempt: when, and the error (see RETRY_AFTER).
+    failed: Mutex<Option<(Instant, String)>>,
     /// Shared with the listener thread, which holds only a weak reference.
     changes: Arc<Changes>,
     /// Stopped and joined when the store is dropped (C_Finalize): no thread of the shim outlives it.
@@ -180,6 +193,8 @@ struct Changes {
     log: ChangeLog,
     /// Whether the listener is connected and LISTENing; while it is not, every generation is new.
     listening: AtomicBool,
+    /// While the listener is down: the last generation and the moment before it went down.
+    lost: Mutex<Option<(u64, Instant)>>,
     /// The server process ids of this store's open connections: the notifications of their commits are
     /// this store's own writes, already counted (with the version they wrote) when they committed. An id
     /// is removed when its connection closes, before the server can give it to another client.
@@ -194,6 +209,71 @@ impl Changes {
     fn own(&self) -> std::sync::MutexGuard<'_, HashSet<i32>> {
         self.own.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    fn lost(&self) -> std::sync::MutexGuard<'_, Option<(u64, Instant)>> {
+        self.lost.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The listener is down: what it heard up to now is recorded before the generations start to say
+    /// "changed" at every call.
+    fn down(&self) {
+        let mut lost = self.lost();
+        if self.listening.load(Ordering::SeqCst) || lost.is_none() {
+            *lost = Some((self.log.current(), Instant::now()));
+        }
+        self.listening.store(false, Ordering::SeqCst);
+    }
+
+    /// The listener is up again.
+    fn up(&self) {
+        let mut lost = self.lost();
+        self.listening.store(true, Ordering::SeqCst);
+        *lost = None;
+    }
+}
+
+/// The count of open connections and its bound. Lock order: `open`, then `idle`.
+struct Slots {
+    open: Mutex<usize>,
+    /// Signalled when a connection goes back to the pool or is closed.
+    freed: Condvar,
+    max: usize,
+}
+
+impl Slots {
+    fn open(&self) -> std::sync::MutexGuard<'_, usize> {
+        self.open.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Gives up a slot (a connection closed, or one that could not be opened).
+    fn release(&self) {
+        let mut open = self.open();
+        *open = open.saturating_sub(1);
+        self.freed.notify_one();
+    }
+}
+
+thread_local! {
+    /// Connections this thread holds across calls into the store (a scan handing out rows, a transaction):
+    /// a thread that holds one may open another beyond the bound, so that a callback using the store
+    /// cannot wait forever for the connection its own thread holds.
+    static HOLDING: Cell<u32> = const { Cell::new(0) };
+}
+
+/// Counts a connection held by this thread until dropped.
+struct Holding;
+
+impl Holding {
+    fn new() -> Holding {
+        HOLDING.with(|h| h.set(h.get() + 1));
+        Holding
+    }
+}
+
+impl Drop for Holding {
+    fn drop(&mut self) {
+        HOLDING.with(|h| h.set(h.get().saturating_sub(1)));
+    }
 }
 
 struct Pooled {
@@ -203,6 +283,8 @@ struct Pooled {
     /// The connection's server process id, listed in `Changes::own` while the connection is open.
     pid: i32,
     changes: Weak<Changes>,
+    /// Its slot, given up when it is dropped (closed).
+    slots: Arc<Slots>,
 }
 
 impl Drop for Pooled {
@@ -210,6 +292,7 @@ impl Drop for Pooled {
         if let Some(changes) = self.changes.upgrade() {
             changes.own().remove(&self.pid);
         }
+        self.slots.release();
     }
 }
 
@@ -251,29 +334,40 @@ fn broken(e: &postgres::Error, client: &Client) -> bool {
 }
 
 impl PostgresStore {
-    /// Connects to `url`, brings the schema up to date and starts the change listener.
-    pub fn open(url: &str) -> StoreResult<PostgresStore> {
+    /// Connects to `url`, brings the schema up to date and starts the change listener; `max_connections`
+    /// bounds the connections the store opens for statements.
+    pub fn open(url: &str, max_connections: usize) -> StoreResult<PostgresStore> {
         let name = redact(url);
         // The parser's messages name the offending option, never its value: safe to show.
-        let mut config: Config =
-            url.parse().map_err(|e: postgres::Error| StoreError::Url { url: name.clone(), cause: e.to_string() })?;
+        let bad_url = |cause: String| StoreError::Url { url: name.clone(), cause };
+        let (url, tls) = pgtls::split(url).map_err(bad_url)?;
+        let tls = tls.connector().map_err(bad_url)?;
+        let mut config: Config = url.parse().map_err(|e: postgres::Error| bad_url(e.to_string()))?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
+        // Names this process's connections in pg_stat_activity, unless the URL names them.
+        if config.get_application_name().is_none() {
+            config.application_name(&format!("p11shim pid {}", std::process::id()));
+        }
         let mut store = PostgresStore {
             config,
+            tls,
             name,
             idle: Mutex::new(Vec::new()),
+            failed: Mutex::new(None),
+            slots: Arc::new(Slots { open: Mutex::new(0), freed: Condvar::new(), max: max_connections.max(1) }),
             changes: Arc::new(Changes {
                 log: ChangeLog::default(),
                 listening: AtomicBool::new(false),
+                lost: Mutex::new(None),
                 own: Mutex::new(HashSet::new()),
                 stop: AtomicBool::new(false),
                 wake: wake_channel(),
             }),
             listener: None,
         };
-        let mut pooled = store.connect()?;
+        let (mut pooled, _) = store.acquire()?;
         match migrate(&mut pooled.client) {
             Ok(Ok(())) => {}
             Ok(Err(Some(found))) => return Err(newer_schema(&store.name, found)),
@@ -283,30 +377,86 @@ impl PostgresStore {
         store.give_back(pooled);
         // Listening before the first generation() avoids a start-up window in which every call says
         // "changed"; if this fails the thread keeps trying.
-        let listener = listen(&store.config, &store.changes.wake).ok();
-        store.changes.listening.store(listener.is_some(), Ordering::SeqCst);
-        let (weak, config) = (Arc::downgrade(&store.changes), store.config.clone());
+        let listener = listen(&store.config, &store.tls, &store.changes.wake).ok();
+        if listener.is_some() {
+            store.changes.up();
+        } else {
+            store.changes.down();
+        }
+        let (weak, config, tls) = (Arc::downgrade(&store.changes), store.config.clone(), store.tls.clone());
         // Should the thread not start, generation() just keeps saying "changed": slow but correct.
         store.listener = crate::threads::spawn("p11shim-pg-listen", move || {
             let _down = DownOnExit(weak.clone());
-            listen_loop(&weak, &config, listener);
+            listen_loop(&weak, &config, &tls, listener);
         })
         .ok();
         Ok(store)
     }
 
+    /// An idle connection (`false`), or a new one (`true`) if fewer than `max_connections` are open; else
+    /// waits for one to be handed back or closed, up to the connect timeout.
+    fn acquire(&self) -> StoreResult<(Pooled, bool)> {
+        let wait = self.config.get_connect_timeout().copied().unwrap_or(CONNECT_TIMEOUT);
+        let until = Instant::now() + wait;
+        let nested = HOLDING.with(|h| h.get()) > 0;
+        let mut open = self.slots.open();
+        loop {
+            if let Some(pooled) = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop() {
+                return Ok((pooled, false));
+            }
+            if *open < self.slots.max || nested {
+                *open += 1;
+                drop(open);
+                return self.connect().map(|pooled| (pooled, true));
+            }
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(StoreError::Unavailable {
+                    store: self.name.clone(),
+                    cause: format!(
+                        "all {} connections of this process are in use and none was handed back within {}                          (raise [store] max_connections)",
+                        self.slots.max,
+                        humantime::format_duration(wait)
+                    ),
+                });
+            }
+            open = self.slots.freed.wait_timeout(open, left).unwrap_or_else(|e| e.into_inner()).0;
+        }
+    }
+
+    /// Opens a connection in a slot taken by the caller (given up again if the connection fails).
     fn connect(&self) -> StoreResult<Pooled> {
-        let mut client = self.config.connect(NoTls).map_err(|e| self.unavailable(&e))?;
-        let pid: i32 = client.query_one("SELECT pg_backend_pid()", &[]).map_err(|e| self.unavailable(&e))?.get(0);
+        let recent = self.failed.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some((when, cause)) = recent.filter(|(when, _)| when.elapsed() < RETRY_AFTER) {
+            self.slots.release();
+            let ago = when.elapsed().as_millis();
+            return Err(StoreError::Unavailable { store: self.name.clone(), cause: format!("{cause} ({ago} ms ago)") });
+        }
+        let started = Instant::now();
+        let connected = self.tls.connect(&self.config).map_err(|e| self.unavailable(&e)).and_then(|mut client| {
+            let pid: i32 = client.query_one("SELECT pg_backend_pid()", &[]).map_err(|e| self.unavailable(&e))?.get(0);
+            Ok((client, pid))
+        });
+        let (client, pid) = connected.inspect_err(|e| {
+            let cause = match e {
+                StoreError::Unavailable { cause, .. } => cause.clone(),
+                other => other.to_string(),
+            };
+            if started.elapsed() >= SLOW_FAILURE {
+                *self.failed.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), cause));
+            }
+            self.slots.release();
+        })?;
+        *self.failed.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.changes.own().insert(pid);
-        Ok(Pooled { client, statements: HashMap::new(), pid, changes: Arc::downgrade(&self.changes) })
+        let changes = Arc::downgrade(&self.changes);
+        Ok(Pooled { client, statements: HashMap::new(), pid, changes, slots: self.slots.clone() })
     }
 
     fn give_back(&self, pooled: Pooled) {
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        if idle.len() < MAX_IDLE {
-            idle.push(pooled);
-        }
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).push(pooled);
+        let _open = self.slots.open();
+        self.slots.freed.notify_one();
     }
 
     fn unavailable(&self, e: &postgres::Error) -> StoreError {
@@ -338,12 +488,7 @@ impl PostgresStore {
         retry: &dyn Fn() -> bool,
         mut f: impl FnMut(&mut Pooled) -> Result<T, postgres::Error>,
     ) -> StoreResult<T> {
-        let reused = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        let fresh = reused.is_none();
-        let mut pooled = match reused {
-            Some(pooled) => pooled,
-            None => self.connect()?,
-        };
+        let (mut pooled, fresh) = self.acquire()?;
         match f(&mut pooled) {
             Ok(value) => {
                 self.give_back(pooled);
@@ -360,7 +505,7 @@ impl PostgresStore {
                 if !retry() || fresh {
                     return Err(self.unavailable(&e));
                 }
-                let mut pooled = self.connect()?;
+                let mut pooled = self.acquire()?.0;
                 match f(&mut pooled) {
                     Ok(value) => {
                         self.give_back(pooled);
@@ -424,8 +569,8 @@ fn migrate(client: &mut Client) -> Result<Result<(), Option<i64>>, postgres::Err
     Ok(Ok(()))
 }
 
-fn listen(config: &Config, wake: &str) -> Result<Client, postgres::Error> {
-    let mut client = config.connect(NoTls)?;
+fn listen(config: &Config, tls: &Tls, wake: &str) -> Result<Client, postgres::Error> {
+    let mut client = tls.connect(config)?;
     client.batch_execute(&format!("LISTEN {CHANNEL}; LISTEN {wake}"))?;
     Ok(client)
 }
@@ -442,14 +587,14 @@ struct DownOnExit(Weak<Changes>);
 impl Drop for DownOnExit {
     fn drop(&mut self) {
         if let Some(changes) = self.0.upgrade() {
-            changes.listening.store(false, Ordering::SeqCst);
+            changes.down();
         }
     }
 }
 
 /// The listener thread: counts notifications while connected, reconnects with backoff while not, and ends
 /// once the store is being dropped. It touches only `Changes`, never the pool.
-fn listen_loop(weak: &Weak<Changes>, config: &Config, mut client: Option<Client>) {
+fn listen_loop(weak: &Weak<Changes>, config: &Config, tls: &Tls, mut client: Option<Client>) {
     let mut backoff = LISTEN_BACKOFF_MIN;
     let mut last_traffic = Instant::now();
     loop {
@@ -457,14 +602,14 @@ fn listen_loop(weak: &Weak<Changes>, config: &Config, mut client: Option<Client>
         match client.take() {
             Some(mut c) => match wait(&mut c, &changes, &mut last_traffic) {
                 Ok(()) => client = Some(c),
-                Err(()) => changes.listening.store(false, Ordering::SeqCst),
+                Err(()) => changes.down(),
             },
-            None => match listen(config, &changes.wake) {
+            None => match listen(config, tls, &changes.wake) {
                 Ok(c) => {
                     // Changes made while nobody listened are lost: one bump invalidates whatever callers
                     // cached before. It comes before `listening`, so no caller sees the old value again.
                     changes.log.bump(Change::Any);
-                    changes.listening.store(true, Ordering::SeqCst);
+                    changes.up();
                     client = Some(c);
                     backoff = LISTEN_BACKOFF_MIN;
                     last_traffic = Instant::now();
@@ -604,8 +749,10 @@ impl PostgresStore {
         read: fn(&postgres::Row) -> T,
         f: &mut dyn FnMut(T) -> StoreResult<()>,
     ) -> StoreResult<()> {
-        let delivered = std::cell::Cell::new(false);
+        let delivered = Cell::new(false);
         let mut stopped = None;
+        // The rows' callback may use the store while this connection is held.
+        let _holding = Holding::new();
         self.run_with(&|| !delivered.get(), |p| {
             let statement = p.statement(sql)?;
             let mut tx = p.client.build_transaction().read_only(true).start()?;
@@ -633,6 +780,8 @@ impl PostgresStore {
 struct PostgresTx<'a> {
     store: &'a PostgresStore,
     pooled: Option<Pooled>,
+    /// The thread that began it holds its connection until it ends.
+    _holding: Holding,
 }
 
 impl PostgresTx<'_> {
@@ -827,6 +976,12 @@ impl KeyStore for PostgresStore {
         self.changes.log.unchanged_since(id, version, at, now)
     }
 
+    fn current_when_lost(&self, id: &str, version: i64, at: u64) -> Option<Instant> {
+        let lost = *self.changes.lost();
+        let (last, when) = lost?;
+        (at <= last && self.changes.log.unchanged_since(id, version, at, last)).then_some(when)
+    }
+
     fn exists(&self, id: &str) -> StoreResult<bool> {
         let rows = self.run(true, |p| p.query("SELECT 1 FROM keys WHERE id = $1", &[&id]))?;
         Ok(!rows.is_empty())
@@ -878,21 +1033,18 @@ impl KeyStore for PostgresStore {
     fn begin(&self) -> StoreResult<Box<dyn StoreTx + '_>> {
         // A pooled connection may be stale (a server restart): BEGIN writes nothing, so on a broken
         // connection it is tried once more on a new one.
-        let reused = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        let mut pooled = match reused {
-            Some(pooled) => pooled,
-            None => self.connect()?,
-        };
+        let (mut pooled, _) = self.acquire()?;
         if let Err(e) = pooled.client.batch_execute("BEGIN") {
             if !broken(&e, &pooled.client) {
                 self.give_back(pooled);
                 return Err(self.unavailable(&e));
             }
+            drop(pooled);
             drop(std::mem::take(&mut *self.idle.lock().unwrap_or_else(|e| e.into_inner())));
-            pooled = self.connect()?;
+            pooled = self.acquire()?.0;
             pooled.client.batch_execute("BEGIN").map_err(|e| self.unavailable(&e))?;
         }
-        Ok(Box::new(PostgresTx { store: self, pooled: Some(pooled) }))
+        Ok(Box::new(PostgresTx { store: self, pooled: Some(pooled), _holding: Holding::new() }))
     }
 
     fn user_insert(&self, user: &UserRow) -> StoreResult<()> {

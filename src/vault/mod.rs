@@ -190,6 +190,15 @@ pub fn pin(session: CK_SESSION_HANDLE, init: &str, key: &Arc<StoredKey>) {
     }
 }
 
+impl KeyState {
+    /// The loaded copy was found current at `generation`, by asking the store.
+    fn confirm(&mut self, generation: u64) {
+        self.checked = Some(generation);
+        self.confirmed = Some(std::time::Instant::now());
+        self.graced = false;
+    }
+}
+
 #[derive(Default)]
 struct KeyState {
     /// The session object holding the key in the HSM, if loaded.
@@ -198,6 +207,11 @@ struct KeyState {
     version: i64,
     /// The store generation at which the copy was last known to be current.
     checked: Option<u64>,
+    /// When a call last found the copy current by asking the store (a warm use, which asks nothing,
+    /// leaves it as it is: see `Vault::in_grace`).
+    confirmed: Option<std::time::Instant>,
+    /// The copy is being used under `[store] outage_grace` (logged once per outage).
+    graced: bool,
     /// The row is gone (destroyed here or elsewhere): the handle stays invalid.
     gone: bool,
     /// The key's row as this process last read or wrote it, if memory allows.
@@ -270,6 +284,8 @@ pub struct Vault {
     /// evicted first (CLOCK).
     loaded: Mutex<Clock>,
     cache: usize,
+    /// `[store] max_connections` and `outage_grace`.
+    options: store::StoreOptions,
     /// Each session's latest operation of each kind started with a stored key.
     pins: Mutex<HashMap<(CK_SESSION_HANDLE, u8), Arc<StoredKey>>>,
     /// What the backend makes of each shape of key generation request (see `create`).
@@ -301,6 +317,7 @@ pub fn start(backend: &'static Backend, config: &Config) {
             shapes: Mutex::new(HashMap::new()),
             loaded: Mutex::new(Clock::default()),
             cache: config.hsm_cache,
+            options: config.store,
             pins: Mutex::new(HashMap::new()),
             audit_head: config.audit_head.clone(),
             mode: config.mode,
@@ -360,7 +377,7 @@ impl Vault {
         }
         let _opening = lock(&self.opening);
         if self.store.get().is_none() {
-            let opened = store::open(&self.url).inspect_err(|e| crate::error!("{e}"))?;
+            let opened = store::open_with(&self.url, &self.options).inspect_err(|e| crate::error!("{e}"))?;
             crate::info!("key store {} opened", opened.describe());
             let _ = self.store.set(opened);
         }
@@ -492,20 +509,26 @@ impl Vault {
             }
             if let (Some(h), Some(checked)) = (st.loaded, st.checked) {
                 if store.unchanged_since(&key.id, st.version, checked, generation) {
-                    st.checked = Some(generation);
+                    st.confirm(generation);
                     key.publish(&st);
                     return Ok(h);
                 }
             }
         }
         // Something changed somewhere: is this key still there, and still the version we loaded?
-        let Some((row, verified)) = self.current_row(store, key, generation)? else {
+        let current = match self.current_row(store, key, generation) {
+            Err(Error::Store(e)) if e.kind() == crate::error::ErrorKind::Unavailable => {
+                return self.in_grace(store, key).ok_or(Error::Store(e));
+            }
+            current => current,
+        };
+        let Some((row, verified)) = current? else {
             return Err(Error::Rv(invalid));
         };
         {
             let mut st = lock(&key.state);
             if let Some(h) = st.loaded.filter(|_| st.version == row.version) {
-                st.checked = Some(generation);
+                st.confirm(generation);
                 key.publish(&st);
                 return Ok(h);
             }
@@ -518,12 +541,12 @@ impl Vault {
                 (None, Some(fresh))
             } else if st.loaded.is_some() && st.version == row.version {
                 // Another thread loaded the same version meanwhile: use its copy.
-                st.checked = Some(generation);
+                st.confirm(generation);
                 (st.loaded, Some(fresh))
             } else {
                 let old = st.loaded.replace(fresh);
                 st.version = row.version;
-                st.checked = Some(generation);
+                st.confirm(generation);
                 (Some(fresh), old)
             };
             key.publish(&st);
@@ -536,6 +559,36 @@ impl Vault {
             self.admit(key);
         }
         keep.ok_or(Error::Rv(invalid))
+    }
+
+    /// The loaded copy of a key, while the store cannot be reached, if the key was last known current less
+    /// than `[store] outage_grace` ago: when a call last confirmed it with the store, or, for a key used
+    /// on the warm path since, when the store's change feed went down having heard of no change to it.
+    /// The copy is not marked current (the next call asks the store again), so a key destroyed or changed
+    /// elsewhere meanwhile is refused as soon as the store answers.
+    fn in_grace(&self, store: &dyn KeyStore, key: &StoredKey) -> Option<CK_OBJECT_HANDLE> {
+        let grace = self.options.outage_grace;
+        let mut st = lock(&key.state);
+        let (Some(h), Some(checked)) = (st.loaded, st.checked) else { return None };
+        if st.gone || grace.is_zero() {
+            return None;
+        }
+        let fed = store.current_when_lost(&key.id, st.version, checked);
+        let last = st.confirmed.max(fed)?;
+        let ago = last.elapsed();
+        if ago > grace {
+            return None;
+        }
+        if !std::mem::replace(&mut st.graced, true) {
+            crate::info!(
+                "stored key {}: the key store cannot be reached; its loaded copy, known current {} ago, is used \
+                 for up to outage_grace = {}",
+                key.id,
+                humantime::format_duration(std::time::Duration::from_millis(ago.as_millis() as u64)),
+                humantime::format_duration(grace)
+            );
+        }
+        Some(h)
     }
 
     /// A key whose copy was just loaded joins the cache; while the cache holds more than `cache` keys, the

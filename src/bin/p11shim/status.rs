@@ -178,7 +178,7 @@ fn engine(url: &str) -> &'static str {
 }
 
 fn look_at_store(config: &Config, status: &mut Status) -> Option<Box<dyn KeyStore>> {
-    let store = match store::open(&config.store_url) {
+    let store = match store::open_with(&config.store_url, &config.store) {
         Ok(store) => store,
         Err(e) => {
             status.store.error = Some(e.to_string());

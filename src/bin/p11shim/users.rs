@@ -262,7 +262,7 @@ pub fn done(json: bool, value: serde_json::Value, text: String) {
 
 /// The key store the config names.
 pub fn open_store(config: &Config) -> Result<Box<dyn KeyStore>, Failure> {
-    Ok(store::open(&config.store_url)?)
+    Ok(store::open_with(&config.store_url, &config.store)?)
 }
 
 pub fn run(config: &Config, command: UserCommand, json: bool) -> CliResult {
