@@ -425,6 +425,10 @@ fn failover(plan: Plan) {
         s.encrypt(&Mechanism::AesEcb, *h, &[0u8; 16]).unwrap_or_else(|e| panic!("{label} after the failover: {e}"));
     }
 
+    // The log says why the store could not be reached (the last host tried, the standby, was read-only).
+    let why = "database does not allow writes";
+    assert!(shim_log().contains(why), "no log line says {why:?}");
+
     // Every held row was read again after the switch (changes went unheard while nobody listened).
     for (i, id) in warm_ids.iter().enumerate() {
         assert!(row_reads(id) > reads_before[i], "warm{i}'s row was not read again after the failover");

@@ -460,10 +460,20 @@ impl PostgresStore {
     }
 
     fn unavailable(&self, e: &postgres::Error) -> StoreError {
-        // Display of postgres::Error is often just "db error"; the DbError has the server's message.
+        // Display of postgres::Error is often just "db error"; the DbError has the server's message. Other
+        // errors say only their kind ("error connecting to server"): the reason is in their sources (the
+        // socket's error, "database does not allow writes" from a standby when the URL asks for read-write).
         let cause = match e.as_db_error() {
             Some(db) => format!("{} ({})", db.message(), db.code().code()),
-            None => e.to_string(),
+            None => {
+                let mut cause = e.to_string();
+                let mut source = std::error::Error::source(e);
+                while let Some(s) = source {
+                    cause = format!("{cause}: {s}");
+                    source = s.source();
+                }
+                cause
+            }
         };
         // Class 54, "program limit exceeded" (an index row too large for a long label), is the server refusing
         // this value, not an outage: retrying or reconnecting would not help.
