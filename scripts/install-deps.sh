@@ -11,7 +11,8 @@ packages=(
     openssl
     postgresql                # server binaries for the throwaway test cluster (scripts/pg-cluster.sh)
     libp11-kit-dev            # pkcs11.h for the C program that tests include/p11shim.h (tests/c_api.rs)
-    libssl-dev                # OpenSSL headers: the C program of tests/c_api.rs signs a logon challenge (Ed25519)
+    libssl-dev                # OpenSSL headers: TLS to PostgreSQL (openssl-sys); tests/c_api.rs's C program (Ed25519)
+    pkg-config                # how openssl-sys finds Debian's OpenSSL
     openjdk-17-jdk-headless   # keytool, jarsigner, jar: Java's SunPKCS11 provider in tests/dbtools_cases
     gnutls-bin                # p11tool (GnuTLS), listings in tests/dbtools_cases
     python3-pykcs11           # PyKCS11 for Debian's /usr/bin/python3, listings in tests/dbtools_cases

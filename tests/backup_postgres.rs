@@ -20,7 +20,12 @@ backup_cases!(Engine::Postgres;
     audit_records_everything_and_detects_an_edit,
     operator_commands_and_exit_statuses,
     a_9_mb_data_object_and_a_9_mb_label_back_up_verify_and_restore_byte_exact,
+    a_backup_while_hosts_write_is_one_snapshot,
+    a_group_that_appears_during_a_backup_is_checked,
 );
 
 // kill_9_during_a_native_restore_is_rolled_back_by_the_next runs with SQLite only (tests/backup_sqlite.rs): its
 // journal is a file and its objects are the HSM's; the key store holds only the users there.
+
+// a_group_that_appears_during_a_backup_is_checked runs with PostgreSQL only: it holds the backup's first scan
+// with a view in front of the key store's table.

@@ -20,4 +20,5 @@ backup_cases!(Engine::Sqlite;
     audit_records_everything_and_detects_an_edit,
     operator_commands_and_exit_statuses,
     a_9_mb_data_object_and_a_9_mb_label_back_up_verify_and_restore_byte_exact,
+    a_backup_while_hosts_write_is_one_snapshot,
 );

@@ -9,6 +9,7 @@ use cryptoki::error::RvError;
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::Attribute;
 use std::sync::OnceLock;
+use std::time::Instant;
 
 static CLUSTER: OnceLock<PgCluster> = OnceLock::new();
 
@@ -18,49 +19,97 @@ fn init() {
 
 vault_cases!();
 
-/// The database going away: stored-key calls fail with CKR_DEVICE_ERROR and a log line; native keys go on
-/// working; when the server is back the same handles work again.
+/// The database going away: a key used within `[store] outage_grace` keeps working (its loaded copy), other
+/// stored-key calls fail with CKR_DEVICE_ERROR and a log line, and so does the warm key once the grace has
+/// passed; native keys go on working; when the server is back the same handles work again.
 #[test]
 #[serial_test::serial]
-fn database_outage_is_a_device_error_until_it_returns() {
+fn database_outage_is_a_device_error_after_the_grace_until_it_returns() {
     init();
     let (_slot, s) = vault_cases::db_token("db30");
     let warm = vault_cases::new_aes(&s, "warm");
     let cold = vault_cases::new_aes(&s, "cold");
-    s.encrypt(&Mechanism::AesEcb, warm, &[0u8; 16]).expect("warm use");
     let native = s
         .generate_key(
             &Mechanism::AesKeyGen,
             &[Attribute::Token(false), Attribute::ValueLen(16.into()), Attribute::Encrypt(true)],
         )
         .unwrap();
+    // Evicted from the small HSM cache by keys used after it: `cold` has no loaded copy to use.
+    for i in 0..2 * vault_cases::HSM_CACHE {
+        let filler = vault_cases::new_aes(&s, &format!("filler{i}"));
+        s.encrypt(&Mechanism::AesEcb, filler, &[0u8; 16]).expect("filler use");
+    }
+    s.encrypt(&Mechanism::AesEcb, warm, &[0u8; 16]).expect("warm use");
     let cluster = CLUSTER.get().expect("started by init");
     cluster.pause();
+    // The key was current when the store's change feed went down, which is before the server was down.
+    let down = Instant::now();
     let rv = |r: cryptoki::error::Result<Vec<u8>>| vault_cases::rv(r.unwrap_err());
-    assert_eq!(rv(s.encrypt(&Mechanism::AesEcb, cold, &[0u8; 16])), RvError::DeviceError);
-    assert_eq!(
-        rv(s.encrypt(&Mechanism::AesEcb, warm, &[0u8; 16])),
-        RvError::DeviceError,
-        "no use from a cache that cannot be checked"
-    );
+    assert_eq!(rv(s.encrypt(&Mechanism::AesEcb, cold, &[0u8; 16])), RvError::DeviceError, "nothing loaded");
+    s.encrypt(&Mechanism::AesEcb, warm, &[0u8; 16]).expect("a key used within the grace keeps working");
     assert_eq!(
         vault_cases::rv(s.find_objects(&[Attribute::Label(b"cold".to_vec())]).unwrap_err()),
         RvError::DeviceError
     );
     s.encrypt(&Mechanism::AesEcb, native, &[0u8; 16]).expect("native keys do not need the store");
-    assert!(vault_cases::shim_log().contains("unavailable"), "a clear log line: {}", vault_cases::shim_log());
+    let log = vault_cases::shim_log();
+    assert!(log.contains("unavailable"), "a clear log line: {log}");
+    assert!(log.contains("outage_grace"), "the grace is logged: {log}");
+    std::thread::sleep((down + vault_cases::OUTAGE_GRACE).saturating_duration_since(Instant::now()));
+    assert_eq!(
+        rv(s.encrypt(&Mechanism::AesEcb, warm, &[0u8; 16])),
+        RvError::DeviceError,
+        "no use from a copy that could not be checked for longer than the grace"
+    );
     cluster.resume();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    until_it_works(|| s.encrypt(&Mechanism::AesEcb, cold, &[0u8; 16]));
+    s.encrypt(&Mechanism::AesEcb, warm, &[0u8; 16]).expect("warm key after the outage");
+    assert_eq!(vault_cases::find_labels(&s, &[Attribute::Label(b"warm".to_vec())]), vec!["warm"]);
+}
+
+/// A partition: this process cannot reach the store while another destroys a key it uses. Within the grace
+/// the loaded copy still works (the trade-off the README states); as soon as the store answers again the key
+/// is refused.
+#[test]
+#[serial_test::serial]
+fn a_key_destroyed_elsewhere_during_an_outage_is_refused_when_the_store_answers() {
+    init();
+    let (_slot, s) = vault_cases::db_token("db31");
+    let doomed = vault_cases::new_aes(&s, "doomed");
+    let kept = vault_cases::new_aes(&s, "kept");
+    s.encrypt(&Mechanism::AesEcb, doomed, &[0u8; 16]).expect("warm use");
+    s.encrypt(&Mechanism::AesEcb, kept, &[0u8; 16]).expect("warm use");
+    // "Elsewhere": a connection opened before the partition, which keeps working.
+    let url = CLUSTER.get().expect("started by init").url().to_string();
+    let mut other = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    other
+        .batch_execute(
+            "UPDATE pg_database SET datallowconn = false WHERE datname = 'p11shim';
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+              WHERE datname = 'p11shim' AND pid <> pg_backend_pid() AND application_name LIKE 'p11shim pid %'",
+        )
+        .unwrap();
+    let deleted = other.execute("DELETE FROM keys WHERE label = 'doomed'::bytea", &[]).unwrap();
+    assert_eq!(deleted, 1);
+    s.encrypt(&Mechanism::AesEcb, doomed, &[0u8; 16]).expect("within the grace, unseen");
+    other.batch_execute("UPDATE pg_database SET datallowconn = true WHERE datname = 'p11shim'").unwrap();
+    until_it_works(|| s.encrypt(&Mechanism::AesEcb, kept, &[0u8; 16]));
+    let rv = vault_cases::rv(s.encrypt(&Mechanism::AesEcb, doomed, &[0u8; 16]).unwrap_err());
+    assert!(matches!(rv, RvError::KeyHandleInvalid | RvError::ObjectHandleInvalid), "{rv:?}");
+}
+
+/// Retries `f` until the store is back (at most 20 s).
+fn until_it_works(f: impl Fn() -> cryptoki::error::Result<Vec<u8>>) {
+    let deadline = Instant::now() + std::time::Duration::from_secs(20);
     loop {
-        match s.encrypt(&Mechanism::AesEcb, cold, &[0u8; 16]) {
+        match f() {
             Ok(_) => break,
-            Err(e) if std::time::Instant::now() < deadline => {
+            Err(e) if Instant::now() < deadline => {
                 let _ = e;
-                std::thread::sleep(std::time::Duration::from_millis(200));
+                std::thread::sleep(std::time::Duration::from_millis(100));
             }
             Err(e) => panic!("the store came back but the key does not work: {e}"),
         }
     }
-    s.encrypt(&Mechanism::AesEcb, warm, &[0u8; 16]).expect("warm key after the outage");
-    assert_eq!(vault_cases::find_labels(&s, &[Attribute::Label(b"warm".to_vec())]), vec!["warm"]);
 }

@@ -125,7 +125,8 @@ pub fn backup(
             w.write_all(&line).and_then(|_| w.write_all(b"\n")).map_err(io)
         };
         put(&mut w, MAGIC.as_bytes().to_vec())?;
-        for (mbk, blob) in store.seal_keys()? {
+        let seal_keys = store.seal_keys()?;
+        for (mbk, blob) in seal_keys.clone() {
             put(&mut w, line("S ", &SealLine { mbk, blob: hex::encode(blob) }))?;
         }
         let mut failed = None;
@@ -140,6 +141,15 @@ pub fn backup(
                 Ok(())
             })
             .or_else(|e| failed.take().map_or(Err(BackupError::from(e)), Err))?;
+        // A row is sealed only once its seal key is in the store: read after the rows, the seal keys cover
+        // every row read. One that appeared meanwhile is not in the file, whose seal keys come first.
+        if store.seal_keys()? != seal_keys {
+            return Err(BackupError::Refused(
+                "a seal key was added to the key store while it was read (a host used a new device MBK): nothing \
+                 was written; run the backup again"
+                    .into(),
+            ));
+        }
         if with_users {
             for u in store.user_list()? {
                 let user = UserLine {

@@ -76,34 +76,32 @@ fn run(
 ) -> BackupResult<ExportReport> {
     let filter = work::group_filter(opts.filter)?;
     let include_hsm = !opts.stored_only && filter.is_match(&work.slot_group);
-    // First the permission check over every group the backup would hold: all or nothing. A row that cannot
-    // be read is listed as not exported when its group matches, or cannot be read either.
+    // First the permission check over every group the backup would hold: all or nothing, before a file is
+    // made. A row that cannot be read counts when its group matches, or cannot be read either: its group,
+    // when readable, is checked like any other.
     let mut groups = BTreeSet::new();
-    let mut unreadable = Vec::new();
+    let mut matched = false;
     store.scan_rows(&mut |read| {
-        match read {
-            RowRead::Row(row) if filter.is_match(&row.group) => {
-                groups.insert(row.group);
-            }
-            RowRead::Row(_) => {}
-            RowRead::Bad(bad) if bad.group.as_deref().is_none_or(|g| filter.is_match(g)) => {
-                // Its group, when readable, is checked like any other: the report names the row.
-                groups.extend(bad.group.clone());
-                unreadable.push(bad)
-            }
-            RowRead::Bad(_) => {}
-        }
+        let group = match read {
+            RowRead::Row(row) if filter.is_match(&row.group) => Some(row.group),
+            RowRead::Row(_) => return Ok(()),
+            RowRead::Bad(bad) if bad.group.as_deref().is_none_or(|g| filter.is_match(g)) => bad.group,
+            RowRead::Bad(_) => return Ok(()),
+        };
+        matched = true;
+        groups.extend(group);
         Ok(())
     })?;
     if include_hsm {
         groups.insert(work.slot_group.clone());
     }
     let nothing = |where_: String| BackupError::NothingMatched { filter: opts.filter.to_string(), where_ };
-    if groups.is_empty() && unreadable.is_empty() && !opts.allow_empty {
+    if !matched && !include_hsm && !opts.allow_empty {
         return Err(nothing(format!(" in {}", store.describe())));
     }
+    let mut checked = Checked { who, groups: BTreeSet::new() };
     for g in &groups {
-        who.allow_group(g).map_err(|why| BackupError::Denied { action: "export", why })?;
+        checked.allow(g)?;
     }
 
     let header = Header {
@@ -120,16 +118,31 @@ fn run(
     let mut report =
         ExportReport { path: opts.out.to_path_buf(), fingerprint: work.set.fingerprint.clone(), ..Default::default() };
     report.leftovers = writer.leftovers().to_vec();
-    for bad in unreadable {
-        let group = bad.group.as_deref().map_or(String::new(), |g| format!(", group {g:?}"));
-        let why = format!("its row cannot be read ({}): it was changed outside p11shim", bad.cause);
-        report.skipped.push(Skipped { key: format!("stored key (id {}{group})", bad.id), why });
-    }
     let mut failure: Option<BackupError> = None;
+    // The rows written are those of this scan, one snapshot of the store, which is not the first scan's:
+    // a group that has appeared since is checked when its first row is met, and a refusal then leaves no
+    // file either (the writer's temporary file goes with it).
     let scanned = store.scan_rows(&mut |read| {
-        let RowRead::Row(row) = read else { return Ok(()) };
-        if !filter.is_match(&row.group) {
-            return Ok(());
+        let row = match read {
+            RowRead::Row(row) if filter.is_match(&row.group) => row,
+            RowRead::Row(_) => return Ok(()),
+            RowRead::Bad(bad) if bad.group.as_deref().is_none_or(|g| filter.is_match(g)) => {
+                if let Some(g) = &bad.group {
+                    if let Err(e) = checked.allow(g) {
+                        failure = Some(e);
+                        return Err(StoreError::Schema { store: String::new(), cause: "stopped".into() });
+                    }
+                }
+                let group = bad.group.as_deref().map_or(String::new(), |g| format!(", group {g:?}"));
+                let why = format!("its row cannot be read ({}): it was changed outside p11shim", bad.cause);
+                report.skipped.push(Skipped { key: format!("stored key (id {}{group})", bad.id), why });
+                return Ok(());
+            }
+            RowRead::Bad(_) => return Ok(()),
+        };
+        if let Err(e) = checked.allow(&row.group) {
+            failure = Some(e);
+            return Err(StoreError::Schema { store: String::new(), cause: "stopped".into() });
         }
         let name = describe(&row.label, &row.id, &row.group);
         let why = if row.mbk != work.set.fingerprint {
@@ -182,6 +195,23 @@ fn run(
     }
     writer.finish(&sealer)?;
     Ok(report)
+}
+
+/// The groups the logged-on users were found to be allowed to export, each asked about once.
+struct Checked<'a> {
+    who: &'a dyn Authorizer,
+    groups: BTreeSet<String>,
+}
+
+impl Checked<'_> {
+    /// Ok when `group` was allowed before or is now; else the refusal a backup ends with.
+    fn allow(&mut self, group: &str) -> BackupResult<()> {
+        if !self.groups.contains(group) {
+            self.who.allow_group(group).map_err(|why| BackupError::Denied { action: "export", why })?;
+            self.groups.insert(group.to_string());
+        }
+        Ok(())
+    }
 }
 
 /// A record for a key that lives in the HSM: its attributes, and its secret wrapped under the MBK.

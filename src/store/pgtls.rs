@@ -242,11 +242,25 @@ impl TlsParams {
 }
 
 impl Tls {
+    /// Runs `f`, which uses connections of this TLS, with the thread's OpenSSL error queue empty before and
+    /// after. Before: OpenSSL tells a TLS read that must wait from a failed one by that queue, and other
+    /// users of OpenSSL on the thread (the HSM's library, the application) leave errors in it — a stale one
+    /// makes the next wait look like a failure. After: errors of ours must not mislead them in turn.
+    pub fn clean<T>(&self, f: impl FnOnce() -> T) -> T {
+        if let Tls::None = self {
+            return f();
+        }
+        drop(openssl::error::ErrorStack::get());
+        let result = f();
+        drop(openssl::error::ErrorStack::get());
+        result
+    }
+
     /// Connects with `config` over this TLS (or none).
     pub fn connect(&self, config: &postgres::Config) -> Result<postgres::Client, postgres::Error> {
         match self {
             Tls::None => config.connect(postgres::NoTls),
-            Tls::OpenSsl(connector) => config.connect(connector.clone()),
+            Tls::OpenSsl(connector) => self.clean(|| config.connect(connector.clone())),
         }
     }
 }

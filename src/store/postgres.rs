@@ -176,8 +176,9 @@ impl Drop for PostgresStore {
         // bounded check first: a server gone silent must not hold C_Finalize up).
         let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
         if let Some(mut pooled) = idle.filter(|_| self.changes.listening.load(Ordering::SeqCst)) {
-            if pooled.client.is_valid(WAKE_CHECK).is_ok() {
-                let _ = pooled.client.batch_execute(&format!("NOTIFY {}", self.changes.wake));
+            let tls = &self.tls;
+            if tls.clean(|| pooled.client.is_valid(WAKE_CHECK)).is_ok() {
+                let _ = tls.clean(|| pooled.client.batch_execute(&format!("NOTIFY {}", self.changes.wake)));
             }
         }
         if let Some(thread) = self.listener.take() {
@@ -368,7 +369,7 @@ impl PostgresStore {
             listener: None,
         };
         let (mut pooled, _) = store.acquire()?;
-        match migrate(&mut pooled.client) {
+        match store.tls.clean(|| migrate(&mut pooled.client)) {
             Ok(Ok(())) => {}
             Ok(Err(Some(found))) => return Err(newer_schema(&store.name, found)),
             Ok(Err(None)) => return Err(foreign_schema(&store.name)),
@@ -434,7 +435,8 @@ impl PostgresStore {
         }
         let started = Instant::now();
         let connected = self.tls.connect(&self.config).map_err(|e| self.unavailable(&e)).and_then(|mut client| {
-            let pid: i32 = client.query_one("SELECT pg_backend_pid()", &[]).map_err(|e| self.unavailable(&e))?.get(0);
+            let pid = self.tls.clean(|| client.query_one("SELECT pg_backend_pid()", &[]));
+            let pid: i32 = pid.map_err(|e| self.unavailable(&e))?.get(0);
             Ok((client, pid))
         });
         let (client, pid) = connected.inspect_err(|e| {
@@ -460,20 +462,10 @@ impl PostgresStore {
     }
 
     fn unavailable(&self, e: &postgres::Error) -> StoreError {
-        // Display of postgres::Error is often just "db error"; the DbError has the server's message. Other
-        // errors say only their kind ("error connecting to server"): the reason is in their sources (the
-        // socket's error, "database does not allow writes" from a standby when the URL asks for read-write).
+        // Display of postgres::Error is often just "db error"; the DbError has the server's message.
         let cause = match e.as_db_error() {
             Some(db) => format!("{} ({})", db.message(), db.code().code()),
-            None => {
-                let mut cause = e.to_string();
-                let mut source = std::error::Error::source(e);
-                while let Some(s) = source {
-                    cause = format!("{cause}: {s}");
-                    source = s.source();
-                }
-                cause
-            }
+            None => with_sources(e),
         };
         // Class 54, "program limit exceeded" (an index row too large for a long label), is the server refusing
         // this value, not an outage: retrying or reconnecting would not help.
@@ -494,6 +486,14 @@ impl PostgresStore {
     /// [`PostgresStore::run`] with the retry decided after the failure (a stream retries only if it has not
     /// handed out a row yet).
     fn run_with<T>(
+        &self,
+        retry: &dyn Fn() -> bool,
+        f: impl FnMut(&mut Pooled) -> Result<T, postgres::Error>,
+    ) -> StoreResult<T> {
+        self.tls.clean(|| self.run_clean(retry, f))
+    }
+
+    fn run_clean<T>(
         &self,
         retry: &dyn Fn() -> bool,
         mut f: impl FnMut(&mut Pooled) -> Result<T, postgres::Error>,
@@ -548,6 +548,21 @@ impl PostgresStore {
     }
 }
 
+/// `e` and the errors beneath it (a TLS handshake's says which certificate check failed), on one line.
+fn with_sources(e: &postgres::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(inner) = source {
+        let more = inner.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = inner.source();
+    }
+    text.replace('\n', " ")
+}
+
 /// Applies the missing migrations in one transaction holding an advisory lock, so that processes opening
 /// the store at once apply each migration exactly once.
 /// `Ok(Err(Some(v)))`: the database has a newer schema `v`; `Ok(Err(None))`: its `keys` table is not ours.
@@ -581,7 +596,7 @@ fn migrate(client: &mut Client) -> Result<Result<(), Option<i64>>, postgres::Err
 
 fn listen(config: &Config, tls: &Tls, wake: &str) -> Result<Client, postgres::Error> {
     let mut client = tls.connect(config)?;
-    client.batch_execute(&format!("LISTEN {CHANNEL}; LISTEN {wake}"))?;
+    tls.clean(|| client.batch_execute(&format!("LISTEN {CHANNEL}; LISTEN {wake}")))?;
     Ok(client)
 }
 
@@ -763,21 +778,23 @@ impl PostgresStore {
         let mut stopped = None;
         // The rows' callback may use the store while this connection is held.
         let _holding = Holding::new();
+        let tls = &self.tls;
         self.run_with(&|| !delivered.get(), |p| {
             let statement = p.statement(sql)?;
             let mut tx = p.client.build_transaction().read_only(true).start()?;
             let portal = tx.bind(&statement, &[])?;
             loop {
-                let rows = tx.query_portal(&portal, SCAN_BATCH)?;
+                // The callback may have used OpenSSL (the HSM's library) on this thread meanwhile.
+                let rows = tls.clean(|| tx.query_portal(&portal, SCAN_BATCH))?;
                 for row in &rows {
                     delivered.set(true);
                     if let Err(e) = f(read(row)) {
                         stopped = Some(e);
-                        return tx.commit();
+                        return tls.clean(|| tx.commit());
                     }
                 }
                 if rows.len() < SCAN_BATCH as usize {
-                    return tx.commit();
+                    return tls.clean(|| tx.commit());
                 }
             }
         })?;
@@ -802,7 +819,7 @@ impl PostgresTx<'_> {
                 cause: "the transaction's connection failed earlier".into(),
             });
         };
-        match f(pooled) {
+        match self.store.tls.clean(|| f(pooled)) {
             Ok(value) => Ok(value),
             Err(e) => {
                 if broken(&e, &pooled.client) {
@@ -846,7 +863,7 @@ impl StoreTx for PostgresTx<'_> {
 impl Drop for PostgresTx<'_> {
     fn drop(&mut self) {
         if let Some(mut pooled) = self.pooled.take() {
-            if pooled.client.batch_execute("ROLLBACK").is_ok() {
+            if self.store.tls.clean(|| pooled.client.batch_execute("ROLLBACK")).is_ok() {
                 self.store.give_back(pooled);
             }
         }
@@ -1044,7 +1061,7 @@ impl KeyStore for PostgresStore {
         // A pooled connection may be stale (a server restart): BEGIN writes nothing, so on a broken
         // connection it is tried once more on a new one.
         let (mut pooled, _) = self.acquire()?;
-        if let Err(e) = pooled.client.batch_execute("BEGIN") {
+        if let Err(e) = self.tls.clean(|| pooled.client.batch_execute("BEGIN")) {
             if !broken(&e, &pooled.client) {
                 self.give_back(pooled);
                 return Err(self.unavailable(&e));
@@ -1052,7 +1069,7 @@ impl KeyStore for PostgresStore {
             drop(pooled);
             drop(std::mem::take(&mut *self.idle.lock().unwrap_or_else(|e| e.into_inner())));
             pooled = self.acquire()?.0;
-            pooled.client.batch_execute("BEGIN").map_err(|e| self.unavailable(&e))?;
+            self.tls.clean(|| pooled.client.batch_execute("BEGIN")).map_err(|e| self.unavailable(&e))?;
         }
         Ok(Box::new(PostgresTx { store: self, pooled: Some(pooled), _holding: Holding::new() }))
     }

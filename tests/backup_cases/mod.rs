@@ -11,6 +11,7 @@
 use crate::common::{self, pg::TestDb};
 use ed25519_dalek::pkcs8::{EncodePrivateKey, EncodePublicKey};
 use ed25519_dalek::SigningKey;
+use p11shim::backup::format::{BackupReader, Sealer};
 use p11shim::store::{self, KeyRow, KeyStore};
 use serde_json::Value;
 use std::cell::RefCell;
@@ -476,10 +477,32 @@ impl Lab {
     }
 }
 
+impl Lab {
+    /// Starts writer `i` of [`window_writer`] on `token`: this test binary re-run as `backup_child`, loading
+    /// the shim with cryptoki, in a process of its own, as a host of its own: on a copy of the token directory
+    /// (same token, same MBK set; SoftHSM2 is not safe for several processes writing one token directory),
+    /// with the same config and so the same key store.
+    pub fn window_writer(&self, token: &str, i: usize, k: usize, dir: &Path) -> std::process::Child {
+        let mut c = Command::new(std::env::current_exe().unwrap());
+        self.env(&mut c);
+        c.env("SOFTHSM2_CONF", common::softhsm_copy(&self.dir.join("hsm"), &self.dir.join(format!("host-{i}"))));
+        c.args(["--exact", "backup_child", "--nocapture", "--test-threads=1"])
+            .env("BACKUP_CHILD_TOKEN", token)
+            .env("BACKUP_CHILD_WINDOW", format!("{i},{k},{}", dir.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        c.spawn().expect("start a writer")
+    }
+}
+
 /// The child's side of [`Lab::bulk_keys`]; does nothing in a normal test run.
 pub fn child() {
     if let (Ok(token), Ok(what)) = (std::env::var("BACKUP_CHILD_TOKEN"), std::env::var("BACKUP_CHILD_BIG")) {
         return big_objects(&token, &what);
+    }
+    if let (Ok(token), Ok(what)) = (std::env::var("BACKUP_CHILD_TOKEN"), std::env::var("BACKUP_CHILD_WINDOW")) {
+        return window_writer(&token, &what);
     }
     let (Ok(token), Ok(prefix), Ok(n)) =
         (std::env::var("BACKUP_CHILD_TOKEN"), std::env::var("BACKUP_CHILD_PREFIX"), std::env::var("BACKUP_CHILD_KEYS"))
@@ -522,6 +545,43 @@ fn child_session(token: &str) -> cryptoki::session::Session {
     let s = p.open_rw_session(slot).unwrap();
     s.login(UserType::User, Some(&AuthPin::new(USER_PIN.into()))).unwrap();
     s
+}
+
+/// The child's side of [`Lab::window_writer`]: "I,K,DIR" keeps a sliding window of AES keys labelled
+/// `wI-SEQ` on `token`: it makes key n, then destroys key n-K, so that at every moment its keys are exactly
+/// the sequence numbers of one run of K or K+1. It writes DIR/ready-I once a window is full, and stops
+/// when DIR/stop exists, printing how many keys it made.
+fn window_writer(token: &str, what: &str) {
+    use cryptoki::mechanism::Mechanism;
+    use cryptoki::object::Attribute;
+    let parts: Vec<&str> = what.split(',').collect();
+    let [writer, k, dir] = parts[..] else { panic!("BACKUP_CHILD_WINDOW is I,K,DIR: {what}") };
+    let (k, dir): (usize, &Path) = (k.parse().unwrap(), Path::new(dir));
+    let s = child_session(token);
+    let mut live = std::collections::VecDeque::new();
+    let mut n = 0u64;
+    while !dir.join("stop").exists() {
+        let key = s
+            .generate_key(
+                &Mechanism::AesKeyGen,
+                &[
+                    Attribute::Token(true),
+                    Attribute::Label(format!("w{writer}-{n}").into_bytes()),
+                    Attribute::ValueLen(16.into()),
+                    Attribute::Encrypt(true),
+                ],
+            )
+            .unwrap_or_else(|e| panic!("writer {writer}, key {n}: {e}"));
+        live.push_back(key);
+        if live.len() > k {
+            s.destroy_object(live.pop_front().unwrap()).unwrap_or_else(|e| panic!("writer {writer}, destroy: {e}"));
+        }
+        n += 1;
+        if n == k as u64 + 1 {
+            std::fs::write(dir.join(format!("ready-{writer}")), b"").unwrap();
+        }
+    }
+    println!("@@MADE {n}");
 }
 
 /// The label of [`Lab::big`]'s key: `size` bytes, not all alike.
@@ -2025,4 +2085,246 @@ pub fn a_9_mb_data_object_and_a_9_mb_label_back_up_verify_and_restore_byte_exact
         "@@FIGURES file {file_bytes} bytes; backup {backup_secs} s, {backup_kib} KiB peak RSS; verify {verify_secs} s, \
          {verify_kib} KiB; restore {restore_secs} s, {restore_kib} KiB"
     );
+}
+
+// ---- a backup while hosts write ------------------------------------------------------------------------------
+
+/// A [`Sealer`] that takes every MAC as good: the test reads what a backup file holds without the HSM whose
+/// key made the MACs (the restore checks them).
+struct Unchecked;
+
+impl Sealer for Unchecked {
+    fn seal(&self, _: &[u8]) -> p11shim::error::Result<Vec<u8>> {
+        Ok(vec![0; 32])
+    }
+    fn check(&self, _: &[u8], _: &[u8]) -> p11shim::error::Result<bool> {
+        Ok(true)
+    }
+}
+
+/// (group, label) of every record of a backup file, in file order, read with the library's reader.
+fn records_of(path: &Path) -> Vec<(String, String)> {
+    let mut r = BackupReader::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut out = Vec::new();
+    while let Some((_, record)) = r.next_record(&Unchecked).unwrap_or_else(|e| panic!("{}: {e}", path.display())) {
+        out.push((record.group, String::from_utf8(record.label).expect("a UTF-8 label")));
+    }
+    out
+}
+
+/// Writer processes of [`window_writer`], and the size of each one's window.
+const WRITERS: usize = 4;
+const WINDOW: usize = 6;
+
+/// Backups of a group that 4 processes keep changing through the shim (each a sliding window of keys, see
+/// [`window_writer`]) are each one snapshot: every writer's keys in a file are one run of WINDOW or
+/// WINDOW+1 sequence numbers, as at every moment in the store. A read that is not one snapshot (rows of
+/// different moments) sees a run with a hole, or too long or too short. Each file restores into a fresh
+/// store as exactly the keys it lists.
+pub fn a_backup_while_hosts_write_is_one_snapshot(engine: Engine) {
+    let started = Instant::now();
+    let lab = Lab::new(engine, "snapshot");
+    lab.db_token("snap", "Snap");
+    lab.mbk_create("snap");
+    lab.admin("snap");
+    let u = lab.user("u", "00000002", "Snap");
+    lab.tool("snap", &["--keygen", "--key-type", "AES:16", "--label", "still", "--id", "01"]).ok();
+    let flags = lab.path("writers");
+    std::fs::create_dir_all(&flags).unwrap();
+    let mut writers: Vec<_> = (0..WRITERS).map(|i| lab.window_writer("snap", i, WINDOW, &flags)).collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while (0..WRITERS).any(|i| !flags.join(format!("ready-{i}")).exists()) {
+        if let Some(i) = writers.iter_mut().position(|w| w.try_wait().unwrap().is_some()) {
+            let out = writers.swap_remove(i).wait_with_output().unwrap();
+            panic!(
+                "a writer ended before its window was full:\n{}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        assert!(Instant::now() < deadline, "the writers' windows are not full after 30 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let writing = Instant::now();
+
+    let mut files = Vec::new();
+    let mut took = Vec::new();
+    for b in 0..3 {
+        let file = lab.p(&format!("snap-{b}.p11b"));
+        let t = Instant::now();
+        let r = lab.p11shim(&["backup", "--group", "Snap", "--out", &file, "--token", "snap", "--logon", &u, "--json"]);
+        took.push(t.elapsed());
+        let r = r.ok().json();
+        assert_eq!(r["not_exported"], Value::Array(vec![]), "{r}");
+        files.push((file, n(&r, "exported")));
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    std::fs::write(flags.join("stop"), b"").unwrap();
+    let written = writing.elapsed();
+    let made: Vec<u64> = writers
+        .into_iter()
+        .map(|w| {
+            let out = w.wait_with_output().unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(out.status.success(), "a writer failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+            let made = stdout.split("@@MADE ").nth(1).and_then(|r| r.split_whitespace().next());
+            made.unwrap_or_else(|| panic!("no @@MADE: {stdout}")).parse().unwrap()
+        })
+        .collect();
+
+    // Each file: one snapshot. `runs[b][i]` is writer i's run in file b.
+    let mut runs = Vec::new();
+    for (file, exported) in &files {
+        let records = records_of(Path::new(file));
+        assert_eq!(records.len() as u64, *exported, "{file}: the report's count");
+        assert!(records.iter().all(|(g, _)| g == "Snap"), "{file}: {records:?}");
+        assert_eq!(records.iter().filter(|(_, l)| l == "still").count(), 1, "{file}: the key nobody changes");
+        let mut of_file = Vec::new();
+        for i in 0..WRITERS {
+            let prefix = format!("w{i}-");
+            let seqs: std::collections::BTreeSet<u64> =
+                records.iter().filter_map(|(_, l)| l.strip_prefix(&prefix)).map(|s| s.parse().unwrap()).collect();
+            let (first, last) = (*seqs.first().expect("keys of every writer"), *seqs.last().unwrap());
+            assert!(
+                (seqs.len() == WINDOW || seqs.len() == WINDOW + 1) && last - first + 1 == seqs.len() as u64,
+                "{file}: writer {i}'s keys are not one run of {WINDOW} or {} keys, as at any one moment: {seqs:?}",
+                WINDOW + 1
+            );
+            of_file.push((first, last));
+        }
+        assert_eq!(records.len(), 1 + of_file.iter().map(|(f, l)| (l - f + 1) as usize).sum::<usize>(), "{file}");
+        runs.push(of_file);
+    }
+    // The writers wrote while the backups ran: each file saw other windows than the one before. (Not every
+    // writer moves every time: SQLite's waiting writers retry after sleeps, and one can lose to the others
+    // for a second or more.)
+    for b in 1..runs.len() {
+        assert!(runs[b] != runs[b - 1], "no writer moved on between backups {} and {b}: {runs:?}", b - 1);
+    }
+
+    // Each file restores into a fresh store as exactly its keys.
+    for (b, (file, _)) in files.iter().enumerate() {
+        lab.new_store(&format!("restored-{b}"));
+        lab.admin("snap");
+        let u = lab.user("u", "00000002", "Snap");
+        let r = lab.p11shim(&["restore", file, "--token", "snap", "--logon", &u, "--json"]).ok().json();
+        let mut want: Vec<String> = records_of(Path::new(file)).into_iter().map(|(_, l)| l).collect();
+        want.sort();
+        assert_eq!(n(&r, "added_count"), want.len() as u64, "{r}");
+        assert_eq!(lab.labels_of("snap"), want, "{file} restored into a fresh store");
+    }
+    eprintln!(
+        "@@FIGURES {engine:?}: {WRITERS} writers made {made:?} keys in {written:?} (window {WINDOW}); backups of \
+         {:?} keys took {took:?}; runs {runs:?}; the case took {:?}",
+        files.iter().map(|f| f.1).collect::<Vec<_>>(),
+        started.elapsed()
+    );
+}
+
+/// PostgreSQL: the backup's view of `keys` (its search path puts the schema `gate` first) holds each scan of
+/// the key list on its first row until the table `gate_open` has a row.
+const GATE: &str = "
+    CREATE TABLE public.gate_open (open boolean);
+    CREATE SCHEMA gate;
+    CREATE FUNCTION gate.pass() RETURNS boolean LANGUAGE plpgsql VOLATILE AS $$
+    BEGIN
+        IF current_query() LIKE '%FROM keys ORDER BY%' THEN
+            FOR i IN 1..1200 LOOP
+                EXIT WHEN EXISTS (SELECT 1 FROM public.gate_open);
+                PERFORM pg_sleep(0.025);
+            END LOOP;
+        END IF;
+        RETURN true;
+    END $$;
+    CREATE VIEW gate.keys AS SELECT * FROM public.keys WHERE gate.pass();
+";
+
+/// PostgreSQL: a group that appears between a backup's permission check (its first scan) and the scan whose
+/// rows it writes is checked too: the backup is refused as any other, and leaves no file. The test holds the
+/// first scan (after its snapshot) with [`GATE`] while a key moves into a group the user may not export.
+pub fn a_group_that_appears_during_a_backup_is_checked(engine: Engine) {
+    assert_eq!(engine, Engine::Postgres, "the gate is a PostgreSQL view");
+    let started = Instant::now();
+    let lab = Lab::new(engine, "late_group");
+    lab.db_token("snap", "SnapA");
+    lab.mbk_create("snap");
+    lab.admin("snap");
+    let u = lab.user("u", "00000002", "SnapA");
+    let mover = lab.user("mover", "00000002", "Snap.*");
+    lab.tool("snap", &["--keygen", "--key-type", "AES:16", "--label", "a", "--id", "01"]).ok();
+    lab.tool("snap", &["--keygen", "--key-type", "AES:16", "--label", "b", "--id", "02"]).ok();
+    let b = lab.rows().into_iter().find(|r| r.label == b"b").expect("key b").id;
+    lab.sql(GATE);
+    // The backup's own config: the same store, seen through the gate.
+    let url = lab.url();
+    let gated_url = format!("{url}{}options=-csearch_path%3Dgate%2Cpublic", if url.contains('?') { '&' } else { '?' });
+    let config = std::fs::read_to_string(lab.config_path()).unwrap();
+    let gated = lab.path("gated.toml");
+    std::fs::write(&gated, config.replace(&format!("url = \"{url}\""), &format!("url = \"{gated_url}\""))).unwrap();
+    assert!(std::fs::read_to_string(&gated).unwrap().contains(&gated_url));
+
+    let mut db = postgres::Client::connect(&url, postgres::NoTls).expect("connect");
+    // Starts a backup through the gate and returns once its first scan is held there.
+    let held = |db: &mut postgres::Client, name: &str| {
+        let mut child = lab
+            .cmd(&["backup", "--group", "Snap.*", "--out", &lab.p(name), "--token", "snap", "--logon", &u, "--json"])
+            .env("P11SHIM_CONFIG", &gated)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let waiting: i64 = db
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                     AND wait_event = 'PgSleep' AND query LIKE '%FROM keys ORDER BY%'",
+                    &[],
+                )
+                .unwrap()
+                .get(0);
+            if waiting == 1 {
+                return child;
+            }
+            assert!(child.try_wait().unwrap().is_none(), "the backup ended before its scan reached the gate");
+            assert!(Instant::now() < deadline, "the backup's scan is not held at the gate after 20 s");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    let finish = |child: std::process::Child, what: &str| {
+        let out = child.wait_with_output().unwrap();
+        Out {
+            what: what.into(),
+            code: out.status.code(),
+            signal: out.status.signal(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    };
+
+    // Held, then let go with nothing changed: the gate itself changes nothing.
+    let child = held(&mut db, "first.p11b");
+    db.batch_execute("INSERT INTO gate_open VALUES (true)").unwrap();
+    let r = finish(child, "backup through the gate").ok().json();
+    assert_eq!((n(&r, "exported"), &r["groups"]["SnapA"]), (2, &Value::from(2)), "{r}");
+
+    // Held after the permission check's snapshot, while b moves to SnapB: the writing scan meets SnapB.
+    db.batch_execute("DELETE FROM gate_open").unwrap();
+    let child = held(&mut db, "late.p11b");
+    lab.p11shim(&["keys", "set-group", &b, "SnapB", "--token", "snap", "--logon", &mover]).ok();
+    db.batch_execute("INSERT INTO gate_open VALUES (true)").unwrap();
+    finish(child, "backup through the gate, a key moved meanwhile").denied(&["export denied", "SnapB"]);
+    let left: Vec<String> = std::fs::read_dir(&lab.dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("late.p11b"))
+        .collect();
+    assert!(left.is_empty(), "a refused backup leaves no file, nor its temporary file: {left:?}");
+    let e = lab.audit().pop().expect("an audit entry");
+    assert_eq!((s(&e, "action"), s(&e, "group")), ("refused: backup", "Snap.*"), "{e}");
+    assert!(s(&e, "result").contains("export denied"), "{e}");
+    // Without the gate the same backup is refused at its permission check, as before.
+    lab.p11shim(&["backup", "--group", "Snap.*", "--out", &lab.p("late.p11b"), "--token", "snap", "--logon", &u])
+        .denied(&["export denied", "SnapB"]);
+    eprintln!("@@FIGURES the case took {:?}", started.elapsed());
 }

@@ -32,6 +32,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, Once, OnceLock};
 
 pub mod pg;
+pub mod pgtls;
 pub mod sealer;
 
 /// The SO PIN of every token made by [`new_token`].

@@ -93,6 +93,11 @@ impl PgCluster {
         &self.url
     }
 
+    /// The cluster's directory (the server's data is in `data/`, owned by the postgres user when run as root).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// Stops the server; the data and the port stay for [`PgCluster::resume`].
     pub fn pause(&self) {
         cluster("pause", &self.dir);

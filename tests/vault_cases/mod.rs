@@ -39,6 +39,9 @@ static STORE_URL: OnceLock<String> = OnceLock::new();
 pub const HSM_CACHE: usize = 8;
 
 /// Sets up this binary's config with the key store at `url` and loads the shim. Call first in every test.
+/// `[store] outage_grace` of the cases' config.
+pub const OUTAGE_GRACE: std::time::Duration = std::time::Duration::from_secs(4);
+
 pub fn init(url: impl FnOnce() -> String) {
     STORE_URL.get_or_init(|| {
         let url = url();
@@ -46,8 +49,10 @@ pub fn init(url: impl FnOnce() -> String) {
         let dir = common::test_dir();
         let mut config = format!(
             // A small HSM cache: every case runs with keys evicted and loaded again.
-            "module = \"{}\"\nlog_file = \"shim.log\"\nlog_level = \"debug\"\n[store]\nurl = \"{url}\"\nhsm_cache = {HSM_CACHE}\n",
-            common::backend_path().display()
+            // A short outage grace: the outage case sees it end.
+            "module = \"{}\"\nlog_file = \"shim.log\"\nlog_level = \"debug\"\n[store]\nurl = \"{url}\"\nhsm_cache = {HSM_CACHE}\noutage_grace = \"{}s\"\n",
+            common::backend_path().display(),
+            OUTAGE_GRACE.as_secs()
         );
         for i in 1..=40 {
             config.push_str(&format!(
