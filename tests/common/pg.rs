@@ -17,9 +17,16 @@ fn script() -> PathBuf {
 /// Runs `pg-cluster.sh CMD DIR`; its stdout, or a panic carrying its stderr (which names the package to
 /// install when the server binaries are missing).
 fn cluster(cmd: &str, dir: &Path) -> String {
+    cluster_args(cmd, &[dir])
+}
+
+/// Runs `pg-cluster.sh CMD DIRS…`, as [`cluster`].
+fn cluster_args(cmd: &str, dirs: &[&Path]) -> String {
+    let dir = dirs.last().expect("a directory");
     let out = Command::new("bash")
         .arg(script())
-        .args([cmd, &dir.to_string_lossy()])
+        .arg(cmd)
+        .args(dirs)
         .stdin(Stdio::null())
         .output()
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", script().display()));
@@ -43,16 +50,42 @@ pub struct PgCluster {
 
 impl PgCluster {
     pub fn start() -> PgCluster {
-        static COUNT: AtomicUsize = AtomicUsize::new(0);
-        let n = COUNT.fetch_add(1, Ordering::SeqCst);
-        // Short: the server's unix socket lives in this directory and socket paths are limited to ~107 bytes.
-        let dir = std::env::temp_dir().join(format!("p11shim-pg-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let dir = new_dir();
         // Before the start: a test binary killed while the cluster starts must not leave it running.
         watchdog(&dir);
         let url = cluster("start", &dir);
         remove_at_exit(&dir);
         PgCluster { dir, url }
+    }
+
+    /// A streaming standby of the running `primary`, on a port of its own, which the primary replicates to
+    /// synchronously from now on: a commit on the primary returns once the standby has its WAL, so every
+    /// commit a client saw succeed survives [`PgCluster::promote`] after the primary is lost. Removed as
+    /// [`PgCluster::start`]'s clusters are. Stopping the standby while the primary runs makes the primary's
+    /// commits wait for it.
+    pub fn standby(primary: &PgCluster) -> PgCluster {
+        let dir = new_dir();
+        watchdog(&dir);
+        let url = cluster_args("start-standby", &[&primary.dir, &dir]);
+        remove_at_exit(&dir);
+        PgCluster { dir, url }
+    }
+
+    /// Makes this standby a primary; returns once it accepts writes.
+    pub fn promote(&self) {
+        cluster("promote", &self.dir);
+    }
+
+    /// Stops the server at once, as a crash would (no checkpoint, connections cut); the data and the port
+    /// stay.
+    pub fn kill(&self) {
+        cluster("kill", &self.dir);
+    }
+
+    /// The server's port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        let text = std::fs::read_to_string(self.dir.join("port")).expect("the cluster's port file");
+        text.trim().parse().expect("a port number")
     }
 
     /// `postgres://postgres@127.0.0.1:PORT/p11shim`.
@@ -81,6 +114,16 @@ impl Drop for PgCluster {
         live().retain(|dir| dir != &self.dir);
         remove(&self.dir);
     }
+}
+
+/// A new directory name for a cluster of this process, nothing there yet.
+fn new_dir() -> PathBuf {
+    static COUNT: AtomicUsize = AtomicUsize::new(0);
+    let n = COUNT.fetch_add(1, Ordering::SeqCst);
+    // Short: the server's unix socket lives in this directory and socket paths are limited to ~107 bytes.
+    let dir = std::env::temp_dir().join(format!("p11shim-pg-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
 }
 
 /// Stops the cluster in `dir` and removes it. Never panics: it runs in Drop and in an exit handler.
