@@ -16,6 +16,9 @@ const KEPT: usize = 4096;
 pub enum Change {
     /// Anything may have changed (a bulk commit, a reconnect, changes nobody listened for).
     Any,
+    /// A connection of this process failed: a write of its own on it may have committed unheard. Anything
+    /// may have changed, except for [`ChangeLog::heard_unchanged`], which asks what other hosts did.
+    Lost,
     /// Row `id` was inserted, updated or deleted by another process or host.
     Row(u128),
     /// This process wrote row `id`, leaving it at `version` (None: deleted). A row this process holds at
@@ -72,6 +75,17 @@ impl ChangeLog {
     /// Whether row `id` at `version`, known current at generation `at`, is known current at `now` too: the
     /// log holds every generation after `at` up to `now`, and none of them is a change that can concern it.
     pub fn unchanged_since(&self, id: &str, version: i64, at: u64, now: u64) -> bool {
+        self.unchanged(id, version, at, now, false)
+    }
+
+    /// As [`ChangeLog::unchanged_since`], but a failed connection of this process does not count: whether
+    /// anything heard of other hosts concerned the row. A store losing its server sees its pooled
+    /// connections fail a moment before its listener does: that failure says nothing of other hosts.
+    pub fn heard_unchanged(&self, id: &str, version: i64, at: u64, now: u64) -> bool {
+        self.unchanged(id, version, at, now, true)
+    }
+
+    fn unchanged(&self, id: &str, version: i64, at: u64, now: u64, ignore_lost: bool) -> bool {
         if at == now {
             return true;
         }
@@ -84,6 +98,7 @@ impl ChangeLog {
         recent.iter().rev().skip_while(|(g, _)| *g > now).take_while(|(g, _)| *g > at).all(
             |(_, change)| match *change {
                 Change::Any => false,
+                Change::Lost => ignore_lost,
                 Change::Row(other) => other != id,
                 Change::Own(other, v) => other != id || v == Some(version),
             },
@@ -134,6 +149,17 @@ mod tests {
         assert!(!log.unchanged_since(A, 1, at, now), "the version before the write");
         log.bump(Change::own(A, None));
         assert!(!log.unchanged_since(A, 2, at, log.current()), "deleted");
+    }
+
+    #[test]
+    fn a_lost_connection_is_a_change_but_not_one_heard() {
+        let log = ChangeLog::default();
+        let at = log.current();
+        log.bump(Change::Lost);
+        assert!(!log.unchanged_since(A, 1, at, log.current()));
+        assert!(log.heard_unchanged(A, 1, at, log.current()));
+        log.bump(Change::row(A));
+        assert!(!log.heard_unchanged(A, 1, at, log.current()), "a change heard still counts");
     }
 
     #[test]

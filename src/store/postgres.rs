@@ -541,9 +541,10 @@ impl PostgresStore {
 
     /// Closes a connection that failed. A write on it may have committed without this store hearing so,
     /// and its notification may already have been passed over as this store's own: count a change to
-    /// anything.
+    /// anything (but not one heard of other hosts: the server going away fails pooled connections a moment
+    /// before the listener's, and what the listener heard until then still holds for `current_when_lost`).
     fn lost(&self, pooled: Pooled) {
-        self.wrote(Change::Any);
+        self.wrote(Change::Lost);
         drop(pooled);
     }
 }
@@ -1006,7 +1007,7 @@ impl KeyStore for PostgresStore {
     fn current_when_lost(&self, id: &str, version: i64, at: u64) -> Option<Instant> {
         let lost = *self.changes.lost();
         let (last, when) = lost?;
-        (at <= last && self.changes.log.unchanged_since(id, version, at, last)).then_some(when)
+        (at <= last && self.changes.log.heard_unchanged(id, version, at, last)).then_some(when)
     }
 
     fn exists(&self, id: &str) -> StoreResult<bool> {
