@@ -24,6 +24,8 @@ use std::time::{Duration, Instant};
 
 /// Used when the URL sets no `connect_timeout`: an unreachable host must not hang the application.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Used when the URL sets no `tcp_user_timeout` (see `open`).
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(10);
 /// The channel the trigger notifies on.
 const CHANNEL: &str = "p11shim_keys";
 /// Serializes migrations between processes (pg_advisory_xact_lock key: "p11shim" in ASCII).
@@ -346,6 +348,11 @@ impl PostgresStore {
         let mut config: Config = url.parse().map_err(|e: postgres::Error| bad_url(e.to_string()))?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        // A host that died or dropped off the network (no reset) fails a call once what it sent stays
+        // unacknowledged this long, rather than when the kernel gives up after many minutes.
+        if config.get_tcp_user_timeout().is_none() {
+            config.tcp_user_timeout(TCP_USER_TIMEOUT);
         }
         // Names this process's connections in pg_stat_activity, unless the URL names them.
         if config.get_application_name().is_none() {
