@@ -218,6 +218,31 @@ struct KeyState {
     kept: Option<Kept>,
 }
 
+/// At most one log line a second for one kind of failure.
+#[derive(Default)]
+struct RateLimit {
+    /// (last logged, failures not logged since)
+    state: Mutex<(Option<std::time::Instant>, u64)>,
+}
+
+impl RateLimit {
+    /// Some(failures not logged since the last line) when a line is due now; else counts this one.
+    fn due(&self) -> Option<u64> {
+        let mut st = lock(&self.state);
+        match st.0 {
+            Some(last) if last.elapsed() < std::time::Duration::from_secs(1) => {
+                st.1 += 1;
+                None
+            }
+            _ => {
+                let unlogged = std::mem::take(&mut st.1);
+                st.0 = Some(std::time::Instant::now());
+                Some(unlogged)
+            }
+        }
+    }
+}
+
 /// A row this process holds, and the store generation at which it was known current: while the store
 /// says nothing that concerns it changed since, a use needs no read of the store (with PostgreSQL, no
 /// round trip). Rows come from finds, creations and loads; together they take at most KEPT_BUDGET bytes.
@@ -288,6 +313,8 @@ pub struct Vault {
     cache: usize,
     /// `[store] max_connections` and `outage_grace`.
     options: store::StoreOptions,
+    /// When a store failure was last logged, and how many were not since.
+    outage_log: RateLimit,
     /// Each session's latest operation of each kind started with a stored key.
     pins: Mutex<HashMap<(CK_SESSION_HANDLE, u8), Arc<StoredKey>>>,
     /// What the backend makes of each shape of key generation request (see `create`).
@@ -320,6 +347,7 @@ pub fn start(backend: &'static Backend, config: &Config) {
             loaded: Mutex::new(Clock::default()),
             cache: config.hsm_cache,
             options: config.store,
+            outage_log: RateLimit::default(),
             pins: Mutex::new(HashMap::new()),
             audit_head: config.audit_head.clone(),
             mode: config.mode,
@@ -387,9 +415,17 @@ impl Vault {
     }
 
     /// Logs a store failure once per call and passes it on (CKR_DEVICE_ERROR for an unreachable store).
+    /// A store that cannot be reached is logged at most once a second (with how many such failures were not):
+    /// during an outage every call would otherwise log a line.
     fn logged<T>(&self, what: &str, r: store::StoreResult<T>) -> Result<T> {
         r.map_err(|e| {
-            crate::error!("{what}: {e}");
+            if e.kind() != crate::error::ErrorKind::Unavailable {
+                crate::error!("{what}: {e}");
+            } else if let Some(unlogged) = self.outage_log.due() {
+                let more =
+                    if unlogged > 0 { format!(" ({unlogged} more such failures not logged)") } else { String::new() };
+                crate::error!("{what}: {e}{more}");
+            }
             Error::Store(e)
         })
     }
@@ -1038,4 +1074,19 @@ fn new_id() -> Result<String> {
     let mut bytes = [0u8; 16];
     getrandom::fill(&mut bytes).map_err(|e| Error::Other(format!("no randomness for a key id: {e}")))?;
     Ok(hex::encode(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RateLimit;
+
+    #[test]
+    fn failures_are_logged_once_a_second_with_a_count_of_the_others() {
+        let limit = RateLimit::default();
+        assert_eq!(limit.due(), Some(0), "the first is logged");
+        assert_eq!(limit.due(), None);
+        assert_eq!(limit.due(), None);
+        std::thread::sleep(std::time::Duration::from_millis(1010));
+        assert_eq!(limit.due(), Some(2), "the next line says how many were not");
+    }
 }
