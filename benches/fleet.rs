@@ -56,10 +56,17 @@
 //! a 3 s load and one short restart per grace variant, with every assertion.
 #![deny(unsafe_op_in_unsafe_fn)]
 
+#[macro_use]
+#[path = "common/api.rs"]
+mod api;
+#[path = "../tests/common/pg.rs"]
+#[allow(dead_code)]
+mod pg;
+
+use api::{attr, load, ok, Api, YES};
 use cryptoki_sys::*;
-use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
+use pg::PgCluster;
 use std::collections::{BTreeMap, HashMap};
-use std::ffi::c_void;
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -84,94 +91,7 @@ const WRONG_COUNT: CK_RV = 0xF1EE_7001;
 // -----------------------------------------------------------------------------------------------------------
 // Calling the shim
 
-#[derive(Clone, Copy)]
-struct Api {
-    f: &'static CK_FUNCTION_LIST,
-}
-
-macro_rules! call {
-    ($api:expr, $f:ident ( $($arg:expr),* $(,)? )) => {{
-        let f = $api.f.$f.expect(concat!(stringify!($f), " is NULL"));
-        // SAFETY: every call site passes arguments valid for the call.
-        unsafe { f($($arg),*) }
-    }};
-}
-
-fn ok(rv: CK_RV, what: &str) {
-    assert!(rv == CKR_OK, "{what} failed: CK_RV {rv:#x}");
-}
-
-/// Loads a module with RTLD_NOW|RTLD_LOCAL, never to be unloaded, and returns its 2.40 function list.
-fn load(path: &Path) -> Api {
-    // SAFETY: loading a PKCS#11 module runs its initializers, which is what it is made for.
-    let lib = unsafe { Library::open(Some(path), RTLD_NOW | RTLD_LOCAL) }
-        .unwrap_or_else(|e| panic!("loading {}: {e}", path.display()));
-    type GetFunctionList = unsafe extern "C" fn(*mut *mut CK_FUNCTION_LIST) -> CK_RV;
-    // SAFETY: the PKCS#11 signature of C_GetFunctionList.
-    let get = *unsafe { lib.get::<GetFunctionList>(b"C_GetFunctionList\0") }.expect("C_GetFunctionList");
-    let mut list = null_mut();
-    // SAFETY: valid out pointer.
-    ok(unsafe { get(&mut list) }, "C_GetFunctionList");
-    std::mem::forget(lib);
-    // SAFETY: the list is static in the module, which stays loaded.
-    Api { f: unsafe { &*list } }
-}
-
-fn attr<T: ?Sized>(type_: CK_ATTRIBUTE_TYPE, value: &T) -> CK_ATTRIBUTE {
-    CK_ATTRIBUTE {
-        type_,
-        pValue: value as *const T as *const c_void as *mut c_void,
-        ulValueLen: std::mem::size_of_val(value) as CK_ULONG,
-    }
-}
-
-const YES: CK_BBOOL = CK_TRUE;
-
 impl Api {
-    fn initialize(self) {
-        let mut args = CK_C_INITIALIZE_ARGS {
-            CreateMutex: None,
-            DestroyMutex: None,
-            LockMutex: None,
-            UnlockMutex: None,
-            flags: CKF_OS_LOCKING_OK,
-            pReserved: null_mut(),
-        };
-        ok(call!(self, C_Initialize(&mut args as *mut _ as *mut c_void)), "C_Initialize");
-    }
-
-    /// The slot whose token is labelled `label`.
-    fn slot(self, label: &str) -> CK_SLOT_ID {
-        let mut n: CK_ULONG = 0;
-        ok(call!(self, C_GetSlotList(CK_TRUE, null_mut(), &mut n)), "C_GetSlotList");
-        let mut list = vec![0; n as usize];
-        ok(call!(self, C_GetSlotList(CK_TRUE, list.as_mut_ptr(), &mut n)), "C_GetSlotList");
-        let mut want = [b' '; 32];
-        want[..label.len()].copy_from_slice(label.as_bytes());
-        list.into_iter()
-            .take(n as usize)
-            .find(|&slot| {
-                // SAFETY: plain data.
-                let mut info: CK_TOKEN_INFO = unsafe { std::mem::zeroed() };
-                call!(self, C_GetTokenInfo(slot, &mut info)) == CKR_OK && info.label == want
-            })
-            .unwrap_or_else(|| panic!("no token labelled {label:?}"))
-    }
-
-    fn open(self, slot: CK_SLOT_ID) -> CK_SESSION_HANDLE {
-        let mut s = 0;
-        ok(
-            call!(self, C_OpenSession(slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, null_mut(), None, &mut s)),
-            "C_OpenSession",
-        );
-        s
-    }
-
-    fn login(self, s: CK_SESSION_HANDLE) {
-        let pin = USER_PIN.as_bytes().as_ptr() as *mut u8;
-        ok(call!(self, C_Login(s, CKU_USER, pin, USER_PIN.len() as CK_ULONG)), "C_Login");
-    }
-
     /// A stored 32-byte generic secret for HMAC labelled `label`.
     fn hmac_key(self, s: CK_SESSION_HANDLE, label: &[u8]) -> Result<CK_OBJECT_HANDLE, CK_RV> {
         let len: CK_ULONG = 32;
@@ -472,70 +392,6 @@ fn share_mbk(hosts: &[Host]) {
     assert!(fingerprints.iter().all(|f| *f == fingerprints[0]), "one MBK on every host: {fingerprints:?}");
 }
 
-/// A throwaway PostgreSQL cluster (scripts/pg-cluster.sh), stopped and removed when dropped, or by a
-/// watchdog if this process dies without dropping it.
-struct PgCluster {
-    dir: PathBuf,
-    url: String,
-}
-
-impl PgCluster {
-    fn script(cmd: &str, dir: &Path) -> String {
-        let out = Command::new("bash")
-            .arg(repo().join("scripts/pg-cluster.sh"))
-            .arg(cmd)
-            .arg(dir)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run pg-cluster.sh");
-        assert!(
-            out.status.success(),
-            "pg-cluster.sh {cmd} failed (install postgresql: bash scripts/install-deps.sh): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    }
-
-    fn start() -> PgCluster {
-        // Short: the server's unix socket lives in this directory.
-        let dir = std::env::temp_dir().join(format!("p11shim-fleet-pg-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let watch = format!(
-            "while kill -0 {pid} 2>/dev/null; do sleep 1; done; exec bash '{script}' stop '{dir}'",
-            pid = std::process::id(),
-            script = repo().join("scripts/pg-cluster.sh").display(),
-            dir = dir.display()
-        );
-        let _ = Command::new("sh")
-            .args(["-c", &watch])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn();
-        let url = PgCluster::script("start", &dir);
-        PgCluster { dir, url }
-    }
-
-    fn pause(&self) {
-        PgCluster::script("pause", &self.dir);
-    }
-
-    fn resume(&self) {
-        PgCluster::script("start", &self.dir);
-    }
-}
-
-impl Drop for PgCluster {
-    fn drop(&mut self) {
-        let _ = Command::new("bash")
-            .arg(repo().join("scripts/pg-cluster.sh"))
-            .arg("stop")
-            .arg(&self.dir)
-            .stdin(Stdio::null())
-            .output();
-    }
-}
-
 /// `url` with `application_name=NAME` added.
 fn with_app_name(url: &str, name: &str) -> String {
     let sep = if url.contains('?') { '&' } else { '?' };
@@ -673,7 +529,7 @@ fn env_usize(name: &str) -> usize {
 /// The shim initialized, logged in, and one session per thread.
 fn host_sessions(threads: usize) -> (Api, Vec<CK_SESSION_HANDLE>) {
     let shim = load(&shim_path());
-    shim.initialize();
+    shim.initialize("C_Initialize");
     let slot = shim.slot(DB);
     let sessions: Vec<CK_SESSION_HANDLE> = (0..threads).map(|_| shim.open(slot)).collect();
     shim.login(sessions[0]);
@@ -955,7 +811,7 @@ fn run_load(
     let conns = Mutex::new(ConnSamples::default());
     let mut outage = None;
     std::thread::scope(|s| {
-        s.spawn(|| sample_connections(&cluster.url, &stop, &conns));
+        s.spawn(|| sample_connections(cluster.url(), &stop, &conns));
         if restart {
             let at = start_ms + (knobs.pause_at * 1000.0) as u64;
             std::thread::sleep(Duration::from_millis(at.saturating_sub(wall_ms())));
@@ -1193,9 +1049,9 @@ fn parent(knobs: &Knobs) {
     let configure = |extra: &str| {
         for (i, h) in hosts.iter().enumerate() {
             let url = if knobs.app_name_in_url {
-                with_app_name(&cluster.url, &format!("fleet-h{i}"))
+                with_app_name(cluster.url(), &format!("fleet-h{i}"))
             } else {
-                cluster.url.clone()
+                cluster.url().to_string()
             };
             h.configure(&url, &format!("{max_conn}{extra}"));
         }
@@ -1209,7 +1065,7 @@ fn parent(knobs: &Knobs) {
     let t = Instant::now();
     let done = AtomicBool::new(false);
     std::thread::scope(|s| {
-        s.spawn(|| populate_progress(&cluster.url, knobs.keys, &done, t));
+        s.spawn(|| populate_progress(cluster.url(), knobs.keys, &done, t));
         let children = spawn_hosts(&hosts, "populate", &|_| Vec::new());
         let f = children.wait("populate");
         done.store(true, Ordering::SeqCst);
@@ -1218,7 +1074,7 @@ fn parent(knobs: &Knobs) {
     let populate_secs = t.elapsed().as_secs_f64();
     println!("populate: {} keys in {populate_secs:.1} s", knobs.keys);
     let mut ledger = HashMap::new();
-    let problems = check_store(&cluster.url, knobs.keys, &ledger);
+    let problems = check_store(cluster.url(), knobs.keys, &ledger);
     assert!(problems.is_empty(), "after populating: {}", problems.join("\n"));
 
     let _ = writeln!(
@@ -1266,7 +1122,7 @@ fn parent(knobs: &Knobs) {
         report.push_str(&table);
         failures.extend(check_failures(&r, knobs.recovery));
         write_failures(&root.join(format!("failures-run{run}.txt")), &r);
-        let problems = check_store(&cluster.url, knobs.keys, &ledger);
+        let problems = check_store(cluster.url(), knobs.keys, &ledger);
         if !problems.is_empty() {
             failures.push(format!("{name}: the store does not match the operations:\n{}", problems.join("\n")));
         }

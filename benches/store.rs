@@ -54,9 +54,13 @@
 //! Without `--bench` (cargo test --benches) every phase runs once with a few hundred keys.
 #![deny(unsafe_op_in_unsafe_fn)]
 
+#[macro_use]
+#[path = "common/api.rs"]
+mod api;
+
+use api::{attr, load, ok, Api, NO, YES};
 use criterion::{black_box, BenchmarkId, Criterion};
 use cryptoki_sys::*;
-use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
 use p11shim::store;
 use std::collections::BTreeMap;
 use std::ffi::c_void;
@@ -82,108 +86,7 @@ const BATCH: usize = 1000;
 // -----------------------------------------------------------------------------------------------------------
 // Calling a module
 
-/// One module's 2.40 function list (SoftHSM2's own, or the shim's).
-#[derive(Clone, Copy)]
-struct Api {
-    f: &'static CK_FUNCTION_LIST,
-}
-
-macro_rules! call {
-    ($api:expr, $f:ident ( $($arg:expr),* $(,)? )) => {{
-        let f = $api.f.$f.expect(concat!(stringify!($f), " is NULL"));
-        // SAFETY: every call site passes arguments valid for the call.
-        unsafe { f($($arg),*) }
-    }};
-}
-
-fn ok(rv: CK_RV, what: &str) {
-    if rv != CKR_OK {
-        failed(rv, what);
-    }
-}
-
-#[cold]
-#[inline(never)]
-fn failed(rv: CK_RV, what: &str) -> ! {
-    panic!("{what} failed: CK_RV {rv:#x}");
-}
-
-/// Loads a module with RTLD_NOW|RTLD_LOCAL, never to be unloaded, and returns its 2.40 function list.
-fn load(path: &Path) -> Api {
-    // SAFETY: loading a PKCS#11 module runs its initializers, which is what it is made for.
-    let lib = unsafe { Library::open(Some(path), RTLD_NOW | RTLD_LOCAL) }
-        .unwrap_or_else(|e| panic!("loading {}: {e}", path.display()));
-    type GetFunctionList = unsafe extern "C" fn(*mut *mut CK_FUNCTION_LIST) -> CK_RV;
-    // SAFETY: the PKCS#11 signature of C_GetFunctionList.
-    let get = *unsafe { lib.get::<GetFunctionList>(b"C_GetFunctionList\0") }.expect("C_GetFunctionList");
-    let mut list = null_mut();
-    // SAFETY: valid out pointer.
-    ok(unsafe { get(&mut list) }, "C_GetFunctionList");
-    std::mem::forget(lib);
-    // SAFETY: the list is static in the module, which stays loaded.
-    Api { f: unsafe { &*list } }
-}
-
-fn attr<T: ?Sized>(type_: CK_ATTRIBUTE_TYPE, value: &T) -> CK_ATTRIBUTE {
-    CK_ATTRIBUTE {
-        type_,
-        pValue: value as *const T as *const c_void as *mut c_void,
-        ulValueLen: std::mem::size_of_val(value) as CK_ULONG,
-    }
-}
-
-const YES: CK_BBOOL = CK_TRUE;
-const NO: CK_BBOOL = CK_FALSE;
-
 impl Api {
-    fn initialize(self, what: &str) {
-        let mut args = CK_C_INITIALIZE_ARGS {
-            CreateMutex: None,
-            DestroyMutex: None,
-            LockMutex: None,
-            UnlockMutex: None,
-            flags: CKF_OS_LOCKING_OK,
-            pReserved: null_mut(),
-        };
-        ok(call!(self, C_Initialize(&mut args as *mut _ as *mut c_void)), what);
-    }
-
-    /// The slot whose token is labelled `label`.
-    fn slot(self, label: &str) -> CK_SLOT_ID {
-        let mut n: CK_ULONG = 0;
-        ok(call!(self, C_GetSlotList(CK_TRUE, null_mut(), &mut n)), "C_GetSlotList");
-        let mut list = vec![0; n as usize];
-        ok(call!(self, C_GetSlotList(CK_TRUE, list.as_mut_ptr(), &mut n)), "C_GetSlotList");
-        let mut want = [b' '; 32];
-        want[..label.len()].copy_from_slice(label.as_bytes());
-        list.into_iter()
-            .take(n as usize)
-            .find(|&slot| {
-                // SAFETY: plain data.
-                let mut info: CK_TOKEN_INFO = unsafe { std::mem::zeroed() };
-                call!(self, C_GetTokenInfo(slot, &mut info)) == CKR_OK && info.label == want
-            })
-            .unwrap_or_else(|| panic!("no token labelled {label:?}"))
-    }
-
-    fn open(self, slot: CK_SLOT_ID) -> CK_SESSION_HANDLE {
-        let mut s = 0;
-        ok(
-            call!(self, C_OpenSession(slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, null_mut(), None, &mut s)),
-            "C_OpenSession",
-        );
-        s
-    }
-
-    fn login(self, s: CK_SESSION_HANDLE) {
-        let pin = USER_PIN.as_bytes().as_ptr() as *mut u8;
-        ok(call!(self, C_Login(s, CKU_USER, pin, USER_PIN.len() as CK_ULONG)), "C_Login");
-    }
-
-    fn logout(self, s: CK_SESSION_HANDLE) {
-        ok(call!(self, C_Logout(s)), "C_Logout");
-    }
-
     fn generate_key(self, s: CK_SESSION_HANDLE, mechanism: CK_MECHANISM_TYPE, t: &mut [CK_ATTRIBUTE]) -> CK_ULONG {
         let mut m = CK_MECHANISM { mechanism, pParameter: null_mut(), ulParameterLen: 0 };
         let mut key = 0;

@@ -41,6 +41,17 @@ impl TlsServer {
         format!("postgres://{user}:{PASSWORD}@{host}:{}/p11shim?{query}", self.port)
     }
 
+    /// A client of the test's own (not the store's) over TLS, the server's certificate unchecked.
+    fn admin(&self) -> postgres::Client {
+        let mut builder = openssl::ssl::SslConnector::builder(openssl::ssl::SslMethod::tls_client()).unwrap();
+        builder.set_verify(openssl::ssl::SslVerifyMode::NONE);
+        postgres::Client::connect(
+            &format!("host=127.0.0.1 port={} user=postgres dbname=p11shim sslmode=require", self.port),
+            postgres_openssl::MakeTlsConnector::new(builder.build()),
+        )
+        .unwrap()
+    }
+
     fn ca(&self) -> String {
         self.pki.path("ca.pem").display().to_string()
     }
@@ -72,15 +83,7 @@ fn verify_full_works_by_address_and_by_name() {
     works(&s.url("postgres", "127.0.0.1", &format!("sslmode=verify-full&sslrootcert={ca}")));
     works(&s.url("postgres", "localhost", &format!("sslmode=verify-full&sslrootcert={ca}")));
     // The connection really is TLS: the server says so for this session.
-    let mut client = postgres::Client::connect(
-        &format!("host=127.0.0.1 port={} user=postgres dbname=p11shim sslmode=require", s.port),
-        postgres_openssl::MakeTlsConnector::new({
-            let mut b = openssl::ssl::SslConnector::builder(openssl::ssl::SslMethod::tls_client()).unwrap();
-            b.set_verify(openssl::ssl::SslVerifyMode::NONE);
-            b.build()
-        }),
-    )
-    .unwrap();
+    let mut client = s.admin();
     let tls: bool = client.query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[]).unwrap().get(0);
     assert!(tls);
 }
@@ -183,15 +186,7 @@ fn the_shim_uses_a_verify_full_store() {
     let softhsm_conf = hsm.join("softhsm2.conf");
     // A database of its own on the TLS server.
     let db = format!("tls_shim_{}", std::process::id());
-    let mut admin = postgres::Client::connect(
-        &format!("host=127.0.0.1 port={} user=postgres dbname=p11shim sslmode=require", s.port),
-        postgres_openssl::MakeTlsConnector::new({
-            let mut b = openssl::ssl::SslConnector::builder(openssl::ssl::SslMethod::tls_client()).unwrap();
-            b.set_verify(openssl::ssl::SslVerifyMode::NONE);
-            b.build()
-        }),
-    )
-    .unwrap();
+    let mut admin = s.admin();
     admin.batch_execute(&format!("CREATE DATABASE {db}")).unwrap();
     let url = |ca: &str| {
         format!("postgres://postgres:{PASSWORD}@localhost:{}/{db}?sslmode=verify-full&sslrootcert={ca}", s.port)
