@@ -45,7 +45,7 @@
 //! - FLEET_PAUSE_AT=10/1.5: seconds into a restart run at which the server is stopped; FLEET_OUTAGE=5/1: how
 //!   long it stays down; FLEET_RECOVERY=5/3: seconds after it accepts connections again until which a
 //!   failure still counts as in the window;
-//! - FLEET_MIX=80,10,5,5: percentages of use, find, create, destroy;
+//! - FLEET_MIX=70,10,10,5,5: percentages of use, held, find, create, destroy;
 //! - FLEET_MAX_CONNECTIONS (unset): written as `[store] max_connections` when set; every process must stay
 //!   within it (default 4) plus one (its change listener);
 //! - FLEET_GRACES=0s,default: the restart runs, one per `[store] outage_grace` value ("default" writes none);
