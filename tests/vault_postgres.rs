@@ -93,11 +93,25 @@ fn a_key_destroyed_elsewhere_during_an_outage_is_refused_when_the_store_answers(
               WHERE datname = 'p11shim' AND pid <> pg_backend_pid() AND application_name LIKE 'p11shim pid %'",
         )
         .unwrap();
+    // Terminating is asynchronous: the delete must not reach the shim's listener before it is gone.
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    let shim_backends = "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'p11shim pid %'";
+    while other.query_one(shim_backends, &[]).unwrap().get::<_, i64>(0) > 0 {
+        assert!(Instant::now() < deadline, "the shim's connections are still there 10 s after being terminated");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     let deleted = other.execute("DELETE FROM keys WHERE label = 'doomed'::bytea", &[]).unwrap();
     assert_eq!(deleted, 1);
     s.encrypt(&Mechanism::AesEcb, doomed, &[0u8; 16]).expect("within the grace, unseen");
     other.batch_execute("UPDATE pg_database SET datallowconn = true WHERE datname = 'p11shim'").unwrap();
-    until_it_works(|| s.encrypt(&Mechanism::AesEcb, kept, &[0u8; 16]));
+    // A find needs the store: once one works, the shim has met the partition and its end (a lost connection
+    // counts as a change), so the next use of `doomed` asks the store.
+    let deadline = Instant::now() + std::time::Duration::from_secs(20);
+    while s.find_objects(&[Attribute::Label(b"kept".to_vec())]).is_err() {
+        assert!(Instant::now() < deadline, "finds still fail 20 s after the partition ended");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    s.encrypt(&Mechanism::AesEcb, kept, &[0u8; 16]).expect("kept works after the partition");
     let rv = vault_cases::rv(s.encrypt(&Mechanism::AesEcb, doomed, &[0u8; 16]).unwrap_err());
     assert!(matches!(rv, RvError::KeyHandleInvalid | RvError::ObjectHandleInvalid), "{rv:?}");
 }
