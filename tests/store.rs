@@ -1003,6 +1003,23 @@ fn postgres_connections_of_a_process_are_bounded() {
     // Two for statements, one for the change listener; 8 threads shared them.
     assert!((2..=3).contains(&most), "{most} connections seen with max_connections = 2");
 
+    // All connections busy: another thread waits up to the connect timeout, then is told why.
+    let options = store::StoreOptions { max_connections: 1, ..Default::default() };
+    let busy = store::open_with(&format!("{}?connect_timeout=1", db.url()), &options).unwrap();
+    let tx = busy.begin().unwrap();
+    let waited = Instant::now();
+    let err = std::thread::scope(|s| s.spawn(|| busy.get(&id(1)).unwrap_err()).join().unwrap());
+    assert!(waited.elapsed() >= Duration::from_millis(900), "waited {:?}", waited.elapsed());
+    assert!(
+        err.to_string().contains(
+            "all 1 connections of this process are in use and none was handed back within 1s \
+         (raise [store] max_connections)"
+        ),
+        "{err}"
+    );
+    drop(tx);
+    assert!(busy.get(&id(1)).unwrap().is_some(), "the connection handed back serves the next call");
+
     // A scan holds its connection while its callback uses the store: with one connection allowed, the
     // callback still gets one (else it would wait for its own thread).
     let options = store::StoreOptions { max_connections: 1, ..Default::default() };

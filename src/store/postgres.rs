@@ -422,7 +422,7 @@ impl PostgresStore {
                 return Err(StoreError::Unavailable {
                     store: self.name.clone(),
                     cause: format!(
-                        "all {} connections of this process are in use and none was handed back within {}                          (raise [store] max_connections)",
+                        "all {} connections of this process are in use and none was handed back within {} (raise [store] max_connections)",
                         self.slots.max,
                         humantime::format_duration(wait)
                     ),
