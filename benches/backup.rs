@@ -53,6 +53,10 @@
 //! written to <target>/bench-backup/summary.txt.
 #![deny(unsafe_op_in_unsafe_fn)]
 
+#[path = "common/api.rs"]
+mod api;
+
+use api::softhsm_path;
 use p11shim::attrs::{Attr, Template};
 use p11shim::backup::format::{BackupReader, BackupWriter, Header, Sealer};
 use p11shim::backup::work::Work;
@@ -134,19 +138,6 @@ fn profile_dir() -> PathBuf {
 
 fn scratch_dir() -> PathBuf {
     profile_dir().parent().expect("<target>").join("bench-backup")
-}
-
-fn softhsm_path() -> PathBuf {
-    [
-        std::env::var_os("SOFTHSM2_MODULE").map(PathBuf::from),
-        Some("/usr/lib/softhsm/libsofthsm2.so".into()),
-        Some("/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so".into()),
-        Some("/usr/local/lib/softhsm/libsofthsm2.so".into()),
-    ]
-    .into_iter()
-    .flatten()
-    .find(|p| p.exists())
-    .expect("libsofthsm2.so not found (apt-get install softhsm2, or set SOFTHSM2_MODULE)")
 }
 
 fn built(name: &str) -> PathBuf {

@@ -63,7 +63,7 @@ mod api;
 #[allow(dead_code)]
 mod pg;
 
-use api::{attr, load, ok, Api, YES};
+use api::{attr, load, ok, softhsm_path, Api, YES};
 use cryptoki_sys::*;
 use pg::PgCluster;
 use std::collections::{BTreeMap, HashMap};
@@ -234,19 +234,6 @@ fn scratch_dir() -> PathBuf {
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn softhsm_path() -> PathBuf {
-    [
-        std::env::var_os("SOFTHSM2_MODULE").map(PathBuf::from),
-        Some("/usr/lib/softhsm/libsofthsm2.so".into()),
-        Some("/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so".into()),
-        Some("/usr/local/lib/softhsm/libsofthsm2.so".into()),
-    ]
-    .into_iter()
-    .flatten()
-    .find(|p| p.exists())
-    .expect("libsofthsm2.so not found (apt-get install softhsm2, or set SOFTHSM2_MODULE)")
 }
 
 /// A file built by cargo in this profile, checked to be newer than every source file of the crate (`cargo

@@ -58,7 +58,7 @@
 #[path = "common/api.rs"]
 mod api;
 
-use api::{attr, load, ok, Api, NO, YES};
+use api::{attr, load, ok, softhsm_path, Api, NO, YES};
 use criterion::{black_box, BenchmarkId, Criterion};
 use cryptoki_sys::*;
 use p11shim::store;
@@ -485,19 +485,6 @@ fn profile_dir() -> PathBuf {
 
 fn scratch_dir() -> PathBuf {
     profile_dir().parent().expect("<target>").join("bench-store")
-}
-
-fn softhsm_path() -> PathBuf {
-    [
-        std::env::var_os("SOFTHSM2_MODULE").map(PathBuf::from),
-        Some("/usr/lib/softhsm/libsofthsm2.so".into()),
-        Some("/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so".into()),
-        Some("/usr/local/lib/softhsm/libsofthsm2.so".into()),
-    ]
-    .into_iter()
-    .flatten()
-    .find(|p| p.exists())
-    .expect("libsofthsm2.so not found (apt-get install softhsm2, or set SOFTHSM2_MODULE)")
 }
 
 fn shim_path() -> PathBuf {

@@ -13,7 +13,7 @@
 mod common;
 
 use common::pg::PgCluster;
-use common::{new_token, user_session};
+use common::{hmac_key, new_token, user_session};
 use cryptoki::error::{Error, RvError};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, ObjectHandle};
@@ -64,20 +64,6 @@ fn rv(e: Error) -> RvError {
         Error::Pkcs11(rv, _) => rv,
         other => panic!("expected a PKCS#11 error, got {other}"),
     }
-}
-
-fn hmac_key(s: &Session, label: &str) -> ObjectHandle {
-    s.generate_key(
-        &Mechanism::GenericSecretKeyGen,
-        &[
-            Attribute::Token(true),
-            Attribute::ValueLen(32.into()),
-            Attribute::Sign(true),
-            Attribute::Verify(true),
-            Attribute::Label(label.as_bytes().to_vec()),
-        ],
-    )
-    .expect("C_GenerateKey (stored generic secret)")
 }
 
 fn aes_template(label: &str) -> Vec<Attribute> {

@@ -1,12 +1,13 @@
 //! Calling a PKCS#11 module from the benches: its 2.40 function list, loaded once and never unloaded, and
 //! the calls every bench makes (initialize, find a token's slot, open a session, log in with the bench's
-//! `USER_PIN`). Included by each bench with `#[macro_use] #[path = "common/api.rs"] mod api;`.
-#![allow(dead_code)]
+//! `USER_PIN`), and where SoftHSM2's module is. Included by the benches with
+//! `#[macro_use] #[path = "common/api.rs"] mod api;`.
+#![allow(dead_code, unused_macros)]
 
 use cryptoki_sys::*;
 use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
 use std::ffi::c_void;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::ptr::null_mut;
 
 /// One module's 2.40 function list (SoftHSM2's own, or the shim's).
@@ -110,4 +111,18 @@ impl Api {
     pub fn logout(self, s: CK_SESSION_HANDLE) {
         ok(call!(self, C_Logout(s)), "C_Logout");
     }
+}
+
+/// SoftHSM2's module: SOFTHSM2_MODULE, else the first of its usual places that exists.
+pub fn softhsm_path() -> PathBuf {
+    [
+        std::env::var_os("SOFTHSM2_MODULE").map(PathBuf::from),
+        Some("/usr/lib/softhsm/libsofthsm2.so".into()),
+        Some("/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so".into()),
+        Some("/usr/local/lib/softhsm/libsofthsm2.so".into()),
+    ]
+    .into_iter()
+    .flatten()
+    .find(|p| p.exists())
+    .expect("libsofthsm2.so not found (apt-get install softhsm2, or set SOFTHSM2_MODULE)")
 }

@@ -439,3 +439,19 @@ pub fn user_session(slot: Slot) -> Session {
     }
     session
 }
+
+/// A token generic secret of 32 bytes that signs and verifies (HMAC): a stored key in a database slot.
+pub fn hmac_key(session: &Session, label: &str) -> cryptoki::object::ObjectHandle {
+    session
+        .generate_key(
+            &cryptoki::mechanism::Mechanism::GenericSecretKeyGen,
+            &[
+                cryptoki::object::Attribute::Token(true),
+                cryptoki::object::Attribute::ValueLen(32.into()),
+                cryptoki::object::Attribute::Sign(true),
+                cryptoki::object::Attribute::Verify(true),
+                cryptoki::object::Attribute::Label(label.as_bytes().to_vec()),
+            ],
+        )
+        .expect("C_GenerateKey (stored generic secret)")
+}

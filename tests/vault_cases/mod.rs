@@ -228,21 +228,7 @@ pub fn new_aes(session: &Session, label: &str) -> ObjectHandle {
     session.generate_key(&Mechanism::AesKeyGen, &aes_template(label)).expect("C_GenerateKey (stored AES)")
 }
 
-/// A stored generic secret of 32 bytes that signs and verifies (HMAC).
-pub fn hmac_key(session: &Session, label: &str) -> ObjectHandle {
-    session
-        .generate_key(
-            &Mechanism::GenericSecretKeyGen,
-            &[
-                Attribute::Token(true),
-                Attribute::ValueLen(32.into()),
-                Attribute::Sign(true),
-                Attribute::Verify(true),
-                Attribute::Label(label.as_bytes().to_vec()),
-            ],
-        )
-        .expect("C_GenerateKey (stored generic secret)")
-}
+pub use crate::common::hmac_key;
 
 pub fn ec_pair(session: &Session, label: &str, token: bool) -> (ObjectHandle, ObjectHandle) {
     let p256 = vec![0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
