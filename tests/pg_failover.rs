@@ -13,7 +13,7 @@
 mod common;
 
 use common::pg::PgCluster;
-use common::{hmac_key, new_token, user_session};
+use common::{aes_template, hmac_key, new_token, rv, user_session};
 use cryptoki::error::{Error, RvError};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, ObjectHandle};
@@ -57,24 +57,6 @@ fn outcome<T>(r: &cryptoki::error::Result<T>) -> (Option<String>, bool) {
         Err(Error::Pkcs11(RvError::DeviceError, _)) => (Some("CKR_DEVICE_ERROR".into()), true),
         Err(e) => (Some(e.to_string()), false),
     }
-}
-
-fn rv(e: Error) -> RvError {
-    match e {
-        Error::Pkcs11(rv, _) => rv,
-        other => panic!("expected a PKCS#11 error, got {other}"),
-    }
-}
-
-fn aes_template(label: &str) -> Vec<Attribute> {
-    vec![
-        Attribute::Token(true),
-        Attribute::Label(label.as_bytes().to_vec()),
-        Attribute::ValueLen(32.into()),
-        Attribute::Encrypt(true),
-        Attribute::Decrypt(true),
-        Attribute::Sensitive(true),
-    ]
 }
 
 fn ec_pair(s: &Session, label: &str) -> (ObjectHandle, ObjectHandle) {

@@ -455,3 +455,23 @@ pub fn hmac_key(session: &Session, label: &str) -> cryptoki::object::ObjectHandl
         )
         .expect("C_GenerateKey (stored generic secret)")
 }
+
+/// A token AES-256 key that encrypts and decrypts, sensitive: a stored key in a database slot.
+pub fn aes_template(label: &str) -> Vec<cryptoki::object::Attribute> {
+    vec![
+        cryptoki::object::Attribute::Token(true),
+        cryptoki::object::Attribute::Label(label.as_bytes().to_vec()),
+        cryptoki::object::Attribute::ValueLen(32.into()),
+        cryptoki::object::Attribute::Encrypt(true),
+        cryptoki::object::Attribute::Decrypt(true),
+        cryptoki::object::Attribute::Sensitive(true),
+    ]
+}
+
+/// The CK_RV of a failed call.
+pub fn rv(e: cryptoki::error::Error) -> cryptoki::error::RvError {
+    match e {
+        cryptoki::error::Error::Pkcs11(rv, _) => rv,
+        other => panic!("expected a PKCS#11 error, got {other}"),
+    }
+}

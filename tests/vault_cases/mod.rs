@@ -213,22 +213,11 @@ pub fn db_token(label: &str) -> (Slot, Session) {
     (slot, user_session(slot))
 }
 
-pub fn aes_template(label: &str) -> Vec<Attribute> {
-    vec![
-        Attribute::Token(true),
-        Attribute::Label(label.as_bytes().to_vec()),
-        Attribute::ValueLen(32.into()),
-        Attribute::Encrypt(true),
-        Attribute::Decrypt(true),
-        Attribute::Sensitive(true),
-    ]
-}
-
 pub fn new_aes(session: &Session, label: &str) -> ObjectHandle {
     session.generate_key(&Mechanism::AesKeyGen, &aes_template(label)).expect("C_GenerateKey (stored AES)")
 }
 
-pub use crate::common::hmac_key;
+pub use crate::common::{aes_template, hmac_key, rv};
 
 pub fn ec_pair(session: &Session, label: &str, token: bool) -> (ObjectHandle, ObjectHandle) {
     let p256 = vec![0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
@@ -249,13 +238,6 @@ pub fn ec_pair(session: &Session, label: &str, token: bool) -> (ObjectHandle, Ob
             ],
         )
         .expect("C_GenerateKeyPair")
-}
-
-pub fn rv(e: Error) -> RvError {
-    match e {
-        Error::Pkcs11(rv, _) => rv,
-        other => panic!("expected a PKCS#11 error, got {other}"),
-    }
 }
 
 pub fn find_labels(session: &Session, template: &[Attribute]) -> Vec<String> {
